@@ -1,0 +1,1 @@
+"""Paper-scale backend for consistency models. Every formula is imported from cm.py."""
