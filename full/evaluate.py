@@ -1,0 +1,465 @@
+"""FID and Inception Score of samples against reference statistics: `python -m full.evaluate`.
+
+Protocol of the CM paper [CM Sec. 6, App. C], as in guided-diffusion's evaluator: 50k samples, CIFAR-10
+scored against the 50k *training* images, features from the TensorFlow Inception graph
+`2015-12-05` that every published FID uses (here its PyTorch port, "pt_inception-2015-12-05").
+
+    FID = |μ₁ - μ₂|² + tr(Σ₁ + Σ₂ - 2 (Σ₁ Σ₂)^½)   μ, Σ of 2048-d pool3 features  [Heusel et al. 2017]
+    IS  = exp(E_x KL(p(y|x) ‖ p(y)))              mean ± std over 10 splits      [Salimans et al. 2016]
+
+Why torch-fidelity and not clean-fid: torch-fidelity's `FeatureExtractorInceptionV3` is the TF
+Inception re-implemented op for op, with its weights converted from the TF graph and TF1's bilinear
+resize to 299x299 reproduced, so its features match TF FID; and one forward pass yields both the
+2048-d pool3 features (FID) and the 1008-way logits without bias ("logits_unbiased", what the
+original IS code uses), in-process, on a torch device we choose. clean-fid deliberately uses a
+different (antialiased PIL) resize, so its "clean" FIDs differ from published ones, and it needs a
+second model for IS.
+
+Reference statistics are an `.npz` with `mu` (D,), `sigma` (D, D) and `n`; files from pytorch-fid
+or guided-diffusion's reference batches (which also hold `mu`, `sigma`) load too, as long as they
+were made with the same Inception. Inputs are a folder of PNG/JPG images (searched recursively,
+sorted) or an `.npz` whose `images` key or first array (`arr_0`, as guided-diffusion and
+`full.sample` write it) is uint8 NHWC (NCHW is detected and transposed). Prefer PNG or npz: JPEG
+compression alone moves FID.
+
+Usage:
+    python -m full.evaluate samples.npz --ref cifar10_train_stats.npz
+    python -m full.evaluate --make-ref cifar10 --data-dir data --out cifar10_train_stats.npz
+    python -m full.evaluate --make-ref path/to/images_or.npz --out ref.npz
+
+Offline machines: the Inception weights (~92 MB) are downloaded once into the torch hub cache
+(`<torch hub dir>/checkpoints/`); place the file there by hand, or pass `--inception-weights PATH`.
+
+References:
+    [CM]  Song, Dhariwal, Chen, Sutskever. Consistency Models. arXiv 2303.01469.
+    Heusel et al. GANs Trained by a Two Time-Scale Update Rule ... (FID). arXiv 1706.08500.
+    Salimans et al. Improved Techniques for Training GANs (IS). arXiv 1606.03498.
+    Obukhov et al. torch-fidelity, https://github.com/toshas/torch-fidelity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import socket
+import sys
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from scipy import linalg
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+PAPER_NUM_SAMPLES = 50_000  # [CM Sec. 6]: FID/IS of 50k samples
+
+# An extractor maps a uint8 (B, 3, H, W) batch to (pool features (B, D), logits (B, K)).
+Extractor = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+class EvaluationError(ValueError):
+    """A problem with the user's inputs or environment; the CLI prints it as one line and exits 1."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics (pure functions of arrays)
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean μ (D,) and unbiased covariance Σ (D, D) of features (N, D), in float64."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2:
+        raise EvaluationError(f"features must be (N, D), got shape {x.shape}")
+    if x.shape[0] < 2:
+        raise EvaluationError(f"need at least 2 samples for a covariance, got {x.shape[0]}")
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """Fréchet distance of N(μ₁, Σ₁) and N(μ₂, Σ₂): |μ₁ - μ₂|² + tr(Σ₁ + Σ₂ - 2 (Σ₁ Σ₂)^½), in float64.
+
+    If the product Σ₁Σ₂ is singular and sqrtm returns non-finite values, ε·I is added to both
+    covariances (the pytorch-fid / TTUR fallback). Tiny imaginary parts from numerical error are
+    dropped; large ones mean the inputs are not covariances and raise EvaluationError.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+    sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise EvaluationError(
+            f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
+        )
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(d) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        imag = np.abs(np.diagonal(covmean).imag).max()
+        if imag > 1e-3 * max(1.0, np.abs(np.trace(covmean.real))):
+            raise EvaluationError(f"sqrt(sigma1 sigma2) has a large imaginary part ({imag:.3g}); "
+                                  "are both sigmas symmetric positive semi-definite?")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def inception_score(logits_or_probs, splits: int = 10, probs: bool | None = None) -> tuple[float, float]:
+    """IS = exp(mean_x KL(p(y|x) ‖ p(y))) per split, p(y) the split's mean; (mean, std) over splits.
+
+    Input (N, K): logits, or class probabilities when `probs` is True; None detects probabilities as
+    non-negative rows summing to 1. Splits are consecutive chunks [i N/s, (i+1) N/s), unshuffled,
+    as in the original IS code and guided-diffusion's evaluator.
+    """
+    x = np.asarray(logits_or_probs, dtype=np.float64)
+    if x.ndim != 2:
+        raise EvaluationError(f"logits must be (N, K), got shape {x.shape}")
+    n = x.shape[0]
+    if not 1 <= splits <= n:
+        raise EvaluationError(f"need 1 <= splits <= number of samples, got splits={splits}, n={n}")
+    if probs is None:
+        probs = bool((x >= 0).all() and np.allclose(x.sum(axis=1), 1.0, atol=1e-4))
+    if probs:
+        p = x / x.sum(axis=1, keepdims=True)
+        with np.errstate(divide="ignore"):
+            log_p = np.log(p)
+    else:
+        log_p = x - x.max(axis=1, keepdims=True)
+        log_p = log_p - np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+        p = np.exp(log_p)
+    scores = []
+    for i in range(splits):
+        lo, hi = i * n // splits, (i + 1) * n // splits
+        p_i, log_p_i = p[lo:hi], log_p[lo:hi]
+        with np.errstate(divide="ignore"):
+            log_q = np.log(p_i.mean(axis=0, keepdims=True))  # (1, K) marginal p(y) of the split
+        kl = np.where(p_i > 0, p_i * (log_p_i - log_q), 0.0).sum(axis=1)  # 0 log 0 = 0
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images in: folders, .npz, CIFAR-10
+
+
+def as_nhwc_uint8(images: np.ndarray, name: str = "images") -> np.ndarray:
+    """Check uint8, return (N, H, W, 3): NHWC as is, NCHW transposed, 1 channel or (N, H, W) made RGB."""
+    x = np.asarray(images)
+    if x.dtype != np.uint8:
+        raise EvaluationError(f"{name}: expected uint8 images in [0, 255], got dtype {x.dtype}")
+    if x.ndim == 3:  # (N, H, W) grayscale
+        x = x[..., None]
+    if x.ndim != 4:
+        raise EvaluationError(f"{name}: expected (N, H, W, C) or (N, C, H, W) images, got shape {x.shape}")
+    # NCHW only when the last axis cannot be channels: NHWC wins a tie (guided-diffusion writes NHWC)
+    if x.shape[-1] not in (1, 3) and x.shape[1] in (1, 3):
+        x = x.transpose(0, 2, 3, 1)
+    if x.shape[-1] not in (1, 3):
+        raise EvaluationError(f"{name}: expected 1 or 3 channels (NHWC or NCHW), got shape {x.shape}")
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return x
+
+
+def _npz_images(path: Path) -> np.ndarray:
+    try:
+        if path.suffix == ".npy":
+            return as_nhwc_uint8(np.load(path, allow_pickle=False), str(path))
+        with np.load(path, allow_pickle=False) as f:
+            keys = list(f.keys())
+            if "images" in keys:
+                key = "images"
+            elif "arr_0" in keys:
+                key = "arr_0"
+            elif {"mu", "sigma"} <= set(keys):
+                raise EvaluationError(f"{path} holds reference statistics (mu, sigma), not images")
+            else:
+                raise EvaluationError(f"{path}: no 'images' or 'arr_0' array (keys: {keys})")
+            arr = f[key]
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        if isinstance(e, EvaluationError):
+            raise
+        raise EvaluationError(f"cannot read {path} as .npz: {e}") from None
+    return as_nhwc_uint8(arr, f"{path}[{key}]")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+    except OSError as e:
+        raise EvaluationError(f"cannot read image {path}: {e}") from None
+
+
+def iter_images(path, batch_size: int = 250) -> tuple[int, Iterator[np.ndarray]]:
+    """(count, iterator of uint8 (B, H, W, 3) batches) for a folder or .npz/.npy; inputs are checked now.
+
+    Folders are read lazily, one batch at a time, so sets larger than memory work.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise EvaluationError(f"samples not found: {path}")
+    if path.is_dir():
+        files = _image_files(path)
+        if not files:
+            raise EvaluationError(f"no {'/'.join(IMAGE_SUFFIXES)} images under {path}")
+        shape = _read_image(files[0]).shape
+
+        def folder_batches() -> Iterator[np.ndarray]:
+            for i in range(0, len(files), batch_size):
+                batch = [_read_image(p) for p in files[i : i + batch_size]]
+                for p, im in zip(files[i : i + batch_size], batch):
+                    if im.shape != shape:
+                        raise EvaluationError(f"{p} is {im.shape} but {files[0]} is {shape}: sizes differ")
+                yield np.stack(batch)
+
+        return len(files), folder_batches()
+    arr = _npz_images(path)
+    return len(arr), (arr[i : i + batch_size] for i in range(0, len(arr), batch_size))
+
+
+def load_images(path) -> np.ndarray:
+    """All images of a folder or .npz/.npy as one uint8 (N, H, W, 3) array."""
+    n, batches = iter_images(path)
+    return np.concatenate(list(batches)) if n else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def cifar10_train_images(data_dir, download: bool = False) -> np.ndarray:
+    """The 50k CIFAR-10 training images, uint8 (50000, 32, 32, 3), via torchvision (CM's FID reference)."""
+    import torchvision
+
+    try:
+        ds = torchvision.datasets.CIFAR10(root=str(data_dir), train=True, download=download)
+    except (RuntimeError, OSError) as e:
+        hint = "" if download else " (add --download to fetch it)"
+        raise EvaluationError(f"CIFAR-10 not found under {data_dir}: {e}{hint}") from None
+    return as_nhwc_uint8(np.asarray(ds.data), "CIFAR-10")
+
+
+def iter_reference_images(source: str, data_dir="data", download: bool = False, batch_size: int = 250):
+    """(count, batches) of a reference set: 'cifar10' (torchvision train split) or a folder/.npz path."""
+    if source.lower() == "cifar10":
+        arr = cifar10_train_images(data_dir, download)
+        return len(arr), (arr[i : i + batch_size] for i in range(0, len(arr), batch_size))
+    return iter_images(source, batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Features: any extractor, the TF-Inception one by default
+
+
+def inception_weights_cache_path() -> Path:
+    """Where torch-fidelity's `load_state_dict_from_url` looks for (and downloads) the Inception weights."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(URL_INCEPTION_V3)
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    # torch.hub's urlopen has no timeout: a firewall that drops packets would hang forever.
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+class InceptionExtractor:
+    """TF-Inception (pt_inception-2015-12-05), torch-fidelity: uint8 (B, 3, H, W) -> (B, 2048), (B, 1008).
+
+    Resizing to 299x299 happens inside, with TF1's bilinear kernel, as the TF FID code does.
+    """
+
+    def __init__(self, device: torch.device | str | None = None, weights_path=None):
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        log = io.StringIO()  # torch.hub's download messages, shown only if the download works
+        try:
+            with _socket_timeout(60.0), contextlib.redirect_stderr(log):
+                net = FeatureExtractorInceptionV3(
+                    "inception-v3-compat", ["2048", "logits_unbiased"],
+                    feature_extractor_weights_path=None if weights_path is None else str(weights_path),
+                )
+        except OSError as e:
+            # Offline, torch.hub's download raises urllib.error.URLError ("Name or service not known");
+            # HTTPError, TimeoutError, ConnectionError and a missing --inception-weights file are
+            # OSErrors too. The hub's "Downloading: ..." line went to `log` and is dropped.
+            if weights_path is not None:
+                raise EvaluationError(f"cannot load Inception weights {weights_path}: {e}") from None
+            cache = inception_weights_cache_path()
+            raise EvaluationError(
+                f"Inception weights {cache.name} not available ({e}): download {URL_INCEPTION_V3} "
+                f"to {cache}, or pass --inception-weights PATH"
+            ) from None
+        sys.stderr.write(log.getvalue())
+        self.net = net.to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, logits = self.net(x.to(self.device))
+        return features, logits
+
+
+def make_extractor(device=None, weights_path=None) -> Extractor:
+    """The default feature extractor of the CLI (tests replace this factory with a stand-in)."""
+    return InceptionExtractor(device, weights_path)
+
+
+def extract(images, extractor: Extractor, batch_size: int = 250) -> tuple[np.ndarray, np.ndarray]:
+    """Run `extractor` over uint8 NHWC images (an array, or an iterable of array batches).
+
+    Returns float32 features (N, D) and logits (N, K).
+    """
+    batches: Iterable[np.ndarray] = [images] if isinstance(images, np.ndarray) else images
+    feats, logits = [], []
+    for batch in batches:
+        batch = as_nhwc_uint8(batch)
+        for i in range(0, len(batch), batch_size):
+            chunk = batch[i : i + batch_size].transpose(0, 3, 1, 2)  # (B, 3, H, W)
+            x = torch.from_numpy(np.ascontiguousarray(chunk))
+            f, l = extractor(x)
+            if f.ndim != 2 or l.ndim != 2 or len(f) != len(x) or len(l) != len(x):
+                raise EvaluationError(
+                    f"extractor returned {tuple(f.shape)}, {tuple(l.shape)} for a batch of {len(x)}")
+            feats.append(f.detach().float().cpu().numpy())
+            logits.append(l.detach().float().cpu().numpy())
+    if not feats:
+        raise EvaluationError("no images to evaluate")
+    return np.concatenate(feats), np.concatenate(logits)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference statistics files and the two pipelines
+
+
+def save_stats(path, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
+    """Write {mu, sigma, n} to an .npz atomically (tmp file + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), n=np.int64(n))
+    os.replace(tmp, path)
+
+
+def load_stats(path) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(mu, sigma, n) from a reference .npz; n is None if the file does not record it (pytorch-fid's)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"reference statistics not found: {path} (make them with --make-ref)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("mu", "sigma") if k not in f]
+            if missing:
+                raise EvaluationError(f"reference file {path} lacks {missing} (keys: {list(f.keys())}); "
+                                      "make one with --make-ref")
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+            n = int(f["n"]) if "n" in f else None
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        if isinstance(e, EvaluationError):
+            raise
+        raise EvaluationError(f"cannot read reference statistics {path}: {e}") from None
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise EvaluationError(f"reference file {path}: bad shapes mu {mu.shape}, sigma {sigma.shape}")
+    return mu, sigma, n
+
+
+def evaluate(images, ref_mu: np.ndarray, ref_sigma: np.ndarray, extractor: Extractor,
+             batch_size: int = 250, splits: int = 10) -> dict:
+    """FID against (ref_mu, ref_sigma) and IS of `images` (array or iterable of NHWC uint8 batches)."""
+    features, logits = extract(images, extractor, batch_size)
+    n = len(features)
+    if n < 2:
+        raise EvaluationError(f"need at least 2 samples, got {n}")
+    mu, sigma = feature_stats(features)
+    if mu.shape != ref_mu.shape:
+        raise EvaluationError(f"sample features are {mu.shape[0]}-d but the reference is {ref_mu.shape[0]}-d")
+    is_mean, is_std = inception_score(logits, splits=min(splits, n), probs=False)
+    fid = frechet_distance(mu, sigma, ref_mu, ref_sigma)
+    return {"fid": fid, "is_mean": is_mean, "is_std": is_std, "n": n}
+
+
+def make_reference(images, extractor: Extractor, batch_size: int = 250) -> dict:
+    """{mu, sigma, n} of the pool features of `images` (array or iterable of NHWC uint8 batches)."""
+    features, _ = extract(images, extractor, batch_size)
+    mu, sigma = feature_stats(features)
+    return {"mu": mu, "sigma": sigma, "n": len(features)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m full.evaluate",
+        description="FID and Inception Score (TF-Inception, torch-fidelity) against reference statistics.",
+    )
+    p.add_argument("samples", nargs="?",
+                   help="folder of PNG/JPG images, or .npz of uint8 NHWC images (arr_0 or images)")
+    p.add_argument("--ref", help="reference statistics .npz (mu, sigma, n) to compute FID against")
+    p.add_argument("--make-ref", metavar="SOURCE", help="compute reference statistics of 'cifar10' "
+                   "(train split) or of a folder/.npz of images, and write them to --out")
+    p.add_argument("--out", help="output .npz for --make-ref")
+    p.add_argument("--data-dir", default="data",
+                   help="torchvision root holding cifar-10-batches-py (default: data)")
+    p.add_argument("--download", action="store_true",
+                   help="let torchvision download CIFAR-10 into --data-dir")
+    p.add_argument("--batch-size", type=int, default=250, help="images per Inception forward pass")
+    p.add_argument("--splits", type=int, default=10, help="IS splits (default 10)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--inception-weights", default=None, help="local copy of torch-fidelity's Inception "
+                   "weights (default: the torch hub cache, downloading if needed)")
+    return p
+
+
+def main(argv=None) -> dict:
+    """CLI entry point; returns the printed numbers as a dict. User errors exit with one line and status 1."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.make_ref is not None:
+        if args.out is None or args.samples is not None or args.ref is not None:
+            parser.error("--make-ref SOURCE takes --out REF.npz and no samples/--ref")
+    elif args.samples is None or args.ref is None:
+        parser.error("give SAMPLES --ref REF.npz, or --make-ref SOURCE --out REF.npz")
+    try:
+        if args.make_ref is not None:
+            n, batches = iter_reference_images(args.make_ref, args.data_dir, args.download, args.batch_size)
+            if n < 2:
+                raise EvaluationError(f"need at least 2 reference images, got {n}")
+            extractor = make_extractor(args.device, args.inception_weights)
+            stats = make_reference(batches, extractor, args.batch_size)
+            save_stats(args.out, stats["mu"], stats["sigma"], stats["n"])
+            print(f"wrote {args.out}: mu {stats['mu'].shape}, sigma {stats['sigma'].shape}, n={stats['n']}")
+            return {"n": stats["n"], "out": args.out}
+        ref_mu, ref_sigma, ref_n = load_stats(args.ref)
+        n, batches = iter_images(args.samples, args.batch_size)
+        if n < 2:
+            raise EvaluationError(f"need at least 2 samples, got {n}")
+        if n < PAPER_NUM_SAMPLES:
+            print(f"note: {n} samples; published FIDs use {PAPER_NUM_SAMPLES} "
+                  "(FID is biased upward with fewer)", file=sys.stderr)
+        result = evaluate(batches, ref_mu, ref_sigma, make_extractor(args.device, args.inception_weights),
+                          args.batch_size, args.splits)
+    except EvaluationError as e:
+        raise SystemExit(f"error: {e}") from None
+    ref_note = f", reference n={ref_n}" if ref_n is not None else ""
+    print(f"FID: {result['fid']:.4f}")
+    print(f"IS: {result['is_mean']:.4f} ± {result['is_std']:.4f}  (n={result['n']}{ref_note})")
+    return result
+
+
+if __name__ == "__main__":
+    main()
