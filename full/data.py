@@ -99,7 +99,7 @@ class ImageDataset(Dataset):
 
 
 class CIFAR10Dataset(ImageDataset):
-    """CIFAR-10 through `torchvision.datasets.CIFAR10` (pickled batches under `<root>/cifar-10-batches-py/`)."""
+    """CIFAR-10 via `torchvision.datasets.CIFAR10` (pickled batches in `<root>/cifar-10-batches-py/`)."""
 
     def __init__(self, root: str | os.PathLike, train: bool = True, class_cond: bool = False,
                  download: bool = False):
@@ -193,7 +193,7 @@ class ImageFolderDataset(ImageDataset):
 
 
 def imagenet64_files(root: str | os.PathLike, train: bool = True) -> list[Path]:
-    """`train_data_batch_1.npz` .. `train_data_batch_10.npz` (those present, in numeric order) or `val_data.npz`."""
+    """`train_data_batch_1.npz` .. `_10.npz` (those present, in numeric order), or `val_data.npz`."""
     root = Path(root)
     if train:
         files = [root / f"train_data_batch_{i}.npz" for i in range(1, 11)]
@@ -296,7 +296,7 @@ class DigitsDataset(ImageDataset):
         r = 8 if resolution is None else int(resolution)
         if r != 8:
             if interpolation not in ("bilinear", "nearest"):
-                raise DatasetError(f"digits interpolation must be 'bilinear' or 'nearest', not {interpolation!r}")
+                raise DatasetError(f"digits interpolation: 'bilinear' or 'nearest', not {interpolation!r}")
             extra = {"align_corners": False} if interpolation == "bilinear" else {}
             x = torch.nn.functional.interpolate(x, size=(r, r), mode=interpolation, **extra).clamp(-1, 1)
         self.images, self.targets = x.contiguous(), [int(t) for t in digits.target]
@@ -421,7 +421,7 @@ class ResumableBatchSampler:
 
 
 class FlipKeyed(Dataset):
-    """Wraps a dataset so that item `(index, flip)` is `dataset[index]` with the image mirrored (W axis) if flip."""
+    """Item `(index, flip)` is `dataset[index]`, its image mirrored along W when `flip`."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
