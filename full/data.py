@@ -444,6 +444,8 @@ def make_loader(dataset: Dataset, batch_size: int, rank: int = 0, world_size: in
     see disjoint indices of the same permutation. `start_step` (global steps already done) resumes at
     epoch start_step // batches_per_epoch, batch start_step % batches_per_epoch, bit-identically,
     flips included. `random_flip=None` uses `dataset.random_flip` (False if the dataset has none).
+    Exact resume needs the same dataset, seed, per-rank batch size and world size as the first run.
+    Nothing random happens in workers, so `num_workers` does not change the stream.
     """
     if random_flip is None:
         random_flip = bool(getattr(dataset, "random_flip", False))
