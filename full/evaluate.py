@@ -134,9 +134,9 @@ def inception_score(logits_or_probs, splits: int = 10, probs: bool | None = None
     for i in range(splits):
         lo, hi = i * n // splits, (i + 1) * n // splits
         p_i, log_p_i = p[lo:hi], log_p[lo:hi]
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):  # log 0 = -inf is masked: 0 log 0 = 0
             log_q = np.log(p_i.mean(axis=0, keepdims=True))  # (1, K) marginal p(y) of the split
-        kl = np.where(p_i > 0, p_i * (log_p_i - log_q), 0.0).sum(axis=1)  # 0 log 0 = 0
+            kl = np.where(p_i > 0, p_i * (log_p_i - log_q), 0.0).sum(axis=1)
         scores.append(np.exp(kl.mean()))
     return float(np.mean(scores)), float(np.std(scores))
 
@@ -448,9 +448,6 @@ def main(argv=None) -> dict:
         n, batches = iter_images(args.samples, args.batch_size)
         if n < 2:
             raise EvaluationError(f"need at least 2 samples, got {n}")
-        if n < PAPER_NUM_SAMPLES:
-            print(f"note: {n} samples; published FIDs use {PAPER_NUM_SAMPLES} "
-                  "(FID is biased upward with fewer)", file=sys.stderr)
         result = evaluate(batches, ref_mu, ref_sigma, make_extractor(args.device, args.inception_weights),
                           args.batch_size, args.splits)
     except EvaluationError as e:
@@ -458,6 +455,9 @@ def main(argv=None) -> dict:
     ref_note = f", reference n={ref_n}" if ref_n is not None else ""
     print(f"FID: {result['fid']:.4f}")
     print(f"IS: {result['is_mean']:.4f} ± {result['is_std']:.4f}  (n={result['n']}{ref_note})")
+    if result["n"] < PAPER_NUM_SAMPLES:
+        print(f"note: {result['n']} samples; published FIDs use {PAPER_NUM_SAMPLES} "
+              "(FID is biased upward with fewer)", file=sys.stderr)
     return result
 
 
