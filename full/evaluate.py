@@ -1,8 +1,9 @@
 """FID and Inception Score of samples against reference statistics: `python -m full.evaluate`.
 
-Protocol of the CM paper [CM Sec. 6, App. C], as in guided-diffusion's evaluator: 50k samples, CIFAR-10
-scored against the 50k *training* images, features from the TensorFlow Inception graph
-`2015-12-05` that every published FID uses (here its PyTorch port, "pt_inception-2015-12-05").
+Protocol of the CM paper's experiments (the official repository scores with guided-diffusion's TF
+evaluator): 50k samples, CIFAR-10 scored against the 50k *training* images, features from the
+TensorFlow Inception graph `2015-12-05` that published FIDs use (here its PyTorch port,
+"pt_inception-2015-12-05").
 
     FID = |μ₁ - μ₂|² + tr(Σ₁ + Σ₂ - 2 (Σ₁ Σ₂)^½)   μ, Σ of 2048-d pool3 features  [Heusel et al. 2017]
     IS  = exp(E_x KL(p(y|x) ‖ p(y)))              mean ± std over 10 splits      [Salimans et al. 2016]
