@@ -1,0 +1,794 @@
+"""Consistency Models in one file: the method top to bottom, and a trainer that runs on a laptop.
+
+    python cm.py                                  # CT on 8x8 digits (scikit-learn), CPU, a few minutes
+    python cm.py --dataset toy --mode edm         # EDM teacher on a 2-D ring, then:
+    python cm.py --dataset toy --mode cd --teacher runs/toy-edm/ckpt.pt
+    python cm.py --mode ct --dataset cifar10      # the real thing (use a GPU)
+    python cm.py --sample runs/digits-ct/ckpt.pt  # a grid from a checkpoint
+
+References
+    [CM]  Song, Dhariwal, Chen, Sutskever. Consistency Models. ICML 2023, arXiv:2303.01469v2.
+    [EDM] Karras, Aittala, Aila, Laine. Elucidating the Design Space of Diffusion-Based Generative
+          Models. NeurIPS 2022, arXiv:2206.00364.
+    [iCT] Song, Dhariwal. Improved Techniques for Training Consistency Models. arXiv:2310.14189.
+
+Notation (code name = paper symbol)
+    sigma       t (noise level; the PF ODE of [EDM] has x_t = x + t z, so t is also the std)
+    sigma_min   epsilon = 0.002      sigma_max  T = 80      sigma_data  0.5      rho  7
+    sigmas      t_1 = eps < t_2 < ... < t_N = T, the ascending grid of [CM Sec. 4], indices n = 1..N
+                (in code 0-based: sigmas[n-1] is t_n)
+    F           the raw network F_theta        f   the consistency function f_theta [CM Eq. 7]
+    D           a denoiser D(x, t) ~ E[x_0 | x_t] ([EDM]; the CD teacher, written s_phi in [CM])
+    target      theta^- (EMA of the online net at rate mu, used inside the loss)
+    ema         the evaluation EMA (a separate average used for sampling), never the target
+    k, K        training step and total steps; s0, s1, mu0 the curriculum constants [CM App. C]
+
+Sections: 1 config · 2 noise levels · 3 parameterization · 4 networks · 5 ODE steps · 6 losses ·
+7 samplers · 8 target & EMA · 9 data · 10 checkpoints · 11 training · 12 command line.
+Importing this module has no side effects; everything runs from main().
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class CMError(RuntimeError):
+    """A user-facing error: main() prints its one-line message and exits with status 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Config
+
+
+@dataclass
+class Config:
+    # what to train
+    mode: str = "ct"                # ct (consistency training) | cd (distillation) | edm (the teacher)
+    dataset: str = "digits"         # toy (2-D ring) | digits (8x8, scikit-learn) | cifar10 (torchvision)
+    data_dir: str = "data"          # where cifar10 lives / is downloaded to
+    teacher: str = ""               # cd: path of an edm checkpoint
+    out: str = ""                   # run folder; default runs/<dataset>-<mode>
+    # the math [CM Sec. 4, App. C]
+    sigma_min: float = 0.002        # epsilon
+    sigma_max: float = 80.0         # T
+    sigma_data: float = 0.5         # data std used by the scalings
+    rho: float = 7.0                # Karras grid exponent
+    N: int = 18                     # cd: number of grid points (N = 18 for CIFAR-10, Heun teacher)
+    s0: int = 2                     # ct: initial discretization steps
+    s1: int = 0                     # ct: final discretization steps (0 -> per-dataset default)
+    mu0: float = 0.9                # ct: initial target EMA rate mu(0)
+    mu: float = 0.0                 # cd: constant target EMA rate (0 for CIFAR-10 in [CM Tab. 3])
+    metric: str = ""                # l2 | l1 | lpips | pseudo_huber ('' -> per-dataset default)
+    # optimisation
+    steps: int = 0                  # training steps K (0 -> per-dataset default)
+    batch_size: int = 0             # (0 -> per-dataset default)
+    lr: float = 0.0                 # RAdam (cm) / Adam (edm) learning rate (0 -> per-dataset default)
+    ema: float = 0.999              # evaluation EMA rate (with a (1+k)/(10+k) warm-up)
+    channels: int = 0               # network width (0 -> per-dataset default)
+    dropout: float = 0.0            # dropout in the network
+    precision: str = "fp32"         # fp32 | bf16 (autocast of F only; c_skip x stays in fp32)
+    init_from_teacher: bool = True  # cd: start f_theta from the teacher's weights (as the official runs)
+    # output
+    seed: int = 0                   # everything random derives from it
+    log_every: int = 50             # steps between lines in log.jsonl
+    sample_every: int = 0           # steps between sample grids (0 -> 4 grids per run)
+    ckpt_every: int = 500           # steps between checkpoints
+    ts: str = ""                    # two-step sampling levels, official index convention ('' -> default)
+    ts_grid: int = 18               # the grid size the ts indices refer to
+    device: str = ""                # '' -> cuda if available, else cpu
+    resume: bool = False            # continue from <out>/ckpt.pt if it exists
+
+
+# Per-dataset defaults for the fields left at 0 / ''. Chosen so `python cm.py` ends in minutes on a CPU.
+DEFAULTS = {
+    "toy":     dict(steps=6000, batch_size=512, lr=2e-4, channels=256, metric="l2", s1=80),
+    "digits":  dict(steps=3000, batch_size=128, lr=2e-4, channels=32, metric="l2", s1=40),
+    "cifar10": dict(steps=800_000, batch_size=512, lr=4e-4, channels=128, metric="lpips", s1=150),
+}
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the per-dataset defaults and check every field; bad values raise CMError."""
+    if cfg.dataset not in DEFAULTS:
+        raise CMError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DEFAULTS)}")
+    if cfg.mode not in ("ct", "cd", "edm"):
+        raise CMError(f"unknown mode {cfg.mode!r}; choose ct, cd or edm")
+    cfg = dataclasses.replace(cfg)
+    for k, v in DEFAULTS[cfg.dataset].items():
+        if not getattr(cfg, k):
+            setattr(cfg, k, v)
+    cfg.out = cfg.out or f"runs/{cfg.dataset}-{cfg.mode}"
+    cfg.sample_every = cfg.sample_every or max(cfg.steps // 4, 1)
+    if cfg.metric not in METRICS:
+        raise CMError(f"unknown metric {cfg.metric!r}; choose one of {', '.join(METRICS)}")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise CMError(f"unknown precision {cfg.precision!r}; choose fp32 or bf16")
+    if cfg.N < 2 or cfg.s0 < 2 or cfg.s1 < cfg.s0:
+        raise CMError(f"need N >= 2 and 2 <= s0 <= s1 (got N={cfg.N}, s0={cfg.s0}, s1={cfg.s1})")
+    if not 0 < cfg.sigma_min < cfg.sigma_max:
+        raise CMError("need 0 < sigma_min < sigma_max")
+    if not (0 <= cfg.mu < 1 and 0 < cfg.mu0 < 1 and 0 <= cfg.ema < 1):
+        raise CMError("need 0 <= mu < 1, 0 < mu0 < 1 and 0 <= ema < 1")
+    if cfg.mode == "cd" and not cfg.teacher:
+        raise CMError("--mode cd needs --teacher PATH (an edm checkpoint; train one with --mode edm)")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Noise levels
+
+
+def karras_sigmas(N: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
+    """Ascending grid t_i = (ε^(1/ρ) + (i-1)/(N-1)·(T^(1/ρ) - ε^(1/ρ)))^ρ, i = 1..N.  [CM Sec. 4, EDM Eq. 5]
+
+    Returned in float64 (N up to ~1300 for iCT: neighbouring levels differ in the 4th digit)."""
+    if N < 2:
+        raise ValueError(f"the grid needs N >= 2 points, got N={N}")
+    if rho <= 0:
+        raise ValueError(f"rho must be > 0, got {rho}")
+    i = torch.arange(N, dtype=torch.float64) / (N - 1)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (lo + i * (hi - lo)) ** rho
+    sigmas[0], sigmas[-1] = sigma_min, sigma_max  # exact ends, free of pow round-off
+    return sigmas
+
+
+def ct_num_steps(k: int, K: int, s0: int, s1: int) -> int:
+    """N(k) = ⌈√(k/K·((s1+1)² - s0²) + s0²) - 1⌉ + 1, from N(0) = s0 to N(K) = s1 + 1.  [CM App. C]"""
+    k = min(max(k, 0), K)
+    return math.ceil(math.sqrt(k / K * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
+
+
+def ct_target_rate(k: int, K: int, s0: int, s1: int, mu0: float) -> float:
+    """μ(k) = exp(s0·ln μ0 / N(k)), the target EMA rate of CT.  [CM App. C]
+
+    We follow the paper, which divides by N(k), so that μ(0) = μ0 as the name says. The official
+    code divides by N(k) - 1 (it computes μ before adding 1 to the step count), which gives
+    μ(0) = μ0^(s0/(s0-1)) = 0.81 for μ0 = 0.9, s0 = 2. Both rise to 1 as N(k) grows."""
+    return math.exp(s0 * math.log(mu0) / ct_num_steps(k, K, s0, s1))
+
+
+def ts_to_sigmas(ts: Sequence[int], N: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 rho: float = 7.0) -> list[float]:
+    """Official `ts` indices -> descending noise levels for sample_multistep.
+
+    The official samplers index a grid of N points from the top: index 0 is T and index N-1 is ε
+    (e.g. ts = 0,11,17 of 18 for two-step CIFAR-10 CD). The last index N-1 is only an end marker: a
+    step at ε adds √(ε² - ε²) = 0 noise and f(x, ε) = x, so it is dropped here without changing
+    the result."""
+    if list(ts) != sorted(set(ts)) or not ts or ts[0] < 0 or ts[-1] > N - 1:
+        raise ValueError(f"ts must be strictly increasing indices in [0, {N - 1}], got {list(ts)}")
+    desc = karras_sigmas(N, sigma_min, sigma_max, rho).flip(0)
+    return [desc[i].item() for i in ts if i != N - 1]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Parameterization: f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t))  [CM Eq. 7]
+
+
+def append_dims(v: Tensor, ndim: int) -> Tensor:
+    """(B,) -> (B, 1, ..., 1) with ndim dimensions, to broadcast per-sample scalars over x."""
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def boundary_scalings(sigma: Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002):
+    """c_skip = σd² / ((t-ε)² + σd²),  c_out = σd (t-ε) / √(σd² + t²),  c_in = 1 / √(t² + σd²).  [CM App. C]
+
+    At t = ε: c_skip = 1 and c_out = 0 exactly, so f(x, ε) = x for any network (the boundary
+    condition). With ε = 0 these are the scalings of EDM's denoiser [EDM Tab. 1]."""
+    c_skip = sigma_data ** 2 / ((sigma - sigma_min) ** 2 + sigma_data ** 2)
+    c_out = sigma_data * (sigma - sigma_min) / (sigma_data ** 2 + sigma ** 2).sqrt()
+    c_in = 1 / (sigma ** 2 + sigma_data ** 2).sqrt()
+    return c_skip, c_out, c_in
+
+
+# c_noise(t): EDM and NCSN++ use ln(t)/4 [EDM Tab. 1]; the released ADM checkpoints were trained
+# with 1000·ln(t + 1e-44)/4 (a DDPM-style timestep range; 1e-44 keeps t = 0 finite).
+NOISE_CONDITIONING = {
+    "edm": lambda sigma: sigma.log() / 4,
+    "adm": lambda sigma: 1000 * 0.25 * (sigma + 1e-44).log(),
+}
+
+
+class ConsistencyFunction(nn.Module):
+    """f_θ(x, t) = c_skip(t) x + c_out(t) F_θ(c_in(t) x, c_noise(t)).  [CM Eq. 7]
+
+    With sigma_min = 0 the same module is EDM's preconditioned denoiser D(x, t) [EDM Tab. 1].
+    Only F runs under autocast; its output is cast to fp32 before the skip connection, so the
+    boundary condition f(x, ε) = x holds exactly in mixed precision too."""
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002,
+                 noise_cond: str = "edm"):
+        super().__init__()
+        self.net, self.sigma_data, self.sigma_min = net, sigma_data, sigma_min
+        self.c_noise = NOISE_CONDITIONING[noise_cond]
+
+    def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        x = x if x.dtype == torch.float64 else x.float()  # the skip path never runs in low precision
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])  # (B,)
+        c_skip, c_out, c_in = (append_dims(c, x.ndim)
+                               for c in boundary_scalings(sigma, self.sigma_data, self.sigma_min))
+        F_x = self.net(c_in * x, self.c_noise(sigma), class_labels)
+        return c_skip * x + c_out * F_x.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Networks F(x, c_noise, class_labels) -> same shape as x. Small on purpose; full/ has NCSN++/ADM.
+
+
+def timestep_embedding(c_noise: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """Sinusoidal embedding of the scalar c_noise, (B,) -> (B, dim)."""
+    half = torch.arange(dim // 2, device=c_noise.device, dtype=c_noise.dtype)
+    args = c_noise[:, None] * torch.exp(-math.log(max_period) * half / (dim // 2))[None] * 100  # c_noise = ln(t)/4 spans ~[-1.6, 1.1]: widen it
+    return torch.cat([args.cos(), args.sin()], dim=1)
+
+
+class MLP(nn.Module):
+    """Residual MLP for 2-D data: the time embedding is added in every block."""
+
+    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, num_classes: int = 0,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.hidden = hidden
+        self.emb = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.label_emb = nn.Embedding(num_classes, hidden) if num_classes else None
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                                  nn.Dropout(dropout), nn.Linear(hidden, hidden))
+                                    for _ in range(depth))
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        emb = self.emb(timestep_embedding(c_noise, self.hidden))  # (B, hidden)
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(class_labels)
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h + emb)
+        return self.out(h)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(min(32, cin // 4), cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, cout)
+        self.norm2, self.conv2 = nn.GroupNorm(min(32, cout // 4), cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (self.skip(x) + h) / math.sqrt(2)
+
+
+class Attention(nn.Module):
+    def __init__(self, channels: int, head_dim: int = 32):
+        super().__init__()
+        self.heads = max(channels // head_dim, 1)
+        self.norm = nn.GroupNorm(min(32, channels // 4), channels)
+        self.qkv, self.proj = nn.Conv2d(channels, 3 * channels, 1), nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
+        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        h = h.transpose(-1, -2).reshape(B, C, H, W)  # (B, C, H, W)
+        return (x + self.proj(h)) / math.sqrt(2)
+
+
+class UNet(nn.Module):
+    """A small DDPM-style UNet: residual blocks, attention at the two lowest resolutions."""
+
+    def __init__(self, in_ch: int = 1, ch: int = 32, mult: Sequence[int] = (1, 2, 2), blocks: int = 2,
+                 resolution: int = 8, num_classes: int = 0, dropout: float = 0.0):
+        super().__init__()
+        self.ch, emb_dim = ch, 4 * ch
+        self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Embedding(num_classes, emb_dim) if num_classes else None
+        self.inp = nn.Conv2d(in_ch, ch, 3, padding=1)
+        attn_res = {resolution >> (len(mult) - 1), resolution >> (len(mult) - 2)}
+        self.down, chans, c, res = nn.ModuleList(), [ch], ch, resolution
+        for level, m in enumerate(mult):
+            for _ in range(blocks):
+                self.down.append(nn.ModuleList([ResBlock(c, ch * m, emb_dim, dropout)]
+                                                + ([Attention(ch * m)] if res in attn_res else [])))
+                c = ch * m
+                chans.append(c)
+            if level < len(mult) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(c, c, 3, stride=2, padding=1)]))
+                chans.append(c)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout), Attention(c),
+                                  ResBlock(c, c, emb_dim, dropout)])
+        self.up = nn.ModuleList()
+        for level, m in reversed(list(enumerate(mult))):
+            for _ in range(blocks + 1):
+                self.up.append(nn.ModuleList([ResBlock(c + chans.pop(), ch * m, emb_dim, dropout)]
+                                              + ([Attention(ch * m)] if res in attn_res else [])))
+                c = ch * m
+            if level > 0:
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1)]))
+                res *= 2
+        self.out = nn.Sequential(nn.GroupNorm(min(32, c // 4), c), nn.SiLU(), nn.Conv2d(c, in_ch, 3, padding=1))
+
+    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        emb = self.emb(timestep_embedding(c_noise, self.ch))  # (B, 4ch)
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(class_labels)
+        h = self.inp(x)
+        skips = [h]
+        for layers in self.down:
+            h = _run(layers, h, emb)
+            skips.append(h)
+        h = _run(self.mid, h, emb)
+        for layers in self.up:
+            if isinstance(layers[0], ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = _run(layers, h, emb)
+        return self.out(h)
+
+
+def _run(layers: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:
+    for layer in layers:
+        h = layer(h, emb) if isinstance(layer, (ResBlock, Attention)) else layer(h)
+    return h
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. ODE steps for the probability-flow ODE dx/dt = (x - D(x, t)) / t  [EDM Eq. 3 with σ(t) = t]
+
+
+def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
+    """dx/dt = (x - D(x, t)) / t."""
+    return (x - denoised) / append_dims(sigma, x.ndim)
+
+
+def euler_step(denoiser: Callable, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    """x + (t' - t) d(x, t): one Euler step of the PF ODE (the last step to t = 0 of EDM's sampler)."""
+    return x + append_dims(sigma_next - sigma, x.ndim) * to_d(x, sigma, denoiser(x, sigma))
+
+
+def heun_step(denoiser: Callable, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    """One Heun step from t to t' > 0: Euler, then the average of the two slopes.  [EDM Alg. 1, CM Eq. 6]"""
+    d = to_d(x, sigma, denoiser(x, sigma))
+    x_euler = x + append_dims(sigma_next - sigma, x.ndim) * d
+    d_next = to_d(x_euler, sigma_next, denoiser(x_euler, sigma_next))
+    return x + append_dims(sigma_next - sigma, x.ndim) * (d + d_next) / 2
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Losses. Each returns a scalar; randomness (indices n, noise z) can be passed in.
+
+
+def l2(x: Tensor, y: Tensor) -> Tensor:
+    """Squared L2 distance, averaged over all but the batch dimension: (B, ...) -> (B,)."""
+    return (x - y).pow(2).flatten(1).mean(1)
+
+
+def l1(x: Tensor, y: Tensor) -> Tensor:
+    return (x - y).abs().flatten(1).mean(1)
+
+
+def pseudo_huber(x: Tensor, y: Tensor) -> Tensor:
+    """√(‖x - y‖² + c²) - c with c = 0.00054·√dim.  [iCT Sec. 3.3]"""
+    c = 0.00054 * math.sqrt(x[0].numel())
+    return ((x - y).pow(2).flatten(1).sum(1) + c ** 2).sqrt() - c
+
+
+class LPIPS(nn.Module):
+    """LPIPS(VGG) with inputs upsampled bilinearly to 224x224, images in [-1, 1].  [CM Sec. 5, App. C]
+
+    `pretrained_backbone=False` gives a randomly initialised VGG (offline tests); the linear
+    calibration layers ship inside the `lpips` package, the VGG16 weights are downloaded once."""
+
+    def __init__(self, pretrained_backbone: bool = True):
+        super().__init__()
+        try:
+            import lpips
+            self.net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained_backbone, verbose=False)
+        except Exception as e:  # no package, or no internet for the VGG16 weights
+            raise CMError(f"LPIPS(VGG) is unavailable ({type(e).__name__}: {str(e)[:80]}); "
+                          "use --metric l2 (or pip install lpips and allow the VGG16 download)") from e
+        self.net.eval().requires_grad_(False)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if x.shape[1] == 1:  # grey images: repeat to RGB
+            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+        x, y = (F.interpolate(v.float(), size=224, mode="bilinear", align_corners=False) for v in (x, y))
+        return self.net(x, y).flatten(1).mean(1)
+
+
+METRICS = {"l2": l2, "l1": l1, "pseudo_huber": pseudo_huber, "lpips": LPIPS}
+
+
+def _draw(x: Tensor, N: int, n: Tensor | None, z: Tensor | None):
+    """n ~ U{1, ..., N-1} (0-based: t_n = sigmas[n], t_{n+1} = sigmas[n+1]) and z ~ N(0, I)."""
+    n = torch.randint(0, N - 1, (x.shape[0],), device=x.device) if n is None else n
+    return n, torch.randn_like(x) if z is None else z
+
+
+def ct_loss(f: Callable, f_target: Callable, x: Tensor, sigmas: Tensor, metric: Callable = l2,
+            n: Tensor | None = None, z: Tensor | None = None, weight: Callable | None = None) -> Tensor:
+    """E[λ(t_n) d(f_θ(x + t_{n+1} z, t_{n+1}), f_θ⁻(x + t_n z, t_n))], the same z in both.  [CM Alg. 3]
+
+    The data point x stands in for the denoiser: one Euler step of the PF ODE from x + t_{n+1} z
+    with D = x lands on x + t_n z [CM Thm. 2]. λ ≡ 1 unless `weight(t_n, t_{n+1})` is given."""
+    n, z = _draw(x, len(sigmas), n, z)
+    sigmas = sigmas.to(x.device, x.dtype)
+    t, t_next = sigmas[n], sigmas[n + 1]  # (B,), (B,)
+    online = f(x + append_dims(t_next, x.ndim) * z, t_next)
+    with torch.no_grad():
+        target = f_target(x + append_dims(t, x.ndim) * z, t)
+    lam = 1.0 if weight is None else weight(t, t_next)
+    return (lam * metric(online, target)).mean()
+
+
+def cd_loss(f: Callable, f_target: Callable, teacher: Callable, x: Tensor, sigmas: Tensor,
+            metric: Callable = l2, n: Tensor | None = None, z: Tensor | None = None) -> Tensor:
+    """E[d(f_θ(x_{t_{n+1}}, t_{n+1}), f_θ⁻(x̂_{t_n}, t_n))], x̂_{t_n} one Heun step of the teacher.  [CM Alg. 2]"""
+    n, z = _draw(x, len(sigmas), n, z)
+    sigmas = sigmas.to(x.device, x.dtype)
+    t, t_next = sigmas[n], sigmas[n + 1]
+    x_next = x + append_dims(t_next, x.ndim) * z
+    with torch.no_grad():
+        target = f_target(heun_step(teacher, x_next, t_next, t), t)
+    return metric(f(x_next, t_next), target).mean()
+
+
+def edm_loss(D: Callable, x: Tensor, sigma: Tensor | None = None, z: Tensor | None = None,
+             sigma_data: float = 0.5, P_mean: float = -1.2, P_std: float = 1.2) -> Tensor:
+    """E[λ(t) ‖D(x + t z, t) - x‖²], ln t ~ N(P_mean, P_std²), λ = (t² + σd²)/(t σd)².  [EDM Sec. 5, Tab. 1]"""
+    if sigma is None:
+        sigma = (P_mean + P_std * torch.randn(x.shape[0], device=x.device)).exp()
+    z = torch.randn_like(x) if z is None else z
+    lam = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    return (lam * l2(D(x + append_dims(sigma, x.ndim) * z, sigma), x)).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Samplers
+
+
+@torch.no_grad()
+def sample_onestep(f: Callable, z: Tensor, sigma_max: float = 80.0) -> Tensor:
+    """x = f(T z, T): one network evaluation.  [CM Alg. 1 with one step]"""
+    return f(sigma_max * z, sigma_max)
+
+
+@torch.no_grad()
+def sample_multistep(f: Callable, z: Tensor, sigmas: Sequence[float], sigma_min: float = 0.002,
+                     noises: Sequence[Tensor] | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """x ← f(τ_1 z, τ_1); then for τ_2 > τ_3 > ...: x ← f(x + √(τ² - ε²) z', τ).  [CM Alg. 1]
+
+    `sigmas` are the descending levels τ_1 > τ_2 > ... (τ_1 = T for the paper's sampler; see
+    ts_to_sigmas for the official index form). With a single level this is sample_onestep."""
+    x = f(sigmas[0] * z, sigmas[0])
+    for i, tau in enumerate(sigmas[1:]):
+        zi = noises[i] if noises is not None else torch.randn(x.shape, generator=generator).to(x.device)
+        x = f(x + math.sqrt(tau ** 2 - sigma_min ** 2) * zi, tau)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(D: Callable, z: Tensor, N: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                rho: float = 7.0) -> Tensor:
+    """Deterministic EDM sampler: Heun steps down the grid, a final Euler step to 0.  [EDM Alg. 1]"""
+    sigmas = karras_sigmas(N, sigma_min, sigma_max, rho).flip(0).tolist() + [0.0]
+    x = sigmas[0] * z
+    for t, t_next in zip(sigmas[:-1], sigmas[1:]):
+        t, t_next = (torch.full((x.shape[0],), s, device=x.device) for s in (t, t_next))
+        x = (heun_step if t_next[0] > 0 else euler_step)(D, x, t, t_next)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Target network and evaluation EMA: both are θ_avg ← μ θ_avg + (1 - μ) θ
+
+
+@torch.no_grad()
+def ema_update(avg: nn.Module, model: nn.Module, mu: float) -> None:
+    """θ⁻ ← stopgrad(μ θ⁻ + (1 - μ) θ) [CM Alg. 2/3]; also the evaluation EMA. Buffers are copied."""
+    for p_avg, p in zip(avg.parameters(), model.parameters()):
+        p_avg.lerp_(p.detach(), 1 - mu)
+    for b_avg, b in zip(avg.buffers(), model.buffers()):
+        b_avg.copy_(b)
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Data: everything as one in-memory tensor in [-1, 1] (toy data is drawn fresh each batch)
+
+
+def toy_ring(n: int, generator: torch.Generator | None = None) -> Tensor:
+    """8 Gaussians (std 0.05) on a circle of radius 0.7: per-coordinate std ≈ 0.5 = σd. (n, 2)"""
+    k = torch.randint(0, 8, (n,), generator=generator).float()
+    centers = 0.7 * torch.stack([torch.cos(k * math.pi / 4), torch.sin(k * math.pi / 4)], 1)
+    return centers + 0.05 * torch.randn(n, 2, generator=generator)
+
+
+def load_digits() -> Tensor:
+    """scikit-learn's 1,797 handwritten 8x8 digits (values 0..16) -> (1797, 1, 8, 8) in [-1, 1]."""
+    from sklearn.datasets import load_digits as sk_digits
+    return torch.tensor(sk_digits().images, dtype=torch.float32)[:, None] / 8 - 1
+
+
+def load_cifar10(data_dir: str | os.PathLike, download: bool = True) -> Tensor:
+    """CIFAR-10 training set through torchvision -> (50000, 3, 32, 32) in [-1, 1]."""
+    import torchvision
+    root = Path(data_dir)
+    try:
+        ds = torchvision.datasets.CIFAR10(root, train=True, download=download and not
+                                          (root / "cifar-10-batches-py").is_dir())
+    except Exception as e:
+        raise CMError(f"CIFAR-10 is not in {root / 'cifar-10-batches-py'} and could not be downloaded "
+                      f"({type(e).__name__}); extract https://www.cs.toronto.edu/~kriz/"
+                      f"cifar-10-python.tar.gz into {root}") from e
+    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def load_data(cfg: Config) -> Tensor | None:
+    """The training set as a tensor, or None for the toy data (infinite, drawn per batch)."""
+    return {"toy": lambda: None, "digits": load_digits,
+            "cifar10": lambda: load_cifar10(cfg.data_dir)}[cfg.dataset]()
+
+
+def make_net(cfg: Config, shape: Sequence[int]) -> nn.Module:
+    if len(shape) == 1:
+        return MLP(shape[0], cfg.channels, dropout=cfg.dropout)
+    mult = (1, 2, 2) if shape[-1] <= 8 else (1, 2, 2, 2)
+    return UNet(shape[0], cfg.channels, mult, resolution=shape[-1], dropout=cfg.dropout)
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Checkpoints: plain state dicts, written atomically, read with weights_only=True
+
+CKPT_FORMAT = 1
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CMError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CMError(f"cannot read checkpoint {path} (corrupt or not a cm.py checkpoint: "
+                      f"{type(e).__name__})") from e
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT or "config" not in state:
+        raise CMError(f"{path} is not a cm.py checkpoint (format {CKPT_FORMAT})")
+    return state
+
+
+def model_from_checkpoint(state: dict, key: str = "ema") -> tuple[ConsistencyFunction, Config]:
+    """Rebuild f (or D, for an edm checkpoint) with the weights under `key`."""
+    cfg = Config(**state["config"])
+    net = make_net(cfg, state["shape"])
+    model = ConsistencyFunction(net, cfg.sigma_data, 0.0 if cfg.mode == "edm" else cfg.sigma_min)
+    try:
+        model.load_state_dict(state[key])
+    except (RuntimeError, KeyError) as e:
+        raise CMError(f"checkpoint weights do not match its network ({type(e).__name__})") from e
+    return model.eval().requires_grad_(False), cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. Training
+
+
+def energy_distance(x: Tensor, y: Tensor) -> float:
+    """Energy distance 2E‖X-Y‖ - E‖X-X'‖ - E‖Y-Y'‖ (zero iff same law; unbiased, so ≈ 0 can dip below)."""
+    x, y = x.flatten(1).double(), y.flatten(1).double()
+    off = lambda d: d.sum() / (d.numel() - d.shape[0])  # mean over i != j
+    return (2 * torch.cdist(x, y).mean() - off(torch.cdist(x, x)) - off(torch.cdist(y, y))).item()
+
+
+def two_step_levels(cfg: Config) -> list[float]:
+    """Levels for the two-step grid: --ts, else the official CIFAR-10 CD choice 0,11,17 of 18
+    for cd, and 0,8,17 of 18 (τ₂ ≈ 3.3) for ct, whose short runs learn low levels best."""
+    ts = [int(i) for i in cfg.ts.split(",")] if cfg.ts else ([0, 11, 17] if cfg.mode == "cd" else [0, 8, 17])
+    return ts_to_sigmas(ts, cfg.ts_grid, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+
+
+def generate(model: Callable, cfg: Config, shape: Sequence[int], n: int, seed: int, how: str) -> Tensor:
+    """n samples from fixed noise (drawn on the CPU, so any device gives the same samples)."""
+    g = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device
+    z = torch.randn(n, *shape, generator=g).to(dev)
+    if how == "heun":
+        return sample_heun(model, z, 18, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+    levels = [cfg.sigma_max] if how == "1-step" else two_step_levels(cfg)
+    return sample_multistep(model, z, levels, cfg.sigma_min, generator=g)
+
+
+def save_grid(x: Tensor, path: Path) -> None:
+    """PNG grid of images in [-1, 1] (8x upscaled when tiny), or a scatter plot of 2-D points."""
+    if x.ndim == 2:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.scatter(*x.cpu().T, s=2)
+        ax.set(xlim=(-1.2, 1.2), ylim=(-1.2, 1.2), aspect="equal", title=path.stem)
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        return
+    import torchvision
+    x = (x.clamp(-1, 1) + 1) / 2
+    if x.shape[-1] < 32:
+        x = F.interpolate(x, scale_factor=32 // x.shape[-1], mode="nearest")
+    torchvision.utils.save_image(x.cpu(), path, nrow=int(math.sqrt(len(x))), padding=2, pad_value=1)
+
+
+def train(cfg: Config) -> dict:
+    """Train one mode; returns the final two-sample distances. Resumes from out/ckpt.pt if asked."""
+    cfg = resolve(cfg)
+    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg)
+    shape = (2,) if data is None else tuple(data.shape[1:])
+    teacher = None
+    if cfg.mode == "cd":
+        teacher, tcfg = model_from_checkpoint(load_checkpoint(cfg.teacher))
+        if tcfg.mode != "edm" or tcfg.dataset != cfg.dataset:
+            raise CMError(f"--teacher must be an edm checkpoint of {cfg.dataset} "
+                          f"(got mode {tcfg.mode}, dataset {tcfg.dataset})")
+        cfg.channels, teacher = tcfg.channels, teacher.to(dev)
+    model = ConsistencyFunction(make_net(cfg, shape), cfg.sigma_data,
+                                0.0 if cfg.mode == "edm" else cfg.sigma_min).to(dev)
+    if teacher is not None and cfg.init_from_teacher:
+        model.net.load_state_dict(teacher.net.state_dict())
+    target = copy.deepcopy(model).requires_grad_(False)  # θ⁻ (unused by edm)
+    ema = copy.deepcopy(model).requires_grad_(False)     # evaluation EMA
+    opt = (torch.optim.Adam if cfg.mode == "edm" else torch.optim.RAdam)(model.parameters(), lr=cfg.lr)
+    metric = METRICS[cfg.metric]() if cfg.metric == "lpips" else METRICS[cfg.metric]
+    metric = metric.to(dev) if isinstance(metric, nn.Module) else metric
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    step, ckpt = 0, out / "ckpt.pt"
+    if cfg.resume and ckpt.is_file():
+        state = load_checkpoint(ckpt)
+        for name, m in (("model", model), ("target", target), ("ema", ema), ("opt", opt)):
+            m.load_state_dict(state[name])
+        step = state["step"]
+        torch.set_rng_state(state["rng"])
+        print(f"resumed from {ckpt} at step {step}")
+    autocast = torch.autocast(dev.type, torch.bfloat16, enabled=cfg.precision == "bf16")
+    json.dump(dataclasses.asdict(cfg), open(out / "config.json", "w"), indent=1)
+
+    def checkpoint():
+        save_checkpoint(ckpt, dict(model=model.state_dict(), target=target.state_dict(), ema=ema.state_dict(),
+                                   opt=opt.state_dict(), step=step, rng=torch.get_rng_state(),
+                                   config=dataclasses.asdict(cfg), shape=list(shape), format=CKPT_FORMAT))
+
+    from tqdm import tqdm
+    bar = tqdm(initial=step, total=cfg.steps, desc=f"{cfg.mode} {cfg.dataset}",
+               mininterval=1.0, disable=None)
+    log = open(out / "log.jsonl", "a")
+    t0 = time.time()
+    while step < cfg.steps:
+        # a batch: fresh toy points, or a random subset of the images (the CPU RNG is checkpointed)
+        x = (toy_ring(cfg.batch_size) if data is None else
+             data[torch.randint(0, len(data), (cfg.batch_size,))]).to(dev)
+        if cfg.dataset == "cifar10":  # random horizontal flips
+            x = torch.where(torch.rand(len(x), 1, 1, 1).to(dev) < 0.5, x.flip(3), x)
+        z = torch.randn(x.shape).to(dev)
+        if cfg.mode == "ct":  # N(k), μ(k) [CM App. C]
+            N, mu = ct_num_steps(step, cfg.steps, cfg.s0, cfg.s1), ct_target_rate(step, cfg.steps, cfg.s0,
+                                                                                 cfg.s1, cfg.mu0)
+        else:
+            N, mu = cfg.N, cfg.mu
+        n = torch.randint(0, N - 1, (len(x),)).to(dev)
+        with autocast:
+            if cfg.mode == "edm":
+                sigma = (-1.2 + 1.2 * torch.randn(len(x))).exp().to(dev)
+                loss = edm_loss(model, x, sigma=sigma, z=z, sigma_data=cfg.sigma_data)
+            elif cfg.mode == "ct":
+                sigmas = karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+                loss = ct_loss(model, target, x, sigmas, metric, n=n, z=z)
+            else:
+                sigmas = karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+                loss = cd_loss(model, target, teacher, x, sigmas, metric, n=n, z=z)
+        if not torch.isfinite(loss):
+            raise CMError(f"loss is {loss.item()} at step {step}; the last good checkpoint is {ckpt}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema_update(target, model, mu)  # θ⁻ (with mu = 0 it is a copy of θ)
+        ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == 1:
+            bar.set_postfix(loss=f"{loss.item():.4g}", N=N, mu=f"{mu:.4f}")
+            log.write(json.dumps(dict(step=step, loss=loss.item(), N=N, mu=mu, sec=time.time() - t0)) + "\n")
+            log.flush()
+        if step % cfg.sample_every == 0 or step == cfg.steps:
+            write_grids(ema, cfg, shape, out, step)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            checkpoint()
+    log.close()
+    bar.close()
+    return report(ema, cfg, data, shape, teacher)
+
+
+def write_grids(model: nn.Module, cfg: Config, shape: Sequence[int], out: Path, step: int) -> None:
+    n = 512 if len(shape) == 1 else 64
+    for how in ("heun",) if cfg.mode == "edm" else ("1-step", "2-step"):
+        save_grid(generate(model, cfg, shape, n, cfg.seed + 1, how), out / f"{how}_{step:06d}.png")
+
+
+def report(model: nn.Module, cfg: Config, data: Tensor | None, shape, teacher=None) -> dict:
+    """Energy distance to fresh data of each sampler, beside data against data (the floor)."""
+    n = 2000 if data is None else min(1000, len(data) // 2)
+    g = torch.Generator().manual_seed(cfg.seed + 123)
+    real = (lambda: toy_ring(n, g)) if data is None else (lambda: data[torch.randperm(len(data), generator=g)[:n]])
+    rows = {"data vs data (floor)": energy_distance(real(), real())}
+    hows = ["heun"] if cfg.mode == "edm" else ["1-step", "2-step"]
+    for how in hows:
+        rows[{"heun": "EDM Heun, 18 levels (35 NFE)"}.get(how, how)] = energy_distance(
+            generate(model, cfg, shape, n, cfg.seed + 7, how).cpu(), real())
+    if teacher is not None:
+        rows["teacher Heun, 18 levels (35 NFE)"] = energy_distance(
+            generate(teacher, cfg, shape, n, cfg.seed + 7, "heun").cpu(), real())
+    print(f"\nenergy distance to fresh data ({n} samples each, {cfg.dataset}, {cfg.mode}):")
+    for k, v in rows.items():
+        print(f"  {k:34s} {v:.4f}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. Command line: every Config field is a flag (--batch-size 64, --no-init-from-teacher, ...)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Consistency models: train (ct, cd, edm) or sample.")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
+    p.add_argument("--sample", metavar="CKPT", help="write sample grids from a checkpoint and exit")
+    args = p.parse_args(argv)
+    try:
+        if args.sample:
+            state = load_checkpoint(args.sample)
+            model, cfg = model_from_checkpoint(state)
+            cfg.ts, cfg.ts_grid = args.ts or cfg.ts, args.ts_grid
+            out = Path(args.out or Path(args.sample).parent)
+            out.mkdir(parents=True, exist_ok=True)
+            write_grids(model, cfg, state["shape"], out, state["step"])
+            print(f"wrote sample grids to {out}")
+            return
+        cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+        train(cfg)
+    except (CMError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Property tests of cm.py's math: every invariant of DESIGN.md 'How correctness is shown'."""
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import cm
+
+EPS, T, SD = 0.002, 80.0, 0.5
+
+
+# --- exact functions for Gaussian data N(0, σd² I): the PF ODE keeps x_t / √(σd² + t²) constant ---
+
+def exact_denoiser(x, sigma):
+    """E[x_0 | x_t] = x_t σd² / (σd² + t²)."""
+    s = cm.append_dims(torch.as_tensor(sigma, dtype=x.dtype).expand(x.shape[0]), x.ndim)
+    return x * SD ** 2 / (SD ** 2 + s ** 2)
+
+
+def exact_f(x, sigma):
+    """f*(x, t) = x √(σd² + ε²) / √(σd² + t²)."""
+    s = cm.append_dims(torch.as_tensor(sigma, dtype=x.dtype).expand(x.shape[0]), x.ndim)
+    return x * math.sqrt(SD ** 2 + EPS ** 2) / (SD ** 2 + s ** 2).sqrt()
+
+
+def random_model(kind: str, seed: int, scale: float = 1.0):
+    torch.manual_seed(seed)
+    net = cm.MLP(3, 32, depth=2) if kind == "mlp" else cm.UNet(1, 8, (1, 2), blocks=1, resolution=8)
+    with torch.no_grad():
+        for p in net.parameters():  # random weights everywhere, the output layer included
+            p.normal_(0, scale / math.sqrt(max(p[0].numel(), 1)))
+    return cm.ConsistencyFunction(net, SD, EPS)
+
+
+# --- 2. noise levels ---
+
+@given(N=st.integers(2, 2000), rho=st.floats(0.1, 20.0),
+       smin=st.floats(1e-4, 1.0), ratio=st.floats(1.01, 1e4))
+def test_grid_increasing_with_exact_ends(N, rho, smin, ratio):
+    s = cm.karras_sigmas(N, smin, smin * ratio, rho)
+    assert s.shape == (N,)
+    assert s[0].item() == smin and s[-1].item() == smin * ratio
+    assert (s[1:] > s[:-1]).all()
+
+
+def test_grid_matches_formula_and_rejects_small_N():
+    s = cm.karras_sigmas(18)
+    i = 5  # t_6 in the paper's 1-based numbering
+    expected = (EPS ** (1 / 7) + i / 17 * (T ** (1 / 7) - EPS ** (1 / 7))) ** 7
+    assert s[i].item() == pytest.approx(expected, rel=1e-12)
+    for bad in (1, 0, -3):
+        with pytest.raises(ValueError, match="N >= 2"):
+            cm.karras_sigmas(bad)
+
+
+@given(K=st.integers(1, 10_000), s0=st.integers(2, 20), extra=st.integers(0, 1300),
+       mu0=st.floats(0.5, 0.999))
+def test_curriculum_monotone_with_stated_ends(K, s0, extra, mu0):
+    s1 = s0 + extra
+    Ns = [cm.ct_num_steps(k, K, s0, s1) for k in range(0, K + 1, max(K // 200, 1))] + [cm.ct_num_steps(K, K, s0, s1)]
+    assert Ns[0] == s0 and Ns[-1] == s1 + 1
+    assert all(a <= b for a, b in zip(Ns, Ns[1:]))
+    mus = [cm.ct_target_rate(k, K, s0, s1, mu0) for k in range(0, K + 1, max(K // 200, 1))]
+    assert mus[0] == pytest.approx(mu0)  # the paper's convention: μ(0) = μ0
+    assert all(0 < m < 1 for m in mus) and all(a <= b for a, b in zip(mus, mus[1:]))
+
+
+def test_ts_convention():
+    desc = cm.karras_sigmas(18).flip(0)
+    levels = cm.ts_to_sigmas([0, 11, 17], 18)
+    assert levels == [T, desc[11].item()]  # index 17 = ε is only the end marker
+    for bad in ([3, 1], [0, 18], [], [0, 0, 5]):
+        with pytest.raises(ValueError):
+            cm.ts_to_sigmas(bad, 18)
+
+
+# --- 3. parameterization ---
+
+@given(seed=st.integers(0, 2 ** 16), batch=st.integers(1, 6), scale=st.floats(0.1, 10.0),
+       xscale=st.floats(1e-3, 1e3), kind=st.sampled_from(["mlp", "unet"]))
+def test_boundary_condition_exact(seed, batch, scale, xscale, kind):
+    f = random_model(kind, seed, scale)
+    g = torch.Generator().manual_seed(seed)
+    x = xscale * torch.randn((batch, 3) if kind == "mlp" else (batch, 1, 8, 8), generator=g)
+    assert torch.equal(f(x, EPS), x)
+    # ... and the network does matter away from the boundary
+    assert not torch.equal(f(x, 1.0), x)
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2 ** 16))
+def test_boundary_condition_under_bf16_autocast(seed):
+    f = random_model("unet", seed)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.autocast("cpu", torch.bfloat16):
+        y = f(x, EPS)
+    assert y.dtype == torch.float32 and torch.equal(y, x)
+
+
+@given(t=st.floats(1e-3, 1e3), sd=st.floats(0.1, 2.0))
+def test_scalings_edm_limit(t, sd):
+    # with ε = 0 the scalings are EDM's denoiser's [EDM Tab. 1]
+    c_skip, c_out, c_in = cm.boundary_scalings(torch.tensor(t, dtype=torch.float64), sd, 0.0)
+    assert c_skip.item() == pytest.approx(sd ** 2 / (t ** 2 + sd ** 2), rel=1e-12)
+    assert c_out.item() == pytest.approx(t * sd / math.sqrt(t ** 2 + sd ** 2), rel=1e-12)
+    assert c_in.item() == pytest.approx(1 / math.sqrt(t ** 2 + sd ** 2), rel=1e-12)
+
+
+# --- 5/6. ODE steps and losses against the closed-form Gaussian solutions ---
+
+def test_cd_loss_with_exact_functions_is_heun_error_and_shrinks_with_N():
+    g = torch.Generator().manual_seed(0)
+    x = SD * torch.randn(4000, 2, generator=g).double()
+    z = torch.randn(x.shape, generator=g).double()
+    losses = []
+    for N in (10, 20, 40, 80):
+        sig = cm.karras_sigmas(N).double()
+        n = torch.randint(0, N - 1, (len(x),), generator=g)
+        loss = cm.cd_loss(exact_f, exact_f, exact_denoiser, x, sig, cm.l2, n=n, z=z)
+        losses.append(loss.item())
+    assert losses[0] < 1e-3  # tiny next to the data variance 0.25
+    assert all(a > b for a, b in zip(losses, losses[1:]))
+
+
+def test_ct_is_cd_with_the_data_point_as_denoiser():
+    # [CM Thm. 2 / Alg. 3]: replacing D by x_0, a Heun (or Euler) step from x_0 + t' z lands on x_0 + t z
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 1, 8, 8, generator=g).double()
+    z = torch.randn(x.shape, generator=g).double()
+    sig = cm.karras_sigmas(30).double()
+    n = torch.randint(0, 29, (64,), generator=g)
+    f = random_model("unet", 3).double()
+    ct = cm.ct_loss(f, f, x, sig, cm.l2, n=n, z=z)
+    cd = cm.cd_loss(f, f, lambda x_t, s: x, x, sig, cm.l2, n=n, z=z)
+    assert ct.item() == pytest.approx(cd.item(), rel=1e-9)
+
+
+def test_ct_loss_matches_its_definition():
+    g = torch.Generator().manual_seed(2)
+    x, z = torch.randn(16, 2, generator=g).double(), torch.randn(16, 2, generator=g).double()
+    sig = cm.karras_sigmas(12).double()
+    n = torch.randint(0, 11, (16,), generator=g)
+    t, t1 = sig[n][:, None], sig[n + 1][:, None]
+    by_hand = ((exact_f(x + t1 * z, sig[n + 1]) - exact_f(x + t * z, sig[n])) ** 2).mean(1).mean()
+    assert cm.ct_loss(exact_f, exact_f, x, sig, cm.l2, n=n, z=z).item() == pytest.approx(by_hand.item(), rel=1e-12)
+
+
+def test_heun_step_solves_the_gaussian_ode():
+    # exact solution: x(t') = x(t) √(σd² + t'²) / √(σd² + t²); Heun is 2nd order -> error falls ~ h³ per step
+    x = torch.randn(100, 2, dtype=torch.float64)
+    errs = []
+    for h in (0.4, 0.2, 0.1):
+        t, t1 = torch.full((100,), 1.0, dtype=torch.float64), torch.full((100,), 1.0 - h, dtype=torch.float64)
+        exact = x * math.sqrt(SD ** 2 + (1 - h) ** 2) / math.sqrt(SD ** 2 + 1)
+        errs.append((cm.heun_step(exact_denoiser, x, t, t1) - exact).abs().max().item())
+    assert errs[0] / errs[1] > 6 and errs[1] / errs[2] > 6
+
+
+def test_no_gradient_reaches_the_target_and_loss_vanishes_when_they_agree():
+    f = random_model("mlp", 0)
+    target = copy.deepcopy(f)  # deliberately left with requires_grad=True
+    x = torch.randn(32, 3)
+    loss = cm.ct_loss(f, target, x, cm.karras_sigmas(10), cm.l2)
+    loss.backward()
+    assert all(p.grad is None for p in target.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in f.parameters())
+    # when online and target are the true consistency function and the ODE step is exact, the loss is 0
+    exact_step = lambda x_t, s: x_t * SD ** 2 / (SD ** 2 + cm.append_dims(s, x_t.ndim) ** 2)
+    sig = cm.karras_sigmas(2000).double()  # Heun error -> 0
+    xd = SD * torch.randn(256, 2, dtype=torch.float64)
+    assert cm.cd_loss(exact_f, exact_f, exact_step, xd, sig, cm.l2).item() < 1e-12
+
+
+@given(seed=st.integers(0, 1000))
+def test_edm_loss_of_exact_denoiser_is_its_noise_floor(seed):
+    # the exact denoiser has loss λ·E‖E[x|x_t] - x‖² = λ·σd²t²/(σd²+t²) = 1 per dimension at every t
+    g = torch.Generator().manual_seed(seed)
+    x = SD * torch.randn(20000, 2, generator=g, dtype=torch.float64)
+    sigma = torch.full((20000,), math.exp(torch.randn(1, generator=g).item()), dtype=torch.float64)
+    loss = cm.edm_loss(exact_denoiser, x, sigma=sigma, z=torch.randn(x.shape, generator=g, dtype=torch.float64))
+    assert loss.item() == pytest.approx(1.0, rel=0.05)
+
+
+# --- 7. samplers ---
+
+def test_samplers_give_the_data_variance():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(200_000, 1, generator=g, dtype=torch.float64)
+    one = cm.sample_onestep(exact_f, z, T)
+    multi = cm.sample_multistep(exact_f, z, [T, 5.0, 0.5, 0.05], EPS, generator=g)
+    for x in (one, multi):
+        assert x.var().item() == pytest.approx(SD ** 2 + EPS ** 2, rel=0.01)
+        assert abs(x.mean().item()) < 0.01
+    # the multistep chain really re-noises: its samples are not the one-step ones
+    assert not torch.allclose(one, multi)
+
+
+@settings(max_examples=8)
+@given(seed=st.integers(0, 2 ** 16))
+def test_multistep_with_one_level_is_onestep_and_seeds_reproduce(seed):
+    f = random_model("unet", seed)
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(cm.sample_multistep(f, z, [T], EPS), cm.sample_onestep(f, z, T))
+    a = cm.sample_multistep(f, z, [T, 2.0], EPS, generator=torch.Generator().manual_seed(seed))
+    b = cm.sample_multistep(f, z, [T, 2.0], EPS, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(a, b)
+
+
+def test_heun_sampler_with_exact_denoiser_lands_on_the_data_law():
+    z = torch.randn(100_000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    errs = [abs(cm.sample_heun(exact_denoiser, z, N=N).var().item() - z.var().item() * SD ** 2) for N in (18, 40, 100)]
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 0.005  # discretisation error only, shrinking with N
+
+
+# --- 8. EMA / target ---
+
+@given(mu=st.floats(0.0, 0.999))
+def test_ema_update(mu):
+    a, b = random_model("mlp", 0), random_model("mlp", 1)
+    expected = [mu * pa + (1 - mu) * pb for pa, pb in zip(a.parameters(), b.parameters())]
+    cm.ema_update(a, b, mu)
+    for e, p in zip(expected, a.parameters()):
+        torch.testing.assert_close(p, e)
+
+
+# --- metrics ---
+
+@given(seed=st.integers(0, 1000))
+def test_metrics_are_distances(seed):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    for d in (cm.l2, cm.l1, cm.pseudo_huber):
+        assert torch.equal(d(x, x), torch.zeros(4))
+        torch.testing.assert_close(d(x, y), d(y, x))
+        assert (d(x, y) > 0).all()
+
+
+def test_lpips_offline_with_random_backbone():
+    lp = cm.LPIPS(pretrained_backbone=False)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        assert lp(x, x).abs().max() < 1e-6
+        torch.testing.assert_close(lp(x, y), lp(y, x))
+        assert (lp(x, y) > 0).all()
+        assert lp(x[:, :1], y[:, :1]).shape == (2,)  # grey images are repeated to RGB
+
+
+def test_energy_distance_separates_laws():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(800, 2, generator=g), torch.randn(800, 2, generator=g)
+    assert abs(cm.energy_distance(a, b)) < 0.02
+    assert cm.energy_distance(a, b + 0.5) > 0.1
