@@ -88,6 +88,9 @@ class NCSNppConfig:
     num_classes: int = 0                              # 0 = unconditional; else adds a class embedding
 
     def __post_init__(self):
+        # Tuples even when the config comes back from a checkpoint's asdict() / JSON as lists.
+        self.channel_mult, self.attn_resolutions = tuple(self.channel_mult), tuple(self.attn_resolutions)
+        self.resample_filter = tuple(self.resample_filter)
         assert len(self.resample_filter) % 2 == 0, "FIR resampling here needs an even number of taps"
         assert self.img_resolution % 2 ** (len(self.channel_mult) - 1) == 0, "resolution must halve cleanly"
         assert min(self.channel_mult) * self.model_channels >= 4, "GroupNorm uses C // 4 groups"
@@ -123,9 +126,12 @@ class ADMConfig:
     legacy_qkv_order: bool = False                    # False: (three, heads, dim) = released CM weights
 
     def __post_init__(self):
+        self.channel_mult = tuple(self.channel_mult)                    # lists from asdict() / JSON
+        self.attention_resolutions = tuple(self.attention_resolutions)
         assert self.image_size % 2 ** (len(self.channel_mult) - 1) == 0, "resolution must halve cleanly"
         assert self.model_channels % 2 == 0, "the sinusoidal embedding needs an even width"
         assert all(m * self.model_channels % 32 == 0 for m in self.channel_mult), "GroupNorm uses 32 groups"
+        assert all(m * self.model_channels % self.num_head_channels == 0 for m in self.channel_mult)
 
     @classmethod
     def imagenet64(cls, dropout: float = 0.0) -> ADMConfig:

@@ -1,5 +1,6 @@
 """Tests of full/networks.py: paper parameter counts, guided-diffusion key names, the qkv channel order of the
 released CM checkpoints, FIR resampling against a direct upfirdn2d, and forward/backward of the tiny nets."""
+import dataclasses
 import math
 
 import pytest
@@ -73,7 +74,7 @@ def test_adm_imagenet64_uses_guided_diffusion_key_names():
         "input_blocks.1.0.in_layers.0.weight", "input_blocks.1.0.in_layers.2.weight",
         "input_blocks.1.0.emb_layers.1.weight", "input_blocks.1.0.out_layers.0.weight",
         "input_blocks.1.0.out_layers.3.weight", "input_blocks.4.0.in_layers.2.weight",  # the first down block
-        "input_blocks.5.0.skip_connection.weight", "input_blocks.5.1.norm.weight",     # 192 -> 384, attn at 32
+        "input_blocks.5.0.skip_connection.weight", "input_blocks.5.1.norm.weight",  # 192->384, attn 32
         "input_blocks.5.1.qkv.weight", "input_blocks.5.1.proj_out.weight",
         "middle_block.0.in_layers.2.weight", "middle_block.1.qkv.weight", "middle_block.1.norm.bias",
         "middle_block.2.out_layers.3.bias", "output_blocks.0.0.skip_connection.weight",
@@ -126,7 +127,7 @@ def test_timestep_embedding_is_cos_then_sin():
 
 
 def _attention_reference(qkv: torch.Tensor, heads: int, legacy: bool) -> torch.Tensor:
-    """Explicit softmax attention on (B, 3C, T); legacy: channels (heads, three, D), else (three, heads, D)."""
+    """Softmax attention on qkv (B, 3C, T); channels (heads, three, D) if legacy, else (three, heads, D)."""
     B, C3, T = qkv.shape
     D = C3 // (3 * heads)
     if legacy:   # guided-diffusion QKVAttentionLegacy: view as (B * heads, 3D, T) and split
@@ -183,7 +184,7 @@ def test_fir_resampling_matches_upfirdn2d(taps):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     k = fir_kernel(taps).double()
-    K, p = len(taps), len(taps) - 2
+    p = len(taps) - 2
     torch.testing.assert_close(fir_downsample(x, k), _upfirdn2d(x, k, 1, 2, ((p + 1) // 2, p // 2)))
     torch.testing.assert_close(fir_upsample(x, k), _upfirdn2d(x, 4 * k, 2, 1, ((p + 1) // 2 + 1, p // 2)))
     assert fir_upsample(x, k).shape == (2, 3, 16, 16) and fir_downsample(x, k).shape == (2, 3, 4, 4)
@@ -287,6 +288,21 @@ def _inputs_meta(cfg):
 def test_dropout_is_configured():
     net = build_network(ADMConfig.tiny())
     assert all(m.p == 0.0 for m in net.modules() if isinstance(m, torch.nn.Dropout))
-    net = build_network(NCSNppConfig.tiny().__class__(**{**vars(NCSNppConfig.tiny()), "dropout": 0.13}))
+    net = build_network(dataclasses.replace(NCSNppConfig.tiny(), dropout=0.13))
     ps = [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)]
     assert ps and all(p == 0.13 for p in ps)
+
+
+@pytest.mark.parametrize("cfg", [dataclasses.replace(NCSNppConfig.tiny(8), in_channels=1, out_channels=1),
+                                 dataclasses.replace(ADMConfig.tiny(8), in_channels=1, out_channels=1)])
+def test_tiny_nets_run_on_8x8_grayscale(cfg):
+    """The offline default data (sklearn digits) is 1 x 8 x 8."""
+    x, c, y = _inputs(cfg, 3)
+    assert build_network(cfg)(x, c, y).shape == (3, 1, 8, 8)
+
+
+def test_configs_from_lists_become_tuples():
+    d = dataclasses.asdict(ADMConfig.lsun256())
+    d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    assert ADMConfig(**d) == ADMConfig.lsun256()
+    assert NCSNppConfig(channel_mult=[2, 2, 2], attn_resolutions=[16]) == NCSNppConfig.cifar10()
