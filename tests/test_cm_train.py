@@ -1,0 +1,156 @@
+"""End-to-end runs of cm.py's trainer and CLI on small settings, and its errors on bad input."""
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cm
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(dataset="toy", channels=32, batch_size=64, log_every=5, ckpt_every=10, device="cpu")
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "cm.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("edm")
+    rows = cm.train(cm.Config(mode="edm", steps=30, out=str(out), **TINY))
+    assert "EDM Heun, 18 levels (35 NFE)" in rows and "data vs data (floor)" in rows
+    return out / "ckpt.pt"
+
+
+@pytest.mark.slow
+def test_edm_then_cd_then_ct_end_to_end(teacher, tmp_path):
+    assert (teacher.parent / "heun_000030.png").is_file()
+    state = torch.load(teacher, weights_only=True)
+    assert state["step"] == 30 and state["config"]["mode"] == "edm"
+    rows = cm.train(cm.Config(mode="cd", teacher=str(teacher), steps=20, out=str(tmp_path / "cd"), **TINY))
+    assert {"1-step", "2-step", "teacher Heun, 18 levels (35 NFE)"} <= set(rows)
+    rows = cm.train(cm.Config(mode="ct", steps=20, out=str(tmp_path / "ct"), **TINY))
+    assert all(np.isfinite(v) for v in rows.values())
+    for how in ("1-step", "2-step"):
+        assert (tmp_path / "ct" / f"{how}_000020.png").is_file()
+    lines = (tmp_path / "ct" / "log.jsonl").read_text().splitlines()
+    assert len(lines) >= 4 and all("loss" in ln for ln in lines)
+
+
+@pytest.mark.slow
+def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
+    cfg = dict(mode="ct", steps=20, **TINY)
+    cm.train(cm.Config(out=str(tmp_path / "a"), **cfg))
+    uninterrupted = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+
+    class Killed(Exception):
+        pass
+
+    real_save = cm.save_checkpoint
+
+    def save_then_die(path, state):  # the process dies right after its first checkpoint (step 10)
+        real_save(path, state)
+        raise Killed
+
+    monkeypatch.setattr(cm, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        cm.train(cm.Config(out=str(tmp_path / "b"), **cfg))
+    monkeypatch.setattr(cm, "save_checkpoint", real_save)
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 10
+    cm.train(cm.Config(out=str(tmp_path / "b"), resume=True, **cfg))
+    resumed = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == 20
+    for key in ("model", "target", "ema"):
+        for name, v in uninterrupted[key].items():
+            assert torch.equal(v, resumed[key][name]), (key, name)
+
+
+def test_sample_cli_writes_grids(teacher, tmp_path):
+    r = run_cli("--sample", str(teacher), "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "heun_000030.png").is_file()
+
+
+def test_import_has_no_side_effects(tmp_path):
+    r = subprocess.run([sys.executable, "-c", "import cm, os; print(sorted(os.listdir('.')))"],
+                       cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stdout.strip() == "[]" and r.stderr == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "cd", "--teacher", "no/such/teacher.pt", "--dataset", "toy"], "no checkpoint at"),
+    (["--mode", "cd", "--dataset", "toy"], "needs --teacher"),
+    (["--N", "1", "--dataset", "toy"], "N >= 2"),
+    (["--dataset", "mnist"], "unknown dataset"),
+    (["--metric", "cosine", "--dataset", "toy"], "unknown metric"),
+    (["--sample", "no/such.pt"], "no checkpoint at"),
+])
+def test_bad_input_gives_one_line_error(args, message, tmp_path):
+    r = run_cli(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode != 0
+    assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+
+
+def test_corrupt_and_foreign_checkpoints(teacher, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(teacher.read_bytes()[:1000])  # truncated
+    r = run_cli("--sample", str(bad), cwd=tmp_path)
+    assert r.returncode != 0 and "cannot read checkpoint" in r.stderr and r.stderr.count("\n") == 1
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    r = run_cli("--sample", str(foreign), cwd=tmp_path)
+    assert r.returncode != 0 and "not a cm.py checkpoint" in r.stderr
+    # a ct run cannot serve as a teacher
+    state = torch.load(teacher, weights_only=True)
+    state["config"]["mode"] = "ct"
+    torch.save(state, tmp_path / "ct.pt")
+    r = run_cli("--mode", "cd", "--dataset", "toy", "--teacher", str(tmp_path / "ct.pt"), "--out",
+                str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode != 0 and "must be an edm checkpoint" in r.stderr
+
+
+def test_nan_loss_stops_with_one_line(tmp_path):
+    cm.train(cm.Config(mode="ct", steps=10, out=str(tmp_path), **TINY))
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    r = run_cli("--mode", "ct", "--dataset", "toy", "--channels", "32", "--steps", "30", "--lr", "1e30",
+                "--batch-size", "64", "--out", str(tmp_path / "nan"), "--ckpt-every", "1000", cwd=tmp_path)
+    assert r.returncode != 0 and "loss is" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "nan" / "ckpt.pt").exists()  # nothing was written after the NaN
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+def write_cifar10(root: Path, n: int = 10) -> np.ndarray:
+    """A tiny CIFAR-10 in torchvision's on-disk format: pickled dicts of (N, 3072) uint8 rows."""
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    batches = []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        batches.append(data)
+        with open(d / name, "wb") as fh:
+            pickle.dump({"data": data, "labels": list(rng.integers(0, 10, n))}, fh)
+    with open(d / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, fh)
+    return np.concatenate(batches[:5])
+
+
+def test_cifar10_loader_reads_the_real_format(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as tv_cifar
+    raw = write_cifar10(tmp_path)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)  # the md5s of the real files
+    x = cm.load_cifar10(tmp_path, download=False)
+    assert x.shape == (50, 3, 32, 32)
+    expected = torch.from_numpy(raw.reshape(50, 3, 32, 32)).float() / 127.5 - 1  # rows are R, G, B planes
+    assert torch.equal(x, expected)
+
+
+def test_cifar10_missing_fails_fast_with_one_line(tmp_path):
+    r = run_cli("--dataset", "cifar10", "--data-dir", str(tmp_path / "nothing"), "--metric", "l2",
+                "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode != 0 and "cifar-10-python.tar.gz" in r.stderr and r.stderr.count("\n") == 1
