@@ -232,124 +232,120 @@ class ConsistencyFunction(nn.Module):
 
 
 def timestep_embedding(c_noise: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
-    """Sinusoidal embedding of the scalar c_noise, (B,) -> (B, dim)."""
-    half = torch.arange(dim // 2, device=c_noise.device, dtype=c_noise.dtype)
-    args = c_noise[:, None] * torch.exp(-math.log(max_period) * half / (dim // 2))[None] * 100  # c_noise = ln(t)/4 spans ~[-1.6, 1.1]: widen it
+    """Sinusoidal embedding of the scalar c_noise, (B,) -> (B, dim). c_noise = ln(t)/4 only spans
+    about [-1.6, 1.1], so it is scaled by 100 first (frequencies 100 down to 0.01)."""
+    half = torch.arange(dim // 2, device=c_noise.device, dtype=c_noise.dtype) / (dim // 2)
+    args = 100 * c_noise[:, None] * torch.exp(-math.log(max_period) * half)[None]  # (B, dim/2)
     return torch.cat([args.cos(), args.sin()], dim=1)
 
 
+class Embedding(nn.Module):
+    """c_noise (and an optional class label) -> a vector that conditions every block."""
+
+    def __init__(self, dim: int, num_classes: int = 0):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.label = nn.Embedding(num_classes, dim) if num_classes else None
+
+    def forward(self, c_noise: Tensor, class_labels: Tensor | None) -> Tensor:
+        emb = self.mlp(timestep_embedding(c_noise, self.mlp[0].in_features))
+        if (self.label is None) != (class_labels is None):
+            raise ValueError("pass class_labels exactly when the network has num_classes > 0")
+        return emb if self.label is None else emb + self.label(class_labels)
+
+
 class MLP(nn.Module):
-    """Residual MLP for 2-D data: the time embedding is added in every block."""
+    """Residual MLP for 2-D data; the embedding is added at the input of every block."""
 
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, num_classes: int = 0,
                  dropout: float = 0.0):
         super().__init__()
-        self.hidden = hidden
-        self.emb = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.label_emb = nn.Embedding(num_classes, hidden) if num_classes else None
-        self.inp = nn.Linear(dim, hidden)
+        self.emb, self.inp = Embedding(hidden, num_classes), nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                                   nn.Dropout(dropout), nn.Linear(hidden, hidden))
                                     for _ in range(depth))
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        emb = self.emb(timestep_embedding(c_noise, self.hidden))  # (B, hidden)
-        if self.label_emb is not None:
-            emb = emb + self.label_emb(class_labels)
-        h = self.inp(x)
+        emb, h = self.emb(c_noise, class_labels), self.inp(x)  # (B, hidden) each
         for block in self.blocks:
             h = h + block(h + emb)
         return self.out(h)
 
 
-class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float):
+class Block(nn.Module):
+    """Residual block (GroupNorm, SiLU, 3x3 conv, + embedding, again), then optional self-attention."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, attention: bool, dropout: float):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(min(32, cin // 4), cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, cout)
-        self.norm2, self.conv2 = nn.GroupNorm(min(32, cout // 4), cout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.dropout = nn.Dropout(dropout)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        norm = lambda c: nn.GroupNorm(min(32, c // 4), c)
+        self.res = nn.Sequential(norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.out = nn.Sequential(norm(cout), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1))
+        self.emb, self.skip = nn.Linear(emb_dim, cout), nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.attn = nn.ModuleList([norm(cout), nn.Conv2d(cout, 3 * cout, 1), nn.Conv2d(cout, cout, 1)]
+                                  ) if attention else None
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(emb)[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return (self.skip(x) + h) / math.sqrt(2)
+        h = (self.skip(x) + self.out(self.res(x) + self.emb(emb)[:, :, None, None])) / math.sqrt(2)
+        if self.attn is None:
+            return h
+        B, C, H, W = h.shape
+        norm, qkv, proj = self.attn
+        heads = max(C // 32, 1)  # 32 channels per head
+        q, k, v = qkv(norm(h)).reshape(B, 3, heads, C // heads, H * W).transpose(-1, -2).unbind(1)
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
+        return (h + proj(a.transpose(-1, -2).reshape(B, C, H, W))) / math.sqrt(2)
 
 
-class Attention(nn.Module):
-    def __init__(self, channels: int, head_dim: int = 32):
+class Resample(nn.Module):
+    """Halve (strided 3x3 conv) or double (nearest, then 3x3 conv) the resolution."""
+
+    def __init__(self, c: int, up: bool):
         super().__init__()
-        self.heads = max(channels // head_dim, 1)
-        self.norm = nn.GroupNorm(min(32, channels // 4), channels)
-        self.qkv, self.proj = nn.Conv2d(channels, 3 * channels, 1), nn.Conv2d(channels, channels, 1)
+        self.up, self.conv = up, nn.Conv2d(c, c, 3, stride=1 if up else 2, padding=1)
 
-    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
-        B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
-        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        h = h.transpose(-1, -2).reshape(B, C, H, W)  # (B, C, H, W)
-        return (x + self.proj(h)) / math.sqrt(2)
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else x)
 
 
 class UNet(nn.Module):
-    """A small DDPM-style UNet: residual blocks, attention at the two lowest resolutions."""
+    """A small DDPM-style UNet with skip connections and attention at the two lowest resolutions."""
 
     def __init__(self, in_ch: int = 1, ch: int = 32, mult: Sequence[int] = (1, 2, 2), blocks: int = 2,
                  resolution: int = 8, num_classes: int = 0, dropout: float = 0.0):
         super().__init__()
-        self.ch, emb_dim = ch, 4 * ch
-        self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.label_emb = nn.Embedding(num_classes, emb_dim) if num_classes else None
-        self.inp = nn.Conv2d(in_ch, ch, 3, padding=1)
-        attn_res = {resolution >> (len(mult) - 1), resolution >> (len(mult) - 2)}
-        self.down, chans, c, res = nn.ModuleList(), [ch], ch, resolution
+        self.emb, self.inp = Embedding(4 * ch, num_classes), nn.Conv2d(in_ch, ch, 3, padding=1)
+        attn = {resolution >> (len(mult) - 1), resolution >> max(len(mult) - 2, 0)}
+        self.enc, self.dec, skips, c, res = nn.ModuleList(), nn.ModuleList(), [ch], ch, resolution
         for level, m in enumerate(mult):
-            for _ in range(blocks):
-                self.down.append(nn.ModuleList([ResBlock(c, ch * m, emb_dim, dropout)]
-                                                + ([Attention(ch * m)] if res in attn_res else [])))
-                c = ch * m
-                chans.append(c)
-            if level < len(mult) - 1:
-                self.down.append(nn.ModuleList([nn.Conv2d(c, c, 3, stride=2, padding=1)]))
-                chans.append(c)
+            if level:
+                self.enc.append(Resample(c, up=False))
+                skips.append(c)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout), Attention(c),
-                                  ResBlock(c, c, emb_dim, dropout)])
-        self.up = nn.ModuleList()
+            for _ in range(blocks):
+                self.enc.append(Block(c, ch * m, 4 * ch, res in attn, dropout))
+                c = ch * m
+                skips.append(c)
+        self.mid = Block(c, c, 4 * ch, True, dropout)
         for level, m in reversed(list(enumerate(mult))):
             for _ in range(blocks + 1):
-                self.up.append(nn.ModuleList([ResBlock(c + chans.pop(), ch * m, emb_dim, dropout)]
-                                              + ([Attention(ch * m)] if res in attn_res else [])))
+                self.dec.append(Block(c + skips.pop(), ch * m, 4 * ch, res in attn, dropout))
                 c = ch * m
-            if level > 0:
-                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1)]))
+            if level:
+                self.dec.append(Resample(c, up=True))
                 res *= 2
         self.out = nn.Sequential(nn.GroupNorm(min(32, c // 4), c), nn.SiLU(), nn.Conv2d(c, in_ch, 3, padding=1))
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        emb = self.emb(timestep_embedding(c_noise, self.ch))  # (B, 4ch)
-        if self.label_emb is not None:
-            emb = emb + self.label_emb(class_labels)
-        h = self.inp(x)
+        emb, h = self.emb(c_noise, class_labels), self.inp(x)  # (B, 4ch), (B, ch, H, W)
         skips = [h]
-        for layers in self.down:
-            h = _run(layers, h, emb)
+        for layer in self.enc:
+            h = layer(h, emb)
             skips.append(h)
-        h = _run(self.mid, h, emb)
-        for layers in self.up:
-            if isinstance(layers[0], ResBlock):
-                h = torch.cat([h, skips.pop()], dim=1)
-            h = _run(layers, h, emb)
+        h = self.mid(h, emb)
+        for layer in self.dec:
+            h = layer(torch.cat([h, skips.pop()], 1) if isinstance(layer, Block) else h, emb)
         return self.out(h)
-
-
-def _run(layers: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:
-    for layer in layers:
-        h = layer(h, emb) if isinstance(layer, (ResBlock, Attention)) else layer(h)
-    return h
 
 
 # ----------------------------------------------------------------------------------------------
