@@ -1,0 +1,385 @@
+"""Named runs of the paper as typed dataclasses, and a typed `section.field=value` override parser.
+
+    python -m full.train --preset cifar10-cd-lpips opt.lr=2e-4 run.out='runs/x' --print-config
+
+A `RunConfig` has one section per concern: `net` (NCSNppConfig or ADMConfig from full/networks.py),
+`cm` (the math of cm.py), `opt` (optimiser, batch, steps, precision), `ema` (evaluation EMA rates),
+`data` (full/data.py), `run` (folders, intervals, seed, teacher). Each paper run is one preset, with the
+hyperparameters of [CM Tab. 3] (CM) and [EDM Tab. 7 / training configs] (teachers); where the official
+launch scripts (openai/consistency_models scripts/launch.sh) differ, a comment says so. The `tiny-*`
+presets run on a laptop CPU in seconds (8x8 digits, ~0.1M-parameter networks) for tests and smoke runs.
+
+References
+    [CM]  Song, Dhariwal, Chen, Sutskever. Consistency Models. arXiv:2303.01469v2 (Tab. 3, App. C).
+    [EDM] Karras, Aittala, Aila, Laine. Elucidating the Design Space of Diffusion-Based Generative
+          Models. arXiv:2206.00364 (App. F: training configurations).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from cm import CMError
+from full.networks import ADMConfig, NCSNppConfig
+
+NET_CONFIGS: dict[str, type] = {"ncsnpp": NCSNppConfig, "adm": ADMConfig}
+
+
+def _ema_beta(batch: int, halflife_images: float) -> float:
+    """EDM's EMA rate from a half-life in images: β = 0.5^(batch / halflife).  [EDM App. F.1]"""
+    return 0.5 ** (batch / halflife_images)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class CMSection:
+    """The math [CM Sec. 4-5, App. C]; names as in cm.py."""
+
+    mode: str = "ct"                  # ct | cd | edm (the teacher's own denoising score matching)
+    sigma_min: float = 0.002          # ε
+    sigma_max: float = 80.0           # T
+    sigma_data: float = 0.5           # σ_data of the scalings
+    rho: float = 7.0                  # Karras grid exponent
+    noise_cond: str = "edm"           # c_noise: edm = ln(t)/4 (NCSN++) | adm = 1000 ln(t + 1e-44)/4 (ADM)
+    N: int = 18                       # cd: grid points (Heun teacher steps between neighbours)
+    mu: float = 0.0                   # cd: constant target EMA rate μ
+    s0: int = 2                       # ct: N(0) = s0
+    s1: int = 150                     # ct: N(K) = s1 + 1
+    mu0: float = 0.9                  # ct: μ(0) = μ0
+    metric: str = "lpips"             # l2 | l1 | pseudo_huber | lpips (cm.METRICS)
+    lpips_pretrained: bool = True     # False: random VGG (offline tests only; never for real runs)
+    P_mean: float = -1.2              # edm: ln t ~ N(P_mean, P_std²)  [EDM Tab. 1]
+    P_std: float = 1.2
+
+
+@dataclass
+class OptSection:
+    """Optimiser and batch. The global batch splits into per-GPU batch x accumulation rounds."""
+
+    optimizer: str = "radam"          # radam (CM) | adam (EDM teachers)
+    lr: float = 4e-4                  # learning rate
+    betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup: int = 0                   # linear learning-rate ramp over this many steps (EDM: 10 Mimg)
+    grad_clip: float = 0.0            # max gradient norm; 0 = none (as the official runs)
+    batch: int = 512                  # global batch (all GPUs, all accumulation rounds)
+    microbatch: int = 0               # per-GPU batch of one round; 0 = batch / world (no accumulation)
+    steps: int = 800_000              # total training steps K
+    precision: str = "bf16"           # bf16 | fp16 (autocast + GradScaler) | fp32; only F is autocast
+
+
+@dataclass
+class EMASection:
+    """Evaluation EMAs (never the target θ⁻): one averaged copy of θ per rate."""
+
+    rates: tuple[float, ...] = (0.9999,)
+    warmup: bool = False              # rate min(r, (1+k)/(10+k)) as cm.py (short runs); official: no
+
+
+@dataclass
+class DataSection:
+    """full/data.py's make_dataset / make_loader arguments."""
+
+    name: str = "cifar10"             # cifar10 | imagenet64 | folder | digits
+    root: str = "data/cifar10"        # where the files are
+    resolution: int = 0               # 0 = native size (folder: required)
+    random_flip: bool = True          # horizontal flips (both official code bases flip)
+    class_cond: bool = False          # feed labels to the network
+    download: bool = False            # cifar10: let torchvision download it
+    num_workers: int = 2              # DataLoader workers per rank
+
+
+@dataclass
+class RunSection:
+    """Folders, intervals, seeds and the CD teacher."""
+
+    out: str = ""                     # run folder; '' = runs/<preset>
+    seed: int = 0                     # init, noise, data order and dropout all derive from it
+    device: str = ""                  # '' = cuda if available else cpu
+    resume: bool | str = "auto"       # auto: resume if the run folder has a checkpoint | True | False
+    ckpt_every: int = 10_000          # steps between resume checkpoints (and one at the end)
+    keep_last: int = 3                # resume checkpoints kept
+    log_every: int = 100              # steps between log.jsonl lines
+    sample_every: int = 10_000        # steps between PNG grids (0 = only at the end)
+    sample_num: int = 64              # images per grid
+    ts: tuple[int, ...] = (0, 11, 17)  # two-step grid levels, official index convention (cm.ts_to_sigmas)
+    ts_grid: int = 18                 # the grid size the ts indices refer to
+    teacher: str = ""                 # cd: a full/ checkpoint (resume or export) of an edm run
+    init_from_teacher: bool = True    # cd: θ starts from the teacher's weights (as the official CD runs)
+
+
+@dataclass
+class RunConfig:
+    """One training run. `arch` names the type of `net` (it is derived; asdict keeps it for reloading)."""
+
+    preset: str = ""
+    net: NCSNppConfig | ADMConfig = field(default_factory=NCSNppConfig)
+    cm: CMSection = field(default_factory=CMSection)
+    opt: OptSection = field(default_factory=OptSection)
+    ema: EMASection = field(default_factory=EMASection)
+    data: DataSection = field(default_factory=DataSection)
+    run: RunSection = field(default_factory=RunSection)
+    arch: str = ""
+
+    def __post_init__(self):
+        self.arch = next(k for k, v in NET_CONFIGS.items() if isinstance(self.net, v))
+        validate(self)
+
+    @property
+    def out(self) -> str:
+        """The run folder: run.out, else runs/<preset>."""
+        return self.run.out or f"runs/{self.preset or 'run'}"
+
+
+CHOICES = {("cm", "mode"): ("ct", "cd", "edm"), ("cm", "noise_cond"): ("edm", "adm"),
+           ("cm", "metric"): ("l2", "l1", "pseudo_huber", "lpips"), ("opt", "optimizer"): ("radam", "adam"),
+           ("opt", "precision"): ("bf16", "fp16", "fp32"),
+           ("data", "name"): ("cifar10", "imagenet64", "folder", "digits")}
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range and choice checks; each failure is a one-line ValueError."""
+    for (sec, name), valid in CHOICES.items():
+        if getattr(getattr(cfg, sec), name) not in valid:
+            raise ValueError(f"{sec}.{name}={getattr(getattr(cfg, sec), name)!r} is not one of "
+                             f"{', '.join(valid)}")
+    c, o, r = cfg.cm, cfg.opt, cfg.run
+    if r.resume not in (True, False, "auto"):
+        raise ValueError(f"run.resume must be True, False or 'auto', got {r.resume!r}")
+    if not 0 < c.sigma_min < c.sigma_max:
+        raise ValueError("need 0 < cm.sigma_min < cm.sigma_max")
+    if c.N < 2 or c.s0 < 2 or c.s1 < c.s0:
+        raise ValueError(f"need cm.N >= 2 and 2 <= cm.s0 <= cm.s1 (got {c.N}, {c.s0}, {c.s1})")
+    if not (0 <= c.mu < 1 and 0 < c.mu0 < 1 and all(0 <= e < 1 for e in cfg.ema.rates) and cfg.ema.rates):
+        raise ValueError("need 0 <= cm.mu < 1, 0 < cm.mu0 < 1 and at least one ema rate in [0, 1)")
+    if o.batch < 1 or o.microbatch < 0 or o.steps < 1 or o.lr <= 0:
+        raise ValueError("need opt.batch >= 1, opt.microbatch >= 0, opt.steps >= 1, opt.lr > 0")
+    if min(r.ckpt_every, r.keep_last, r.log_every, r.sample_num) < 1 or r.sample_every < 0:
+        raise ValueError("need run.ckpt_every, keep_last, log_every, sample_num >= 1, sample_every >= 0")
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets: one per paper run [CM Tab. 3], the EDM teachers, and CPU-sized tiny runs
+
+
+def _cifar10(mode: str, **cm) -> RunConfig:
+    """CIFAR-10, NCSN++ ~56M, RAdam lr 4e-4, batch 512, 800k steps, eval EMA 0.9999.  [CM Tab. 3]"""
+    return RunConfig(net=NCSNppConfig.cifar10(), cm=CMSection(mode=mode, **cm),
+                     opt=OptSection("radam", 4e-4, batch=512, steps=800_000), ema=EMASection((0.9999,)),
+                     data=DataSection("cifar10", "data/cifar10"), run=RunSection(ts=(0, 11, 17), ts_grid=18))
+
+
+# ImageNet-64 / LSUN-256 (ADM). The official scripts keep three eval EMAs; 0.9999432189950708 is
+# EDM's half-life of 50 Mimg at batch 4096, the rate [CM Tab. 3] quotes as 0.999943.
+_ADM_EMAS = (0.999, 0.9999, 0.9999432189950708)
+
+
+def _imagenet64(mode: str, lr: float, steps: int, **cm) -> RunConfig:
+    """ImageNet-64 (class-conditional), ADM ~296M, batch 2048, c_noise of the ADM code.  [CM Tab. 3]"""
+    return RunConfig(net=ADMConfig.imagenet64(), cm=CMSection(mode=mode, noise_cond="adm", **cm),
+                     opt=OptSection("radam", lr, batch=2048, steps=steps), ema=EMASection(_ADM_EMAS),
+                     data=DataSection("imagenet64", "data/imagenet64", class_cond=True),
+                     run=RunSection(ts=(0, 22, 39), ts_grid=40))
+
+
+def _lsun256(mode: str, steps: int, **cm) -> RunConfig:
+    """LSUN-256 bedroom or cat (the same recipe; point data.root at either), ADM ~526M.  [CM Tab. 3]
+
+    Paper: batch 2048, lr 1e-5. The launch scripts use batch 256 (and lr 5e-5 for CT)."""
+    return RunConfig(net=ADMConfig.lsun256(), cm=CMSection(mode=mode, noise_cond="adm", **cm),
+                     opt=OptSection("radam", 1e-5, batch=2048, steps=steps),
+                     ema=EMASection((0.9999, 0.99994, 0.9999432189950708)),
+                     data=DataSection("folder", "data/lsun_bedroom", resolution=256),
+                     run=RunSection(ts=(0, 22, 39), ts_grid=40))
+
+
+def _tiny(mode: str, **cm) -> RunConfig:
+    """8x8 digits, tiny NCSN++ (~0.1M), batch 32, l2, fp32: a few seconds on a CPU."""
+    net = dataclasses.replace(NCSNppConfig.tiny(8), in_channels=1, out_channels=1)
+    return RunConfig(net=net, cm=CMSection(mode=mode, metric="l2", **cm),
+                     opt=OptSection("adam" if mode == "edm" else "radam", 1e-3 if mode == "edm" else 2e-4,
+                                    batch=32, steps=20, precision="fp32"),
+                     ema=EMASection((0.99, 0.999), warmup=True),
+                     data=DataSection("digits", "", random_flip=False, num_workers=0),
+                     run=RunSection(ckpt_every=10, keep_last=2, log_every=5, sample_every=0, sample_num=16,
+                                    ts=(0, 8, 17), ts_grid=18))
+
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {
+    # EDM teacher for CIFAR-10 CD: NCSN++ (VE), dropout 0.13, Adam lr 1e-3 with a 10 Mimg ramp, batch 512,
+    # 200 Mimg = 390,625 steps, EMA half-life 0.5 Mimg. [EDM App. F.1] (EDM's non-leaky augmentation
+    # is not implemented.)
+    "cifar10-edm": lambda: dataclasses.replace(
+        _cifar10("edm"), net=NCSNppConfig.cifar10(dropout=0.13),
+        opt=OptSection("adam", 1e-3, warmup=19_531, batch=512, steps=390_625),
+        ema=EMASection((_ema_beta(512, 5e5),))),
+    "cifar10-cd-lpips": lambda: _cifar10("cd", N=18, mu=0.0, metric="lpips"),
+    "cifar10-cd-l2": lambda: _cifar10("cd", N=18, mu=0.0, metric="l2"),
+    "cifar10-ct": lambda: _cifar10("ct", s0=2, s1=150, mu0=0.9, metric="lpips"),
+    # EDM's ImageNet-64 ADM teacher: dropout 0.1, Adam lr 2e-4, batch 4096, 2500 Mimg, EMA half-life 50 Mimg.
+    "imagenet64-edm": lambda: dataclasses.replace(
+        _imagenet64("edm", 2e-4, 610_352), net=ADMConfig.imagenet64(dropout=0.1),
+        opt=OptSection("adam", 2e-4, warmup=2_441, batch=4096, steps=610_352),
+        ema=EMASection((_ema_beta(4096, 5e7),))),
+    "imagenet64-cd-lpips": lambda: _imagenet64("cd", 8e-6, 600_000, N=40, mu=0.95, metric="lpips"),
+    "imagenet64-cd-l2": lambda: _imagenet64("cd", 8e-6, 600_000, N=40, mu=0.95, metric="l2"),
+    # Paper lr 8e-6; the launch script uses 1e-4.
+    "imagenet64-ct": lambda: _imagenet64("ct", 8e-6, 800_000, s0=2, s1=200, mu0=0.95, metric="lpips"),
+    "lsun256-cd-lpips": lambda: _lsun256("cd", 600_000, N=40, mu=0.95, metric="lpips"),
+    "lsun256-ct": lambda: _lsun256("ct", 1_000_000, s0=2, s1=150, mu0=0.95, metric="lpips"),
+    "tiny-edm": lambda: _tiny("edm"),
+    "tiny-cd": lambda: _tiny("cd", N=18, mu=0.0),
+    "tiny-ct": lambda: _tiny("ct", s0=2, s1=20, mu0=0.9),
+    # Class-conditional path (ADM, labels 0..9) at CPU size.
+    "tiny-ct-adm": lambda: dataclasses.replace(
+        _tiny("ct", s0=2, s1=20, mu0=0.9),
+        net=dataclasses.replace(ADMConfig.tiny(8, num_classes=10), in_channels=1, out_channels=1),
+        cm=CMSection("ct", noise_cond="adm", s0=2, s1=20, mu0=0.9, metric="l2"),
+        data=DataSection("digits", "", random_flip=False, class_cond=True, num_workers=0)),
+}
+
+
+def get_preset(name: str) -> RunConfig:
+    """The preset `name`, its `preset` field filled in."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name](), preset=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Typed overrides: section.field=value, value parsed by ast.literal_eval
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_type_ok(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_type_ok(v, args[0]) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    if typing.get_origin(tp) is tuple and isinstance(value, list):
+        value = tuple(value)
+    if typing.get_origin(tp) is tuple and not isinstance(value, tuple):
+        value = (value,)  # ema.rates=0.999 means (0.999,)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if typing.get_origin(tp) is tuple and typing.get_args(tp)[0] is float:
+        value = tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value)
+    return value
+
+
+def apply_override(cfg: RunConfig, item: str) -> RunConfig:
+    """Set one `section.field=value` (a leading `--` is allowed); wrong names or types -> ValueError."""
+    key, sep, text = item.removeprefix("--").partition("=")
+    sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    sec, _, name = key.partition(".")
+    if not sep or sec not in sections or not name:
+        raise ValueError(f"bad override {item!r}: expected section.field=value with section one of "
+                         f"{', '.join(sections)}")
+    obj = getattr(cfg, sec)
+    hints = typing.get_type_hints(type(obj))
+    if name not in hints:
+        raise ValueError(f"unknown field {sec}.{name}; valid fields: {', '.join(hints)}")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text  # a bare word: only valid for str fields
+    value = _coerce(value, hints[name])
+    if not _type_ok(value, hints[name]):
+        raise ValueError(f"{sec}.{name}={text!r} has the wrong type: expected {_type_name(hints[name])}")
+    new = dataclasses.replace(obj, **{name: value}) if not isinstance(obj, (NCSNppConfig, ADMConfig)) \
+        else _replace_net(obj, name, value)
+    return dataclasses.replace(cfg, **{sec: new})
+
+
+def _replace_net(net, name: str, value):
+    try:
+        return dataclasses.replace(net, **{name: value})
+    except AssertionError as e:  # the network configs check themselves with asserts
+        raise ValueError(f"net.{name}={value!r}: {e}") from None
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def resolve(preset: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """The preset with the overrides applied in order (then validated again)."""
+    cfg = get_preset(preset)
+    for item in overrides:
+        cfg = apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    """Rebuild a RunConfig from `dataclasses.asdict(cfg)` (as stored in checkpoints)."""
+    try:
+        net_cls = NET_CONFIGS[d["arch"]]
+        sections = {f.name: f for f in dataclasses.fields(RunConfig)}
+        kw = {}
+        for name, value in d.items():
+            if name == "net":
+                kw[name] = _from_dict(net_cls, value)
+            elif name in ("preset", "arch"):
+                kw[name] = value
+            elif name in sections:
+                kw[name] = _from_dict(type(getattr(RunConfig(), name)), value)
+        return RunConfig(**kw)
+    except (KeyError, TypeError, ValueError, AssertionError) as e:
+        raise CMError(f"the stored config does not match this code ({type(e).__name__}: {e})") from None
+
+
+def _from_dict(cls: type, d: dict):
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(v, hints[k]) for k, v in d.items()})
+
+
+def to_json(cfg: RunConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=1)
+
+
+class CLIParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line `error: ...` with exit status 2."""
+
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """List the presets (or print one resolved)."""
+    p = CLIParser(description=main.__doc__)
+    p.add_argument("--preset", default=None)
+    args, rest = p.parse_known_args(argv)
+    try:
+        if args.preset is None:
+            for name in PRESETS:
+                c = get_preset(name)
+                print(f"{name:20s} {c.arch:7s} {c.cm.mode:4s} batch {c.opt.batch:5d} lr {c.opt.lr:<8g} "
+                      f"steps {c.opt.steps}")
+            return
+        print(to_json(resolve(args.preset, rest)))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""python -m full.sample --checkpoint PATH --num N: one-step or multistep samples as a PNG grid and an .npz.
+
+    python -m full.sample --checkpoint runs/cifar10-cd-lpips/export.pt --num 50000 --batch 500
+    python -m full.sample --checkpoint runs/cifar10-cd-lpips/export.pt --num 64 --ts 0,11,17 --grid-steps 18
+    torchrun --standalone --nproc_per_node=8 -m full.sample --checkpoint ... --num 50000
+    python -m full.sample --checkpoint ... --edit inpaint --reference img.png --mask mask.png
+
+Samplers [CM Alg. 1]. One step: x = f(T z, T) (cm.sample_onestep). Multistep: the descending levels
+τ_1 > τ_2 > ... of cm.sample_multistep; `--ts` takes them in the official index convention (ascending
+indices into a `--grid-steps`-point grid counted from T, e.g. 0,11,17 of 18; cm.ts_to_sigmas), `--sigmas`
+as numbers. An edm checkpoint is a denoiser; it samples with EDM's Heun sampler (cm.sample_heun).
+
+Seeds. Sample i draws everything (its class label, z, and the re-noising z' of every multistep level)
+from torch.Generator().manual_seed(seed + i) on the CPU, so images do not depend on the batch size, the
+device count or the rank that draws them (EDM's per-seed idea). Under torchrun rank r draws i = r, r+W, ...
+and rank 0 gathers and writes `<out>/samples.png` (the first 64) and `<out>/samples.npz` (arr_0 uint8
+(N, H, W, C), arr_1 int64 labels when class-conditional), the format FID tools read.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cm import CMError, sample_heun, sample_multistep, sample_onestep, ts_to_sigmas
+from full import checkpoints, dist
+from full.presets import CLIParser
+
+
+def per_sample_noise(indices: Iterable[int], shape: Sequence[int], levels: int, seed: int,
+                     num_classes: int = 0) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    """z (B, *shape), the re-noising z' of each later level, and labels, all from seed + i per sample i."""
+    zs, extra, labels = [], [], []
+    for i in indices:
+        g = torch.Generator().manual_seed(seed + int(i))
+        if num_classes:
+            labels.append(torch.randint(num_classes, (1,), generator=g))
+        zs.append(torch.randn(*shape, generator=g))
+        extra.append([torch.randn(*shape, generator=g) for _ in range(levels - 1)])
+    noises = [torch.stack([e[j] for e in extra]) for j in range(levels - 1)]
+    return torch.stack(zs), noises, (torch.cat(labels) if num_classes else None)
+
+
+@torch.no_grad()
+def generate(f, cfg, shape: Sequence[int], indices: Iterable[int], levels: Sequence[float] | None,
+             seed: int = 0, heun: bool = False, class_labels: Sequence[int] | None = None,
+             batch: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Samples `indices` in [-1, 1] (B, C, H, W) on the CPU, and their labels (None if unconditional).
+
+    levels: descending τ's for cm.sample_multistep ([T] = one step); heun: EDM's sampler with
+    cfg.run.ts_grid levels (for a denoiser). class_labels: label i is class_labels[i % len]."""
+    indices = list(indices)
+    dev = next(f.parameters()).device
+    k = cfg.net.num_classes if cfg.data.class_cond else 0
+    c = cfg.cm
+    xs, ys = [], []
+    for s in range(0, len(indices), batch):
+        idx = indices[s:s + batch]
+        z, noises, y = per_sample_noise(idx, shape, 1 if heun else len(levels), seed, k)
+        if k and class_labels:
+            y = torch.tensor([class_labels[i % len(class_labels)] for i in idx])
+        fy = (lambda x, t: f(x, t, y.to(dev))) if y is not None else f
+        z = z.to(dev)
+        if heun:
+            x = sample_heun(fy, z, cfg.run.ts_grid, c.sigma_min, c.sigma_max, c.rho)
+        elif len(levels) == 1 and levels[0] == c.sigma_max:
+            x = sample_onestep(fy, z, c.sigma_max)
+        else:
+            x = sample_multistep(fy, z, levels, c.sigma_min, noises=[n.to(dev) for n in noises])
+        xs.append(x.float().cpu())
+        ys.append(y)
+    return torch.cat(xs), (torch.cat(ys) if k else None)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (B, C, H, W) -> uint8 (B, H, W, C), rounding (v + 1) 127.5."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """A PNG grid of images in [-1, 1]; tiny images are upscaled (nearest) to 32 pixels."""
+    import torchvision
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = (x.float().clamp(-1, 1) + 1) / 2
+    if x.shape[-1] < 32:
+        x = F.interpolate(x, scale_factor=32 // x.shape[-1], mode="nearest")
+    torchvision.utils.save_image(x, path, nrow=nrow or max(1, int(math.sqrt(len(x)))), padding=2, pad_value=1)
+    return path
+
+
+def levels_from_args(ts: str, sigmas: str, grid_steps: int, cfg) -> list[float]:
+    """--ts (official indices of a grid_steps grid) or --sigmas (descending numbers); default [T]."""
+    c = cfg.cm
+    if ts and sigmas:
+        raise ValueError("give --ts or --sigmas, not both")
+    if ts:
+        return ts_to_sigmas([int(i) for i in ts.split(",")], grid_steps, c.sigma_min, c.sigma_max, c.rho)
+    if sigmas:
+        levels = [float(s) for s in sigmas.split(",")]
+        if any(a <= b for a, b in zip(levels, levels[1:])) or levels[-1] <= c.sigma_min:
+            raise ValueError(f"--sigmas must descend and stay above sigma_min={c.sigma_min}, got {levels}")
+        return levels
+    return [c.sigma_max]
+
+
+def load_reference(path: str, shape: Sequence[int]) -> torch.Tensor:
+    """An image (PNG/JPG) or an .npz (arr_0 uint8 NHWC) -> (B, C, H, W) in [-1, 1]."""
+    p = Path(path)
+    if not p.is_file():
+        raise CMError(f"no reference at {p}")
+    if p.suffix == ".npz":
+        with np.load(p) as z:
+            arr = np.asarray(z["arr_0"], dtype=np.uint8)
+    else:
+        from PIL import Image
+        with Image.open(p) as img:
+            arr = np.asarray(img.convert("L" if shape[0] == 1 else "RGB").resize(shape[1:][::-1]))[None]
+    arr = arr[..., None] if arr.ndim == 3 else arr
+    return torch.from_numpy(arr.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def load_mask(path: str, shape: Sequence[int]) -> torch.Tensor:
+    """A PNG mask (white = known pixel) -> (1, 1, H, W) float in {0, 1}."""
+    from PIL import Image
+    with Image.open(path) as img:
+        m = np.asarray(img.convert("L").resize(shape[1:][::-1], Image.NEAREST)) > 127
+    return torch.from_numpy(m)[None, None].float()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = CLIParser(description="Sample from a full/ checkpoint (one step by default).")
+    p.add_argument("--checkpoint", required=True, help="a resume ckpt-*.pt or an export.pt")
+    p.add_argument("--num", type=int, default=64, help="number of samples")
+    p.add_argument("--ts", default="", help="multistep levels as official indices, e.g. 0,11,17")
+    p.add_argument("--grid-steps", type=int, default=18, help="grid size the --ts indices refer to")
+    p.add_argument("--sigmas", default="", help="multistep levels as numbers, descending, e.g. 80,0.8")
+    p.add_argument("--class-labels", default="", help="comma-separated labels, cycled (default: random)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--ema", type=float, default=None, help="EMA rate to load (default: the first)")
+    p.add_argument("--out", default="", help="output folder (default: next to the checkpoint)")
+    p.add_argument("--device", default="")
+    p.add_argument("--edit", default="", help="zero-shot edit: inpaint, colorize, superres, stroke, "
+                                              "interpolate, denoise (full/edit.py)")
+    p.add_argument("--reference", default="", help="--edit input: an image or an .npz")
+    p.add_argument("--mask", default="", help="--edit inpaint: PNG, white = known pixel")
+    args = p.parse_args(argv)
+    try:
+        if args.num < 1 or args.batch < 1:
+            raise ValueError("--num and --batch must be >= 1")
+        dev = dist.init(args.device)
+        state = checkpoints.load(args.checkpoint)
+        f, cfg = checkpoints.model_from_state(state, args.ema, args.checkpoint)
+        f = f.to(dev)
+        out = Path(args.out or Path(args.checkpoint).parent)
+        net = cfg.net
+        res = getattr(net, "img_resolution", None) or getattr(net, "image_size")
+        shape = (net.in_channels, res, res)
+        labels = [int(v) for v in args.class_labels.split(",")] if args.class_labels else None
+        if args.edit:
+            return run_edit_cli(args, f, cfg, shape, out)
+        heun = cfg.cm.mode == "edm"
+        levels = None if heun else levels_from_args(args.ts, args.sigmas, args.grid_steps, cfg)
+        mine = range(dist.rank(), args.num, dist.world())
+        x, y = generate(f, cfg, shape, mine, levels, args.seed, heun, labels, args.batch)
+        parts = dist.all_gather_object((list(mine), to_uint8(x), None if y is None else y.numpy()))
+        if dist.rank() == 0:
+            imgs = np.empty((args.num, *to_uint8(x[:1]).shape[1:]), dtype=np.uint8)
+            labs = np.zeros(args.num, dtype=np.int64)
+            for idx, arr, lab in parts:
+                imgs[idx] = arr
+                if lab is not None:
+                    labs[idx] = lab
+            out.mkdir(parents=True, exist_ok=True)
+            extra = {"arr_1": labs} if y is not None else {}
+            np.savez(out / "samples.npz", arr_0=imgs, **extra)
+            grid = torch.from_numpy(imgs[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            save_grid(grid, out / "samples.png")
+            how = "heun" if heun else f"{len(levels)}-step {[round(t, 4) for t in levels]}"
+            print(f"wrote {args.num} samples ({how}) to {out / 'samples.npz'} and {out / 'samples.png'}")
+    except (CMError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        dist.cleanup()
+
+
+def run_edit_cli(args, f, cfg, shape, out: Path) -> None:
+    """--edit TASK: full.edit.run_edit on the reference, per [CM Alg. 4]; writes edit-<task>.png/.npz."""
+    try:
+        from full.edit import run_edit
+    except ImportError as e:
+        raise CMError(f"--edit needs full/edit.py with run_edit ({e})") from None
+    if not args.reference:
+        raise ValueError("--edit needs --reference IMG_OR_NPZ")
+    ref = load_reference(args.reference, shape).to(next(f.parameters()).device)
+    mask = load_mask(args.mask, shape).to(ref.device) if args.mask else None
+    levels = (levels_from_args(args.ts, args.sigmas, args.grid_steps, cfg)
+              if args.ts or args.sigmas else None)
+    g = torch.Generator().manual_seed(args.seed)
+    x = run_edit(args.edit, f, ref, mask=mask, levels=levels, sigma_min=cfg.cm.sigma_min, generator=g).cpu()
+    if dist.rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez(out / f"edit-{args.edit}.npz", arr_0=to_uint8(x))
+        save_grid(torch.cat([ref.cpu()[:len(x)], x]) if len(ref) == len(x) else x, out / f"edit-{args.edit}.png",
+                  nrow=len(x))
+        print(f"wrote {out / f'edit-{args.edit}.png'}")
+
+
+if __name__ == "__main__":
+    main()

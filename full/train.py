@@ -1,0 +1,408 @@
+"""python -m full.train --preset NAME [section.field=value ...]: consistency training / distillation at scale.
+
+    python -m full.train --preset tiny-ct                                  # seconds, CPU
+    python -m full.train --preset cifar10-edm                              # the CD teacher [EDM]
+    python -m full.train --preset cifar10-cd-lpips run.teacher=runs/cifar10-edm/export.pt
+    torchrun --standalone --nproc_per_node=8 -m full.train --preset imagenet64-ct
+    python -m full.train --preset cifar10-ct --print-config
+
+Modes [CM Alg. 2, Alg. 3, App. C; EDM Sec. 5]. Every formula comes from cm.py:
+    ct   L = d(f_θ(x + t_{n+1} z, t_{n+1}), f_θ⁻(x + t_n z, t_n)), N(k) = cm.ct_num_steps, μ(k) = cm.ct_target_rate
+    cd   L = d(f_θ(x_{t_{n+1}}, t_{n+1}), f_θ⁻(x̂_{t_n}, t_n)), x̂ one Heun step of the teacher D_φ; N, μ fixed
+    edm  the teacher's own denoising score matching (cm.edm_loss)
+    θ⁻ ← μ θ⁻ + (1 - μ) θ (cm.ema_update) after every optimiser step; the evaluation EMAs likewise.
+
+Distributed. Under torchrun each rank takes opt.batch / world samples per step, in rounds of opt.microbatch
+(gradient accumulation; DDP all-reduces only in the last round). Rank 0 alone logs and writes files.
+
+Dropout. When the network has dropout, the online and target evaluations share their masks, as the
+official code intends: the first of the two calls records the CPU and CUDA RNG states and the second
+replays them under torch.random.fork_rng (the official code saved only the CPU state). The target then
+runs in train mode; the teacher and the evaluation EMAs always run in eval mode.
+
+Resume. ckpt-{step}.pt holds model, target, EMAs, optimiser, GradScaler, step, the CPU/CUDA RNG state of
+every rank and the data position, so a resumed run continues bit for bit on CPU (same world size).
+`run.resume='auto'` (default) resumes from the newest checkpoint of the run folder if there is one, which
+is what a torchrun --max-restarts restart needs. A non-finite loss stops the run before the optimiser
+step, without saving, naming the last good checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from cm import (METRICS, CMError, cd_loss, ct_loss, ct_num_steps, ct_target_rate, edm_loss, ema_update,
+                karras_sigmas, ts_to_sigmas)
+from full import checkpoints, dist
+from full.data import DatasetError, make_dataset, make_loader
+from full.model import has_dropout, make_model
+from full.presets import CLIParser, RunConfig, resolve, to_json
+
+
+class NonFiniteLoss(CMError):
+    """The loss became NaN or inf; training stops without saving."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces
+
+
+def split_batch(batch: int, world: int, microbatch: int = 0) -> tuple[int, int, int]:
+    """Global batch -> (per-rank batch, microbatch, accumulation rounds), with a one-line error."""
+    if batch % world:
+        raise CMError(f"opt.batch={batch} does not divide over {world} processes")
+    per_rank = batch // world
+    micro = microbatch or per_rank
+    if per_rank % micro:
+        raise CMError(f"opt.microbatch={micro} does not divide the per-process batch {per_rank} "
+                      f"(opt.batch={batch} over {world} processes)")
+    return per_rank, micro, per_rank // micro
+
+
+def curriculum(cfg: RunConfig, k: int) -> tuple[int, float]:
+    """(N, μ) at step k: CT's schedules N(k), μ(k) [CM App. C], fixed for CD, unused (0, 0) for EDM."""
+    c = cfg.cm
+    if c.mode == "ct":
+        return (ct_num_steps(k, cfg.opt.steps, c.s0, c.s1),
+                ct_target_rate(k, cfg.opt.steps, c.s0, c.s1, c.mu0))
+    return (c.N, c.mu) if c.mode == "cd" else (0, 0.0)
+
+
+def make_metric(cfg: RunConfig, device: torch.device) -> Callable:
+    """d(x, y) from cm.METRICS; LPIPS is a module (VGG) built once."""
+    if cfg.cm.metric == "lpips":
+        return METRICS["lpips"](pretrained_backbone=cfg.cm.lpips_pretrained).to(device)
+    return METRICS[cfg.cm.metric]
+
+
+class SharedDropout:
+    """The first wrapped call records the RNG states; the second replays them (same dropout masks)."""
+
+    def __init__(self, device: torch.device):
+        self.devices, self.state = ([device] if device.type == "cuda" else []), None
+
+    def wrap(self, fn: Callable) -> Callable:
+        def call(*args, **kwargs):
+            if self.state is None:
+                self.state = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.devices])
+                return fn(*args, **kwargs)
+            with torch.random.fork_rng(devices=self.devices):
+                torch.set_rng_state(self.state[0])
+                for d, s in zip(self.devices, self.state[1]):
+                    torch.cuda.set_rng_state(s, d)
+                return fn(*args, **kwargs)
+        return call
+
+
+def autocast_ctx(precision: str, device: torch.device):
+    """torch.autocast for bf16/fp16, a no-op for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def rng_state(device: torch.device) -> dict:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer state: built once, stepped, saved, restored
+
+
+class Trainer:
+    """Online net θ (maybe DDP-wrapped), target θ⁻, evaluation EMAs, teacher, optimiser and scaler."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device, teacher: nn.Module | None = None):
+        self.cfg, self.device = cfg, device
+        self.world, self.rank = dist.world(), dist.rank()
+        self.per_rank, self.micro, self.accum = split_batch(cfg.opt.batch, self.world, cfg.opt.microbatch)
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+        self.model = make_model(cfg).to(device)             # θ (f_θ, or D_θ for edm)
+        self.teacher = teacher
+        if teacher is not None and cfg.run.init_from_teacher:
+            checkpoints.load_weights(self.model.net, teacher.net.state_dict(), "teacher", cfg.run.teacher)
+        self.shared_dropout = cfg.cm.mode != "edm" and has_dropout(self.model)
+        self.target = None
+        if cfg.cm.mode != "edm":  # θ⁻: in train mode only when it must replay the online dropout masks
+            self.target = copy.deepcopy(self.model).requires_grad_(False).train(self.shared_dropout)
+        self.emas = {r: copy.deepcopy(self.model).requires_grad_(False).eval() for r in cfg.ema.rates}
+        self.ddp = self.model
+        if dist.enabled():
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+        opt_cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[cfg.opt.optimizer]
+        self.opt = opt_cls(self.model.parameters(), lr=cfg.opt.lr, betas=tuple(cfg.opt.betas),
+                           eps=cfg.opt.eps, weight_decay=cfg.opt.weight_decay)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.opt.precision == "fp16")
+        self.metric = make_metric(cfg, device) if cfg.cm.mode != "edm" else None
+        self.step_k = 0
+        # Different dropout masks and noise on each rank from here on (the init above was shared).
+        torch.manual_seed(cfg.run.seed + 1_000_003 * (self.rank + 1))
+
+    # -- one optimiser step ------------------------------------------------------------------
+
+    def _amp(self, fn: Callable, labels: torch.Tensor | None) -> Callable:
+        """fn under autocast (only the networks; metric and ODE arithmetic stay fp32), labels bound."""
+        def call(x, sigma):
+            with autocast_ctx(self.cfg.opt.precision, self.device):
+                return fn(x, sigma, labels)
+        return call
+
+    def loss(self, x: torch.Tensor, labels: torch.Tensor | None, N: int, n=None, z=None, sigma=None):
+        """The mode's loss on one microbatch; n, z, sigma (edm) may be given, else cm.py draws them."""
+        c = self.cfg.cm
+        online = self._amp(self.ddp, labels)
+        if c.mode == "edm":
+            return edm_loss(online, x, sigma=sigma, z=z, sigma_data=c.sigma_data, P_mean=c.P_mean,
+                            P_std=c.P_std)
+        target = self._amp(self.target, labels)
+        if self.shared_dropout:
+            share = SharedDropout(self.device)
+            online, target = share.wrap(online), share.wrap(target)
+        sigmas = karras_sigmas(N, c.sigma_min, c.sigma_max, c.rho)
+        if c.mode == "ct":
+            return ct_loss(online, target, x, sigmas, self.metric, n=n, z=z)
+        teacher = self._amp(self.teacher, labels)
+        return cd_loss(online, target, teacher, x, sigmas, self.metric, n=n, z=z)
+
+    def step(self, x: torch.Tensor, labels: torch.Tensor | None, n=None, z=None, sigma=None) -> dict:
+        """One optimiser step on this rank's batch (accumulated over microbatches); returns log values."""
+        cfg, k = self.cfg, self.step_k
+        N, mu = curriculum(cfg, k)
+        lr = cfg.opt.lr * (min(1.0, (k + 1) / cfg.opt.warmup) if cfg.opt.warmup else 1.0)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        x = x.to(self.device, non_blocking=True)
+        labels = labels.to(self.device) if labels is not None and cfg.data.class_cond else None
+        part = lambda t, i: None if t is None else t[i * self.micro:(i + 1) * self.micro]
+        total = torch.zeros((), device=self.device)
+        self.opt.zero_grad(set_to_none=True)
+        for i in range(self.accum):
+            with dist.ddp_sync(self.ddp, i == self.accum - 1):
+                loss = self.loss(part(x, i), part(labels, i), N, part(n, i), part(z, i), part(sigma, i))
+                self.scaler.scale(loss / self.accum).backward()
+            total += loss.detach() / self.accum
+        total = dist.all_mean(total).item()
+        if not math.isfinite(total):
+            raise NonFiniteLoss(f"loss is {total} at step {k}")
+        if cfg.opt.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.opt.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.target is not None:
+            ema_update(self.target, self.model, mu)  # θ⁻ ← μ θ⁻ + (1 - μ) θ  [CM Alg. 2/3]
+        for rate, ema in self.emas.items():
+            ema_update(ema, self.model, min(rate, (1 + k) / (10 + k)) if cfg.ema.warmup else rate)
+        self.step_k = k + 1
+        return {"step": k + 1, "loss": total, "N": N, "mu": mu, "lr": lr}
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """The resume dict (collective: every rank must call it, for the RNG states)."""
+        rngs = dist.all_gather_object(rng_state(self.device))
+        return {"model": self.model.state_dict(),
+                "target": None if self.target is None else self.target.state_dict(),
+                "ema": {float(r): m.state_dict() for r, m in self.emas.items()},
+                "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step_k,
+                "rng": {"cpu": [r["cpu"] for r in rngs], "cuda": [r["cuda"] for r in rngs]},
+                "data": {"start_step": self.step_k, "world": self.world, "batch": self.per_rank},
+                "config": dataclasses.asdict(self.cfg)}
+
+    def restore(self, state: dict, path: Path) -> None:
+        """Load a resume dict; the RNG state last, so nothing built afterwards shifts it."""
+        checkpoints.load_weights(self.model, state["model"], "model", path)
+        if self.target is not None:
+            checkpoints.load_weights(self.target, state["target"] or {}, "target", path)
+        saved = {float(r): s for r, s in state["ema"].items()}
+        for rate, ema in self.emas.items():
+            if rate not in saved:
+                raise CMError(f"{path} has no EMA at rate {rate} (it has {', '.join(map(str, saved))})")
+            checkpoints.load_weights(ema, saved[rate], f"EMA {rate}", path)
+        try:
+            self.opt.load_state_dict(state["opt"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CMError(f"{path}: the optimiser state does not fit ({e})") from None
+        self.step_k = int(state["step"])
+        rng = state["rng"]
+        if len(rng["cpu"]) == self.world:
+            torch.set_rng_state(rng["cpu"][self.rank])
+            if self.device.type == "cuda" and rng["cuda"][self.rank] is not None:
+                torch.cuda.set_rng_state(rng["cuda"][self.rank], self.device)
+        else:
+            dist.print0(f"note: {path} was written by {len(rng['cpu'])} processes, this run has "
+                        f"{self.world}: RNG streams and data order differ from an uninterrupted run")
+            torch.manual_seed(self.cfg.run.seed + 1_000_003 * (self.rank + 1) + self.step_k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher, data, samples
+
+
+def load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module:
+    """D_φ for CD from a full/ checkpoint of an edm run (its first EMA), in eval mode.
+
+    Official checkpoints (EDM's .pkl, CM's released .pt) will come through checkpoints.import_official."""
+    if not cfg.run.teacher:
+        raise CMError("cm.mode=cd needs run.teacher=PATH (a checkpoint of an edm run, e.g. "
+                      "python -m full.train --preset tiny-edm)")
+    state = checkpoints.load(cfg.run.teacher)
+    tcfg = checkpoints.config_of(state)
+    if tcfg.cm.mode != "edm":
+        raise CMError(f"run.teacher {cfg.run.teacher} is a {tcfg.cm.mode} checkpoint, not an edm one")
+    if tcfg.arch != cfg.arch:
+        raise CMError(f"run.teacher is an {tcfg.arch} network, this preset trains an {cfg.arch} network")
+    teacher, _ = checkpoints.model_from_state(state, path=cfg.run.teacher, denoiser=True)
+    return teacher.to(device)
+
+
+def check_data(cfg: RunConfig, ds) -> None:
+    """The dataset must fit the network: channels, resolution, classes."""
+    net = cfg.net
+    res = getattr(net, "img_resolution", None) or getattr(net, "image_size")
+    if (ds.channels, ds.resolution) != (net.in_channels, res):
+        raise CMError(f"data {cfg.data.name} is {ds.channels}x{ds.resolution}x{ds.resolution} but the network "
+                      f"takes {net.in_channels}x{res}x{res}")
+    if cfg.data.class_cond != bool(net.num_classes) or (net.num_classes and ds.num_classes > net.num_classes):
+        raise CMError(f"data.class_cond={cfg.data.class_cond} ({ds.num_classes} classes) does not fit "
+                      f"net.num_classes={net.num_classes}")
+
+
+def write_grids(cfg: RunConfig, f: nn.Module, shape: Sequence[int], out: Path, step: int) -> list[Path]:
+    """One-step and two-step grids (CM), or an 18-level Heun grid (EDM), from fixed per-sample seeds."""
+    from full.sample import generate, save_grid
+    n, c = cfg.run.sample_num, cfg.cm
+    if c.mode == "edm":
+        kinds = {"heun": None}
+    else:
+        kinds = {"1step": [c.sigma_max],
+                 "2step": ts_to_sigmas(cfg.run.ts, cfg.run.ts_grid, c.sigma_min, c.sigma_max, c.rho)}
+    paths = []
+    for name, levels in kinds.items():
+        x, _ = generate(f, cfg, shape, range(n), levels, seed=cfg.run.seed, heun=levels is None)
+        paths.append(save_grid(x, out / f"grid-{name}-{step:07d}.png"))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: RunConfig, device: str = "", on_checkpoint: Callable[[int, Path], None] | None = None) -> dict:
+    """Train (or resume) the run; returns {"step", "loss", "checkpoint"}. Call dist.init first for DDP."""
+    dev = dist.init(device or cfg.run.device)
+    if cfg.opt.precision == "fp16" and dev.type != "cuda":
+        raise CMError("opt.precision=fp16 needs a CUDA device (fp16 autocast on a CPU is ~100x slower "
+                      "than fp32 here); use opt.precision=bf16 or fp32")
+    out = Path(cfg.out)
+    per_rank, _, _ = split_batch(cfg.opt.batch, dist.world(), cfg.opt.microbatch)
+    ds = make_dataset(cfg.data.name, cfg.data.root or None, cfg.data.resolution or None,
+                      class_cond=cfg.data.class_cond, random_flip=cfg.data.random_flip,
+                      download=cfg.data.download)
+    check_data(cfg, ds)
+    teacher = load_teacher(cfg, dev) if cfg.cm.mode == "cd" else None
+    tr = Trainer(cfg, dev, teacher)
+    ckpt = checkpoints.latest(out) if cfg.run.resume in (True, "auto") else None
+    if cfg.run.resume is True and ckpt is None:
+        raise CMError(f"run.resume=True but {out} has no ckpt-*.pt")
+    state = checkpoints.load(ckpt) if ckpt else None
+    start = int(state["step"]) if state else 0
+    loader = make_loader(ds, per_rank, dist.rank(), dist.world(), cfg.run.seed, cfg.data.num_workers,
+                         start_step=start)  # built before the RNG restore: DataLoader draws a base seed
+    if state:
+        if state["data"]["world"] != dist.world() or state["data"]["batch"] != per_rank:
+            dist.print0(f"note: {ckpt} was written with {state['data']['world']} processes x batch "
+                        f"{state['data']['batch']}; the data order now differs from an uninterrupted run")
+        tr.restore(state, ckpt)
+        dist.print0(f"resumed from {ckpt} at step {start}")
+    last_ckpt = ckpt
+    main = dist.rank() == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(to_json(cfg))
+        if not state:
+            (out / "log.jsonl").write_text("")
+    dist.barrier()
+    log = open(out / "log.jsonl", "a") if main else None
+    bar = None
+    if main:
+        from tqdm import tqdm
+        bar = tqdm(initial=start, total=cfg.opt.steps, desc=f"{cfg.preset} {cfg.cm.mode}", mininterval=1.0,
+                   disable=None, file=sys.stderr, dynamic_ncols=True)
+    shape = (ds.channels, ds.resolution, ds.resolution)
+    t0 = t_log = time.time()
+    k_log, rec = start, None
+    try:
+        while tr.step_k < cfg.opt.steps:
+            x, y = next(loader)
+            try:
+                rec = tr.step(x, y)
+            except NonFiniteLoss as e:
+                raise CMError(f"{e}; stopped without saving; the last good checkpoint is "
+                              f"{last_ckpt or 'none (no checkpoint was written)'}") from None
+            k = tr.step_k
+            if main and (k % cfg.run.log_every == 0 or k == cfg.opt.steps):
+                now = time.time()
+                rec.update({"img/s": cfg.opt.batch * (k - k_log) / max(now - t_log, 1e-9), "sec": now - t0})
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                k_log, t_log = k, now
+                bar.set_postfix(loss=f"{rec['loss']:.4g}", N=rec["N"], img_s=f"{rec['img/s']:.0f}")
+            if bar is not None:
+                bar.update(1)
+            if main and ((cfg.run.sample_every and k % cfg.run.sample_every == 0) or k == cfg.opt.steps):
+                write_grids(cfg, tr.emas[cfg.ema.rates[0]], shape, out, k)
+            if k % cfg.run.ckpt_every == 0 or k == cfg.opt.steps:
+                st = tr.state()  # every rank: gathers the RNG states
+                if main:
+                    last_ckpt = checkpoints.save(out, st, cfg.run.keep_last)
+                dist.barrier()
+                last_ckpt = checkpoints.ckpt_path(out, k)
+                if on_checkpoint is not None:
+                    on_checkpoint(k, last_ckpt)
+        if main:
+            checkpoints.export(out / "export.pt", tr.emas, cfg, tr.step_k)
+        dist.barrier()
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    return {"step": tr.step_k, "loss": rec["loss"] if rec else None, "checkpoint": last_ckpt, "trainer": tr}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = CLIParser(description="Train a consistency model (ct, cd) or its EDM teacher (edm).",
+                  epilog="overrides: section.field=value or --section.field=value, e.g. opt.lr=1e-4")
+    p.add_argument("--preset", required=True, help="a name from full/presets.py (python -m full.presets)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", action="store_true", help="same as run.resume=True")
+    args, rest = p.parse_known_args(argv)
+    try:
+        cfg = resolve(args.preset, rest + (["run.resume=True"] if args.resume else []))
+        if args.print_config:
+            print(to_json(cfg))
+            return
+        result = train(cfg)
+        dist.print0(f"done: step {result['step']}, loss {result['loss']}, checkpoint {result['checkpoint']}")
+    except (CMError, DatasetError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    main()
