@@ -668,10 +668,16 @@ def train(cfg: Config) -> dict:
     step, ckpt = 0, out / "ckpt.pt"
     if cfg.resume and ckpt.is_file():
         state = load_checkpoint(ckpt)
+        changed = [k for k in ("mode", "dataset", "channels", "steps", "batch_size", "s0", "s1", "N")
+                   if state["config"][k] != getattr(cfg, k)]
+        if changed:
+            raise CMError(f"{ckpt} was trained with other {', '.join(changed)}; use another --out")
         for name, m in (("model", model), ("target", target), ("ema", ema), ("opt", opt)):
             m.load_state_dict(state[name])
         step = state["step"]
         torch.set_rng_state(state["rng"])
+        if dev.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], dev)
         print(f"resumed from {ckpt} at step {step}")
     autocast = torch.autocast(dev.type, torch.bfloat16, enabled=cfg.precision == "bf16")
     json.dump(dataclasses.asdict(cfg), open(out / "config.json", "w"), indent=1)
@@ -679,6 +685,7 @@ def train(cfg: Config) -> dict:
     def checkpoint():
         save_checkpoint(ckpt, dict(model=model.state_dict(), target=target.state_dict(), ema=ema.state_dict(),
                                    opt=opt.state_dict(), step=step, rng=torch.get_rng_state(),
+                                   **(dict(rng_cuda=torch.cuda.get_rng_state(dev)) if dev.type == "cuda" else {}),
                                    config=dataclasses.asdict(cfg), shape=list(shape), format=CKPT_FORMAT))
 
     from tqdm import tqdm
