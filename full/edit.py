@@ -108,6 +108,13 @@ def replace(x: Tensor, y: Tensor, omega: Tensor, A: Callable = _identity,
     return A_inv(torch.where(omega.to(torch.bool), A(x), A(y)))
 
 
+def _check_levels(levels: Sequence[float], sigma_min: float) -> list[float]:
+    levels = [float(t) for t in levels]
+    if not levels or any(a <= b for a, b in zip(levels, levels[1:])) or levels[-1] < sigma_min:
+        raise ValueError(f"levels must be strictly decreasing and >= sigma_min, got {levels}")
+    return levels
+
+
 def _denoise_and_replace(x: Tensor, tau: float, f: Callable, y: Tensor, omega: Tensor, A: Callable,
                          A_inv: Callable) -> Tensor:
     """x ← f(x, τ), then the replacement.  [CM Alg. 4, lines 4-5 and 8-9]"""
@@ -125,12 +132,10 @@ def edit_multistep(f: Callable, y: Tensor, omega: Tensor, levels: Sequence[float
     noises: optional [z for line 3, z' for each later level], otherwise drawn from `generator`.
     The start x = y' + τ_1 z (y' = y with Ω-coordinates zeroed, line 2) is passed to
     cm.sample_multistep as the latent z + y'/τ_1, whose first step evaluates f(τ_1 · latent, τ_1)."""
-    levels = [float(t) for t in levels]
-    if not levels or any(a <= b for a, b in zip(levels, levels[1:])) or levels[-1] < sigma_min:
-        raise ValueError(f"levels must be strictly decreasing and >= sigma_min, got {levels}")
+    levels = _check_levels(levels, sigma_min)
     omega = torch.as_tensor(omega, device=y.device)
     y = A_inv(torch.where(omega.to(torch.bool), torch.zeros((), dtype=y.dtype, device=y.device), A(y)))
-    z = noises[0] if noises is not None else torch.randn(y.shape, generator=generator).to(y.device)
+    z = (noises[0] if noises is not None else torch.randn(y.shape, generator=generator)).to(y.device)
     f_edit = partial(_denoise_and_replace, f=f, y=y, omega=omega, A=A, A_inv=A_inv)
     return cm.sample_multistep(f_edit, z + y / levels[0], levels, sigma_min,
                                noises=None if noises is None else noises[1:], generator=generator)
@@ -188,11 +193,13 @@ def stroke(f: Callable, stroke_img: Tensor, levels: Sequence[float] = STROKE_LEV
            generator: torch.Generator | None = None, noises: Sequence[Tensor] | None = None) -> Tensor:
     """Stroke-guided generation (SDEdit): x = f(y + τ_1 z, τ_1), then the multistep chain.  [CM App. D]
 
-    Alg. 4 with A = I and Ω = 1 everywhere, so the replacement never fires; the paper uses
-    τ = (5.38, 2.24)."""
-    omega = torch.ones((), dtype=torch.bool, device=stroke_img.device)
-    return edit_multistep(f, stroke_img, omega.expand_as(stroke_img), levels, sigma_min,
-                          generator=generator, noises=noises)
+    The paper's Alg. 4 with A = I and Ω = 1 everywhere: the replacement never fires, and line 3 starts
+    from the stroke painting y itself (line 2 read literally would erase all of y, leaving plain
+    sampling; SDEdit noises y). The paper uses τ = (5.38, 2.24)."""
+    levels = _check_levels(levels, sigma_min)
+    z = noises[0] if noises is not None else torch.randn(stroke_img.shape, generator=generator)
+    return cm.sample_multistep(f, z.to(stroke_img.device) + stroke_img / levels[0], levels, sigma_min,
+                               noises=None if noises is None else noises[1:], generator=generator)
 
 
 def slerp(z0: Tensor, z1: Tensor, alpha: float) -> Tensor:
@@ -239,10 +246,11 @@ def box_mask(shape: Sequence[int], top: int, left: int, height: int, width: int)
 
 
 def half_mask(shape: Sequence[int], side: str = "right") -> Tensor:
-    """Known everywhere except one half: side is 'left', 'right', 'top' or 'bottom' (the half to fill)."""
+    """Known everywhere except one half: side is 'left', 'right', 'top' or 'bottom' (the half to fill;
+    for an odd size the larger one)."""
     H, W = shape[-2:]
-    boxes = {"left": (0, 0, H, W // 2), "right": (0, W - W // 2, H, W - W // 2),
-             "top": (0, 0, H // 2, W), "bottom": (H - H // 2, 0, H - H // 2, W)}
+    boxes = {"left": (0, 0, H, W - W // 2), "right": (0, W // 2, H, W - W // 2),
+             "top": (0, 0, H - H // 2, W), "bottom": (H // 2, 0, H - H // 2, W)}
     if side not in boxes:
         raise ValueError(f"side must be one of {', '.join(boxes)}, got {side!r}")
     return box_mask(shape, *boxes[side])
