@@ -154,3 +154,9 @@ def test_cifar10_missing_fails_fast_with_one_line(tmp_path):
     r = run_cli("--dataset", "cifar10", "--data-dir", str(tmp_path / "nothing"), "--metric", "l2",
                 "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert r.returncode != 0 and "cifar-10-python.tar.gz" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_resume_refuses_a_run_with_other_settings(tmp_path):
+    cm.train(cm.Config(mode="ct", steps=10, out=str(tmp_path), **TINY))
+    with pytest.raises(cm.CMError, match="trained with other steps"):
+        cm.train(cm.Config(mode="ct", steps=20, out=str(tmp_path), resume=True, **TINY))
