@@ -1,0 +1,188 @@
+"""python -m full.train end to end on the tiny presets (CPU): the three modes, bit-exact resume, one-line
+errors, NaN stop, mixed-precision boundary condition."""
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cm
+import full.train
+from full import checkpoints
+from full.model import make_model
+from full.networks import NCSNppConfig
+from full.presets import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "full.train", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    if check and p.returncode:
+        raise AssertionError(p.stderr[-2000:])
+    return p
+
+
+def one_line_error(stderr: str) -> str:
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-1500:]
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory):
+    """A tiny EDM teacher trained through the CLI (also the edm end-to-end test)."""
+    out = tmp_path_factory.mktemp("edm")
+    cli("--preset", "tiny-edm", f"run.out={str(out)!r}", "opt.steps=10", "run.ckpt_every=5")
+    return out
+
+
+def test_edm_run_writes_checkpoints_grid_and_log(teacher):
+    assert [p.name for p in checkpoints.list_checkpoints(teacher)] == ["ckpt-0000005.pt", "ckpt-0000010.pt"]
+    assert (teacher / "export.pt").is_file() and (teacher / "grid-heun-0000010.png").is_file()
+    state = checkpoints.load(teacher / "ckpt-0000010.pt")
+    assert state["step"] == 10 and state["target"] is None and set(state["ema"]) == {0.99, 0.999}
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
+
+
+@pytest.mark.parametrize("preset", ["tiny-cd", "tiny-ct"])
+def test_cd_ct_runs(preset, teacher, tmp_path):
+    p = cli("--preset", preset, f"run.out={str(tmp_path)!r}", "opt.steps=6", "run.log_every=1",
+            f"run.teacher={str(teacher / 'export.pt')!r}")
+    assert "done: step 6" in p.stdout
+    assert (tmp_path / "ckpt-0000006.pt").is_file()
+    assert {"grid-1step-0000006.png", "grid-2step-0000006.png"} <= {q.name for q in tmp_path.iterdir()}
+    log = [eval(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert all(k in log[0] for k in ("loss", "N", "mu", "lr", "img/s", "sec"))
+    if preset == "tiny-ct":  # N(k), μ(k) of cm.py
+        assert [r["N"] for r in log] == [cm.ct_num_steps(k, 6, 2, 20) for k in range(6)]
+        assert log[0]["mu"] == cm.ct_target_rate(0, 6, 2, 20, 0.9)
+
+
+def test_cd_student_starts_from_teacher(teacher, tmp_path):
+    cfg = resolve("tiny-cd", [f"run.out={str(tmp_path)!r}", f"run.teacher={str(teacher / 'export.pt')!r}"])
+    t = full.train.load_teacher(cfg, torch.device("cpu"))
+    tr = full.train.Trainer(cfg, torch.device("cpu"), t)
+    for a, b in zip(tr.model.net.state_dict().values(), t.net.state_dict().values()):
+        assert torch.equal(a, b)
+    assert tr.model.sigma_min == cfg.cm.sigma_min and t.sigma_min == 0.0  # f_θ vs EDM's D
+
+
+class Crash(Exception):
+    pass
+
+
+def _losses(run):
+    return {r["step"]: r["loss"] for r in map(eval, (run / "log.jsonl").read_text().splitlines())}
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """Crash right after the step-4 checkpoint, resume, and match an uninterrupted run bit for bit
+    (dropout on, so the shared-mask RNG replay and the restored RNG states are exercised)."""
+    over = ["opt.steps=8", "run.ckpt_every=4", "run.log_every=1", "net.dropout=0.2", "opt.batch=16",
+            "opt.microbatch=8"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    ra = full.train.train(resolve("tiny-ct", over + [f"run.out={str(a)!r}"]))
+
+    def crash(step, path):
+        if step == 4:
+            raise Crash
+
+    cfg_b = resolve("tiny-ct", over + [f"run.out={str(b)!r}"])
+    with pytest.raises(Crash):
+        full.train.train(cfg_b, on_checkpoint=crash)
+    assert checkpoints.latest(b).name == "ckpt-0000004.pt"
+    rb = full.train.train(cfg_b)  # run.resume='auto' picks up ckpt-0000004.pt
+    la, lb = _losses(a), _losses(b)
+    assert [la[k] for k in range(5, 9)] == [lb[k] for k in range(5, 9)]
+    for name in ("model", "target"):
+        sa, sb = getattr(ra["trainer"], name).state_dict(), getattr(rb["trainer"], name).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    for rate in ra["trainer"].emas:
+        sa, sb = ra["trainer"].emas[rate].state_dict(), rb["trainer"].emas[rate].state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _main_error(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as e:
+        full.train.main(list(args))
+    assert e.value.code != 0
+    return one_line_error(capsys.readouterr().err)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    p = cli("--preset", "no-such-preset", check=False)
+    assert p.returncode != 0 and "tiny-ct" in one_line_error(p.stderr)
+    assert "valid fields" in _main_error(capsys, "--preset", "tiny-ct", "opt.bogus=1")
+    assert "section one of" in _main_error(capsys, "--preset", "tiny-ct", "--nosection=1")
+    assert "wrong type" in _main_error(capsys, "--preset", "tiny-ct", "--opt.lr='fast'")
+    assert "not one of" in _main_error(capsys, "--preset", "tiny-ct", "cm.metric=l3")
+    assert "does not divide" in _main_error(capsys, "--preset", "tiny-ct", "opt.microbatch=5",
+                                            f"run.out={str(tmp_path)!r}")
+    assert "run.teacher" in _main_error(capsys, "--preset", "tiny-cd", f"run.out={str(tmp_path)!r}")
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
+    good = tmp_path / "adm"
+    full.train.train(resolve("tiny-ct-adm", [f"run.out={str(good)!r}", "opt.steps=2"]))
+    data = (good / "ckpt-0000002.pt").read_bytes()
+    cases = {"corrupt": b"not a checkpoint at all" * 10, "truncated": data[: len(data) // 2],
+             "another network": data}
+    for name, blob in cases.items():
+        run = tmp_path / name.replace(" ", "_")
+        run.mkdir()
+        (run / "ckpt-0000002.pt").write_bytes(blob)  # tiny-ct (NCSN++) resuming from these
+        msg = _main_error(capsys, "--preset", "tiny-ct", f"run.out={str(run)!r}", "opt.steps=3")
+        assert ("do not fit" if name == "another network" else "corrupt or truncated") in msg, msg
+    assert "no checkpoint" in _main_error(capsys, "--preset", "tiny-cd", f"run.out={str(tmp_path)!r}",
+                                          f"run.teacher={str(tmp_path / 'missing.pt')!r}")
+    assert "no ckpt" in _main_error(capsys, "--preset", "tiny-ct", f"run.out={str(tmp_path / 'x')!r}",
+                                    "--resume")
+
+
+def test_nan_loss_stops_without_saving(tmp_path, capsys, monkeypatch):
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):  # the loss of cm.py for two steps, then NaN
+        calls["n"] += 1
+        return cm.ct_loss(*args, **kwargs) * (float("nan") if calls["n"] > 2 else 1.0)
+
+    monkeypatch.setattr(full.train, "ct_loss", poisoned)
+    msg = _main_error(capsys, "--preset", "tiny-ct", f"run.out={str(tmp_path)!r}", "run.ckpt_every=1")
+    assert "loss is nan at step 3" in msg and "ckpt-0000002.pt" in msg, msg
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["ckpt-0000001.pt", "ckpt-0000002.pt"]
+    assert checkpoints.load(tmp_path / "ckpt-0000002.pt")["step"] == 2
+
+
+def test_bf16_autocast_keeps_boundary_condition():
+    """f(x, ε) == x exactly under bf16 autocast, NCSN++ with the paper's structure at tiny width."""
+    cfg = resolve("tiny-ct")
+    cfg = dataclasses.replace(cfg, net=NCSNppConfig.cifar10(), cm=cfg.cm)
+    cfg = dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, model_channels=8))
+    f = make_model(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in f.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # make F non-zero (its output conv starts at zero)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(f(x, cfg.cm.sigma_min), x)
+        y = f(x, 1.0)
+    with torch.no_grad():
+        y32 = f(x, 1.0)
+    assert y.dtype == torch.float32 and not torch.equal(y, y32)  # autocast did run F in bf16
+
+
+def test_fp16_on_cpu_is_a_clear_error(tmp_path, capsys):
+    assert "fp16" in _main_error(capsys, "--preset", "tiny-ct", "opt.precision='fp16'", "run.device='cpu'",
+                                 f"run.out={str(tmp_path)!r}")
+
+
+def test_print_config(capsys):
+    full.train.main(["--preset", "cifar10-cd-lpips", "--print-config", "opt.lr=1e-4"])
+    out = capsys.readouterr().out
+    assert '"lr": 0.0001' in out and '"N": 18' in out and '"arch": "ncsnpp"' in out
