@@ -4,7 +4,8 @@ Resume file `<run>/ckpt-{step:07d}.pt` (the last `keep_last` are kept):
     {"model", "target", "ema": {rate: state_dict}, "opt", "scaler", "step",
      "rng": {"cpu": [per rank], "cuda": [[per device] per rank]}, "data": {"start_step", "world", "batch"},
      "config": asdict(RunConfig), "format": 1}
-Export file (for sampling, teachers): {"ema": {rate: state_dict}, "config", "step", "format": 1, "export": True}.
+Export file (for sampling, teachers):
+    {"ema": {rate: state_dict}, "config", "step", "format": 1, "export": True}.
 State dicts come from the unwrapped module (no DDP `module.` or torch.compile `_orig_mod.` prefixes). Files
 hold only tensors and Python primitives, so `torch.load(p, weights_only=True)` always reads them.
 Official checkpoints (EDM .pkl, CM .pt) are not read here yet: `import_official` is the hook.

@@ -21,6 +21,7 @@ import ast
 import dataclasses
 import json
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -262,7 +263,7 @@ def get_preset(name: str) -> RunConfig:
 
 def _type_ok(value: Any, tp: Any) -> bool:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, a) for a in args)
     if origin is tuple:
         return isinstance(value, tuple) and all(_type_ok(v, args[0]) for v in value)

@@ -18,7 +18,6 @@ and rank 0 gathers and writes `<out>/samples.png` (the first 64) and `<out>/samp
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -209,8 +208,8 @@ def run_edit_cli(args, f, cfg, shape, out: Path) -> None:
     if dist.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         np.savez(out / f"edit-{args.edit}.npz", arr_0=to_uint8(x))
-        save_grid(torch.cat([ref.cpu()[:len(x)], x]) if len(ref) == len(x) else x, out / f"edit-{args.edit}.png",
-                  nrow=len(x))
+        pair = torch.cat([ref.cpu(), x]) if len(ref) == len(x) else x  # references above, edits below
+        save_grid(pair, out / f"edit-{args.edit}.png", nrow=len(x))
         print(f"wrote {out / f'edit-{args.edit}.png'}")
 
 

@@ -7,8 +7,10 @@
     python -m full.train --preset cifar10-ct --print-config
 
 Modes [CM Alg. 2, Alg. 3, App. C; EDM Sec. 5]. Every formula comes from cm.py:
-    ct   L = d(f_θ(x + t_{n+1} z, t_{n+1}), f_θ⁻(x + t_n z, t_n)), N(k) = cm.ct_num_steps, μ(k) = cm.ct_target_rate
-    cd   L = d(f_θ(x_{t_{n+1}}, t_{n+1}), f_θ⁻(x̂_{t_n}, t_n)), x̂ one Heun step of the teacher D_φ; N, μ fixed
+    ct   L = d(f_θ(x + t_{n+1} z, t_{n+1}), f_θ⁻(x + t_n z, t_n)),
+         N(k) = cm.ct_num_steps, μ(k) = cm.ct_target_rate
+    cd   L = d(f_θ(x_{t_{n+1}}, t_{n+1}), f_θ⁻(x̂_{t_n}, t_n)), x̂ one Heun step of the teacher D_φ;
+         N, μ fixed
     edm  the teacher's own denoising score matching (cm.edm_loss)
     θ⁻ ← μ θ⁻ + (1 - μ) θ (cm.ema_update) after every optimiser step; the evaluation EMAs likewise.
 
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
 import math
 import sys
@@ -194,7 +195,7 @@ class Trainer:
             total += loss.detach() / self.accum
         total = dist.all_mean(total).item()
         if not math.isfinite(total):
-            raise NonFiniteLoss(f"loss is {total} at step {k}")
+            raise NonFiniteLoss(f"loss is {total} at step {k + 1}")
         if cfg.opt.grad_clip > 0:
             self.scaler.unscale_(self.opt)
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.opt.grad_clip)
@@ -273,8 +274,8 @@ def check_data(cfg: RunConfig, ds) -> None:
     net = cfg.net
     res = getattr(net, "img_resolution", None) or getattr(net, "image_size")
     if (ds.channels, ds.resolution) != (net.in_channels, res):
-        raise CMError(f"data {cfg.data.name} is {ds.channels}x{ds.resolution}x{ds.resolution} but the network "
-                      f"takes {net.in_channels}x{res}x{res}")
+        raise CMError(f"data {cfg.data.name} is {ds.channels}x{ds.resolution}x{ds.resolution} but the "
+                      f"network takes {net.in_channels}x{res}x{res}")
     if cfg.data.class_cond != bool(net.num_classes) or (net.num_classes and ds.num_classes > net.num_classes):
         raise CMError(f"data.class_cond={cfg.data.class_cond} ({ds.num_classes} classes) does not fit "
                       f"net.num_classes={net.num_classes}")

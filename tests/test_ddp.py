@@ -4,7 +4,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,16 @@ import torch
 import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny nets run fastest on one thread; two threads on a busy 2-core machine spin for seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 OVERRIDES = ["opt.batch=8", "opt.lr=1e-3"]
 STEPS = 2
 
@@ -73,13 +82,14 @@ def test_two_processes_equal_one(tmp_path):
 def test_torchrun_train_and_resume(tmp_path):
     cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "full.train", "--preset", "tiny-ct",
            f"run.out={str(tmp_path)!r}", "run.ckpt_every=3", "opt.batch=16"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd + ["opt.steps=3"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    p = subprocess.run(cmd + ["opt.steps=3"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=ENV)
     assert p.returncode == 0, p.stderr[-2000:]
     assert (tmp_path / "ckpt-0000003.pt").is_file() and (tmp_path / "grid-1step-0000003.png").is_file()
     state = torch.load(tmp_path / "ckpt-0000003.pt", weights_only=True)
     assert len(state["rng"]["cpu"]) == 2 and state["data"]["world"] == 2 and state["data"]["batch"] == 8
-    p = subprocess.run(cmd + ["opt.steps=4"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    p = subprocess.run(cmd + ["opt.steps=4"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=ENV)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed from" in p.stdout and "ckpt-0000003.pt" in p.stdout
     assert (tmp_path / "ckpt-0000004.pt").is_file()

@@ -1,6 +1,7 @@
 """python -m full.train end to end on the tiny presets (CPU): the three modes, bit-exact resume, one-line
 errors, NaN stop, mixed-precision boundary condition."""
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,21 @@ from full.networks import NCSNppConfig
 from full.presets import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny nets run fastest on one thread; two threads on a busy 2-core machine spin for seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def cli(*args, check=True):
     p = subprocess.run([sys.executable, "-m", "full.train", *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, env=ENV)
     if check and p.returncode:
         raise AssertionError(p.stderr[-2000:])
     return p

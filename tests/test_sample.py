@@ -1,0 +1,115 @@
+"""python -m full.sample: grid + npz (uint8 NHWC), per-sample seeds (batch-size independence), ts."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cm
+import full.sample
+from full import checkpoints
+from full.model import make_model
+from full.presets import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny nets run fastest on one thread; two threads on a busy 2-core machine spin for seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _export(path: Path, preset: str) -> Path:
+    """An export file with random (non-zero) weights: sampling needs no training to be tested."""
+    cfg = resolve(preset)
+    torch.manual_seed(0)
+    f = make_model(cfg)
+    with torch.no_grad():
+        for p in f.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return checkpoints.export(path, {cfg.ema.rates[0]: f}, cfg, step=0)
+
+
+@pytest.fixture(scope="module")
+def adm_export(tmp_path_factory):
+    return _export(tmp_path_factory.mktemp("adm") / "export.pt", "tiny-ct-adm")
+
+
+def test_cli_writes_grid_and_npz(adm_export, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "full.sample", "--checkpoint", str(adm_export), "--num", "7",
+                        "--ts", "0,11,17", "--grid-steps", "18", "--batch", "3", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "samples.png").is_file()
+    with np.load(tmp_path / "samples.npz") as z:
+        x, y = z["arr_0"], z["arr_1"]
+    assert x.dtype == np.uint8 and x.shape == (7, 8, 8, 1)  # NHWC
+    assert y.shape == (7,) and y.dtype == np.int64 and 0 <= y.min() and y.max() < 10
+    assert x.std() > 0
+
+
+@pytest.mark.parametrize("levels", [[80.0], [80.0, 3.0, 0.5]])
+def test_samples_do_not_depend_on_batch_size(adm_export, levels):
+    f, cfg = checkpoints.model_from_state(checkpoints.load(adm_export))
+    a, ya = full.sample.generate(f, cfg, (1, 8, 8), range(10), levels, seed=5, batch=3)
+    b, yb = full.sample.generate(f, cfg, (1, 8, 8), range(10), levels, seed=5, batch=5)
+    assert torch.equal(ya, yb)
+    np.testing.assert_array_equal(full.sample.to_uint8(a), full.sample.to_uint8(b))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    c, _ = full.sample.generate(f, cfg, (1, 8, 8), range(4, 10), levels, seed=5, batch=4)  # "rank 1"
+    torch.testing.assert_close(a[4:], c, rtol=0, atol=1e-5)
+
+
+def test_ts_convention(adm_export):
+    _, cfg = checkpoints.model_from_state(checkpoints.load(adm_export))
+    levels = full.sample.levels_from_args("0,11,17", "", 18, cfg)
+    assert levels == cm.ts_to_sigmas([0, 11, 17], 18) and levels[0] == 80.0 and len(levels) == 2
+    grid = cm.karras_sigmas(18).flip(0)  # index 0 is T, index 17 is ε (an end marker, dropped)
+    assert levels[1] == grid[11].item()
+    assert full.sample.levels_from_args("0,17", "", 18, cfg) == [80.0]
+    assert full.sample.levels_from_args("", "", 18, cfg) == [80.0]
+    assert full.sample.levels_from_args("", "80,2.5", 18, cfg) == [80.0, 2.5]
+    with pytest.raises(ValueError):
+        full.sample.levels_from_args("11,0", "", 18, cfg)
+
+
+def test_one_level_is_the_onestep_sampler(adm_export):
+    f, cfg = checkpoints.model_from_state(checkpoints.load(adm_export))
+    x, y = full.sample.generate(f, cfg, (1, 8, 8), range(3), [80.0], seed=1)
+    g = [torch.Generator().manual_seed(1 + i) for i in range(3)]
+    labels = torch.cat([torch.randint(10, (1,), generator=gi) for gi in g])
+    z = torch.stack([torch.randn(1, 8, 8, generator=gi) for gi in g])  # label first, then z, per sample
+    assert torch.equal(y, labels)
+    torch.testing.assert_close(x, cm.sample_onestep(lambda v, t: f(v, t, labels), z), rtol=0, atol=1e-6)
+
+
+def test_edit_branch(tmp_path, capsys):
+    edit = pytest.importorskip("full.edit")
+    if not hasattr(edit, "run_edit"):
+        pytest.skip("full.edit has no run_edit yet")
+    path = _export(tmp_path / "export.pt", "tiny-ct")
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1), dtype=np.uint8))
+    full.sample.main(["--checkpoint", str(path), "--edit", "denoise", "--sigmas", "0.5",
+                      "--reference", str(ref), "--out", str(tmp_path)])
+    with np.load(tmp_path / "edit-denoise.npz") as z:
+        assert z["arr_0"].shape == (2, 8, 8, 1) and z["arr_0"].dtype == np.uint8
+    assert (tmp_path / "edit-denoise.png").is_file()
+
+
+def test_bad_checkpoint_is_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(SystemExit) as e:
+        full.sample.main(["--checkpoint", str(bad), "--num", "2"])
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "corrupt" in err[0]
