@@ -25,9 +25,20 @@ def init(device: str = "") -> torch.device:
         dev = torch.device("cuda", dev.index if dev.index is not None else local)
         torch.cuda.set_device(dev)
     if launched() and not dist.is_initialized():
+        _die_with_parent()
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=30),
                                 device_id=dev if dev.type == "cuda" else None)
     return dev
+
+
+def _die_with_parent() -> None:
+    """Linux: end this worker when its torchrun agent dies (after kill -9 of torchrun, orphans would
+    keep training and writing checkpoints beside a restarted run)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").prctl(1, 9)  # prctl(PR_SET_PDEATHSIG, SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def enabled() -> bool:
@@ -63,7 +74,7 @@ def all_gather_object(obj) -> list:
 
 
 def all_mean(t: torch.Tensor) -> torch.Tensor:
-    """The mean of a tensor over ranks (in place on a copy)."""
+    """The mean of a tensor over ranks (on a copy)."""
     t = t.detach().clone()
     if enabled():
         dist.all_reduce(t)
