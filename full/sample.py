@@ -2,7 +2,7 @@
 
     python -m full.sample --checkpoint runs/cifar10-cd-lpips/export.pt --num 50000 --batch 500
     python -m full.sample --checkpoint runs/cifar10-cd-lpips/export.pt --num 64 --ts 0,11,17 --grid-steps 18
-    torchrun --standalone --nproc_per_node=8 -m full.sample --checkpoint ... --num 50000
+    torchrun --standalone --nproc_per_node=8 -m full.sample --checkpoint ... --num-samples 50000
     python -m full.sample --checkpoint ... --edit inpaint --reference img.png --mask mask.png
 
 Samplers [CM Alg. 1]. One step: x = f(T z, T) (cm.sample_onestep). Multistep: the descending levels
@@ -136,7 +136,9 @@ def load_mask(path: str, shape: Sequence[int]) -> torch.Tensor:
 def main(argv: Sequence[str] | None = None) -> None:
     p = CLIParser(description="Sample from a full/ checkpoint (one step by default).")
     p.add_argument("--checkpoint", required=True, help="a resume ckpt-*.pt or an export.pt")
-    p.add_argument("--num", type=int, default=64, help="number of samples")
+    p.add_argument("--num", "--num-samples", dest="num", type=int, default=64,
+                   help="number of samples (use --num-samples under torchrun, whose parser takes --num "
+                        "for a prefix of its --numa-binding)")
     p.add_argument("--ts", default="", help="multistep levels as official indices, e.g. 0,11,17")
     p.add_argument("--grid-steps", type=int, default=18, help="grid size the --ts indices refer to")
     p.add_argument("--sigmas", default="", help="multistep levels as numbers, descending, e.g. 80,0.8")
