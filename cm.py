@@ -562,7 +562,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
     os.replace(tmp, path)
 
 
