@@ -26,7 +26,6 @@ from pure noise T z; we follow Alg. 4 (no clamp, start from y + τ_1 z). Importi
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Callable, Sequence
 

@@ -3,10 +3,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# The test networks are tiny: one thread runs them fastest, and OpenMP threads spinning against other
+# processes on a 2-core machine made them up to 100x slower. Subprocesses inherit the variable.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 # CI has 2 cores and no GPU: keep property tests quick and free of wall-clock deadlines.
 settings.register_profile("ci", max_examples=25, deadline=None,

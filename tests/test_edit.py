@@ -14,14 +14,6 @@ LEVELS = st.lists(st.floats(0.01, 80.0), min_size=1, max_size=4, unique=True).ma
     lambda v: sorted(v, reverse=True))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids the spin-wait slowdown of a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def exact_f(x, sigma):
     """f*(x, t) = x √(σd² + ε²) / √(σd² + t²), the consistency function of N(0, σd² I) data."""

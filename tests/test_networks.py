@@ -17,14 +17,6 @@ TINY = {"ncsnpp": lambda: NCSNppConfig.tiny(), "ncsnpp-cond": lambda: NCSNppConf
         "adm": lambda: ADMConfig.tiny(), "adm-uncond": lambda: ADMConfig.tiny(num_classes=0)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs are ~100x slower with 2 OpenMP threads on a loaded 2-core box; one thread is plenty."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _size(cfg) -> int:
     return cfg.img_resolution if isinstance(cfg, NCSNppConfig) else cfg.image_size
