@@ -1,10 +1,11 @@
 """Consistency Models in one file: the method top to bottom, and a trainer that runs on a laptop.
 
-    python cm.py                                  # CT on 8x8 digits (scikit-learn), CPU, a few minutes
+    python cm.py                                  # CD on 8x8 digits (EDM teacher, then CD), CPU, minutes
+    python cm.py --mode ct                        # CT on the digits: no teacher at all
     python cm.py --dataset toy --mode edm         # EDM teacher on a 2-D ring, then:
     python cm.py --dataset toy --mode cd --teacher runs/toy-edm/ckpt.pt
     python cm.py --mode ct --dataset cifar10      # the real thing (use a GPU)
-    python cm.py --sample runs/digits-ct/ckpt.pt  # a grid from a checkpoint
+    python cm.py --sample runs/digits-cd/ckpt.pt  # a grid from a checkpoint
 
 References
     [CM]  Song, Dhariwal, Chen, Sutskever. Consistency Models. ICML 2023, arXiv:2303.01469v2.
@@ -58,10 +59,11 @@ class CMError(RuntimeError):
 @dataclass
 class Config:
     # what to train
-    mode: str = "ct"                # ct (consistency training) | cd (distillation) | edm (the teacher)
+    mode: str = "cd"                # cd (distillation) | ct (consistency training) | edm (the teacher)
     dataset: str = "digits"         # toy (2-D ring) | digits (8x8, scikit-learn) | cifar10 (torchvision)
     data_dir: str = "data"          # where cifar10 lives / is downloaded to
-    teacher: str = ""               # cd: path of an edm checkpoint
+    teacher: str = ""               # cd: an edm checkpoint ('' -> train one into <out>/teacher first)
+    teacher_steps: int = 0          # cd without --teacher: the teacher's steps (0 -> the edm default)
     out: str = ""                   # run folder; default runs/<dataset>-<mode>
     # the math [CM Sec. 4, App. C]
     sigma_min: float = 0.002        # epsilon
@@ -75,7 +77,7 @@ class Config:
     mu: float = 0.0                 # cd: constant target EMA rate (0 for CIFAR-10 in [CM Tab. 3])
     metric: str = ""                # l2 | l1 | lpips | pseudo_huber ('' -> per-dataset default)
     # optimisation
-    steps: int = 0                  # training steps K (0 -> per-dataset default)
+    steps: int = 0                  # training steps K (0 -> per-dataset and per-mode default)
     batch_size: int = 0             # (0 -> per-dataset default)
     lr: float = 0.0                 # RAdam (cm) / Adam (edm) learning rate (0 -> per-dataset default)
     ema: float = 0.999              # evaluation EMA rate (with a (1+k)/(10+k) warm-up)
@@ -96,9 +98,12 @@ class Config:
 
 # Per-dataset defaults for the fields left at 0 / ''. Chosen so `python cm.py` ends in minutes on a CPU.
 DEFAULTS = {
-    "toy":     dict(steps=6000, batch_size=512, lr=1e-3, channels=256, metric="l2", s1=80),
-    "digits":  dict(steps=3000, batch_size=128, lr=2e-4, channels=32, metric="l2", s1=40),
-    "cifar10": dict(steps=800_000, batch_size=512, lr=4e-4, channels=128, metric="lpips", s1=150),
+    "toy":     dict(steps=dict(edm=4000, cd=4000, ct=6000), batch_size=512, lr=1e-3, channels=256,
+                    metric="l2", s1=80),
+    "digits":  dict(steps=dict(edm=1500, cd=800, ct=3000), batch_size=128, lr=2e-4, channels=32,
+                    metric="l2", s1=40),
+    "cifar10": dict(steps=dict(edm=390_625, cd=800_000, ct=800_000), batch_size=512, lr=4e-4,
+                    channels=128, metric="lpips", s1=150),  # edm: EDM's 200M images at batch 512
 }
 
 
@@ -111,7 +116,7 @@ def resolve(cfg: Config) -> Config:
     cfg = dataclasses.replace(cfg)
     for k, v in DEFAULTS[cfg.dataset].items():
         if not getattr(cfg, k):
-            setattr(cfg, k, v)
+            setattr(cfg, k, v[cfg.mode] if k == "steps" else v)
     cfg.out = cfg.out or f"runs/{cfg.dataset}-{cfg.mode}"
     cfg.sample_every = cfg.sample_every or max(cfg.steps // 4, 1)
     if cfg.metric not in METRICS:
@@ -124,8 +129,6 @@ def resolve(cfg: Config) -> Config:
         raise CMError("need 0 < sigma_min < sigma_max")
     if not (0 <= cfg.mu < 1 and 0 < cfg.mu0 < 1 and 0 <= cfg.ema < 1):
         raise CMError("need 0 <= mu < 1, 0 < mu0 < 1 and 0 <= ema < 1")
-    if cfg.mode == "cd" and not cfg.teacher:
-        raise CMError("--mode cd needs --teacher PATH (an edm checkpoint; train one with --mode edm)")
     return cfg
 
 
@@ -645,6 +648,11 @@ def save_grid(x: Tensor, path: Path) -> None:
 def train(cfg: Config) -> dict:
     """Train one mode; returns the final two-sample distances. Resumes from out/ckpt.pt if asked."""
     cfg = resolve(cfg)
+    if cfg.mode == "cd" and not cfg.teacher:  # CD needs a teacher: train one first, or reuse a finished one
+        print(f"no --teacher given: training an EDM teacher in {cfg.out}/teacher first")
+        train(dataclasses.replace(cfg, mode="edm", out=f"{cfg.out}/teacher", steps=cfg.teacher_steps,
+                                  sample_every=0, resume=True))
+        cfg.teacher = f"{cfg.out}/teacher/ckpt.pt"
     dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
     data = load_data(cfg)
