@@ -693,6 +693,8 @@ def train(cfg: Config) -> dict:
     json.dump(dataclasses.asdict(cfg), open(out / "config.json", "w"), indent=1)
 
     def checkpoint():
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # never save broken weights
+            raise CMError(f"non-finite weights at step {step}; the last good checkpoint is {ckpt}")
         save_checkpoint(ckpt, dict(model=model.state_dict(), target=target.state_dict(), ema=ema.state_dict(),
                                    opt=opt.state_dict(), step=step, rng=torch.get_rng_state(),
                                    **(dict(rng_cuda=torch.cuda.get_rng_state(dev)) if dev.type == "cuda" else {}),
