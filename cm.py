@@ -38,6 +38,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -123,12 +124,15 @@ def resolve(cfg: Config) -> Config:
         raise CMError(f"unknown metric {cfg.metric!r}; choose one of {', '.join(METRICS)}")
     if cfg.precision not in ("fp32", "bf16"):
         raise CMError(f"unknown precision {cfg.precision!r}; choose fp32 or bf16")
+    if min(cfg.steps, cfg.batch_size, cfg.channels, cfg.log_every, cfg.ckpt_every, cfg.sample_every) < 1:
+        raise CMError("steps, batch-size, channels, log-every, ckpt-every and sample-every must be >= 1")
     if cfg.N < 2 or cfg.s0 < 2 or cfg.s1 < cfg.s0:
         raise CMError(f"need N >= 2 and 2 <= s0 <= s1 (got N={cfg.N}, s0={cfg.s0}, s1={cfg.s1})")
     if not 0 < cfg.sigma_min < cfg.sigma_max:
         raise CMError("need 0 < sigma_min < sigma_max")
     if not (0 <= cfg.mu < 1 and 0 < cfg.mu0 < 1 and 0 <= cfg.ema < 1):
         raise CMError("need 0 <= mu < 1, 0 < mu0 < 1 and 0 <= ema < 1")
+    two_step_levels(cfg)  # a bad --ts fails now, not after the first sample_every steps
     return cfg
 
 
@@ -173,7 +177,8 @@ def ts_to_sigmas(ts: Sequence[int], N: int, sigma_min: float = 0.002, sigma_max:
     The official samplers index a grid of N points from the top: index 0 is T and index N-1 is ε
     (e.g. ts = 0,11,17 of 18 for two-step CIFAR-10 CD). The last index N-1 is only an end marker: a
     step at ε adds √(ε² - ε²) = 0 noise and f(x, ε) = x, so it is dropped here without changing
-    the result."""
+    the result. (Should ts not end at N-1, the official sampler returns its last denoised sample
+    re-noised to that level; here every index is a denoising level, so the result is clean.)"""
     if list(ts) != sorted(set(ts)) or not ts or ts[0] < 0 or ts[-1] > N - 1:
         raise ValueError(f"ts must be strictly increasing indices in [0, {N - 1}], got {list(ts)}")
     desc = karras_sigmas(N, sigma_min, sigma_max, rho).flip(0)
@@ -402,7 +407,9 @@ class LPIPS(nn.Module):
         super().__init__()
         try:
             import lpips
-            self.net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained_backbone, verbose=False)
+            with warnings.catch_warnings():  # lpips still uses torchvision's deprecated `pretrained=`
+                warnings.simplefilter("ignore", UserWarning)
+                self.net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained_backbone, verbose=False)
         except Exception as e:  # no package, or no internet for the VGG16 weights
             raise CMError(f"LPIPS(VGG) is unavailable ({type(e).__name__}: {str(e)[:80]}); "
                           "use --metric l2 (or pip install lpips and allow the VGG16 download)") from e
@@ -668,8 +675,10 @@ def train(cfg: Config) -> dict:
                                 0.0 if cfg.mode == "edm" else cfg.sigma_min).to(dev)
     if teacher is not None and cfg.init_from_teacher:
         model.net.load_state_dict(teacher.net.state_dict())
-    target = copy.deepcopy(model).requires_grad_(False)  # θ⁻ (unused by edm)
-    ema = copy.deepcopy(model).requires_grad_(False)     # evaluation EMA
+    # θ⁻ and the evaluation EMA run in eval mode: with --dropout the target sees no dropout (the official
+    # code shares the online net's masks instead, as full/train.py does)
+    target = copy.deepcopy(model).requires_grad_(False).eval()  # θ⁻ (unused by edm)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()     # evaluation EMA
     opt = (torch.optim.Adam if cfg.mode == "edm" else torch.optim.RAdam)(model.parameters(), lr=cfg.lr)
     metric = METRICS[cfg.metric]() if cfg.metric == "lpips" else METRICS[cfg.metric]
     metric = metric.to(dev) if isinstance(metric, nn.Module) else metric
@@ -689,7 +698,14 @@ def train(cfg: Config) -> dict:
         if dev.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"], dev)
         print(f"resumed from {ckpt} at step {step}")
-    autocast = torch.autocast(dev.type, torch.bfloat16, enabled=cfg.precision == "bf16")
+    def low_precision(fn: Callable) -> Callable:
+        """fn under bf16 autocast when asked: only the networks, never the metric or the ODE arithmetic."""
+        def call(x, sigma):
+            with torch.autocast(dev.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+                return fn(x, sigma)
+        return call
+
+    f, f_target, D = low_precision(model), low_precision(target), teacher and low_precision(teacher)
     json.dump(dataclasses.asdict(cfg), open(out / "config.json", "w"), indent=1)
 
     def checkpoint():
@@ -718,16 +734,15 @@ def train(cfg: Config) -> dict:
         else:
             N, mu = cfg.N, cfg.mu
         n = torch.randint(0, N - 1, (len(x),)).to(dev)
-        with autocast:
-            if cfg.mode == "edm":
-                sigma = (-1.2 + 1.2 * torch.randn(len(x))).exp().to(dev)
-                loss = edm_loss(model, x, sigma=sigma, z=z, sigma_data=cfg.sigma_data)
-            elif cfg.mode == "ct":
-                sigmas = karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)
-                loss = ct_loss(model, target, x, sigmas, metric, n=n, z=z)
-            else:
-                sigmas = karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)
-                loss = cd_loss(model, target, teacher, x, sigmas, metric, n=n, z=z)
+        if cfg.mode == "edm":
+            sigma = (-1.2 + 1.2 * torch.randn(len(x))).exp().to(dev)
+            loss = edm_loss(f, x, sigma=sigma, z=z, sigma_data=cfg.sigma_data)
+        elif cfg.mode == "ct":
+            sigmas = karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+            loss = ct_loss(f, f_target, x, sigmas, metric, n=n, z=z)
+        else:
+            sigmas = karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+            loss = cd_loss(f, f_target, D, x, sigmas, metric, n=n, z=z)
         if not torch.isfinite(loss):
             raise CMError(f"loss is {loss.item()} at step {step}; the last good checkpoint is {ckpt}")
         opt.zero_grad(set_to_none=True)

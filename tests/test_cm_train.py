@@ -97,6 +97,9 @@ def test_import_has_no_side_effects(tmp_path):
     (["--dataset", "mnist"], "unknown dataset"),
     (["--metric", "cosine", "--dataset", "toy"], "unknown metric"),
     (["--sample", "no/such.pt"], "no checkpoint at"),
+    (["--dataset", "toy", "--log-every", "0"], "must be >= 1"),
+    (["--dataset", "toy", "--batch-size", "-3"], "must be >= 1"),
+    (["--dataset", "toy", "--ts", "0,30"], "ts must be strictly increasing"),
 ])
 def test_bad_input_gives_one_line_error(args, message, tmp_path):
     r = run_cli(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)
