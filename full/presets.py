@@ -175,8 +175,10 @@ def validate(cfg: RunConfig) -> None:
 
 def _cifar10(mode: str, **cm) -> RunConfig:
     """CIFAR-10, NCSN++ ~56M, RAdam lr 4e-4, batch 512, 800k steps, eval EMA 0.9999.  [CM Tab. 3]"""
+    # fp32: [CM Tab. 3] trains CIFAR-10 without mixed precision (override with opt.precision='bf16')
     return RunConfig(net=NCSNppConfig.cifar10(), cm=CMSection(mode=mode, **cm),
-                     opt=OptSection("radam", 4e-4, batch=512, steps=800_000), ema=EMASection((0.9999,)),
+                     opt=OptSection("radam", 4e-4, batch=512, steps=800_000, precision="fp32"),
+                     ema=EMASection((0.9999,)),
                      data=DataSection("cifar10", "data/cifar10"), run=RunSection(ts=(0, 11, 17), ts_grid=18))
 
 
@@ -185,15 +187,15 @@ def _cifar10(mode: str, **cm) -> RunConfig:
 _ADM_EMAS = (0.999, 0.9999, 0.9999432189950708)
 
 
-def _imagenet64(mode: str, lr: float, steps: int, **cm) -> RunConfig:
+def _imagenet64(mode: str, lr: float, steps: int, ts=(0, 22, 39), ts_grid=40, **cm) -> RunConfig:
     """ImageNet-64 (class-conditional), ADM ~296M, batch 2048, c_noise of the ADM code.  [CM Tab. 3]"""
     return RunConfig(net=ADMConfig.imagenet64(), cm=CMSection(mode=mode, noise_cond="adm", **cm),
                      opt=OptSection("radam", lr, batch=2048, steps=steps), ema=EMASection(_ADM_EMAS),
                      data=DataSection("imagenet64", "data/imagenet64", class_cond=True),
-                     run=RunSection(ts=(0, 22, 39), ts_grid=40))
+                     run=RunSection(ts=ts, ts_grid=ts_grid))
 
 
-def _lsun256(mode: str, steps: int, **cm) -> RunConfig:
+def _lsun256(mode: str, steps: int, ts: tuple, ts_grid: int, **cm) -> RunConfig:
     """LSUN-256 bedroom or cat (the same recipe; point data.root at either), ADM ~526M.  [CM Tab. 3]
 
     Paper: batch 2048, lr 1e-5. The launch scripts use batch 256 (and lr 5e-5 for CT)."""
@@ -201,7 +203,7 @@ def _lsun256(mode: str, steps: int, **cm) -> RunConfig:
                      opt=OptSection("radam", 1e-5, batch=2048, steps=steps),
                      ema=EMASection((0.9999, 0.99994, 0.9999432189950708)),
                      data=DataSection("folder", "data/lsun_bedroom", resolution=256),
-                     run=RunSection(ts=(0, 22, 39), ts_grid=40))
+                     run=RunSection(ts=ts, ts_grid=ts_grid))
 
 
 def _tiny(mode: str, **cm) -> RunConfig:
@@ -234,10 +236,13 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
         ema=EMASection((_ema_beta(4096, 5e7),))),
     "imagenet64-cd-lpips": lambda: _imagenet64("cd", 8e-6, 600_000, N=40, mu=0.95, metric="lpips"),
     "imagenet64-cd-l2": lambda: _imagenet64("cd", 8e-6, 600_000, N=40, mu=0.95, metric="l2"),
-    # Paper lr 8e-6; the launch script uses 1e-4.
-    "imagenet64-ct": lambda: _imagenet64("ct", 8e-6, 800_000, s0=2, s1=200, mu0=0.95, metric="lpips"),
-    "lsun256-cd-lpips": lambda: _lsun256("cd", 600_000, N=40, mu=0.95, metric="lpips"),
-    "lsun256-ct": lambda: _lsun256("ct", 1_000_000, s0=2, s1=150, mu0=0.95, metric="lpips"),
+    # Paper lr 8e-6; the launch script uses 1e-4. Two-step ts of the launch scripts: CT 0,106,200 of 201,
+    # LSUN CD 0,17,39 of 40, LSUN bedroom CT 0,67,150 of 151 (cat: 0,62,150).
+    "imagenet64-ct": lambda: _imagenet64("ct", 8e-6, 800_000, ts=(0, 106, 200), ts_grid=201,
+                                         s0=2, s1=200, mu0=0.95, metric="lpips"),
+    "lsun256-cd-lpips": lambda: _lsun256("cd", 600_000, (0, 17, 39), 40, N=40, mu=0.95, metric="lpips"),
+    "lsun256-ct": lambda: _lsun256("ct", 1_000_000, (0, 67, 150), 151, s0=2, s1=150, mu0=0.95,
+                                   metric="lpips"),
     "tiny-edm": lambda: _tiny("edm"),
     "tiny-cd": lambda: _tiny("cd", N=18, mu=0.0),
     "tiny-ct": lambda: _tiny("ct", s0=2, s1=20, mu0=0.9),
