@@ -122,13 +122,22 @@ def load_reference(path: str, shape: Sequence[int]) -> torch.Tensor:
         with Image.open(p) as img:
             arr = np.asarray(img.convert("L" if shape[0] == 1 else "RGB").resize(shape[1:][::-1]))[None]
     arr = arr[..., None] if arr.ndim == 3 else arr
+    if tuple(arr.shape[1:]) != (shape[1], shape[2], shape[0]):
+        raise CMError(f"reference images are {tuple(arr.shape[1:])} (H, W, C); the model takes "
+                      f"{(shape[1], shape[2], shape[0])}")
     return torch.from_numpy(arr.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def load_mask(path: str, shape: Sequence[int]) -> torch.Tensor:
     """A PNG mask (white = known pixel) -> (1, 1, H, W) float in {0, 1}."""
-    from PIL import Image
-    with Image.open(path) as img:
+    from PIL import Image, UnidentifiedImageError
+    if not Path(path).is_file():
+        raise CMError(f"no mask at {path}")
+    try:
+        img = Image.open(path)
+    except UnidentifiedImageError as e:
+        raise CMError(f"cannot read the mask {path} as an image") from e
+    with img:
         m = np.asarray(img.convert("L").resize(shape[1:][::-1], Image.NEAREST)) > 127
     return torch.from_numpy(m)[None, None].float()
 
@@ -165,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         res = getattr(net, "img_resolution", None) or getattr(net, "image_size")
         shape = (net.in_channels, res, res)
         labels = [int(v) for v in args.class_labels.split(",")] if args.class_labels else None
+        num_classes = getattr(net, "num_classes", 0)
+        if labels is not None and not all(0 <= v < num_classes for v in labels):
+            raise CMError(f"--class-labels must lie in [0, {num_classes - 1}]" if num_classes else
+                          "--class-labels given, but the model is not class-conditional")
         if args.edit:
             return run_edit_cli(args, f, cfg, shape, out)
         heun = cfg.cm.mode == "edm"

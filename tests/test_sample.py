@@ -105,3 +105,29 @@ def test_bad_checkpoint_is_one_line_error(tmp_path, capsys):
     assert e.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "corrupt" in err[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--class-labels", "10"], "--class-labels must lie in [0, 9]"),
+    (["--edit", "inpaint", "--reference", "no/such.png", "--mask", "no/such.png"], "no reference at"),
+])
+def test_cli_bad_input_is_one_line(adm_export, tmp_path, extra, message):
+    p = subprocess.run([sys.executable, "-m", "full.sample", "--checkpoint", str(adm_export), "--num", "2",
+                        "--out", str(tmp_path), *extra], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=ENV)
+    assert p.returncode != 0 and message in p.stderr and p.stderr.strip().count("\n") == 0, p.stderr
+
+
+def test_mask_and_reference_checks(tmp_path):
+    from PIL import Image
+    from full.sample import load_mask, load_reference
+    with pytest.raises(cm.CMError, match="no mask at"):
+        load_mask(str(tmp_path / "none.png"), (1, 8, 8))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(cm.CMError, match="cannot read the mask"):
+        load_mask(str(tmp_path / "bad.png"), (1, 8, 8))
+    np.savez(tmp_path / "ref.npz", np.zeros((2, 16, 16, 3), dtype=np.uint8))
+    with pytest.raises(cm.CMError, match="reference images are"):
+        load_reference(str(tmp_path / "ref.npz"), (1, 8, 8))
+    Image.new("L", (8, 8), 255).save(tmp_path / "ok.png")
+    assert load_mask(str(tmp_path / "ok.png"), (1, 8, 8)).sum() == 64
