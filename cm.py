@@ -33,9 +33,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -796,12 +798,14 @@ def report(model: nn.Module, cfg: Config, data: Tensor | None, shape, teacher=No
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Consistency models: train (ct, cd, edm) or sample.")
+    # each flag's help is the comment on its Config field
+    notes = dict(re.findall(r"^ +(\w+): \w+ = .*?# *(.*)$", inspect.getsource(Config), re.M))
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, help = "--" + f.name.replace("_", "-"), notes.get(f.name, "").replace("%", "%%")
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
+            p.add_argument(flag, type=type(f.default), default=f.default, help=help)
     p.add_argument("--sample", metavar="CKPT", help="write sample grids from a checkpoint and exit")
     args = p.parse_args(argv)
     try:
