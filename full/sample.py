@@ -214,6 +214,11 @@ def run_edit_cli(args, f, cfg, shape, out: Path) -> None:
         raise CMError(f"--edit needs full/edit.py with run_edit ({e})") from None
     if not args.reference:
         raise ValueError("--edit needs --reference IMG_OR_NPZ")
+    if args.edit == "colorize" and shape[0] != 3:
+        raise CMError(f"--edit colorize needs an RGB model; this one has {shape[0]} channel(s)")
+    if args.edit == "interpolate":  # run_edit takes two N(0, I) latents, not images
+        raise CMError("--edit interpolate is not available from the command line; call "
+                      "full.edit.interpolate(f, z0, z1, alphas) with two Gaussian latents")
     ref = load_reference(args.reference, shape).to(next(f.parameters()).device)
     mask = load_mask(args.mask, shape).to(ref.device) if args.mask else None
     levels = (levels_from_args(args.ts, args.sigmas, args.grid_steps, cfg)

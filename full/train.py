@@ -265,6 +265,10 @@ def load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module:
         raise CMError(f"run.teacher {cfg.run.teacher} is a {tcfg.cm.mode} checkpoint, not an edm one")
     if tcfg.arch != cfg.arch:
         raise CMError(f"run.teacher is an {tcfg.arch} network, this preset trains an {cfg.arch} network")
+    for k in ("name", "resolution", "class_cond"):  # a teacher of other data would crash or mislead
+        mine, theirs = getattr(cfg.data, k), getattr(tcfg.data, k)
+        if mine != theirs:
+            raise CMError(f"run.teacher was trained with data.{k}={theirs!r}, this run has {mine!r}")
     teacher, _ = checkpoints.model_from_state(state, path=cfg.run.teacher, denoiser=True)
     return teacher.to(device)
 

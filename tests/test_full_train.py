@@ -189,3 +189,12 @@ def test_print_config(capsys):
     full.train.main(["--preset", "cifar10-cd-lpips", "--print-config", "opt.lr=1e-4"])
     out = capsys.readouterr().out
     assert '"lr": 0.0001' in out and '"N": 18' in out and '"arch": "ncsnpp"' in out
+
+
+def test_teacher_of_other_data_is_refused(teacher, tmp_path, capsys):
+    state = torch.load(teacher / "ckpt-0000010.pt", weights_only=True)
+    state["config"]["data"]["resolution"] = 16  # as if the teacher had been trained on 16x16 images
+    torch.save(state, tmp_path / "teacher16.pt")
+    msg = _main_error(capsys, "--preset", "tiny-cd", f"run.out={str(tmp_path / 'cd')!r}",
+                      f"run.teacher={str(tmp_path / 'teacher16.pt')!r}")
+    assert "run.teacher was trained with data.resolution=16" in msg, msg
