@@ -52,7 +52,7 @@ from torch import Tensor
 
 
 class CMError(RuntimeError):
-    """A user-facing error: main() prints its one-line message and exits with status 2."""
+    """A user-facing error: main() prints its one-line message and exits with a non-zero status."""
 
 
 # ----------------------------------------------------------------------------------------------
