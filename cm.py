@@ -637,8 +637,8 @@ def generate(model: Callable, cfg: Config, shape: Sequence[int], n: int, seed: i
     return sample_multistep(model, z, levels, cfg.sigma_min, generator=g)
 
 
-def save_grid(x: Tensor, path: Path) -> None:
-    """PNG grid of images in [-1, 1] (8x upscaled when tiny), or a scatter plot of 2-D points."""
+def save_grid(x: Tensor, path: Path, nrow: int | None = None) -> None:
+    """PNG grid of images in [-1, 1] (tiny ones upscaled to 32 pixels), or a scatter plot of 2-D points."""
     if x.ndim == 2:
         from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
         fig = Figure(figsize=(4, 4))
@@ -651,7 +651,8 @@ def save_grid(x: Tensor, path: Path) -> None:
     x = (x.clamp(-1, 1) + 1) / 2
     if x.shape[-1] < 32:
         x = F.interpolate(x, scale_factor=32 // x.shape[-1], mode="nearest")
-    torchvision.utils.save_image(x.cpu(), path, nrow=int(math.sqrt(len(x))), padding=2, pad_value=1)
+    torchvision.utils.save_image(x.float().cpu(), path, nrow=nrow or max(1, int(math.sqrt(len(x)))),
+                                 padding=2, pad_value=1)
 
 
 def train(cfg: Config) -> dict:
@@ -736,14 +737,13 @@ def train(cfg: Config) -> dict:
         else:
             N, mu = cfg.N, cfg.mu
         n = torch.randint(0, N - 1, (len(x),)).to(dev)
+        sigmas = karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)  # t_1 < ... < t_N at this k
         if cfg.mode == "edm":
             sigma = (-1.2 + 1.2 * torch.randn(len(x))).exp().to(dev)
             loss = edm_loss(f, x, sigma=sigma, z=z, sigma_data=cfg.sigma_data)
         elif cfg.mode == "ct":
-            sigmas = karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)
             loss = ct_loss(f, f_target, x, sigmas, metric, n=n, z=z)
         else:
-            sigmas = karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)
             loss = cd_loss(f, f_target, D, x, sigmas, metric, n=n, z=z)
         if not torch.isfinite(loss):
             raise CMError(f"loss is {loss.item()} at step {step}; the last good checkpoint is {ckpt}")

@@ -22,6 +22,7 @@ import torch
 
 import cm
 from full.networks import ADMConfig, NCSNppConfig, build_network
+from full.train import autocast_ctx
 
 NETS = {  # name -> (config factory, image resolution, channels)
     "ncsnpp-tiny": (lambda: NCSNppConfig.tiny(img_resolution=16), 16, 3),
@@ -29,7 +30,7 @@ NETS = {  # name -> (config factory, image resolution, channels)
     "ncsnpp-cifar10": (NCSNppConfig.cifar10, 32, 3),
     "adm-imagenet64": (lambda: ADMConfig.imagenet64(), 64, 3),
 }
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def _sync(dev: torch.device) -> None:
@@ -46,9 +47,8 @@ def bench_one(net_name: str, precision: str, batch: int, steps: int, warmup: int
     f = cm.ConsistencyFunction(build_network(net_cfg), 0.5, 0.002).to(dev)
     target = copy.deepcopy(f).requires_grad_(False)
     opt = torch.optim.RAdam(f.parameters(), lr=1e-4)
-    dtype = DTYPES[precision]
-    autocast = torch.autocast(dev.type, dtype or torch.float32, enabled=dtype is not None)
-    scaler = torch.amp.GradScaler(dev.type, enabled=dtype is torch.float16)
+    autocast = autocast_ctx(precision, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
     sigmas = cm.karras_sigmas(18)
     labels = torch.zeros(batch, dtype=torch.long, device=dev) if getattr(net_cfg, "num_classes", 0) else None
     call = (lambda x, s: f(x, s, labels)) if labels is not None else f
@@ -100,8 +100,8 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precisions = args.precisions.split(",")
-    if bad := [q for q in precisions if q not in DTYPES]:
-        raise SystemExit(f"error: unknown precision {bad[0]!r}; choose from {', '.join(DTYPES)}")
+    if bad := [q for q in precisions if q not in PRECISIONS]:
+        raise SystemExit(f"error: unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{args.net}, batch {args.batch}, {args.steps} timed steps, on {name}")
     rows = [bench_one(args.net, q, args.batch, args.steps, args.warmup, dev) for q in precisions]

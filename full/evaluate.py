@@ -236,13 +236,13 @@ def load_images(path) -> np.ndarray:
 
 def cifar10_train_images(data_dir, download: bool = False) -> np.ndarray:
     """The 50k CIFAR-10 training images, uint8 (50000, 32, 32, 3), via torchvision (CM's FID reference)."""
-    import torchvision
+    from full.data import DatasetError, load_cifar10
 
     try:
-        ds = torchvision.datasets.CIFAR10(root=str(data_dir), train=True, download=download)
-    except (RuntimeError, OSError) as e:
+        ds = load_cifar10(data_dir, train=True, download=download)
+    except DatasetError as e:
         hint = "" if download else " (add --download to fetch it)"
-        raise EvaluationError(f"CIFAR-10 not found under {data_dir}: {e}{hint}") from None
+        raise EvaluationError(f"{e}{hint}") from None
     return as_nhwc_uint8(np.asarray(ds.data), "CIFAR-10")
 
 

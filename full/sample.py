@@ -18,16 +18,15 @@ and rank 0 gathers and writes `<out>/samples.png` (the first 64) and `<out>/samp
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cm import CMError, sample_heun, sample_multistep, sample_onestep, ts_to_sigmas
+from cm import save_grid as cm_save_grid
 from full import checkpoints, dist
 from full.presets import CLIParser
 
@@ -83,14 +82,10 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """A PNG grid of images in [-1, 1]; tiny images are upscaled (nearest) to 32 pixels."""
-    import torchvision
+    """cm.save_grid into a folder it creates; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    x = (x.float().clamp(-1, 1) + 1) / 2
-    if x.shape[-1] < 32:
-        x = F.interpolate(x, scale_factor=32 // x.shape[-1], mode="nearest")
-    torchvision.utils.save_image(x, path, nrow=nrow or max(1, int(math.sqrt(len(x)))), padding=2, pad_value=1)
+    cm_save_grid(x, path, nrow)
     return path
 
 
