@@ -290,8 +290,10 @@ class Block(nn.Module):
         super().__init__()
         norm = lambda c: nn.GroupNorm(min(32, c // 4), c)
         self.res = nn.Sequential(norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
-        self.out = nn.Sequential(norm(cout), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1))
-        self.emb, self.skip = nn.Linear(emb_dim, cout), nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.out = nn.Sequential(norm(cout), nn.SiLU(), nn.Dropout(dropout),
+                                 nn.Conv2d(cout, cout, 3, padding=1))
+        self.emb = nn.Linear(emb_dim, cout)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         self.attn = nn.ModuleList([norm(cout), nn.Conv2d(cout, 3 * cout, 1), nn.Conv2d(cout, cout, 1)]
                                   ) if attention else None
 
@@ -344,7 +346,8 @@ class UNet(nn.Module):
             if level:
                 self.dec.append(Resample(c, up=True))
                 res *= 2
-        self.out = nn.Sequential(nn.GroupNorm(min(32, c // 4), c), nn.SiLU(), nn.Conv2d(c, in_ch, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(min(32, c // 4), c), nn.SiLU(),
+                                 nn.Conv2d(c, in_ch, 3, padding=1))
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
         emb, h = self.emb(c_noise, class_labels), self.inp(x)  # (B, 4ch), (B, ch, H, W)
@@ -451,7 +454,7 @@ def ct_loss(f: Callable, f_target: Callable, x: Tensor, sigmas: Tensor, metric: 
 
 def cd_loss(f: Callable, f_target: Callable, teacher: Callable, x: Tensor, sigmas: Tensor,
             metric: Callable = l2, n: Tensor | None = None, z: Tensor | None = None) -> Tensor:
-    """E[d(f_θ(x_{t_{n+1}}, t_{n+1}), f_θ⁻(x̂_{t_n}, t_n))], x̂_{t_n} one Heun step of the teacher.  [CM Alg. 2]"""
+    """E[d(f_θ(x_{t_{n+1}}, t_{n+1}), f_θ⁻(x̂_{t_n}, t_n))], x̂_{t_n} one teacher Heun step.  [CM Alg. 2]"""
     n, z = _draw(x, len(sigmas), n, z)
     sigmas = sigmas.to(x.device, x.dtype)
     t, t_next = sigmas[n], sigmas[n + 1]
@@ -463,7 +466,7 @@ def cd_loss(f: Callable, f_target: Callable, teacher: Callable, x: Tensor, sigma
 
 def edm_loss(D: Callable, x: Tensor, sigma: Tensor | None = None, z: Tensor | None = None,
              sigma_data: float = 0.5, P_mean: float = -1.2, P_std: float = 1.2) -> Tensor:
-    """E[λ(t) ‖D(x + t z, t) - x‖²], ln t ~ N(P_mean, P_std²), λ = (t² + σd²)/(t σd)².  [EDM Sec. 5, Tab. 1]"""
+    """E[λ(t) ‖D(x + t z, t) - x‖²], ln t ~ N(P_mean, P_std²), λ = (t² + σd²)/(t σd)².  [EDM Sec. 5]"""
     if sigma is None:
         sigma = (P_mean + P_std * torch.randn(x.shape[0], device=x.device)).exp()
     z = torch.randn_like(x) if z is None else z
@@ -483,7 +486,8 @@ def sample_onestep(f: Callable, z: Tensor, sigma_max: float = 80.0) -> Tensor:
 
 @torch.no_grad()
 def sample_multistep(f: Callable, z: Tensor, sigmas: Sequence[float], sigma_min: float = 0.002,
-                     noises: Sequence[Tensor] | None = None, generator: torch.Generator | None = None) -> Tensor:
+                     noises: Sequence[Tensor] | None = None,
+                     generator: torch.Generator | None = None) -> Tensor:
     """x ← f(τ_1 z, τ_1); then for τ_2 > τ_3 > ...: x ← f(x + √(τ² - ε²) z', τ).  [CM Alg. 1]
 
     `sigmas` are the descending levels τ_1 > τ_2 > ... (τ_1 = T for the paper's sampler; see
@@ -712,11 +716,12 @@ def train(cfg: Config) -> dict:
     json.dump(dataclasses.asdict(cfg), open(out / "config.json", "w"), indent=1)
 
     def checkpoint():
+        rng_cuda = dict(rng_cuda=torch.cuda.get_rng_state(dev)) if dev.type == "cuda" else {}
         if not all(torch.isfinite(p).all() for p in model.parameters()):  # never save broken weights
             raise CMError(f"non-finite weights at step {step}; the last good checkpoint is {ckpt}")
         save_checkpoint(ckpt, dict(model=model.state_dict(), target=target.state_dict(), ema=ema.state_dict(),
                                    opt=opt.state_dict(), step=step, rng=torch.get_rng_state(),
-                                   **(dict(rng_cuda=torch.cuda.get_rng_state(dev)) if dev.type == "cuda" else {}),
+                                   **rng_cuda,
                                    config=dataclasses.asdict(cfg), shape=list(shape), format=CKPT_FORMAT))
 
     from tqdm import tqdm
@@ -777,7 +782,8 @@ def report(model: nn.Module, cfg: Config, data: Tensor | None, shape, teacher=No
     """Energy distance to fresh data of each sampler, beside data against data (the floor)."""
     n = 2000 if data is None else min(1000, len(data) // 2)
     g = torch.Generator().manual_seed(cfg.seed + 123)
-    real = (lambda: toy_ring(n, g)) if data is None else (lambda: data[torch.randperm(len(data), generator=g)[:n]])
+    def real():
+        return toy_ring(n, g) if data is None else data[torch.randperm(len(data), generator=g)[:n]]
     rows = {"data vs data (floor)": energy_distance(real(), real())}
     hows = ["heun"] if cfg.mode == "edm" else ["1-step", "2-step"]
     for how in hows:

@@ -102,15 +102,18 @@ def main(argv=None) -> list[dict]:
     precisions = args.precisions.split(",")
     if bad := [q for q in precisions if q not in PRECISIONS]:
         raise SystemExit(f"error: unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({threads} threads)"
     print(f"{args.net}, batch {args.batch}, {args.steps} timed steps, on {name}")
     rows = [bench_one(args.net, q, args.batch, args.steps, args.warmup, dev) for q in precisions]
     base = rows[0]
-    print(f"{'precision':>9} {'train img/s':>12} {'x':>6} {'1-step img/s':>13} {'x':>6} {'peak GiB':>9} finite")
+    print(f"{'precision':>9} {'train img/s':>12} {'x':>6} {'1-step img/s':>13} {'x':>6} "
+          f"{'peak GiB':>9} finite")
     for r in rows:
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
         print(f"{r['precision']:>9} {r['train_ips']:12.1f} {r['train_ips'] / base['train_ips']:6.2f} "
-              f"{r['sample_ips']:13.1f} {r['sample_ips'] / base['sample_ips']:6.2f} {peak:>9} {r['loss_finite']}")
+              f"{r['sample_ips']:13.1f} {r['sample_ips'] / base['sample_ips']:6.2f} {peak:>9} "
+              f"{r['loss_finite']}")
     return rows
 
 

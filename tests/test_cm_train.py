@@ -75,7 +75,8 @@ def test_cd_without_teacher_trains_one_first(tmp_path):
     rows = cm.train(cm.Config(mode="cd", steps=10, teacher_steps=20, out=str(tmp_path), **TINY))
     teacher = torch.load(tmp_path / "teacher" / "ckpt.pt", weights_only=True)
     assert teacher["config"]["mode"] == "edm" and teacher["step"] == 20
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["teacher"].endswith("teacher/ckpt.pt")
+    student = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert student["config"]["teacher"].endswith("teacher/ckpt.pt")
     assert "teacher Heun, 18 levels (35 NFE)" in rows
 
 
