@@ -240,9 +240,8 @@ def cifar10_train_images(data_dir, download: bool = False) -> np.ndarray:
 
     try:
         ds = load_cifar10(data_dir, train=True, download=download)
-    except DatasetError as e:
-        hint = "" if download else " (add --download to fetch it)"
-        raise EvaluationError(f"{e}{hint}") from None
+    except DatasetError as e:  # its message already says where the files go and how to download them
+        raise EvaluationError(str(e)) from None
     return as_nhwc_uint8(np.asarray(ds.data), "CIFAR-10")
 
 
