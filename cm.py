@@ -728,14 +728,22 @@ def train(cfg: Config) -> dict:
     bar = tqdm(initial=step, total=cfg.steps, desc=f"{cfg.mode} {cfg.dataset}",
                mininterval=1.0, disable=None)
     log = open(out / "log.jsonl", "a")
-    t0 = time.time()
+    t0 = t_log = time.time()
+    step_log = step
+    data_dev = None if data is None else data.to(dev)  # the whole set moves to the device once
+    bad = torch.zeros((), dtype=torch.long, device=dev)  # first step with a non-finite loss (0: none)
+
+    def check_finite():  # one host read, before anything is logged or saved (not every step: it stalls a GPU)
+        if first := int(bad):
+            raise CMError(f"loss is not finite at step {first}; the last good checkpoint is {ckpt}")
+
     while step < cfg.steps:
-        # a batch: fresh toy points, or a random subset of the images (the CPU RNG is checkpointed)
-        x = (toy_ring(cfg.batch_size) if data is None else
-             data[torch.randint(0, len(data), (cfg.batch_size,))]).to(dev)
+        # a batch: fresh toy points, or a random subset of the images (indices from the checkpointed CPU RNG)
+        x = (toy_ring(cfg.batch_size).to(dev) if data is None else
+             data_dev[torch.randint(0, len(data), (cfg.batch_size,)).to(dev)])
         if cfg.dataset == "cifar10":  # random horizontal flips
             x = torch.where(torch.rand(len(x), 1, 1, 1).to(dev) < 0.5, x.flip(3), x)
-        z = torch.randn(x.shape).to(dev)
+        z = torch.randn(x.shape, device=dev)
         if cfg.mode == "ct":  # N(k), μ(k) [CM App. C]
             N, mu = ct_num_steps(step, cfg.steps, cfg.s0, cfg.s1), ct_target_rate(step, cfg.steps, cfg.s0,
                                                                                  cfg.s1, cfg.mu0)
@@ -750,8 +758,7 @@ def train(cfg: Config) -> dict:
             loss = ct_loss(f, f_target, x, sigmas, metric, n=n, z=z)
         else:
             loss = cd_loss(f, f_target, D, x, sigmas, metric, n=n, z=z)
-        if not torch.isfinite(loss):
-            raise CMError(f"loss is {loss.item()} at step {step}; the last good checkpoint is {ckpt}")
+        bad = torch.where((bad == 0) & ~torch.isfinite(loss.detach()), step + 1, bad)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -759,13 +766,20 @@ def train(cfg: Config) -> dict:
         ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
         step += 1
         bar.update(1)
-        if step % cfg.log_every == 0 or step == 1:
-            bar.set_postfix(loss=f"{loss.item():.4g}", N=N, mu=f"{mu:.4f}")
-            log.write(json.dumps(dict(step=step, loss=loss.item(), N=N, mu=mu, sec=time.time() - t0)) + "\n")
+        log_now, grid_now = step % cfg.log_every == 0 or step == 1, step % cfg.sample_every == 0
+        ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.steps
+        if log_now or grid_now or ckpt_now:
+            check_finite()
+        if log_now:
+            now = time.time()
+            ips, t_log, step_log = cfg.batch_size * (step - step_log) / max(now - t_log, 1e-9), now, step
+            bar.set_postfix(loss=f"{loss.item():.4g}", N=N, mu=f"{mu:.4f}", img_s=f"{ips:.0f}")
+            log.write(json.dumps(dict(step=step, loss=loss.item(), N=N, mu=mu, sec=now - t0,
+                                      img_per_s=ips)) + "\n")
             log.flush()
-        if step % cfg.sample_every == 0 or step == cfg.steps:
+        if grid_now or step == cfg.steps:
             write_grids(ema, cfg, shape, out, step)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if ckpt_now:
             checkpoint()
     log.close()
     bar.close()
