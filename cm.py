@@ -92,6 +92,9 @@ class Config:
     seed: int = 0                   # everything random derives from it
     log_every: int = 50             # steps between lines in log.jsonl
     sample_every: int = 0           # steps between sample grids (0 -> 4 grids per run)
+    grid_minutes: float = 10.0      # also a grid every this many minutes of training (0: only by steps)
+    fid_every: int = 0              # steps between FIDs of one-step samples (full.evaluate; 0: off)
+    fid_samples: int = 5000         # samples per FID (the paper's FIDs use 50,000)
     ckpt_every: int = 500           # steps between checkpoints
     ts: str = ""                    # two-step sampling levels, official index convention ('' -> default)
     ts_grid: int = 18               # the grid size the ts indices refer to
@@ -128,6 +131,8 @@ def resolve(cfg: Config) -> Config:
         raise CMError(f"unknown precision {cfg.precision!r}; choose fp32 or bf16")
     if min(cfg.steps, cfg.batch_size, cfg.channels, cfg.log_every, cfg.ckpt_every, cfg.sample_every) < 1:
         raise CMError("steps, batch-size, channels, log-every, ckpt-every and sample-every must be >= 1")
+    if cfg.fid_every and (cfg.dataset == "toy" or cfg.fid_every < 0 or cfg.fid_samples < 2):
+        raise CMError("--fid-every needs image data (digits, cifar10) and --fid-samples >= 2")
     if cfg.N < 2 or cfg.s0 < 2 or cfg.s1 < cfg.s0:
         raise CMError(f"need N >= 2 and 2 <= s0 <= s1 (got N={cfg.N}, s0={cfg.s0}, s1={cfg.s1})")
     if not 0 < cfg.sigma_min < cfg.sigma_max:
@@ -728,8 +733,8 @@ def train(cfg: Config) -> dict:
     bar = tqdm(initial=step, total=cfg.steps, desc=f"{cfg.mode} {cfg.dataset}",
                mininterval=1.0, disable=None)
     log = open(out / "log.jsonl", "a")
-    t0 = t_log = time.time()
-    step_log = step
+    t0 = t_log = t_grid = time.time()
+    step_log, fid_cache = step, {}
     data_dev = None if data is None else data.to(dev)  # the whole set moves to the device once
     bad = torch.zeros((), dtype=torch.long, device=dev)  # first step with a non-finite loss (0: none)
 
@@ -766,10 +771,15 @@ def train(cfg: Config) -> dict:
         ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
         step += 1
         bar.update(1)
-        log_now, grid_now = step % cfg.log_every == 0 or step == 1, step % cfg.sample_every == 0
+        log_now = step % cfg.log_every == 0 or step == 1
         ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.steps
-        if log_now or grid_now or ckpt_now:
+        grid_now = step % cfg.sample_every == 0 or 0 < cfg.grid_minutes * 60 <= time.time() - t_grid
+        fid_now = cfg.fid_every and step % cfg.fid_every == 0
+        if log_now or grid_now or ckpt_now or fid_now:
             check_finite()
+        if fid_now and (fid := fid_score(ema, cfg, shape, data, out, fid_cache)) is not None:
+            bar.write(f"step {step}: FID {fid:.2f} ({cfg.fid_samples} one-step samples vs the training set)")
+            log.write(json.dumps(dict(step=step, fid=fid, sec=time.time() - t0)) + "\n")
         if log_now:
             now = time.time()
             ips, t_log, step_log = cfg.batch_size * (step - step_log) / max(now - t_log, 1e-9), now, step
@@ -779,11 +789,37 @@ def train(cfg: Config) -> dict:
             log.flush()
         if grid_now or step == cfg.steps:
             write_grids(ema, cfg, shape, out, step)
+            t_grid = time.time()
         if ckpt_now:
             checkpoint()
     log.close()
     bar.close()
     return report(ema, cfg, data, shape, teacher)
+
+
+def fid_score(model: nn.Module, cfg: Config, shape, data: Tensor, out: Path, cache: dict) -> float | None:
+    """FID of one-step samples against the training set, through full.evaluate (torch-fidelity's TF
+    Inception, downloaded once). Where that cannot run (offline, no package): one line, None, and no
+    more FIDs this run; training goes on."""
+    if cache.get("off"):
+        return None
+    try:
+        from full import evaluate as ev
+        from full.sample import to_uint8
+        if "ref" not in cache:
+            cache["extractor"] = ev.make_extractor(next(model.parameters()).device)
+            ref = out / "fid_ref.npz"  # the training set's Inception statistics, computed once per run folder
+            if not ref.is_file():
+                st = ev.make_reference(to_uint8(data), cache["extractor"])
+                ev.save_stats(ref, st["mu"], st["sigma"], st["n"])
+            cache["ref"] = ev.load_stats(ref)[:2]
+        x = torch.cat([generate(model, cfg, shape, min(cfg.batch_size, cfg.fid_samples - i), cfg.seed + 2 + i,
+                                "1-step").cpu() for i in range(0, cfg.fid_samples, cfg.batch_size)])
+        return ev.evaluate(to_uint8(x), *cache["ref"], cache["extractor"])["fid"]
+    except (ImportError, ValueError, OSError, RuntimeError) as e:  # EvaluationError is a ValueError
+        cache["off"] = True
+        print(f"note: FID is off for this run: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+        return None
 
 
 def write_grids(model: nn.Module, cfg: Config, shape: Sequence[int], out: Path, step: int) -> None:
