@@ -90,20 +90,27 @@ def timed(fn: Callable, dev: torch.device, reps: int = 1) -> float:
 
 
 def rounds(rows: dict[str, Callable], dev: torch.device, n_rounds: int, reps: int, warmup: int,
-           before: dict[str, Callable] | None = None) -> dict[str, list[float]]:
+           before: dict[str, Callable] | None = None, cold: tuple = (), once: tuple = ()
+           ) -> dict[str, list[float]]:
     """{row: [seconds per call in round 1, 2, ...]}: every row once per round, the order rotating.
 
-    before[row] (untimed) runs ahead of each timing of that row: it switches a shared trainer's options."""
+    before[row] (untimed) runs ahead of each timing of that row: it switches a shared trainer's options.
+    Rows named in `cold` skip the warm-up (slow rows whose network the others have warmed), rows in
+    `once` are timed in the first round only (a ratio to them uses that round)."""
     names, before = list(rows), before or {}
     times = {k: [] for k in names}
     first = {}
     for k in names:  # warm-up (and compilation) is timed separately: the first call's cost
+        if k in cold:
+            continue
         before.get(k, lambda: None)()
         first[k] = timed(rows[k], dev) if warmup else 0.0
         for _ in range(warmup - 1):
             rows[k]()
     for r in range(n_rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
+            if r and k in once:
+                continue
             before.get(k, lambda: None)()
             times[k].append(timed(rows[k], dev, reps))
     times["_first"] = first  # type: ignore[assignment]
@@ -259,8 +266,9 @@ def sample_table(s: Setup, f: torch.nn.Module, D: torch.nn.Module, tr: Trainer) 
                                                                noises=[x] * (len(levels) - 1)),
             "Heun 35": lambda: cm.sample_heun(call_D, x, 18, c.sigma_min, c.sigma_max, c.rho)}
     evals = {"bare F": 1, "1-step": 1, f"{len(levels)}-step": len(levels), "Heun 35": 35}
-    t = rounds(rows, s.dev, s.rounds, s.reps, s.warmup)
-    print(f"\nsample ({s.net}, batch {s.batch}, {s.precision}; median of {s.rounds} interleaved rounds)")
+    t = rounds(rows, s.dev, s.rounds, s.reps, s.warmup, cold=("Heun 35",), once=("Heun 35",))
+    print(f"\nsample ({s.net}, batch {s.batch}, {s.precision}; median of {s.rounds} interleaved rounds, "
+          f"Heun in the first)")
     print(f"  {'sampler':9} {'evals':>5} {'ms/batch':>10} {'img/s':>9} {'x bare F':>9}")
     out = []
     for k in rows:
@@ -291,8 +299,7 @@ def options_table(s: Setup, tr: Trainer, compile_net: bool) -> list[dict]:
     raw = {m: m.net for m in (tr.model, tr.target, f)}
     compiled = {m: torch.compile(n) for m, n in raw.items()} if compile_net else {}
     options = {"fp32": {}, "bf16": dict(precision="bf16"), "fp16": dict(precision="fp16"),
-               "channels_last": dict(channels_last=True), "radam foreach": dict(opt="radam foreach"),
-               "adam": dict(opt="adam"), "adam fused": dict(opt="adam fused")}
+               "channels_last": dict(channels_last=True)}
     if compile_net:
         options["compile"] = dict(compile=True)
     fmt = {True: torch.channels_last, False: torch.contiguous_format}
@@ -305,9 +312,12 @@ def options_table(s: Setup, tr: Trainer, compile_net: bool) -> list[dict]:
             m.net = compiled[m] if compile else n
     xs = {True: x.to(memory_format=torch.channels_last), False: x}
     step_rows = {k: (lambda o=o: tr.step(xs[o.get("channels_last", False)], y)) for k, o in options.items()}
+    # the optimisers: their step alone (the rest of a training step does not depend on them)
+    step_rows.update({k: (lambda o=o: o.step()) for k, o in opts.items()})
     samp_rows = {k: (lambda o=o: cm.sample_onestep(tr._amp(f, y), xs[o.get("channels_last", False)]))
-                 for k, o in options.items() if "opt" not in o}
+                 for k, o in options.items()}
     before = {k: (lambda o=o: switch(**o)) for k, o in options.items()}
+    before.update({k: switch for k in opts})
     t0 = time.perf_counter()
     ts = rounds(step_rows, s.dev, s.rounds, s.reps, max(s.warmup, 1), before)
     tsamp = rounds(samp_rows, s.dev, s.rounds, s.reps, max(s.warmup, 1), before)
@@ -322,8 +332,8 @@ def options_table(s: Setup, tr: Trainer, compile_net: bool) -> list[dict]:
     print(f"  {'option':14} {'step ms':>9} {'x fp32':>7} {'1-step ms':>10} {'x fp32':>7} "
           f"{'max|Δ| 1-step':>14} {'1st call s':>10}")
     out = []
-    for k in options:
-        st, sx = statistics.median(ts[k]), median_ratio(ts["fp32"], ts[k])
+    for k in [*options, *opts]:
+        st, sx = statistics.median(ts[k]), median_ratio(ts["fp32" if k in options else "radam"], ts[k])
         sm = statistics.median(tsamp[k]) if k in tsamp else None
         smx = median_ratio(tsamp["fp32"], tsamp[k]) if k in tsamp else None
         delta = (samples[k] - samples["fp32"]).abs().max().item() if k in samples else None
@@ -332,7 +342,8 @@ def options_table(s: Setup, tr: Trainer, compile_net: bool) -> list[dict]:
         fm = lambda v, f_: "-" if v is None else format(v, f_)
         print(f"  {k:14} {st * 1e3:9.1f} {sx:7.2f} {fm(sm and sm * 1e3, '10.1f'):>10} {fm(smx, '7.2f'):>7} "
               f"{fm(delta, '14.2e'):>14} {ts['_first'][k]:10.1f}")
-    print("  (x fp32 > 1 is faster; '1st call s' includes compilation for the compile row)", flush=True)
+    print("  (x fp32 > 1 is faster; the optimiser rows time the optimiser step alone, against RAdam's\n"
+          "   for-loop step; '1st call s' includes compilation for the compile row)", flush=True)
     return out
 
 
@@ -354,66 +365,67 @@ def bench(s: Setup, tables=("train", "sample", "options"), compile_net: bool = F
                                         trainers["ct"])
     trainers.clear()
     if "options" in tables:
-        result["options"] = options_table(s, make_trainer(s, "ct"), compile_net)
+        result["options"] = options_table(dataclasses.replace(s, precision="fp32"), make_trainer(s, "ct"),
+                                          compile_net)
     return result
 
 
-def gpu_check(out: Path, dry_run: bool) -> int:
-    """tests/test_gpu.py, the bench in fp32/bf16/fp16, a minute each of cm.py and full.train: one report."""
+def gpu_check(out: Path, dry_run: bool, budget: float = 480.0) -> int:
+    """tests/test_gpu.py, the bench in fp32/bf16/fp16, a minute each of cm.py and full.train: one report.
+
+    Each part runs in its own process with a time limit, so a hang or crash is reported and the rest
+    still runs; the limits keep the whole within `budget` seconds."""
     dev = torch.device("cpu" if dry_run else "cuda")
     if not dry_run and not torch.cuda.is_available():
         raise SystemExit("error: --gpu-check needs a CUDA device (torch.cuda.is_available() is False); "
                          "--dry-run runs the same pipeline on the CPU")
     out.mkdir(parents=True, exist_ok=True)
     report = out / "report.md"
-    lines, failed = [f"# full.bench --gpu-check{' --dry-run' if dry_run else ''}, "
-                     f"{time.strftime('%Y-%m-%d %H:%M')}\n"], []
+    device_name = "CPU (dry run)" if dry_run else torch.cuda.get_device_name(dev)
+    lines = [f"# python -m full.bench --gpu-check{' --dry-run' if dry_run else ''}",
+             f"{time.strftime('%Y-%m-%d %H:%M')}, {device_name}, torch {torch.__version__}\n"]
+    failed, deadline = [], time.perf_counter() + (budget if not dry_run else 3 * budget)
     env = dict(os.environ, CM_GPU_CHECK_DEVICE=dev.type)
-    limit = 20 if dry_run else 60  # seconds of training for each of cm.py and full.train
+    # seconds of training for each of cm.py and full.train (the dry run's few steps end well before)
+    train_s = 120 if dry_run else 60
 
-    def shell(title: str, cmd: list[str], timeout: float, ok_on_timeout: bool = False) -> None:
+    def shell(title: str, cmd: list[str], limit: float, reserve: float, ok_on_timeout: bool = False):
+        """Run cmd for at most `limit` s, leaving `reserve` s of the budget to the parts after it."""
+        limit = max(min(limit, deadline - time.perf_counter() - reserve), 1.0)
         t0 = time.perf_counter()
         try:
-            r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+            r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
             rc, text = r.returncode, r.stdout + r.stderr
         except subprocess.TimeoutExpired as e:
             rc = 0 if ok_on_timeout else "timeout"
             text = "".join(v.decode() if isinstance(v, bytes) else (v or "") for v in (e.stdout, e.stderr))
-            text += f"\n(stopped after {timeout:.0f} s, as planned)" if ok_on_timeout else ""
+            text += f"\n(stopped after {limit:.0f} s, as planned)" if ok_on_timeout else ""
         if rc != 0:
             failed.append(title)
         tail = "\n".join(text.replace("\r", "\n").strip().splitlines()[-60:])
         status = "ok" if rc == 0 else f"FAILED ({rc})"
-        lines.append(f"## {title}: {status}, {time.perf_counter() - t0:.0f} s\n"
-                     f"$ {' '.join(cmd)}\n```\n{tail}\n```\n")
+        lines.append(f"## {title}: {status}, {time.perf_counter() - t0:.0f} s\n$ {' '.join(cmd)}\n"
+                     f"```\n{tail}\n```\n")
         print(lines[-1], flush=True)
 
-    device_name = "CPU (dry run)" if dry_run else torch.cuda.get_device_name(dev)
-    lines.append(f"device: {device_name}; torch {torch.__version__}\n")
-    py = sys.executable
+    py, tmp = sys.executable, out / "runs"
     shell("tests/test_gpu.py", [py, "-m", "pytest", "-q", "tests/test_gpu.py", "-p", "no:cacheprovider"],
-          120 if dry_run else 240)
+          300 if dry_run else 150, 2 * train_s + 180)
     net, batch = ("ncsnpp-tiny", 4) if dry_run else ("ncsnpp-cifar10", 128)
-    for precision in PRECISIONS:
-        if dry_run and precision == "fp16":
-            continue  # fp16 autocast is a CUDA setting (GradScaler, full.train refuses it on a CPU)
-        shell(f"bench {precision}", [py, "-m", "full.bench", "--net", net, "--batch-size", str(batch),
-                                     "--precision", precision, "--tables", "train,sample",
-                                     "--rounds", "1" if dry_run else "3", "--reps", "1" if dry_run else "3",
-                                     "--device", dev.type], 120 if dry_run else 150)
-    shell("bench options", [py, "-m", "full.bench", "--net", net, "--batch-size", str(batch), "--tables",
-                            "options", "--rounds", "1" if dry_run else "3", "--device", dev.type]
-          + ([] if dry_run else ["--compile"]), 120 if dry_run else 240)
-    tmp = out / "runs"
-    cm_args = (["--dataset", "toy", "--channels", "32", "--batch-size", "64", "--steps", "20"] if dry_run
+    precisions = "fp32,bf16" if dry_run else ",".join(PRECISIONS)  # fp16 autocast is a CUDA setting
+    shell(f"bench {precisions} + options", [
+        py, "-m", "full.bench", "--net", net, "--batch-size", str(batch), "--precision", precisions,
+        "--rounds", "1" if dry_run else "3", "--reps", "1" if dry_run else "3", "--warmup", "1",
+        "--device", dev.type, *([] if dry_run else ["--compile"])], 300, 2 * train_s)
+    cm_args = (["--dataset", "toy", "--channels", "32", "--batch-size", "64", "--steps", "10"] if dry_run
                else ["--steps", "100000", "--log-every", "200"])
     shell("cm.py --mode ct", [py, "cm.py", "--mode", "ct", "--device", dev.type, "--out", str(tmp / "cm-ct"),
-                              *cm_args], limit, ok_on_timeout=True)
+                              *cm_args], train_s, train_s, ok_on_timeout=True)
     shell("full.train --preset tiny-ct", [py, "-m", "full.train", "--preset", "tiny-ct",
                                           f"run.out={str(tmp / 'tiny-ct')!r}", f"run.device={dev.type!r}",
-                                          f"opt.steps={20 if dry_run else 100000}", "run.log_every=100",
+                                          f"opt.steps={10 if dry_run else 100000}", "run.log_every=100",
                                           "run.ckpt_every=1000", "run.resume=False"],
-          limit, ok_on_timeout=True)
+          train_s, 0, ok_on_timeout=True)
     for log in sorted(tmp.glob("*/log.jsonl")):
         rows = [json.loads(v) for v in log.read_text().splitlines() if v.strip()]
         if rows:
@@ -430,7 +442,8 @@ def main(argv=None) -> dict | int:
     p.add_argument("--net", default="ncsnpp-cifar10", choices=sorted(NETS))
     p.add_argument("--batch-size", type=int, default=0, help="per step (default: 2 on a CPU, 128 on a GPU)")
     p.add_argument("--batch", dest="batch_size", type=int, help=argparse.SUPPRESS)  # the old name
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="for the train and sample tables")
+    p.add_argument("--precision", default="fp32",
+                   help="for the train and sample tables; a comma-separated list runs each in turn")
     p.add_argument("--tables", default="train,sample,options", help="comma-separated: train, sample, options")
     p.add_argument("--rounds", type=int, default=0,
                    help="interleaved rounds, each row's median is reported (default: 3 on a CPU, 5 on a GPU)")
@@ -445,23 +458,26 @@ def main(argv=None) -> dict | int:
     args = p.parse_args(argv)
     if args.gpu_check:
         return gpu_check(Path(args.out), args.dry_run)
-    tables = args.tables.split(",")
+    tables, precisions = args.tables.split(","), args.precision.split(",")
     if bad := [t for t in tables if t not in ("train", "sample", "options")]:
         raise SystemExit(f"error: unknown table {bad[0]!r}; choose from train, sample, options")
+    if bad := [q for q in precisions if q not in PRECISIONS]:
+        raise SystemExit(f"error: unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
     if args.rounds < 0 or args.reps < 1 or args.warmup < 0 or args.batch_size < 0:
-        raise SystemExit("error: need --rounds >= 1, --reps >= 1, --warmup >= 0, --batch-size >= 0")
+        raise SystemExit("error: need --rounds >= 0, --reps >= 1, --warmup >= 0, --batch-size >= 0")
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch.cuda.is_available() is False")
-    if args.precision == "fp16" and dev.type != "cuda" and "options" not in tables:
-        print("note: fp16 autocast on a CPU runs, but full.train refuses it there (use bf16)")
     gpu = dev.type == "cuda"
-    s = Setup(args.net, args.batch_size or (128 if gpu else 2), dev, args.precision,
-              args.rounds or (5 if gpu else 3), args.reps, args.warmup)
-    result = bench(s, tables, args.compile)
+    results = []
+    for i, q in enumerate(precisions):  # the options table once, after the last precision's tables
+        s = Setup(args.net, args.batch_size or (128 if gpu else 2), dev, q, args.rounds or (5 if gpu else 3),
+                  args.reps, args.warmup)
+        last = [t for t in tables if t != "options" or i == len(precisions) - 1]
+        results.append(bench(s, last, args.compile))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results[0] if len(results) == 1 else {"by_precision": results}
 
 
 if __name__ == "__main__":
