@@ -115,8 +115,10 @@ class RunSection:
     sample_num: int = 64              # images per grid
     ts: tuple[int, ...] = (0, 11, 17)  # two-step grid levels, official index convention (cm.ts_to_sigmas)
     ts_grid: int = 18                 # the grid size the ts indices refer to
-    teacher: str = ""                 # cd: a full/ checkpoint (resume or export) of an edm run
-    init_from_teacher: bool = True    # cd: θ starts from the teacher's weights (as the official CD runs)
+    teacher: str = ""                 # cd: a full/ checkpoint of an edm run, CM's edm_*.pt or EDM's .pkl
+    init_from_teacher: bool = True    # cd, ct with a teacher: θ starts from its weights (official runs)
+    teacher_arch: str = ""            # released .pt teacher: architecture (default: from keys and shapes)
+    teacher_kind: str = ""            # released .pt teacher: edm | cd | ct (default: from the file name)
 
 
 @dataclass

@@ -253,24 +253,34 @@ class Trainer:
 
 
 def load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module:
-    """D_φ for CD from a full/ checkpoint of an edm run (its first EMA), in eval mode.
-
-    Official checkpoints (EDM's .pkl, CM's released .pt) will come through checkpoints.import_official."""
+    """D_φ for CD (and the initial θ of CD/CT) from a full/ checkpoint of an edm run (its first EMA), a
+    released CM edm_*.pt or an EDM .pkl (checkpoints.import_official), in eval mode."""
     if not cfg.run.teacher:
         raise CMError("cm.mode=cd needs run.teacher=PATH (a checkpoint of an edm run, e.g. "
                       "python -m full.train --preset tiny-edm)")
-    state = checkpoints.load(cfg.run.teacher)
+    state = checkpoints.load(cfg.run.teacher, cfg.run.teacher_arch, cfg.run.teacher_kind)
     tcfg = checkpoints.config_of(state)
     if tcfg.cm.mode != "edm":
         raise CMError(f"run.teacher {cfg.run.teacher} is a {tcfg.cm.mode} checkpoint, not an edm one")
     if tcfg.arch != cfg.arch:
         raise CMError(f"run.teacher is an {tcfg.arch} network, this preset trains an {cfg.arch} network")
-    for k in ("name", "resolution", "class_cond"):  # a teacher of other data would crash or mislead
+    # A teacher of other data would crash or mislead. A released file records no data section: compare
+    # the images its network takes instead.
+    if "official" in state:
+        mine, theirs = (_net_geometry(c.net) for c in (cfg, tcfg))
+        if mine != theirs:
+            raise CMError(f"run.teacher takes images of (resolution, channels, classes) {theirs}, this run's "
+                          f"network takes {mine}")
+    for k in () if "official" in state else ("name", "resolution", "class_cond"):
         mine, theirs = getattr(cfg.data, k), getattr(tcfg.data, k)
         if mine != theirs:
             raise CMError(f"run.teacher was trained with data.{k}={theirs!r}, this run has {mine!r}")
     teacher, _ = checkpoints.model_from_state(state, path=cfg.run.teacher, denoiser=True)
     return teacher.to(device)
+
+
+def _net_geometry(net) -> tuple[int, int, int]:
+    return getattr(net, "img_resolution", None) or net.image_size, net.in_channels, net.num_classes
 
 
 def check_data(cfg: RunConfig, ds) -> None:
@@ -317,8 +327,12 @@ def train(cfg: RunConfig, device: str = "", on_checkpoint: Callable[[int, Path],
                       class_cond=cfg.data.class_cond, random_flip=cfg.data.random_flip,
                       download=cfg.data.download)
     check_data(cfg, ds)
-    teacher = load_teacher(cfg, dev) if cfg.cm.mode == "cd" else None
+    # CT with a teacher only starts from its weights (the official CT launch scripts pass one too).
+    teacher = load_teacher(cfg, dev) if cfg.cm.mode == "cd" or (cfg.cm.mode == "ct" and cfg.run.teacher) \
+        else None
     tr = Trainer(cfg, dev, teacher)
+    if cfg.cm.mode == "ct":
+        tr.teacher = None
     ckpt = checkpoints.latest(out) if cfg.run.resume in (True, "auto") else None
     if cfg.run.resume is True and ckpt is None:
         raise CMError(f"run.resume=True but {out} has no ckpt-*.pt")
