@@ -133,10 +133,11 @@ def ema_rates(state: dict) -> list[float]:
 
 def model_from_state(state: dict, rate: float | None = None, path: str | os.PathLike = "",
                      denoiser: bool | None = None) -> tuple[ConsistencyFunction, RunConfig]:
-    """f (or D for an edm run) with the EMA weights of `rate` (default: the first), in eval mode."""
+    """f (or D for an edm run) with the EMA weights of `rate` (default: the run's ema.eval_rate), in eval
+    mode."""
     cfg = config_of(state)
     rates = ema_rates(state)
-    rate = rates[0] if rate is None else rate
+    rate = (cfg.ema.eval_rate if cfg.ema.eval_rate in rates else rates[0]) if rate is None else rate
     key = next((r for r in state["ema"] if abs(float(r) - rate) < 1e-15), None)
     if key is None:
         raise CMError(f"{path}: no EMA at rate {rate}; it has {', '.join(map(str, rates))}")
