@@ -113,8 +113,8 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in ALLOWED:
-            raise CMError(f"refused: the pickle names {module}.{name}, which is not a tensor, a plain container "
-                          "or an EDM persistence record (nothing was run)")
+            raise CMError(f"refused: the pickle names {module}.{name}, which is not a tensor, a plain "
+                          "container or an EDM persistence record (nothing was run)")
         return ALLOWED[(module, name)]
 
     def persistent_load(self, pid):
@@ -172,7 +172,8 @@ def config_from_kwargs(kw: dict, dropout: float | None = None) -> NCSNppConfig:
             resample_filter=tuple(g["resample_filter"]), num_classes=int(g["label_dim"]),
             embedding=g["embedding_type"], encoder=g["encoder_type"], label_input=True)
     except (KeyError, AssertionError, TypeError, ValueError) as e:
-        raise CMError(f"the SongUNet settings do not form an NCSN++ network: {type(e).__name__} {e}") from None
+        raise CMError(f"the SongUNet settings do not form an NCSN++ network: {type(e).__name__} {e}") \
+            from None
 
 
 def name_map(cfg: NCSNppConfig) -> list[tuple[str, str]]:
@@ -281,7 +282,8 @@ class EDMDenoiser(nn.Module):
         if self.precond == "VEPrecond":
             return one, sigma, one, (0.5 * sigma).log()
         if self.precond == "VPPrecond":
-            t = ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
+            b_min, b_d = self.beta_min, self.beta_d
+            t = ((b_min ** 2 + 2 * b_d * (1 + sigma ** 2).log()).sqrt() - b_min) / b_d  # σ⁻¹(σ)
             return one, -sigma, 1 / (sigma ** 2 + 1).sqrt(), (self.M - 1) * t
         c_skip, c_out, c_in = boundary_scalings(sigma, self.sigma_data, 0.0)
         return c_skip, c_out, c_in, sigma.log() / 4
@@ -318,7 +320,7 @@ def _sigma_range(name: str, st: dict, kw: dict) -> tuple[float, float]:
 
 
 def read_pickle(path: Path, obj, arch: str = "", kind: str = "") -> dict | None:
-    """checkpoints.import_official's reader for EDM .pkl snapshots: an export dict, or None if not a pickle."""
+    """checkpoints.import_official's reader for EDM .pkl snapshots: an export dict; None if not a pickle."""
     if obj is not None:
         return None
     with open(path, "rb") as fh:
@@ -362,6 +364,7 @@ def read_pickle(path: Path, obj, arch: str = "", kind: str = "") -> dict | None:
     dist.print0(f"{Path(path).name}: EDM pickle (read without running it); {ema.class_name} around SongUNet "
                 f"({'NCSN++' if net_cfg.embedding == 'fourier' else 'DDPM++'}, {len(weights)} tensors), "
                 f"kind edm (a denoiser D; Heun sigma range {cfg.cm.sigma_min:g}..{cfg.cm.sigma_max:g})")
-    return {"ema": {0.0: {f"net.{k}": v for k, v in weights.items()}}, "config": dataclasses.asdict(cfg), "step": 0, "format": checkpoints.FORMAT,
+    return {"ema": {0.0: {f"net.{k}": v for k, v in weights.items()}}, "config": dataclasses.asdict(cfg),
+            "step": 0, "format": checkpoints.FORMAT,
             "export": True, "official": {"source": "edm-pickle", "arch": "ncsnpp", "kind": "edm",
                                          "precond": precond}}

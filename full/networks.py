@@ -31,6 +31,9 @@ GroupNorm with min(C // 4, 32) groups (eps 1e-6, flax's default), SiLU, dropout 
 Attention is single-head; the decoder applies it once per level after the level's res blocks, the
 encoder after every res block. The Fourier frequencies are a fixed random buffer (the JAX code wraps them
 in stop_gradient), so they are saved in the state_dict but not counted as parameters.
+DDPM++ (EDM's VP CIFAR-10 networks, `NCSNppConfig.ddpmpp_cifar10`) is the same network with sinusoidal
+noise features of width nf (`embedding='positional'`), no input pyramid (`encoder='standard'`) and the
+[1, 1] resampling filter; `label_input=True` adds classes the way EDM's SongUNet does (full/edm_pickle.py).
 
 ADM [ADM] with guided-diffusion / CM key names, so `ADMUNet.load_state_dict(released_state_dict)` works:
     time_embed.{0,2}   label_emb   input_blocks.i.j   middle_block.{0,1,2}   output_blocks.i.j   out.{0,2}
@@ -108,8 +111,8 @@ class NCSNppConfig:
 
     @classmethod
     def ddpmpp_cifar10(cls, dropout: float = 0.13) -> NCSNppConfig:
-        """DDPM++ as EDM's SongUNet builds it (EDM's VP CIFAR-10 models): sinusoidal noise features of width nf,
-        plain encoder (no input pyramid), 2x2 box resampling filter [1, 1]; otherwise NCSN++'s settings."""
+        """DDPM++ as EDM's SongUNet builds it (EDM's VP CIFAR-10 models): sinusoidal noise features of
+        width nf, plain encoder (no input pyramid), 2x2 box resampling filter [1, 1]; else NCSN++'s."""
         return cls(dropout=dropout, embedding="positional", encoder="standard", resample_filter=(1, 1))
 
     @classmethod
@@ -193,7 +196,8 @@ def timestep_embedding(c_noise: Tensor, dim: int, max_period: float = 10000.0) -
 class PositionalEmbedding(nn.Module):
     """DDPM++'s sinusoidal features [sin(c ω_i), cos(c ω_i)], ω_i = 10000^(-i / (n - 1)), i < n = dim / 2.
 
-    EDM's SongUNet PositionalEmbedding(endpoint=True) with its sin/cos swap; no parameters. (B,) -> (B, dim)."""
+    EDM's SongUNet PositionalEmbedding(endpoint=True) with its sin/cos swap, no parameters.
+    (B,) -> (B, dim)."""
 
     def __init__(self, dim: int, max_period: float = 10000.0):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Released official checkpoints (full/official.py, full/edm_pickle.py), on files written here in their layouts.
+"""Released official checkpoints (full/official.py, full/edm_pickle.py), on files written in their layouts.
 
 CM's .pt files: raw guided-diffusion state dicts of scaled-down ADM configurations. EDM's .pkl files: pickles
 written the way EDM's torch_utils.persistence writes them (a reconstruction record with the module's source,
@@ -189,7 +189,8 @@ def test_edm_release_is_cd_teacher_and_ct_init(tiny_archs, tmp_path):
     common = [f"run.teacher={str(tmp_path / 'edm_imagenet64_ema.pt')!r}", "opt.steps=1", "opt.batch=4",
               "run.sample_every=0", "run.sample_num=2"]
     for mode in ("cd", "ct"):
-        cfg = resolve("tiny-ct-adm", ["net.num_head_channels=16", f"cm.mode={mode!r}", f"run.out={str(tmp_path / mode)!r}", *common])
+        cfg = resolve("tiny-ct-adm", ["net.num_head_channels=16", f"cm.mode={mode!r}",
+                                      f"run.out={str(tmp_path / mode)!r}", *common])
         tr = full.train.Trainer(cfg, torch.device("cpu"), full.train.load_teacher(cfg, torch.device("cpu")))
         for k, v in tr.model.net.state_dict().items():  # θ starts from the released weights
             assert torch.equal(v, sd[k]), k
@@ -200,7 +201,8 @@ def test_edm_release_is_cd_teacher_and_ct_init(tiny_archs, tmp_path):
 # EDM's .pkl files, written the way torch_utils.persistence writes them
 
 
-def song_unet_tensors(img, cin, nf, mult, B, attn_res, ddpmpp=False, augment_dim=9, seed=0) -> dict:
+def song_unet_tensors(img, cin, nf, mult, B, attn_res, ddpmpp=False, augment_dim=9, seed=0,
+                      label_dim=0) -> dict:
     """Tensor names and shapes of EDM's SongUNet (NCSN++ or DDPM++), spelled out from its constructor."""
     g = torch.Generator().manual_seed(seed)
     filt = torch.tensor([1., 1.]) if ddpmpp else torch.tensor([1., 3., 3., 1.])
@@ -234,6 +236,8 @@ def song_unet_tensors(img, cin, nf, mult, B, attn_res, ddpmpp=False, augment_dim
         T["map_noise.freqs"] = rnd(nf) * 80
     if augment_dim:
         T["map_augment.weight"] = rnd(noise, augment_dim)
+    if label_dim:
+        lin("map_label", label_dim, noise)
     lin("map_layer0", noise, 4 * nf), lin("map_layer1", 4 * nf, 4 * nf)
     cout, caux, skips = cin, cin, []
     for lv, m in enumerate(mult):
@@ -265,8 +269,8 @@ def song_unet_tensors(img, cin, nf, mult, B, attn_res, ddpmpp=False, augment_dim
     return T
 
 
-def song_kwargs(img, cin, nf, mult, B, attn_res, ddpmpp=False) -> dict:
-    return dict(img_resolution=img, in_channels=cin, out_channels=cin, label_dim=0, augment_dim=9,
+def song_kwargs(img, cin, nf, mult, B, attn_res, ddpmpp=False, label_dim=0) -> dict:
+    return dict(img_resolution=img, in_channels=cin, out_channels=cin, label_dim=label_dim, augment_dim=9,
                 model_channels=nf, channel_mult=list(mult), num_blocks=B, attn_resolutions=list(attn_res),
                 dropout=0.13, embedding_type="positional" if ddpmpp else "fourier",
                 channel_mult_noise=1 if ddpmpp else 2, encoder_type="standard" if ddpmpp else "residual",
@@ -342,11 +346,11 @@ def persistence(monkeypatch, tmp_path):
 TINY = dict(img=8, cin=1, nf=16, mult=(1, 2), B=1, attn_res=(4,))
 
 
-def write_edm_pickle(path, precond="VEPrecond", ddpmpp=False, extra=None, **consts) -> dict:
-    flat = song_unet_tensors(**TINY, ddpmpp=ddpmpp)
-    net = tree(flat, song_kwargs(**TINY, ddpmpp=ddpmpp))
+def write_edm_pickle(path, precond="VEPrecond", ddpmpp=False, extra=None, label_dim=0, **consts) -> dict:
+    flat = song_unet_tensors(**TINY, ddpmpp=ddpmpp, label_dim=label_dim)
+    net = tree(flat, song_kwargs(**TINY, ddpmpp=ddpmpp, label_dim=label_dim))
     ema = Persistent(precond, module_state(None, None, {"model": net}, img_resolution=8, img_channels=1,
-                                           label_dim=0, use_fp16=False, **consts,
+                                           label_dim=label_dim, use_fp16=False, **consts,
                                            _init_kwargs=dict(img_resolution=8, img_channels=1)))
     data = dict(ema=ema, loss_fn=Persistent("VELoss", dict(sigma_min=0.02, sigma_max=100)),
                 augment_pipe=Persistent("AugmentPipe", dict(p=0.12, xflip=1e8)),
@@ -486,3 +490,22 @@ def test_source_in_record_never_runs(persistence, tmp_path):
     assert b"the pickled source ran" in (tmp_path / "a.pkl").read_bytes()
     checkpoints.load(tmp_path / "a.pkl")
     assert not persistence.exists()
+
+
+def test_class_conditional_vp_pickle(persistence, tmp_path, capsys):
+    """cond-vp: DDPM++ with EDM's label input, noise features + map_label(one-hot · √K) before map_layer0."""
+    flat = write_edm_pickle(tmp_path / "edm-cifar10-32x32-cond-vp.pkl", "VPPrecond", ddpmpp=True,
+                            label_dim=10, beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5)
+    D, cfg = checkpoints.model_from_state(checkpoints.load(tmp_path / "edm-cifar10-32x32-cond-vp.pkl"))
+    seen = []
+    D.net.emb0.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    y, c = torch.tensor([3, 7]), torch.tensor([0.5, 2.0])
+    D(torch.randn(2, 1, 8, 8), c, y)
+    t = ((0.1 ** 2 + 2 * 19.9 * torch.log(1 + c ** 2)).sqrt() - 0.1) / 19.9 * 999
+    fr = torch.outer(t, (1 / 10000) ** (torch.arange(8) / 7))
+    want = torch.cat([fr.sin(), fr.cos()], 1) + F.one_hot(y, 10).float() * math.sqrt(10) \
+        @ flat["map_label.weight"].T + flat["map_label.bias"]
+    torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-5)
+    full.sample.main(["--checkpoint", str(tmp_path / "edm-cifar10-32x32-cond-vp.pkl"), "--steps", "3",
+                      "--class-labels", "3", "--num-samples", "2", "--out", str(tmp_path / "s")])
+    assert "DDPM++" in capsys.readouterr().out and (tmp_path / "s" / "samples.png").is_file()
