@@ -65,9 +65,15 @@ def save(run_dir: str | os.PathLike, state: dict, keep_last: int) -> Path:
     return path
 
 
-def load(path: str | os.PathLike) -> dict:
-    """Read a resume or export file (weights_only); a missing, corrupt or foreign file -> one-line CMError."""
+def load(path: str | os.PathLike, arch: str = "", kind: str = "") -> dict:
+    """Read a resume or export file (weights_only); a missing, corrupt or foreign file -> one-line CMError.
+
+    The paper's CIFAR-10 Flax checkpoints (a msgpack file, or its folder) are converted in memory by
+    full/flax_ckpt.py; `kind` (edm | cd | ct) overrides the kind it infers."""
     path = Path(path)
+    if is_flax(path):
+        from full import flax_ckpt
+        return flax_ckpt.import_flax(path, kind)
     if not path.is_file():
         raise CMError(f"no checkpoint at {path}")
     if path.suffix == ".pkl":
@@ -80,6 +86,17 @@ def load(path: str | os.PathLike) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT or "config" not in state:
         raise CMError(f"{path} is not a full/ checkpoint (format {FORMAT})")
     return state
+
+
+def is_flax(path: Path) -> bool:
+    """A Flax msgpack checkpoint file, or a folder holding checkpoint_<N> files (or checkpoints/ with them)."""
+    from full.flax_ckpt import looks_like_msgpack_map
+    if path.is_dir():
+        return any(path.glob("checkpoint_*")) or any((path / "checkpoints").glob("checkpoint_*"))
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return looks_like_msgpack_map(fh.read(2))
 
 
 def import_official(path: str | os.PathLike):
