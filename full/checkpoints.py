@@ -89,7 +89,7 @@ def load(path: str | os.PathLike, arch: str = "", kind: str = "") -> dict:
 
 
 def is_flax(path: Path) -> bool:
-    """A Flax msgpack checkpoint file, or a folder holding checkpoint_<N> files (or checkpoints/ with them)."""
+    """A Flax msgpack checkpoint file, or a folder with checkpoint_<N> files (or a checkpoints/ with them)."""
     from full.flax_ckpt import looks_like_msgpack_map
     if path.is_dir():
         return any(path.glob("checkpoint_*")) or any((path / "checkpoints").glob("checkpoint_*"))

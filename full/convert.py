@@ -1,4 +1,4 @@
-"""python -m full.convert CHECKPOINT --out FILE.pt: any checkpoint full/ reads, written as a full/ export file.
+"""python -m full.convert CHECKPOINT --out FILE.pt: any checkpoint full/ reads, as a full/ export file.
 
     python -m full.convert cd-lpips/checkpoints/checkpoint_80 --out cd_cifar10_lpips.pt
     python -m full.convert edm_cifar10_ema --out edm_cifar10.pt                 # the CD teacher
@@ -39,7 +39,8 @@ def convert(src: str | Path, out: str | Path, kind: str = "", resolution: int = 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = CLIParser(description="Convert a checkpoint (e.g. the paper's CIFAR-10 Flax files) to a full/ export.")
+    p = CLIParser(description="Convert a checkpoint (e.g. the paper's CIFAR-10 Flax files) to a "
+                              "full/ export.")
     p.add_argument("checkpoint", help="a Flax checkpoint_<N> file or its folder, or a full/ checkpoint")
     p.add_argument("--out", required=True, help="the export file to write (.pt)")
     p.add_argument("--kind", default="", choices=("", "edm", "cd", "ct"),

@@ -22,7 +22,8 @@ jcm/models/ncsnpp.py are numbered per type in call order:
     Conv_0, ..., GroupNorm_0, Conv_1 in / out conv   -> conv_in, norm_out, conv_out
     ResnetBlockBigGANpp_<n>          encoder blocks, down blocks, the two middle blocks, decoder blocks,
                                      up blocks, in the order full/'s NCSNpp.forward runs them
-        GroupNorm_0, Conv_0, Dense_0, GroupNorm_1, Conv_1, Conv_2 (1x1 skip) -> norm0 conv0 emb norm1 conv1 skip
+        GroupNorm_0, Conv_0, Dense_0, GroupNorm_1, Conv_1, Conv_2 (1x1 skip)
+                                     -> norm0, conv0, emb, norm1, conv1, skip
     AttnBlockpp_<m>                  GroupNorm_0, NIN_0/1/2 (q, k, v; stacked into qkv), NIN_3 -> proj
     Downsample_<d>/Conv2d_0          FIR + 3x3 stride-2 conv of the input pyramid -> down.<l>.pyramid.conv
 Layouts: conv kernels HWIO -> OIHW, dense kernels (in, out) -> (out, in), NIN W (in, out) -> 1x1 conv
@@ -36,7 +37,6 @@ edm run) or 0.002 (a cd / ct run), so the converted file is a cifar10-edm / -cd-
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import re
@@ -226,9 +226,11 @@ def convert_params(params: dict, cfg) -> dict[str, torch.Tensor]:
         if kind == "GaussianFourierProjection":
             sd[f"{pre}.freqs"] = get(f"{jax_name}/W")
         elif kind == "Dense":
-            sd[f"{pre}.weight"], sd[f"{pre}.bias"] = _dense(get(f"{jax_name}/kernel")), get(f"{jax_name}/bias")
+            sd[f"{pre}.weight"] = _dense(get(f"{jax_name}/kernel"))
+            sd[f"{pre}.bias"] = get(f"{jax_name}/bias")
         elif kind == "Conv":
-            sd[f"{pre}.weight"], sd[f"{pre}.bias"] = _conv(get(f"{jax_name}/kernel")), get(f"{jax_name}/bias")
+            sd[f"{pre}.weight"] = _conv(get(f"{jax_name}/kernel"))
+            sd[f"{pre}.bias"] = get(f"{jax_name}/bias")
         elif kind == "GroupNorm":
             sd[f"{pre}.weight"], sd[f"{pre}.bias"] = get(f"{jax_name}/scale"), get(f"{jax_name}/bias")
         elif kind == "Downsample":
@@ -329,7 +331,8 @@ def run_config(kind: str, net, ema_rate: float, path: str | Path = ""):
     """The full/ RunConfig of a converted checkpoint: the cifar10 preset of its kind, with its network."""
     from full.presets import EMASection, get_preset
     metric = _metric_from_path(path) if kind != "edm" else "lpips"
-    preset = {"edm": "cifar10-edm", "ct": "cifar10-ct", "cd": f"cifar10-cd-{'l2' if metric == 'l2' else 'lpips'}"}[kind]
+    cd = f"cifar10-cd-{'l2' if metric == 'l2' else 'lpips'}"
+    preset = {"edm": "cifar10-edm", "ct": "cifar10-ct", "cd": cd}[kind]
     cfg = get_preset(preset)
     cm = dataclasses.replace(cfg.cm, metric=metric) if kind != "edm" else cfg.cm
     # The JAX runs: t in [0.002, 80], σ_data 0.5, ρ 7, c_noise = ln(t)/4.

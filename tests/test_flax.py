@@ -267,7 +267,8 @@ def test_cd_training_with_a_flax_teacher(tmp_path, skip_md5):  # noqa: F811
     teacher = tmp_path / "edm_cifar10_ema"
     shutil.copy(CKPT, teacher)
     main(["--preset", "cifar10-cd-lpips", f"run.teacher={teacher}", "cm.metric=l2",
-          "net.model_channels=4", "net.channel_mult=1,2,2", "net.num_blocks=2", f"data.root={tmp_path / 'data'}",
+          "net.model_channels=4", "net.channel_mult=1,2,2", "net.num_blocks=2",
+          f"data.root={tmp_path / 'data'}",
           "opt.batch=4", "opt.steps=2", f"run.out={tmp_path / 'run'}", "run.sample_every=0",
           "run.sample_num=4", "run.ckpt_every=2", "data.num_workers=0"])
     assert (tmp_path / "run" / "export.pt").is_file()
