@@ -24,12 +24,12 @@ from full.presets import CLIParser
 def convert(src: str | Path, out: str | Path, kind: str = "", resolution: int = 32,
             attn: Sequence[int] = (16,)) -> dict:
     """Read `src` (full/ file, Flax checkpoint file or folder) and write it to `out` as an export dict."""
+    from full import flax_ckpt
     src = Path(src)
-    if checkpoints.is_flax(src):
-        from full import flax_ckpt
+    if flax_ckpt.is_flax(src):  # direct, for --resolution / --attn
         state = flax_ckpt.import_flax(src, kind, resolution, tuple(attn))
     else:
-        state = checkpoints.load(src)
+        state = checkpoints.load(src, kind=kind)
     f, _ = checkpoints.model_from_state(state, path=src)  # the weights must load before anything is written
     export = {k: state[k] for k in ("ema", "config", "step", "format")} | {"export": True}
     if "official" in state:

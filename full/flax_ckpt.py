@@ -75,6 +75,17 @@ def find_checkpoint(path: str | Path) -> Path:
     raise CMError(f"{path} is a folder without checkpoint_<N> files (nor a checkpoints/ folder with them)")
 
 
+def is_flax(path: str | Path) -> bool:
+    """A Flax msgpack checkpoint file, or a folder with checkpoint_<N> files (or a checkpoints/ with them)."""
+    path = Path(path)
+    if path.is_dir():
+        return any(path.glob("checkpoint_*")) or any((path / "checkpoints").glob("checkpoint_*"))
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return looks_like_msgpack_map(fh.read(2))
+
+
 def looks_like_msgpack_map(head: bytes) -> bool:
     """True when the first byte opens a msgpack map (fixmap 0x80-0x8f, map16 0xde, map32 0xdf) and the
     file is not a pickle (b'\\x80' + protocol 2-5) nor a zip (torch.save)."""
@@ -363,3 +374,17 @@ def import_flax(path: str | Path, kind: str = "", img_resolution: int = 32,
     return {"ema": {rate: sd}, "config": dataclasses.asdict(cfg), "step": int(step), "format": 1,
             "export": True, "official": {"format": "flax-msgpack", "source": str(file), "kind": kind,
                                          "kind_from": why, "params": "params_ema"}}
+
+
+def read_checkpoint(path: Path, obj, arch: str = "", kind: str = "") -> dict | None:
+    """checkpoints.import_official's reader: an export dict for a Flax msgpack file, else None."""
+    if obj is not None or not is_flax(path):
+        return None
+    if arch and arch not in ("ncsnpp", "cifar10"):
+        raise CMError(f"{path} is a CIFAR-10 NCSN++ Flax checkpoint; --arch {arch} does not apply")
+    from full import dist
+    state = import_flax(path, kind)
+    info = state["official"]
+    dist.print0(f"{Path(path).name}: Flax checkpoint of openai/consistency_models_cifar10, params_ema, kind "
+                f"{info['kind']} ({info['kind_from']}) -> preset {state['config']['preset']}")
+    return state
