@@ -342,14 +342,14 @@ def run_config(kind: str, net, ema_rate: float, path: str | Path = ""):
     """The full/ RunConfig of a converted checkpoint: the cifar10 preset of its kind, with its network."""
     from full.presets import EMASection, get_preset
     metric = _metric_from_path(path) if kind != "edm" else "lpips"
-    cd = f"cifar10-cd-{'l2' if metric == 'l2' else 'lpips'}"
-    preset = {"edm": "cifar10-edm", "ct": "cifar10-ct", "cd": cd}[kind]
+    preset = {"edm": "cifar10-edm", "ct": "cifar10-ct", "cd": f"cifar10-cd-{metric}"}[kind]
     cfg = get_preset(preset)
     cm = dataclasses.replace(cfg.cm, metric=metric) if kind != "edm" else cfg.cm
     # The JAX runs: t in [0.002, 80], σ_data 0.5, ρ 7, c_noise = ln(t)/4.
     cm = dataclasses.replace(cm, sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, rho=7.0, noise_cond="edm")
     net = dataclasses.replace(net, dropout=cfg.net.dropout)
-    return dataclasses.replace(cfg, net=net, cm=cm, ema=dataclasses.replace(cfg.ema, rates=(ema_rate,)))
+    ema = dataclasses.replace(cfg.ema, rates=(ema_rate,), eval_rate=ema_rate)
+    return dataclasses.replace(cfg, net=net, cm=cm, ema=ema)
 
 
 def import_flax(path: str | Path, kind: str = "", img_resolution: int = 32,

@@ -212,7 +212,7 @@ def test_kind_from_contents_path_and_override(tmp_path):
     l2 = tmp_path / "cd-l2" / "checkpoints" / "checkpoint_80"
     l2.parent.mkdir(parents=True)
     shutil.copy(CKPT, l2)
-    assert checkpoints.load(l2.parent.parent)["config"]["cm"]["metric"] == "l2"
+    assert checkpoints.load(l2.parent.parent)["config"]["preset"] == "cifar10-cd-l2"
     with pytest.raises(CMError, match="kind"):
         checkpoints.load(CKPT, kind="gan")
 
