@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cm import CMError, ConsistencyFunction, save_checkpoint
+from cm import CMError, ConsistencyFunction, load_checkpoint, save_checkpoint
 from full.model import make_model
 from full.presets import RunConfig, config_from_dict
 
@@ -59,7 +59,7 @@ def latest(run_dir: str | os.PathLike) -> Path | None:
 def save(run_dir: str | os.PathLike, state: dict, keep_last: int) -> Path:
     """Write ckpt-{step}.pt atomically (cm.save_checkpoint), then delete all but the newest keep_last."""
     path = ckpt_path(run_dir, state["step"])
-    save_checkpoint(path, {**state, "format": FORMAT})
+    save_checkpoint(path, {**state, "format": FORMAT, "kind": "full"})
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
@@ -68,18 +68,9 @@ def save(run_dir: str | os.PathLike, state: dict, keep_last: int) -> Path:
 def load(path: str | os.PathLike) -> dict:
     """Read a resume or export file (weights_only); a missing, corrupt or foreign file -> one-line CMError."""
     path = Path(path)
-    if not path.is_file():
-        raise CMError(f"no checkpoint at {path}")
-    if path.suffix == ".pkl":
+    if path.suffix == ".pkl" and path.is_file():
         import_official(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, garbage bytes, pickled code
-        raise CMError(f"cannot read checkpoint {path}: corrupt or truncated "
-                      f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT or "config" not in state:
-        raise CMError(f"{path} is not a full/ checkpoint (format {FORMAT})")
-    return state
+    return load_checkpoint(path, kind="full")  # cm.py's reader: weights_only, one-line errors
 
 
 def import_official(path: str | os.PathLike):
@@ -126,5 +117,5 @@ def export(path: str | os.PathLike, emas: dict[float, nn.Module], cfg: RunConfig
     path = Path(path)
     save_checkpoint(path, {"ema": {float(r): unwrap(m).state_dict() for r, m in emas.items()},
                            "config": dataclasses.asdict(cfg), "step": int(step), "format": FORMAT,
-                           "export": True})
+                           "kind": "full", "export": True})
     return path
