@@ -666,7 +666,9 @@ def load_checkpoint(path: str | os.PathLike, kind: str = "cm") -> dict:
     if not path.is_file():
         raise CMError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the one line below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, pickled code
         raise CMError(f"cannot read checkpoint {path}: corrupt or truncated, or not a weights-only "
                       f"PyTorch file ({type(e).__name__})") from None

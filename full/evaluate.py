@@ -46,6 +46,7 @@ import io
 import os
 import socket
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -289,7 +290,9 @@ def load_inception_weights(weights_path=None) -> dict:
         if not path.is_file():
             raise EvaluationError(f"cannot load Inception weights {path}: no such file")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickled code, a text file, a truncated zip
             raise EvaluationError(f"cannot load Inception weights {path}: not a weights-only PyTorch file "
                                   f"({type(e).__name__})") from None

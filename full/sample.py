@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         state = checkpoints.load(args.checkpoint)
         f, cfg = checkpoints.model_from_state(state, args.ema, args.checkpoint)
         f = f.to(dev)
-        if cfg.cm.mode == "edm" and (args.ts or args.sigmas):
+        if cfg.cm.mode == "edm" and (args.ts or args.sigmas) and not args.edit:
             raise CMError(f"{args.checkpoint} is an edm denoiser, sampled with EDM's Heun sampler; --ts and "
                           "--sigmas are for consistency models (--grid-steps sets the Heun levels)")
         if args.grid_steps is not None and cfg.cm.mode == "edm":  # applied explicitly, never ignored
