@@ -85,6 +85,7 @@ class Config:
     s0: int = 2                     # ct: initial discretization steps
     s1: int = 0                     # ct: final discretization steps (0 -> per-dataset default)
     mu0: float = 0.9                # ct: initial target EMA rate mu(0)
+    mu_rule: str = ""               # ct: mu(k) divides by N(k)-1 'code' (official runs) | N(k) 'paper'
     mu: float = 0.0                 # cd: constant target EMA rate (0 for CIFAR-10 in [CM Tab. 3])
     metric: str = ""                # l2 | l1 | lpips | pseudo_huber ('' -> per-dataset default)
     # optimisation
@@ -110,13 +111,14 @@ class Config:
 
 
 # Per-dataset defaults for the fields left at 0 / ''. Chosen so `python cm.py` ends in minutes on a CPU.
+# mu_rule: cifar10 follows the official runs; the short CPU runs keep the paper's text (README's numbers).
 DEFAULTS = {
     "toy":     dict(steps=dict(edm=4000, cd=4000, ct=6000), batch_size=512, lr=1e-3, channels=256,
-                    metric="l2", s1=80),
+                    metric="l2", s1=80, mu_rule="paper"),
     "digits":  dict(steps=dict(edm=1500, cd=800, ct=3000), batch_size=128, lr=2e-4, channels=32,
-                    metric="l2", s1=40),
+                    metric="l2", s1=40, mu_rule="paper"),
     "cifar10": dict(steps=dict(edm=390_625, cd=800_000, ct=800_000), batch_size=512, lr=4e-4,
-                    channels=128, metric="lpips", s1=150),  # edm: EDM's 200M images at batch 512
+                    channels=128, metric="lpips", s1=150, mu_rule="code"),  # edm: 200M images, batch 512
 }
 
 
@@ -136,6 +138,8 @@ def resolve(cfg: Config) -> Config:
     cfg.sample_every = cfg.sample_every or max(cfg.steps // 4, 1)
     if cfg.metric not in METRICS:
         raise CMError(f"unknown metric {cfg.metric!r}; choose one of {', '.join(METRICS)}")
+    if cfg.mu_rule not in MU_RULES:
+        raise CMError(f"unknown mu-rule {cfg.mu_rule!r}; choose {' or '.join(MU_RULES)}")
     if cfg.precision not in ("fp32", "bf16"):
         raise CMError(f"unknown precision {cfg.precision!r}; choose fp32 or bf16")
     if min(cfg.steps, cfg.batch_size, cfg.channels, cfg.log_every, cfg.ckpt_every, cfg.sample_every) < 1:
@@ -202,13 +206,18 @@ def ct_num_steps(k: int, K: int, s0: int, s1: int) -> int:
     return math.ceil(math.sqrt(k / K * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
 
 
-def ct_target_rate(k: int, K: int, s0: int, s1: int, mu0: float) -> float:
-    """μ(k) = exp(s0·ln μ0 / N(k)), the target EMA rate of CT.  [CM App. C]
+def ct_target_rate(k: int, K: int, s0: int, s1: int, mu0: float, rule: str = "code") -> float:
+    """μ(k) = exp(s0·ln μ0 / (N(k) - 1)) ('code'), or exp(s0·ln μ0 / N(k)) ('paper').  [CM App. C]
 
-    We follow the paper, which divides by N(k), so that μ(0) = μ0 as the name says. The official
-    code divides by N(k) - 1 (it computes μ before adding 1 to the step count), which gives
-    μ(0) = μ0^(s0/(s0-1)) = 0.81 for μ0 = 0.9, s0 = 2. Both rise to 1 as N(k) grows."""
-    return math.exp(s0 * math.log(mu0) / ct_num_steps(k, K, s0, s1))
+    Our choice is 'code': both official codebases compute μ from the step count before its +1, and
+    every CT number in the paper came from them (μ(0) = μ0^(s0/(s0-1)) = 0.81 for μ0 = 0.9, s0 = 2).
+    The paper's text divides by N(k), so that μ(0) = μ0; rule='paper' gives that. Both rise to 1."""
+    if rule not in MU_RULES:
+        raise ValueError(f"unknown mu rule {rule!r}; choose {' or '.join(MU_RULES)}")
+    return math.exp(s0 * math.log(mu0) / (ct_num_steps(k, K, s0, s1) - MU_RULES[rule]))
+
+
+MU_RULES = {"code": 1, "paper": 0}  # what ct_target_rate subtracts from N(k)
 
 
 def ts_to_sigmas(ts: Sequence[int], N: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
@@ -528,16 +537,20 @@ def sample_onestep(f: Callable, z: Tensor, sigma_max: float = 80.0) -> Tensor:
 
 @torch.no_grad()
 def sample_multistep(f: Callable, z: Tensor, sigmas: Sequence[float], sigma_min: float = 0.002,
-                     noises: Sequence[Tensor] | None = None,
-                     generator: torch.Generator | None = None) -> Tensor:
+                     noises: Sequence[Tensor] | None = None, generator: torch.Generator | None = None,
+                     clip_denoised: bool = True) -> Tensor:
     """x ← f(τ_1 z, τ_1); then for τ_2 > τ_3 > ...: x ← f(x + √(τ² - ε²) z', τ).  [CM Alg. 1]
 
     `sigmas` are the descending levels τ_1 > τ_2 > ... (τ_1 = T for the paper's sampler; see
-    ts_to_sigmas for the official index form). With a single level this is sample_onestep."""
-    x = f(sigmas[0] * z, sigmas[0])
+    ts_to_sigmas for the official index form). clip_denoised clamps every f(·) to [-1, 1] before
+    it is re-noised, as both official codebases sample (`clip_denoised=True`): images live in
+    [-1, 1], and an overshoot would otherwise be carried into the next level. Without it, a single
+    level is exactly sample_onestep."""
+    denoise = (lambda x, t: f(x, t).clamp(-1, 1)) if clip_denoised else f
+    x = denoise(sigmas[0] * z, sigmas[0])
     for i, tau in enumerate(sigmas[1:]):
         zi = noises[i] if noises is not None else torch.randn(x.shape, generator=generator).to(x.device)
-        x = f(x + math.sqrt(tau ** 2 - sigma_min ** 2) * zi, tau)
+        x = denoise(x + math.sqrt(tau ** 2 - sigma_min ** 2) * zi, tau)
     return x
 
 
@@ -659,19 +672,25 @@ def checkpoint_kind(state) -> str | None:
     return state.get("kind") or ("full" if "arch" in state["config"] else "cm")
 
 
-def load_checkpoint(path: str | os.PathLike, kind: str = "cm") -> dict:
-    """Read a checkpoint of `kind` with weights_only=True (a pickle that would run code is refused
-    unread); a missing, corrupt or foreign file, or one of the other kind, is a one-line CMError."""
+def read_weights_only(path: str | os.PathLike):
+    """torch.load(path, weights_only=True): tensors and Python primitives only, so a pickle that would
+    run code is refused unread. A missing, corrupt or truncated file is a one-line CMError."""
     path = Path(path)
     if not path.is_file():
         raise CMError(f"no checkpoint at {path}")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the one line below says it all
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, pickled code
         raise CMError(f"cannot read checkpoint {path}: corrupt or truncated, or not a weights-only "
                       f"PyTorch file ({type(e).__name__})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str = "cm") -> dict:
+    """Read a checkpoint of `kind` with weights_only=True (a pickle that would run code is refused
+    unread); a missing, corrupt or foreign file, or one of the other kind, is a one-line CMError."""
+    state = read_weights_only(path)
     found = checkpoint_kind(state)
     if found != kind:
         what, how = KINDS[found] if found else ("", "")
@@ -913,8 +932,8 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
                 x = torch.where(torch.rand(len(x), 1, 1, 1).to(dev) < 0.5, x.flip(3), x)
             z = torch.randn(x.shape).to(dev)
             if cfg.mode == "ct":  # N(k), μ(k) [CM App. C]
-                N, mu = ct_num_steps(step, cfg.steps, cfg.s0, cfg.s1), ct_target_rate(step, cfg.steps, cfg.s0,
-                                                                                     cfg.s1, cfg.mu0)
+                N = ct_num_steps(step, cfg.steps, cfg.s0, cfg.s1)
+                mu = ct_target_rate(step, cfg.steps, cfg.s0, cfg.s1, cfg.mu0, cfg.mu_rule)
             else:
                 N, mu = cfg.N, cfg.mu
             n = torch.randint(0, N - 1, (len(x),)).to(dev)

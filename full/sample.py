@@ -18,6 +18,8 @@ and rank 0 gathers and writes `<out>/samples.png` (the first 64) and `<out>/samp
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
 import zipfile
 from pathlib import Path
@@ -50,11 +52,12 @@ def per_sample_noise(indices: Iterable[int], shape: Sequence[int], levels: int, 
 @torch.no_grad()
 def generate(f, cfg, shape: Sequence[int], indices: Iterable[int], levels: Sequence[float] | None,
              seed: int = 0, heun: bool = False, class_labels: Sequence[int] | None = None,
-             batch: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Samples `indices` in [-1, 1] (B, C, H, W) on the CPU, and their labels (None if unconditional).
+             batch: int = 256, clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Samples `indices` (B, C, H, W) on the CPU, and their labels (None if unconditional).
 
     levels: descending τ's for cm.sample_multistep ([T] = one step); heun: EDM's sampler with
-    cfg.run.ts_grid levels (for a denoiser). class_labels: label i is class_labels[i % len]."""
+    cfg.run.ts_grid levels (for a denoiser). class_labels: label i is class_labels[i % len].
+    clip_denoised: every denoised step is clamped to [-1, 1], as the official samplers do."""
     indices = list(indices)
     dev = next(f.parameters()).device
     k = cfg.net.num_classes if cfg.data.class_cond else 0
@@ -71,16 +74,21 @@ def generate(f, cfg, shape: Sequence[int], indices: Iterable[int], levels: Seque
             x = sample_heun(fy, z, cfg.run.ts_grid, c.sigma_min, c.sigma_max, c.rho)
         elif len(levels) == 1 and levels[0] == c.sigma_max:
             x = sample_onestep(fy, z, c.sigma_max)
+            x = x.clamp(-1, 1) if clip_denoised else x
         else:
-            x = sample_multistep(fy, z, levels, c.sigma_min, noises=[n.to(dev) for n in noises])
+            x = sample_multistep(fy, z, levels, c.sigma_min, noises=[n.to(dev) for n in noises],
+                                 clip_denoised=clip_denoised)
         xs.append(x.float().cpu())
         ys.append(y)
     return torch.cat(xs), (torch.cat(ys) if k else None)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] (B, C, H, W) -> uint8 (B, H, W, C), rounding (v + 1) 127.5."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    """[-1, 1] (B, C, H, W) -> uint8 (B, H, W, C): (v + 1) 127.5 clamped to [0, 255], then truncated.
+
+    Truncation, not rounding, as both official codebases write the samples their FIDs were measured
+    on (every value lands up to one level lower than rounding would put it; FID moves slightly)."""
+    return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
@@ -155,19 +163,29 @@ def load_mask(path: str, shape: Sequence[int]) -> torch.Tensor:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = CLIParser(description="Sample from a full/ checkpoint (one step by default).")
-    p.add_argument("--checkpoint", required=True, help="a resume ckpt-*.pt or an export.pt")
+    p.add_argument("--checkpoint", required=True, help="a resume ckpt-*.pt or an export.pt, or a released "
+                                                      "official file (CM's .pt, EDM's .pkl; README)")
+    p.add_argument("--sampler", default="", choices=["", "onestep", "multistep", "heun"],
+                   help="default: heun for a denoiser (edm), else one step (multistep with --ts/--sigmas)")
+    p.add_argument("--steps", type=int, default=0, help="--sampler heun: grid levels (default: the file's)")
+    p.add_argument("--arch", default="", help="released .pt: architecture (imagenet64, lsun256), "
+                                              "overriding the one inferred from keys and shapes")
+    p.add_argument("--kind", default="", help="released .pt: edm | cd | ct, overriding the file name")
     p.add_argument("--num", "--num-samples", dest="num", type=int, default=64,
                    help="number of samples (use --num-samples under torchrun, whose parser takes --num "
                         "for a prefix of its --numa-binding)")
     p.add_argument("--ts", default="", help="multistep levels as official indices, e.g. 0,11,17")
-    p.add_argument("--grid-steps", type=int, default=None, help="grid size the --ts indices refer to "
-                   "(default: the checkpoint's; for an edm checkpoint, the number of Heun levels)")
+    p.add_argument("--grid-steps", type=int, default=None,
+                   help="grid size the --ts indices refer to (default: the checkpoint's)")
     p.add_argument("--sigmas", default="", help="multistep levels as numbers, descending, e.g. 80,0.8")
+    p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=True,
+                   help="clamp every denoised step to [-1, 1] before re-noising (the official samplers do)")
     p.add_argument("--class-labels", default="", help="comma-separated labels, cycled (default: random)")
     p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=256,
                    help="samples per forward pass")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
-    p.add_argument("--ema", type=float, default=None, help="EMA rate to load (default: the first)")
+    p.add_argument("--ema", type=float, default=None,
+                   help="EMA rate to load (default: the run's ema.eval_rate, the one the paper evaluates)")
     p.add_argument("--out", default="", help="output folder (default: next to the checkpoint)")
     p.add_argument("--device", default="")
     p.add_argument("--edit", default="", help="zero-shot edit: inpaint, colorize, superres, stroke, "
@@ -182,14 +200,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         if out.exists() and not out.is_dir():
             raise CMError(f"--out {out} is a file, not a folder")
         dev = dist.init(args.device)
-        state = checkpoints.load(args.checkpoint)
+        state = checkpoints.load(args.checkpoint, args.arch, args.kind)
         f, cfg = checkpoints.model_from_state(state, args.ema, args.checkpoint)
         f = f.to(dev)
-        if cfg.cm.mode == "edm" and (args.ts or args.sigmas) and not args.edit:
-            raise CMError(f"{args.checkpoint} is an edm denoiser, sampled with EDM's Heun sampler; --ts and "
-                          "--sigmas are for consistency models (--grid-steps sets the Heun levels)")
-        if args.grid_steps is not None and cfg.cm.mode == "edm":  # applied explicitly, never ignored
-            cfg.run.ts_grid = args.grid_steps
+        if cfg.cm.mode == "edm" and (args.ts or args.sigmas or args.grid_steps) and not args.edit:
+            raise CMError(f"{args.checkpoint} is an edm denoiser, sampled with EDM's Heun sampler; --ts, "
+                          "--sigmas and --grid-steps are for consistency models (--steps sets the Heun levels)")
         grid_steps = args.grid_steps or cfg.run.ts_grid
         net = cfg.net
         res = getattr(net, "img_resolution", None) or getattr(net, "image_size")
@@ -202,9 +218,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.edit:
             return run_edit_cli(args, f, cfg, shape, out)
         heun = cfg.cm.mode == "edm"
+        if args.sampler and (args.sampler == "heun") != heun:
+            raise CMError(f"--sampler {args.sampler} does not fit this checkpoint: it is "
+                          + ("a denoiser (edm); use --sampler heun" if heun else
+                             f"a consistency model ({cfg.cm.mode}); use onestep or multistep"))
+        if args.steps:
+            if args.steps < 2:
+                raise CMError("--steps must be >= 2")
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, ts_grid=args.steps))
+        if heun and args.clip_denoised and state.get("official", {}).get("clamp"):
+            from full.official import ClampDenoised  # CM's Heun sampler clamps every denoised image too
+            f = ClampDenoised(f)
         levels = None if heun else levels_from_args(args.ts, args.sigmas, grid_steps, cfg)
         mine = range(dist.rank(), args.num, dist.world())
-        x, y = generate(f, cfg, shape, mine, levels, args.seed, heun, labels, args.batch)
+        x, y = generate(f, cfg, shape, mine, levels, args.seed, heun, labels, args.batch, args.clip_denoised)
         parts = dist.all_gather_object((list(mine), to_uint8(x), None if y is None else y.numpy()))
         if dist.rank() == 0:
             imgs = np.empty((args.num, *to_uint8(x[:1]).shape[1:]), dtype=np.uint8)
@@ -245,7 +272,8 @@ def run_edit_cli(args, f, cfg, shape, out: Path) -> None:
               if args.ts or args.sigmas else None)
     g = torch.Generator().manual_seed(args.seed)
     try:
-        x = run_edit(args.edit, f, ref, mask=mask, levels=levels, sigma_min=cfg.cm.sigma_min, generator=g).cpu()
+        x = run_edit(args.edit, f, ref, mask=mask, levels=levels, sigma_min=cfg.cm.sigma_min, generator=g,
+                     clip_denoised=args.clip_denoised).cpu()
     except ValueError as e:  # run_edit's checks of the task, mask and levels
         raise CMError(f"--edit {args.edit}: {e}") from None
     if dist.rank() == 0:

@@ -80,7 +80,7 @@ def curriculum(cfg: RunConfig, k: int) -> tuple[int, float]:
     c = cfg.cm
     if c.mode == "ct":
         return (ct_num_steps(k, cfg.opt.steps, c.s0, c.s1),
-                ct_target_rate(k, cfg.opt.steps, c.s0, c.s1, c.mu0))
+                ct_target_rate(k, cfg.opt.steps, c.s0, c.s1, c.mu0, c.mu_rule))
     return (c.N, c.mu) if c.mode == "cd" else (0, 0.0)
 
 
@@ -134,7 +134,7 @@ class Trainer:
         self.per_rank, self.micro, self.accum = split_batch(cfg.opt.batch, self.world, cfg.opt.microbatch)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         self.model = make_model(cfg).to(device)             # θ (f_θ, or D_θ for edm)
-        self.teacher = teacher
+        self.teacher = teacher if cfg.cm.mode == "cd" else None  # ct only starts from it
         if teacher is not None and cfg.run.init_from_teacher:
             checkpoints.load_weights(self.model.net, teacher.net.state_dict(), "teacher", cfg.run.teacher)
         self.shared_dropout = cfg.cm.mode != "edm" and has_dropout(self.model)
@@ -258,24 +258,34 @@ class Trainer:
 
 
 def load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module:
-    """D_φ for CD from a full/ checkpoint of an edm run (its first EMA), in eval mode.
-
-    Official checkpoints (EDM's .pkl, CM's released .pt) will come through checkpoints.import_official."""
+    """D_φ for CD (or the start of CT) from a full/ checkpoint of an edm run (its eval EMA), a released CM
+    edm_*.pt or an EDM .pkl (checkpoints.import_official), in eval mode."""
     if not cfg.run.teacher:
         raise CMError("cm.mode=cd needs run.teacher=PATH (a checkpoint of an edm run, e.g. "
                       "python -m full.train --preset tiny-edm)")
-    state = checkpoints.load(cfg.run.teacher)
+    state = checkpoints.load(cfg.run.teacher, cfg.run.teacher_arch, cfg.run.teacher_kind)
     tcfg = checkpoints.config_of(state)
     if tcfg.cm.mode != "edm":
         raise CMError(f"run.teacher {cfg.run.teacher} is a {tcfg.cm.mode} checkpoint, not an edm one")
     if tcfg.arch != cfg.arch:
         raise CMError(f"run.teacher is an {tcfg.arch} network, this preset trains an {cfg.arch} network")
-    for k in ("name", "resolution", "class_cond"):  # a teacher of other data would crash or mislead
+    # A teacher of other data would crash or mislead. A released file records no data section: compare
+    # the images its network takes instead.
+    if "official" in state:
+        mine, theirs = (_net_geometry(c.net) for c in (cfg, tcfg))
+        if mine != theirs:
+            raise CMError(f"run.teacher takes images of (resolution, channels, classes) {theirs}, this run's "
+                          f"network takes {mine}")
+    for k in () if "official" in state else ("name", "resolution", "class_cond"):
         mine, theirs = getattr(cfg.data, k), getattr(tcfg.data, k)
         if mine != theirs:
             raise CMError(f"run.teacher was trained with data.{k}={theirs!r}, this run has {mine!r}")
     teacher, _ = checkpoints.model_from_state(state, path=cfg.run.teacher, denoiser=True)
     return teacher.to(device)
+
+
+def _net_geometry(net) -> tuple[int, int, int]:
+    return getattr(net, "img_resolution", None) or net.image_size, net.in_channels, net.num_classes
 
 
 def check_data(cfg: RunConfig, ds) -> None:
@@ -382,7 +392,10 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
                       class_cond=cfg.data.class_cond, random_flip=cfg.data.random_flip,
                       download=cfg.data.download)
     check_data(cfg, ds)
-    teacher = load_teacher(cfg, dev) if cfg.cm.mode == "cd" else None
+    # CD needs D_φ; CT may start from it (run.teacher set), as OCM's CT launch scripts do
+    use_teacher = cfg.cm.mode == "cd" or (cfg.cm.mode == "ct" and bool(cfg.run.teacher)
+                                          and cfg.run.init_from_teacher)
+    teacher = load_teacher(cfg, dev) if use_teacher else None
     tr = Trainer(cfg, dev, teacher)
     start = int(state["step"]) if state else 0
     loader = make_loader(ds, per_rank, dist.rank(), dist.world(), cfg.run.seed, cfg.data.num_workers,
@@ -436,7 +449,7 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
                 if on_checkpoint is not None:
                     on_checkpoint(k, last_ckpt)
             if main and ((cfg.run.sample_every and k % cfg.run.sample_every == 0) or k == cfg.opt.steps):
-                write_grids(cfg, tr.emas[cfg.ema.rates[0]], shape, out, k)
+                write_grids(cfg, tr.emas[cfg.ema.for_eval()], shape, out, k)
         if main:
             checkpoints.export(out / "export.pt", tr.emas, cfg, tr.step_k)
         dist.barrier()
