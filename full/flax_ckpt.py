@@ -358,6 +358,8 @@ def import_flax(path: str | Path, kind: str = "", img_resolution: int = 32,
     file = find_checkpoint(path)
     state = read_flax(file)
     params = state.get("params_ema")
+    if isinstance(params, dict) and set(params) == {"params"}:  # a tree saved with its variables level
+        params = params["params"]
     if not isinstance(params, dict) or not params:
         raise CMError(f"{file} is a msgpack file without params_ema: not a consistency_models_cifar10 State")
     if kind and kind not in KINDS:
