@@ -188,6 +188,25 @@ def test_foreign_or_broken_msgpack_gives_one_line(tmp_path, content):
     assert "\n" not in str(e.value)
 
 
+def test_skipped_entries_are_read_past_and_the_kept_ones_equal_a_full_read(tmp_path):
+    full = flax_ckpt.read_flax(CKPT)
+    part = flax_ckpt.read_flax(CKPT, keep=("params_ema", "step"))
+    assert set(part) == set(full) and part["opt_state"] is None and part["params"] is None
+    assert part["step"] == full["step"] == 1234
+    names = flax_ckpt.flat_names(full["params_ema"])
+    assert names == flax_ckpt.flat_names(part["params_ema"]) and len(names) > 100
+
+    def leaf(tree, name):
+        for k in name.split("/"):
+            tree = tree[k]
+        return tree
+    assert all(np.array_equal(leaf(full["params_ema"], n), leaf(part["params_ema"], n)) for n in names)
+    trailing = tmp_path / "checkpoint_1"
+    trailing.write_bytes(CKPT.read_bytes() + b"\x01")
+    with pytest.raises(CMError, match="extra data"):
+        flax_ckpt.read_flax(trailing, keep=("step",))
+
+
 def test_folder_without_checkpoints_and_missing_path(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(CMError, match="checkpoint_"):
