@@ -47,7 +47,7 @@ import torch
 
 import cm
 from full.model import make_model
-from full.presets import CHOICES, resolve
+from full.presets import CHOICES, CLIParser, resolve
 from full.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -377,7 +377,7 @@ def gpu_check(out: Path, dry_run: bool, budget: float = 480.0) -> int:
     still runs; the limits keep the whole within `budget` seconds."""
     dev = torch.device("cpu" if dry_run else "cuda")
     if not dry_run and not torch.cuda.is_available():
-        raise SystemExit("error: --gpu-check needs a CUDA device (torch.cuda.is_available() is False); "
+        raise cm.CMError("--gpu-check needs a CUDA device (torch.cuda.is_available() is False); "
                          "--dry-run runs the same pipeline on the CPU")
     out.mkdir(parents=True, exist_ok=True)
     report = out / "report.md"
@@ -437,7 +437,7 @@ def gpu_check(out: Path, dry_run: bool, budget: float = 480.0) -> int:
 
 
 def main(argv=None) -> dict | int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 2)[2],
+    p = CLIParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--net", default="ncsnpp-cifar10", choices=sorted(NETS))
     p.add_argument("--batch-size", type=int, default=0, help="per step (default: 2 on a CPU, 128 on a GPU)")
@@ -456,18 +456,19 @@ def main(argv=None) -> dict | int:
     p.add_argument("--dry-run", action="store_true", help="with --gpu-check: the same on the CPU, tiny")
     p.add_argument("--out", default="runs/gpu-check", help="with --gpu-check: folder of report.md")
     args = p.parse_args(argv)
-    if args.gpu_check:
-        return gpu_check(Path(args.out), args.dry_run)
-    tables, precisions = args.tables.split(","), args.precision.split(",")
-    if bad := [t for t in tables if t not in ("train", "sample", "options")]:
-        raise SystemExit(f"error: unknown table {bad[0]!r}; choose from train, sample, options")
-    if bad := [q for q in precisions if q not in PRECISIONS]:
-        raise SystemExit(f"error: unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
-    if args.rounds < 0 or args.reps < 1 or args.warmup < 0 or args.batch_size < 0:
-        raise SystemExit("error: need --rounds >= 0, --reps >= 1, --warmup >= 0, --batch-size >= 0")
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch.cuda.is_available() is False")
+    try:
+        if args.gpu_check:
+            return gpu_check(Path(args.out), args.dry_run)
+        tables, precisions = args.tables.split(","), args.precision.split(",")
+        if bad := [t for t in tables if t not in ("train", "sample", "options")]:
+            raise cm.CMError(f"unknown table {bad[0]!r}; choose from train, sample, options")
+        if bad := [q for q in precisions if q not in PRECISIONS]:
+            raise cm.CMError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
+        if args.rounds < 0 or args.reps < 1 or args.warmup < 0 or args.batch_size < 0:
+            raise cm.CMError("need --rounds >= 0, --reps >= 1, --warmup >= 0, --batch-size >= 0")
+        dev = cm.pick_device(args.device)
+    except cm.CMError as e:
+        cm.exit_on(e)
     gpu = dev.type == "cuda"
     results = []
     for i, q in enumerate(precisions):  # the options table once, after the last precision's tables

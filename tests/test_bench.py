@@ -52,11 +52,15 @@ def test_bench_prints_three_tables(capsys):
     assert all(row["max_delta"] < 0.1 for row in r["options"] if row["max_delta"] is not None)
 
 
-def test_bench_rejects_bad_arguments(capsys):
-    with pytest.raises(SystemExit):
-        bench.main(["--precision", "fp8", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="unknown table"):
-        bench.main(["--tables", "train,speed", "--device", "cpu"])
+@pytest.mark.parametrize("argv, needle", [(["--precision", "fp8"], "unknown precision"),
+                                          (["--tables", "train,speed"], "unknown table"),
+                                          (["--rounds", "-1"], "need --rounds"),
+                                          (["--device", "tpu"], "device")])
+def test_bench_rejects_bad_arguments_in_one_line(capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        bench.main([*argv, "--net", "ncsnpp-tiny"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and needle in err and err.count("\n") == 1, err
 
 
 def test_gpu_check_dry_run(tmp_path, capsys):
