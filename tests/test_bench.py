@@ -69,6 +69,6 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert bench.main(["--gpu-check", "--dry-run", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
     assert "result: all ok" in report and "FAILED" not in report
-    for part in ("tests/test_gpu.py", "bench fp32", "bench bf16", "bench options", "cm.py --mode ct",
-                 "full.train --preset tiny-ct", "\ntrain:", "\nsample"):
+    for part in ("tests/test_gpu.py: ok", "4 passed", "bench fp32,bf16 + options: ok", "\ntrain:", "\nsample",
+                 "\noptions:", "cm.py --mode ct: ok", "full.train --preset tiny-ct: ok", "tiny-ct: last log line"):
         assert part in report, part
