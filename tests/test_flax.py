@@ -242,6 +242,10 @@ def test_kind_from_contents_path_and_override(tmp_path):
     l2.parent.mkdir(parents=True)
     shutil.copy(CKPT, l2)
     assert checkpoints.load(l2.parent.parent)["config"]["preset"] == "cifar10-cd-l2"
+    nearest = tmp_path / "ct-runs" / "cd-l1" / "checkpoints" / "checkpoint_80"   # the nearest name decides
+    nearest.parent.mkdir(parents=True)
+    shutil.copy(CKPT, nearest)
+    assert checkpoints.load(nearest)["config"]["preset"] == "cifar10-cd-l1"
     nested = write(tmp_path / "c" / "checkpoint_1", {**tree, "params_ema": {"params": tree["params_ema"]}})
     assert checkpoints.load(nested)["config"]["net"]["model_channels"] == 4   # a tree with its "params" level
     with pytest.raises(CMError, match="kind"):
