@@ -296,7 +296,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     for args in (("full.convert", str(bad), "--out", str(tmp_path / "x.pt")),
                  ("full.sample", "--checkpoint", str(bad))):
         code, err = run_cli(capsys, *args)
-        assert code == 2 and err.count("\n") == 1 and "truncated" in err, err
+        assert code == 1 and err.count("\n") == 1 and "truncated" in err, err
     assert not (tmp_path / "x.pt").exists()
 
 

@@ -158,7 +158,7 @@ def test_unknown_name_and_unknown_network_are_one_line(tiny_archs, tmp_path, cap
     with pytest.raises(SystemExit) as e:
         full.sample.main(["--checkpoint", str(tmp_path / "ct_imagenet64.pt"), "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "\n" not in err and "input_blocks.1.0.in_layers.2.weight has shape" in err
+    assert e.value.code == 1 and "\n" not in err and "input_blocks.1.0.in_layers.2.weight has shape" in err
     # --arch forces the other architecture: its first mismatch is named
     torch.save(random_state_dict(tiny_cond()), tmp_path / "cd_x.pt")
     with pytest.raises(CMError, match="does not fit the lsun256 architecture"):
@@ -456,7 +456,7 @@ def test_malicious_pickle_is_refused_and_never_runs(persistence, tmp_path, capsy
         full.sample.main(["--checkpoint", str(path), "--sampler", "heun", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     name = "builtins.exec" if payload == "builtins.exec" else "posix.system"
-    assert e.value.code == 2 and "\n" not in err and f"refused: the pickle names {name}" in err, err
+    assert e.value.code == 1 and "\n" not in err and f"refused: the pickle names {name}" in err, err
     assert not marker.exists()
 
 
@@ -519,3 +519,22 @@ def test_pickle_cannot_set_state_of_allowed_functions(persistence, tmp_path, cap
     with pytest.raises(CMError, match="refused: the pickle sets the state of a function"):
         checkpoints.load(tmp_path / "b.pkl")
     assert "evil" not in vars(edm_pickle.ALLOWED[("torch._utils", "_rebuild_parameter")])
+
+
+def test_malicious_pickle_from_the_command_line(tmp_path):
+    """A real `python -m full.sample` process: exit status 1, one line, no traceback, payload never run."""
+    import subprocess
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (tmp_path / "edm-cifar10-32x32-uncond-ve.pkl").write_bytes(pickle.dumps({"ema": Evil()}, protocol=4))
+    p = subprocess.run([sys.executable, "-m", "full.sample", "--checkpoint",
+                        str(tmp_path / "edm-cifar10-32x32-uncond-ve.pkl"), "--sampler", "heun"],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "refused: the pickle names posix.system" in p.stderr and "Traceback" not in p.stderr
+    assert not marker.exists()
