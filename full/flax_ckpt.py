@@ -393,8 +393,9 @@ def import_flax(path: str | Path, kind: str = "", img_resolution: int = 32,
     sd = {f"net.{k}": v for k, v in convert_params(params, net).items()}  # ConsistencyFunction.net
     step = state.get("step", 0)
     return {"ema": {rate: sd}, "config": dataclasses.asdict(cfg), "step": int(step), "format": 1,
-            "export": True, "official": {"format": "flax-msgpack", "source": str(file), "kind": kind,
-                                         "kind_from": why, "params": "params_ema"}}
+            "kind": "full", "export": True,
+            "official": {"format": "flax-msgpack", "source": str(file), "kind": kind, "kind_from": why,
+                         "params": "params_ema"}}
 
 
 def read_checkpoint(path: Path, obj, arch: str = "", kind: str = "") -> dict | None:
