@@ -444,6 +444,7 @@ def main(argv=None) -> dict | int:
     p.add_argument("--batch", dest="batch_size", type=int, help=argparse.SUPPRESS)  # the old name
     p.add_argument("--precision", default="fp32",
                    help="for the train and sample tables; a comma-separated list runs each in turn")
+    p.add_argument("--precisions", dest="precision", help=argparse.SUPPRESS)  # the old name
     p.add_argument("--tables", default="train,sample,options", help="comma-separated: train, sample, options")
     p.add_argument("--rounds", type=int, default=0,
                    help="interleaved rounds, each row's median is reported (default: 3 on a CPU, 5 on a GPU)")
