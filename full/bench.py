@@ -440,7 +440,8 @@ def main(argv=None) -> dict | int:
     p = CLIParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--net", default="ncsnpp-cifar10", choices=sorted(NETS))
-    p.add_argument("--batch-size", type=int, default=0, help="per step (default: 2 on a CPU, 128 on a GPU)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="per step (default: 2 on a CPU, 128 on a GPU)")
     p.add_argument("--batch", dest="batch_size", type=int, help=argparse.SUPPRESS)  # the old name
     p.add_argument("--precision", default="fp32",
                    help="for the train and sample tables; a comma-separated list runs each in turn")
@@ -465,8 +466,10 @@ def main(argv=None) -> dict | int:
             raise cm.CMError(f"unknown table {bad[0]!r}; choose from train, sample, options")
         if bad := [q for q in precisions if q not in PRECISIONS]:
             raise cm.CMError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
-        if args.rounds < 0 or args.reps < 1 or args.warmup < 0 or args.batch_size < 0:
-            raise cm.CMError("need --rounds >= 0, --reps >= 1, --warmup >= 0, --batch-size >= 0")
+        small_batch = args.batch_size is not None and args.batch_size < 1
+        if args.rounds < 0 or args.reps < 1 or args.warmup < 0 or small_batch:
+            raise cm.CMError(f"need --batch-size >= 1, --rounds >= 0, --reps >= 1, --warmup >= 0 (got "
+                             f"{args.batch_size}, {args.rounds}, {args.reps}, {args.warmup})")
         dev = cm.pick_device(args.device)
     except cm.CMError as e:
         cm.exit_on(e)
