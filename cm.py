@@ -79,7 +79,7 @@ class Config:
     mu0: float = 0.9                # ct: initial target EMA rate mu(0)
     mu_rule: str = ""               # ct: mu(k) divides by N(k)-1 'code' (official runs) | N(k) 'paper'
     mu: float = 0.0                 # cd: constant target EMA rate (0 for CIFAR-10 in [CM Tab. 3])
-    metric: str = ""                # l2 | l1 | lpips | pseudo_huber ('' -> per-dataset default)
+    metric: str = ""                # l2 | l1 | lpips | lpips_piq | pseudo_huber ('' -> per-dataset default)
     # optimisation
     steps: int = 0                  # training steps K (0 -> per-dataset and per-mode default)
     batch_size: int = 0             # (0 -> per-dataset default)
@@ -414,8 +414,11 @@ def pseudo_huber(x: Tensor, y: Tensor) -> Tensor:
 class LPIPS(nn.Module):
     """LPIPS(VGG) with inputs upsampled bilinearly to 224x224, images in [-1, 1].  [CM Sec. 5, App. C]
 
+    The `lpips` package's network (max pooling), as the official CIFAR-10 (JAX) runs used it.
     `pretrained_backbone=False` gives a randomly initialised VGG (offline tests); the linear
     calibration layers ship inside the `lpips` package, the VGG16 weights are downloaded once."""
+
+    avg_pool = False  # PiqLPIPS: average pooling, and no resize from 256 pixels up
 
     def __init__(self, pretrained_backbone: bool = True):
         super().__init__()
@@ -427,16 +430,31 @@ class LPIPS(nn.Module):
         except Exception as e:  # no package, or no internet for the VGG16 weights
             raise CMError(f"LPIPS(VGG) is unavailable ({type(e).__name__}: {str(e)[:80]}); "
                           "use --metric l2 (or pip install lpips and allow the VGG16 download)") from e
+        for block in self.net.net.children() if self.avg_pool else ():
+            for name, layer in block.named_children():
+                if isinstance(layer, nn.MaxPool2d):
+                    setattr(block, name, nn.AvgPool2d(2, 2))
         self.net.eval().requires_grad_(False)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         if x.shape[1] == 1:  # grey images: repeat to RGB
             x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
-        x, y = (F.interpolate(v.float(), size=224, mode="bilinear", align_corners=False) for v in (x, y))
-        return self.net(x, y).flatten(1).mean(1)
+        if not self.avg_pool or x.shape[-1] < 256:
+            x, y = (F.interpolate(v.float(), size=224, mode="bilinear", align_corners=False) for v in (x, y))
+        return self.net(x.float(), y.float()).flatten(1).mean(1)
 
 
-METRICS = {"l2": l2, "l1": l1, "pseudo_huber": pseudo_huber, "lpips": LPIPS}
+class PiqLPIPS(LPIPS):
+    """piq's LPIPS(replace_pooling=True), as the official ImageNet-64 / LSUN-256 runs used it.
+
+    The same VGG16 features and calibration with average instead of max pooling, and a resize to 224
+    only for images below 256 pixels. piq standardises (x + 1)/2 by the ImageNet mean and std, which is
+    exactly the `lpips` scaling layer on x in [-1, 1], so the inputs stay in [-1, 1] here."""
+
+    avg_pool = True
+
+
+METRICS = {"l2": l2, "l1": l1, "pseudo_huber": pseudo_huber, "lpips": LPIPS, "lpips_piq": PiqLPIPS}
 
 
 def _draw(x: Tensor, N: int, n: Tensor | None, z: Tensor | None):
@@ -700,7 +718,7 @@ def train(cfg: Config) -> dict:
     target = copy.deepcopy(model).requires_grad_(False).eval()  # θ⁻ (unused by edm)
     ema = copy.deepcopy(model).requires_grad_(False).eval()     # evaluation EMA
     opt = (torch.optim.Adam if cfg.mode == "edm" else torch.optim.RAdam)(model.parameters(), lr=cfg.lr)
-    metric = METRICS[cfg.metric]() if cfg.metric == "lpips" else METRICS[cfg.metric]
+    metric = METRICS[cfg.metric]() if cfg.metric.startswith("lpips") else METRICS[cfg.metric]
     metric = metric.to(dev) if isinstance(metric, nn.Module) else metric
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

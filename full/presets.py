@@ -57,7 +57,7 @@ class CMSection:
     s1: int = 150                     # ct: N(K) = s1 + 1
     mu0: float = 0.9                  # ct: μ(0) = μ0
     mu_rule: str = "code"             # ct: μ(k) divides by N(k)-1 'code' (official runs) | N(k) 'paper'
-    metric: str = "lpips"             # l2 | l1 | pseudo_huber | lpips (cm.METRICS)
+    metric: str = "lpips"             # l2 | l1 | pseudo_huber | lpips (CIFAR-10) | lpips_piq (ADM runs)
     lpips_pretrained: bool = True     # False: random VGG (offline tests only; never for real runs)
     P_mean: float = -1.2              # edm: ln t ~ N(P_mean, P_std²)  [EDM Tab. 1]
     P_std: float = 1.2
@@ -150,7 +150,8 @@ class RunConfig:
 
 CHOICES = {("cm", "mode"): ("ct", "cd", "edm"), ("cm", "noise_cond"): ("edm", "adm"),
            ("cm", "mu_rule"): ("code", "paper"),
-           ("cm", "metric"): ("l2", "l1", "pseudo_huber", "lpips"), ("opt", "optimizer"): ("radam", "adam"),
+           ("cm", "metric"): ("l2", "l1", "pseudo_huber", "lpips", "lpips_piq"),
+           ("opt", "optimizer"): ("radam", "adam"),
            ("opt", "precision"): ("bf16", "fp16", "fp32"),
            ("data", "name"): ("cifar10", "imagenet64", "folder", "digits")}
 
@@ -260,20 +261,20 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
         ema=EMASection((_ema_beta(4096, 5e7),))),
     "imagenet64-edm-ocm": lambda: _edm_ocm(_imagenet64("edm", 1e-4, 610_352),
                                            ADMConfig.imagenet64(dropout=0.1), batch=4096, steps=610_352),
-    "imagenet64-cd-lpips": lambda: _imagenet64("cd", 8e-6, 600_000, N=40, mu=0.95, metric="lpips"),
+    "imagenet64-cd-lpips": lambda: _imagenet64("cd", 8e-6, 600_000, N=40, mu=0.95, metric="lpips_piq"),
     "imagenet64-cd-l2": lambda: _imagenet64("cd", 8e-6, 600_000, N=40, mu=0.95, metric="l2"),
     # Paper lr 8e-6; the launch script uses 1e-4, and passes a teacher that CT starts from (run.teacher=...).
     # Two-step ts of the launch scripts: CT 0,106,200 of 201, LSUN CD-lpips 0,17,39 and CD-l2 0,18,39 of 40,
     # LSUN bedroom CT 0,67,150 of 151 (cat: 0,62,150).
     "imagenet64-ct": lambda: _imagenet64("ct", 8e-6, 800_000, ts=(0, 106, 200), ts_grid=201,
-                                         s0=2, s1=200, mu0=0.95, metric="lpips"),
+                                         s0=2, s1=200, mu0=0.95, metric="lpips_piq"),
     # LSUN-256 EDM teachers (bedroom, cat) as OCM's launch script trains them: batch 256, no scale-shift norm.
     "lsun256-edm": lambda: _edm_ocm(_lsun256("edm", 600_000, (0, 17, 39), 40),
                                     ADMConfig.lsun256(dropout=0.1), batch=256, steps=600_000),
-    "lsun256-cd-lpips": lambda: _lsun256("cd", 600_000, (0, 17, 39), 40, N=40, mu=0.95, metric="lpips"),
+    "lsun256-cd-lpips": lambda: _lsun256("cd", 600_000, (0, 17, 39), 40, N=40, mu=0.95, metric="lpips_piq"),
     "lsun256-cd-l2": lambda: _lsun256("cd", 600_000, (0, 18, 39), 40, N=40, mu=0.95, metric="l2"),
     "lsun256-ct": lambda: _lsun256("ct", 1_000_000, (0, 67, 150), 151, s0=2, s1=150, mu0=0.95,
-                                   metric="lpips"),
+                                   metric="lpips_piq"),
     "tiny-edm": lambda: _tiny("edm"),
     "tiny-cd": lambda: _tiny("cd", N=18, mu=0.0),
     "tiny-ct": lambda: _tiny("ct", s0=2, s1=20, mu0=0.9),

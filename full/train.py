@@ -81,8 +81,8 @@ def curriculum(cfg: RunConfig, k: int) -> tuple[int, float]:
 
 def make_metric(cfg: RunConfig, device: torch.device) -> Callable:
     """d(x, y) from cm.METRICS; LPIPS is a module (VGG) built once."""
-    if cfg.cm.metric == "lpips":
-        return METRICS["lpips"](pretrained_backbone=cfg.cm.lpips_pretrained).to(device)
+    if cfg.cm.metric in ("lpips", "lpips_piq"):
+        return METRICS[cfg.cm.metric](pretrained_backbone=cfg.cm.lpips_pretrained).to(device)
     return METRICS[cfg.cm.metric]
 
 

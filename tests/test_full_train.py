@@ -113,9 +113,13 @@ def test_presets_follow_the_official_runs():
     assert (l2.run.ts, l2.run.ts_grid, l2.cm.metric, l2.cm.N, l2.cm.mu) == ((0, 18, 39), 40, "l2", 40, 0.95)
     for name, batch in (("imagenet64-edm-ocm", 4096), ("lsun256-edm", 256)):
         o = get(name)
-        assert (o.opt.optimizer, o.opt.lr, o.opt.warmup, o.opt.batch, o.net.dropout) == ("radam", 1e-4, 0, batch,
-                                                                                          0.1)
+        got = (o.opt.optimizer, o.opt.lr, o.opt.warmup, o.opt.batch, o.net.dropout)
+        assert got == ("radam", 1e-4, 0, batch, 0.1)
         assert o.ema.rates == (0.999, 0.9999, 0.9999432189950708)
+    # LPIPS: the `lpips` package for CIFAR-10 (JAX runs), piq's average-pooling variant for the ADM runs
+    assert get("cifar10-cd-lpips").cm.metric == get("cifar10-ct").cm.metric == "lpips"
+    for name in ("imagenet64-cd-lpips", "imagenet64-ct", "lsun256-cd-lpips", "lsun256-ct"):
+        assert get(name).cm.metric == "lpips_piq"
     assert get("lsun256-edm").net.num_classes == 0 and not get("lsun256-edm").net.use_scale_shift_norm
 
 
