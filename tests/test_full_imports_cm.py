@@ -1,4 +1,4 @@
-"""full/ imports every formula from cm.py and never re-derives one [DESIGN R1]."""
+"""full/ imports every formula from cm.py and never re-derives one (README, "The paper-scale backend")."""
 import re
 from pathlib import Path
 
