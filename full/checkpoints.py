@@ -143,6 +143,9 @@ def model_from_state(state: dict, rate: float | None = None, path: str | os.Path
         raise CMError(f"{path}: no EMA at rate {rate}; it has {', '.join(map(str, rates))}")
     f = make_model(cfg, denoiser)
     load_weights(f, state["ema"][key], f"EMA {rate}", path)
+    if "precond" in state.get("official", {}):  # an EDM pickle keeps its own preconditioning (VE, VP, EDM)
+        from full.edm_pickle import denoiser_from_state
+        f = denoiser_from_state(state, f.net)
     return f.eval().requires_grad_(False), cfg
 
 

@@ -121,8 +121,11 @@ class RunSection:
     sample_num: int = 64              # images per grid
     ts: tuple[int, ...] = (0, 11, 17)  # two-step grid levels, official index convention (cm.ts_to_sigmas)
     ts_grid: int = 18                 # the grid size the ts indices refer to
-    teacher: str = ""                 # cd (ct: optional): a full/ checkpoint (resume or export) of an edm run
+    teacher: str = ""                 # cd (ct: optional): a full/ checkpoint of an edm run, or a released
+    #                                   one: CM's edm_*.pt, EDM's .pkl (checkpoints.import_official)
     init_from_teacher: bool = True    # θ starts from run.teacher's weights (official CD, and OCM's CT script)
+    teacher_arch: str = ""            # released .pt teacher: architecture (default: from keys and shapes)
+    teacher_kind: str = ""            # released .pt teacher: edm | cd | ct (default: from the file name)
 
 
 @dataclass

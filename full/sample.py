@@ -19,6 +19,7 @@ and rank 0 gathers and writes `<out>/samples.png` (the first 64) and `<out>/samp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -146,7 +147,14 @@ def load_mask(path: str, shape: Sequence[int]) -> torch.Tensor:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = CLIParser(description="Sample from a full/ checkpoint (one step by default).")
-    p.add_argument("--checkpoint", required=True, help="a resume ckpt-*.pt or an export.pt")
+    p.add_argument("--checkpoint", required=True, help="a resume ckpt-*.pt or an export.pt, or a released "
+                                                      "official file (CM's .pt, EDM's .pkl; README)")
+    p.add_argument("--sampler", default="", choices=["", "onestep", "multistep", "heun"],
+                   help="default: heun for a denoiser (edm), else one step (multistep with --ts/--sigmas)")
+    p.add_argument("--steps", type=int, default=0, help="--sampler heun: grid levels (default: the file's)")
+    p.add_argument("--arch", default="", help="released .pt: architecture (imagenet64, lsun256), "
+                                              "overriding the one inferred from keys and shapes")
+    p.add_argument("--kind", default="", help="released .pt: edm | cd | ct, overriding the file name")
     p.add_argument("--num", "--num-samples", dest="num", type=int, default=64,
                    help="number of samples (use --num-samples under torchrun, whose parser takes --num "
                         "for a prefix of its --numa-binding)")
@@ -171,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.num < 1 or args.batch < 1:
             raise ValueError("--num and --batch must be >= 1")
         dev = dist.init(args.device)
-        state = checkpoints.load(args.checkpoint)
+        state = checkpoints.load(args.checkpoint, args.arch, args.kind)
         f, cfg = checkpoints.model_from_state(state, args.ema, args.checkpoint)
         f = f.to(dev)
         out = Path(args.out or Path(args.checkpoint).parent)
@@ -186,6 +194,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.edit:
             return run_edit_cli(args, f, cfg, shape, out)
         heun = cfg.cm.mode == "edm"
+        if args.sampler and (args.sampler == "heun") != heun:
+            raise CMError(f"--sampler {args.sampler} does not fit this checkpoint: it is "
+                          + ("a denoiser (edm); use --sampler heun" if heun else
+                             f"a consistency model ({cfg.cm.mode}); use onestep or multistep"))
+        if args.steps:
+            if args.steps < 2:
+                raise ValueError("--steps must be >= 2")
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, ts_grid=args.steps))
+        if heun and args.clip_denoised and state.get("official", {}).get("clamp"):
+            from full.official import ClampDenoised  # CM's Heun sampler clamps every denoised image too
+            f = ClampDenoised(f)
         levels = None if heun else levels_from_args(args.ts, args.sigmas, args.grid_steps, cfg)
         mine = range(dist.rank(), args.num, dist.world())
         x, y = generate(f, cfg, shape, mine, levels, args.seed, heun, labels, args.batch, args.clip_denoised)

@@ -253,24 +253,34 @@ class Trainer:
 
 
 def load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module:
-    """D_φ for CD (or the start of CT) from a full/ checkpoint of an edm run (its eval EMA), in eval mode.
-
-    Official checkpoints (EDM's .pkl, CM's released .pt) will come through checkpoints.import_official."""
+    """D_φ for CD (or the start of CT) from a full/ checkpoint of an edm run (its eval EMA), a released CM
+    edm_*.pt or an EDM .pkl (checkpoints.import_official), in eval mode."""
     if not cfg.run.teacher:
         raise CMError("cm.mode=cd needs run.teacher=PATH (a checkpoint of an edm run, e.g. "
                       "python -m full.train --preset tiny-edm)")
-    state = checkpoints.load(cfg.run.teacher)
+    state = checkpoints.load(cfg.run.teacher, cfg.run.teacher_arch, cfg.run.teacher_kind)
     tcfg = checkpoints.config_of(state)
     if tcfg.cm.mode != "edm":
         raise CMError(f"run.teacher {cfg.run.teacher} is a {tcfg.cm.mode} checkpoint, not an edm one")
     if tcfg.arch != cfg.arch:
         raise CMError(f"run.teacher is an {tcfg.arch} network, this preset trains an {cfg.arch} network")
-    for k in ("name", "resolution", "class_cond"):  # a teacher of other data would crash or mislead
+    # A teacher of other data would crash or mislead. A released file records no data section: compare
+    # the images its network takes instead.
+    if "official" in state:
+        mine, theirs = (_net_geometry(c.net) for c in (cfg, tcfg))
+        if mine != theirs:
+            raise CMError(f"run.teacher takes images of (resolution, channels, classes) {theirs}, this run's "
+                          f"network takes {mine}")
+    for k in () if "official" in state else ("name", "resolution", "class_cond"):
         mine, theirs = getattr(cfg.data, k), getattr(tcfg.data, k)
         if mine != theirs:
             raise CMError(f"run.teacher was trained with data.{k}={theirs!r}, this run has {mine!r}")
     teacher, _ = checkpoints.model_from_state(state, path=cfg.run.teacher, denoiser=True)
     return teacher.to(device)
+
+
+def _net_geometry(net) -> tuple[int, int, int]:
+    return getattr(net, "img_resolution", None) or net.image_size, net.in_channels, net.num_classes
 
 
 def check_data(cfg: RunConfig, ds) -> None:
