@@ -11,6 +11,14 @@ What is timed (after --warmup untimed steps, with a CUDA synchronize around the 
     train   one CT step: cm.ct_loss (online forward+backward, target forward), RAdam step, target update
     sample  one-step generation cm.sample_onestep with the online network, no grad
 Peak memory is torch.cuda.max_memory_allocated on CUDA; on the CPU it is not tracked (shown as '-').
+
+    python -m full.bench --loss-error --grids 18,150,201  # how far bf16/fp16 move the CT/CD loss and gradient
+
+--loss-error evaluates cm.ct_loss and cm.cd_loss (l2, Heun teacher) on one fixed batch (x, n, z) at each
+grid size N, in fp32 and under autocast, and reports the relative change of the loss and of the full
+gradient against fp32 (and the gradients' cosine). The networks are the chosen architecture with random
+weights, every parameter perturbed by 0.1 N(0, 1) so that no output layer is zero; the teacher is a second
+such network read as a denoiser (ε = 0).
 """
 from __future__ import annotations
 
@@ -89,6 +97,53 @@ def bench_one(net_name: str, precision: str, batch: int, steps: int, warmup: int
                 peak_gib=peak, loss_finite=bool(torch.isfinite(loss)))
 
 
+def _perturbed(net_cfg, seed: int, sigma_min: float, dev: torch.device) -> cm.ConsistencyFunction:
+    torch.manual_seed(seed)
+    f = cm.ConsistencyFunction(build_network(net_cfg), 0.5, sigma_min).to(dev)
+    with torch.no_grad():
+        for p in f.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return f
+
+
+def loss_error(net_name: str, precisions: list[str], grids: list[int], batch: int, dev: torch.device,
+               seed: int = 0) -> list[dict]:
+    """Relative change of the CT and CD loss and gradient under autocast against fp32, per grid size N."""
+    make_cfg, res, ch = NETS[net_name]
+    f = _perturbed(make_cfg(), seed, 0.002, dev)
+    target = copy.deepcopy(f).requires_grad_(False)
+    teacher = _perturbed(make_cfg(), seed + 1, 0.0, dev).requires_grad_(False)
+    labels = torch.zeros(batch, dtype=torch.long, device=dev) if getattr(make_cfg(), "num_classes", 0) else None
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(batch, ch, res, res, generator=g) * 2 - 1).to(dev)
+    z = torch.randn(batch, ch, res, res, generator=g).to(dev)
+    rows = []
+    for N in grids:
+        n = torch.randint(0, N - 1, (batch,), generator=g).to(dev)
+        sigmas = cm.karras_sigmas(N)
+        results = {}
+        for q in ["fp32"] + precisions:
+            def amp(m):
+                def call(v, s):
+                    with autocast_ctx(q, dev):
+                        return m(v, s, labels) if labels is not None else m(v, s)
+                return call
+            for mode in ("ct", "cd"):
+                f.zero_grad(set_to_none=True)
+                loss = (cm.ct_loss(amp(f), amp(target), x, sigmas, cm.l2, n=n, z=z) if mode == "ct" else
+                        cm.cd_loss(amp(f), amp(target), amp(teacher), x, sigmas, cm.l2, n=n, z=z))
+                loss.backward()
+                grad = torch.cat([p.grad.flatten().double() for p in f.parameters()])
+                results[q, mode] = (loss.item(), grad)
+        for q in precisions:
+            for mode in ("ct", "cd"):
+                (l32, g32), (lq, gq) = results["fp32", mode], results[q, mode]
+                rows.append(dict(N=N, mode=mode, precision=q, loss=l32, loss_rel=abs(lq - l32) / l32,
+                                 grad_rel=((gq - g32).norm() / g32.norm()).item(),
+                                 grad_cos=torch.nn.functional.cosine_similarity(gq, g32, dim=0).item()))
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--net", default="ncsnpp-tiny", choices=sorted(NETS))
@@ -97,6 +152,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
     p.add_argument("--device", default="", help="default: cuda if available, else cpu")
+    p.add_argument("--loss-error", action="store_true", help="measure the loss/gradient change of each "
+                                                                "precision against fp32 instead of speed")
+    p.add_argument("--grids", default="18,150,201", help="--loss-error: grid sizes N")
     args = p.parse_args(argv)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precisions = args.precisions.split(",")
@@ -104,6 +162,16 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(f"error: unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
     threads = torch.get_num_threads()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({threads} threads)"
+    if args.loss_error:
+        others = [q for q in precisions if q != "fp32"]
+        rows = loss_error(args.net, others, [int(v) for v in args.grids.split(",")], args.batch, dev)
+        print(f"{args.net}, batch {args.batch}, on {name}: change against fp32 on the same (x, n, z)")
+        print(f"{'N':>4} {'loss':>4} {'precision':>9} {'fp32 loss':>11} {'loss rel':>10} {'grad rel':>10} "
+              f"{'grad cos':>9}")
+        for r in rows:
+            print(f"{r['N']:4d} {r['mode']:>4} {r['precision']:>9} {r['loss']:11.4e} {r['loss_rel']:10.2e} "
+                  f"{r['grad_rel']:10.2e} {r['grad_cos']:9.5f}")
+        return rows
     print(f"{args.net}, batch {args.batch}, {args.steps} timed steps, on {name}")
     rows = [bench_one(args.net, q, args.batch, args.steps, args.warmup, dev) for q in precisions]
     base = rows[0]
