@@ -11,7 +11,8 @@ hold only tensors and Python primitives, so `torch.load(p, weights_only=True)` a
 
 Released checkpoints of the official code bases are converted in memory into an export dict by
 `import_official` (one reader per format, tried in order; each answers None for a file that is not its
-format): CM's raw guided-diffusion state dicts (full/official.py) and EDM's .pkl snapshots, read without
+format): CM's raw guided-diffusion state dicts (full/official.py), the paper's CIFAR-10 Flax checkpoints
+(full/flax_ckpt.py; a run folder means its newest checkpoint_<N>) and EDM's .pkl snapshots, read without
 running them (full/edm_pickle.py). The export dict then has an "official" entry saying what was inferred.
 """
 from __future__ import annotations
@@ -75,6 +76,9 @@ def load(path: str | os.PathLike, arch: str = "", kind: str = "") -> dict:
     Files are read with weights_only (pickles never run); a missing, corrupt or foreign file -> one-line
     CMError. arch / kind override what import_official infers for an official file (ignored otherwise)."""
     path = Path(path)
+    if path.is_dir():  # a Flax run folder (full/flax_ckpt.py): its newest checkpoint_<N>
+        from full import flax_ckpt
+        path = flax_ckpt.find_checkpoint(path)
     if not path.is_file():
         raise CMError(f"no checkpoint at {path}")
     with open(path, "rb") as fh:
@@ -99,8 +103,9 @@ def import_official(path: str | os.PathLike, obj=None, arch: str = "", kind: str
 
     obj: what torch.load(weights_only=True) returned for a torch file, None for any other file. A reader
     `read(path, obj, arch, kind)` returns None when the file is not its format; add a format with one line."""
-    from full import edm_pickle, official
+    from full import edm_pickle, flax_ckpt, official
     readers = (official.read_state_dict,   # CM .pt: a raw guided-diffusion state dict
+               flax_ckpt.read_checkpoint,  # the paper's CIFAR-10 Flax (msgpack) checkpoints
                edm_pickle.read_pickle)     # EDM .pkl: persistence pickles, read without running them
     for read in readers:
         state = read(Path(path), obj, arch, kind)
@@ -108,7 +113,7 @@ def import_official(path: str | os.PathLike, obj=None, arch: str = "", kind: str
             return state
     if obj is None:
         raise CMError(f"cannot read checkpoint {path}: corrupt or truncated, or a format this project does "
-                      "not read (full/ .pt, guided-diffusion .pt, EDM .pkl)")
+                      "not read (full/ .pt, guided-diffusion .pt, Flax msgpack, EDM .pkl)")
     raise CMError(f"{path} is not a full/ checkpoint (format {FORMAT}) nor a released official one "
                   "(a guided-diffusion state dict)")
 

@@ -108,8 +108,20 @@ ALLOWED = {
 }
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """pickle.Unpickler whose globals are only ALLOWED; anything else raises before it is called."""
+class RestrictedUnpickler(pickle._Unpickler):
+    """Python's unpickler whose globals are only ALLOWED (anything else raises before it is called), and
+    whose BUILD (setting an object's state) only touches inert Records and dicts, never a class or function."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def load_build(self):
+        target = self.stack[-2] if len(self.stack) > 1 else None
+        if not isinstance(target, (Record, _EasyDict)):
+            raise CMError(f"refused: the pickle sets the state of a {type(target).__name__}, not of a "
+                          "module record (nothing was run)")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str):
         if (module, name) not in ALLOWED:
@@ -325,7 +337,7 @@ def read_pickle(path: Path, obj, arch: str = "", kind: str = "") -> dict | None:
         return None
     with open(path, "rb") as fh:
         head = fh.read(2)
-    if head[:1] != b"\x80":
+    if head[:1] != b"\x80" or head[1:2] not in (b"\x02", b"\x03", b"\x04", b"\x05"):  # pickle protocol 2-5
         return None
     from full import checkpoints, dist
     from full.presets import get_preset

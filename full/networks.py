@@ -389,6 +389,7 @@ class NCSNpp(nn.Module):
 
         self.conv_in = _conv(cfg.in_channels, nf, 3)
         ch, res_px, skip_chs = nf, cfg.img_resolution, [nf]
+        pyr_ch = cfg.in_channels  # the input pyramid's width: x_in's, then the previous level's
         self.down = nn.ModuleList()
         for level, mult in enumerate(cfg.channel_mult):
             stage = nn.ModuleDict()
@@ -401,10 +402,11 @@ class NCSNpp(nn.Module):
                 skip_chs.append(ch)
             if level != len(cfg.channel_mult) - 1:
                 stage["downsample"] = res(ch, ch, "down")
-                # The pyramid starts from x_in (in_channels) and then carries ch channels.
-                pyr_in = cfg.in_channels if level == 0 else ch
+                # The pyramid starts from x_in and then carries the width of the level it was added at
+                # (ncsnpp.py's pyramid_downsample(out_ch=h.shape[-1]); equal widths at CIFAR-10).
                 if cfg.encoder == "residual":
-                    stage["pyramid"] = FIRConvDown(pyr_in, ch, cfg.resample_filter)
+                    stage["pyramid"] = FIRConvDown(pyr_ch, ch, cfg.resample_filter)
+                pyr_ch = ch
                 skip_chs.append(ch)
                 res_px //= 2
             self.down.append(stage)

@@ -8,7 +8,9 @@
 Samplers [CM Alg. 1]. One step: x = f(T z, T) (cm.sample_onestep). Multistep: the descending levels
 τ_1 > τ_2 > ... of cm.sample_multistep; `--ts` takes them in the official index convention (ascending
 indices into a `--grid-steps`-point grid counted from T, e.g. 0,11,17 of 18; cm.ts_to_sigmas), `--sigmas`
-as numbers. An edm checkpoint is a denoiser; it samples with EDM's Heun sampler (cm.sample_heun).
+as numbers. An edm checkpoint is a denoiser; it samples with EDM's Heun sampler (cm.sample_heun,
+`--sampler heun --steps N`). Released files (CM's .pt, EDM's .pkl) load directly: full/official.py,
+full/edm_pickle.py.
 
 Seeds. Sample i draws everything (its class label, z, and the re-noising z' of every multistep level)
 from torch.Generator().manual_seed(seed + i) on the CPU, so images do not depend on the batch size, the
@@ -199,8 +201,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                           + ("a denoiser (edm); use --sampler heun" if heun else
                              f"a consistency model ({cfg.cm.mode}); use onestep or multistep"))
         if args.steps:
-            if args.steps < 2:
-                raise ValueError("--steps must be >= 2")
+            if args.steps < 2 or not heun:
+                raise ValueError("--steps N (N >= 2) sets the Heun grid of a denoiser; a consistency model "
+                                 "takes --ts/--grid-steps")
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, ts_grid=args.steps))
         if heun and args.clip_denoised and state.get("official", {}).get("clamp"):
             from full.official import ClampDenoised  # CM's Heun sampler clamps every denoised image too

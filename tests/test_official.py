@@ -509,3 +509,13 @@ def test_class_conditional_vp_pickle(persistence, tmp_path, capsys):
     full.sample.main(["--checkpoint", str(tmp_path / "edm-cifar10-32x32-cond-vp.pkl"), "--steps", "3",
                       "--class-labels", "3", "--num-samples", "2", "--out", str(tmp_path / "s")])
     assert "DDPM++" in capsys.readouterr().out and (tmp_path / "s" / "samples.png").is_file()
+
+
+def test_pickle_cannot_set_state_of_allowed_functions(persistence, tmp_path, capsys):
+    """BUILD on an allowed global (here a tensor-rebuild function) is refused: no attribute is ever set."""
+    name = b"torch._utils\n_rebuild_parameter\n"
+    blob = b"\x80\x02c" + name + b"}X\x04\x00\x00\x00evilK\x01sb."  # GLOBAL, {'evil': 1}, BUILD
+    (tmp_path / "b.pkl").write_bytes(blob)
+    with pytest.raises(CMError, match="refused: the pickle sets the state of a function"):
+        checkpoints.load(tmp_path / "b.pkl")
+    assert "evil" not in vars(edm_pickle.ALLOWED[("torch._utils", "_rebuild_parameter")])
