@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cm import CMError, ConsistencyFunction, save_checkpoint
+from cm import CMError, ConsistencyFunction, checkpoint_kind, read_weights_only, save_checkpoint
 from full.model import make_model
 from full.presets import RunConfig, config_from_dict
 
@@ -64,7 +64,7 @@ def latest(run_dir: str | os.PathLike) -> Path | None:
 def save(run_dir: str | os.PathLike, state: dict, keep_last: int) -> Path:
     """Write ckpt-{step}.pt atomically (cm.save_checkpoint), then delete all but the newest keep_last."""
     path = ckpt_path(run_dir, state["step"])
-    save_checkpoint(path, {**state, "format": FORMAT})
+    save_checkpoint(path, {**state, "format": FORMAT, "kind": "full"})
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
@@ -85,13 +85,12 @@ def load(path: str | os.PathLike, arch: str = "", kind: str = "") -> dict:
         head = fh.read(16)
     if not (head.startswith(b"PK") or head.startswith(_TORCH_LEGACY)):  # not torch.save: .pkl, msgpack, ...
         return import_official(path, None, arch, kind)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, garbage bytes, pickled code
-        raise CMError(f"cannot read checkpoint {path}: corrupt or truncated "
-                      f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})") from None
-    if isinstance(state, dict) and state.get("format") == FORMAT and "config" in state:
+    state = read_weights_only(path)  # cm.py's reader: weights_only, one-line errors
+    found = checkpoint_kind(state)
+    if found == "full":
         return state
+    if found == "cm":
+        raise CMError(f"{path} is a cm.py checkpoint, not a full/ one: use python cm.py --checkpoint {path}")
     return import_official(path, state, arch, kind)
 
 
@@ -160,5 +159,5 @@ def export(path: str | os.PathLike, emas: dict[float, nn.Module], cfg: RunConfig
     path = Path(path)
     save_checkpoint(path, {"ema": {float(r): unwrap(m).state_dict() for r, m in emas.items()},
                            "config": dataclasses.asdict(cfg), "step": int(step), "format": FORMAT,
-                           "export": True})
+                           "kind": "full", "export": True})
     return path

@@ -12,11 +12,10 @@ the matching cifar10 preset and the step; an atomic write (cm.save_checkpoint).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Sequence
 
-from cm import CMError, save_checkpoint
+from cm import CMError, exit_on, save_checkpoint
 from full import checkpoints
 from full.presets import CLIParser
 
@@ -55,9 +54,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         how = f" ({info['kind']}: {info['kind_from']})" if info else ""
         n = sum(v.numel() for v in next(iter(state["ema"].values())).values())
         print(f"wrote {args.out}: {state['config']['preset']}{how}, step {state['step']}, {n:,} values")
-    except (CMError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except CMError as e:
+        exit_on(e)
 
 
 if __name__ == "__main__":

@@ -71,12 +71,12 @@ def test_two_processes_equal_one(tmp_path):
     assert any(not torch.equal(v, a["model"][k]) for k, v in a["init"].items())  # the step moved θ
 
 
-def _torchrun(out: Path, steps: int) -> subprocess.CompletedProcess:
+def _torchrun(out: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
     """python -m torch.distributed.run (= torchrun) with 2 CPU processes, tiny-edm (whose loss, unlike CT's
     curriculum, does not depend on opt.steps: a run stopped at step 3 and one told to go to 4 agree)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "full.train", "--preset", "tiny-edm", f"run.out={str(out)!r}", "run.ckpt_every=3", "opt.batch=16",
-           f"opt.steps={steps}"]
+           f"opt.steps={steps}", *extra]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert p.returncode == 0, p.stderr[-2000:]
     return p
@@ -88,7 +88,7 @@ def test_torchrun_train_and_resume_is_bit_exact(tmp_path):
     assert (resumed / "ckpt-0000003.pt").is_file() and (resumed / "grid-heun-0000003.png").is_file()
     state = torch.load(resumed / "ckpt-0000003.pt", weights_only=True)
     assert len(state["rng"]["cpu"]) == 2 and state["data"]["world"] == 2 and state["data"]["batch"] == 8
-    p = _torchrun(resumed, 4)
+    p = _torchrun(resumed, 4, "--allow-config-change")  # opt.steps 3 -> 4
     assert "resumed from" in p.stdout and "ckpt-0000003.pt" in p.stdout
     _torchrun(straight, 4)
     a = torch.load(resumed / "ckpt-0000004.pt", weights_only=True)

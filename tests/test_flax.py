@@ -80,6 +80,16 @@ def test_fixture_reproduces_the_jax_network_and_both_preconditionings(expected):
     assert np.abs(expected["F_params"] - expected["F"]).max() > 100 * 2e-5 * scale
 
 
+def test_teacher_heun_sampling_matches_the_official_heun_sampler(expected):
+    """jcm.sampling.get_heun_sampler (18 levels from 80 to 0.002, Heun steps, an Euler step to 0)."""
+    from cm import sample_heun
+    D, cfg = checkpoints.model_from_state(checkpoints.load(CKPT, kind="edm"))
+    z = torch.from_numpy(expected["heun_prior"]).permute(0, 3, 1, 2) / 80.0   # the prior is N(0, 80²)
+    with torch.no_grad():
+        x = sample_heun(D, z, cfg.run.ts_grid, cfg.cm.sigma_min, cfg.cm.sigma_max, cfg.cm.rho)
+    np.testing.assert_allclose(nhwc(x), expected["heun"], atol=5e-5 * np.abs(expected["heun"]).max(), rtol=0)
+
+
 # -- 2. the full-size tree maps one-to-one ------------------------------------------------------------------
 
 
@@ -178,6 +188,25 @@ def test_foreign_or_broken_msgpack_gives_one_line(tmp_path, content):
     assert "\n" not in str(e.value)
 
 
+def test_skipped_entries_are_read_past_and_the_kept_ones_equal_a_full_read(tmp_path):
+    full = flax_ckpt.read_flax(CKPT)
+    part = flax_ckpt.read_flax(CKPT, keep=("params_ema", "step"))
+    assert set(part) == set(full) and part["opt_state"] is None and part["params"] is None
+    assert part["step"] == full["step"] == 1234
+    names = flax_ckpt.flat_names(full["params_ema"])
+    assert names == flax_ckpt.flat_names(part["params_ema"]) and len(names) > 100
+
+    def leaf(tree, name):
+        for k in name.split("/"):
+            tree = tree[k]
+        return tree
+    assert all(np.array_equal(leaf(full["params_ema"], n), leaf(part["params_ema"], n)) for n in names)
+    trailing = tmp_path / "checkpoint_1"
+    trailing.write_bytes(CKPT.read_bytes() + b"\x01")
+    with pytest.raises(CMError, match="extra data"):
+        flax_ckpt.read_flax(trailing, keep=("step",))
+
+
 def test_folder_without_checkpoints_and_missing_path(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(CMError, match="checkpoint_"):
@@ -213,6 +242,8 @@ def test_kind_from_contents_path_and_override(tmp_path):
     l2.parent.mkdir(parents=True)
     shutil.copy(CKPT, l2)
     assert checkpoints.load(l2.parent.parent)["config"]["preset"] == "cifar10-cd-l2"
+    nested = write(tmp_path / "c" / "checkpoint_1", {**tree, "params_ema": {"params": tree["params_ema"]}})
+    assert checkpoints.load(nested)["config"]["net"]["model_channels"] == 4   # a tree with its "params" level
     with pytest.raises(CMError, match="kind"):
         checkpoints.load(CKPT, kind="gan")
 
@@ -249,6 +280,10 @@ def test_convert_then_sample_and_sample_directly(tmp_path, expected, capsys):
     assert (tmp_path / "s" / "samples.png").stat().st_size > 0
     with np.load(tmp_path / "s" / "samples.npz") as z:
         assert z["arr_0"].shape == (4, 32, 32, 3)
+    code, err = run_cli(capsys, "full.sample", "--checkpoint", str(FIX), "--kind", "edm", "--num-samples", "2",
+                        "--out", str(tmp_path / "h"))   # the teacher: Heun
+    assert code == 0, err
+    assert (tmp_path / "h" / "samples.png").is_file()
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -257,7 +292,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     for args in (("full.convert", str(bad), "--out", str(tmp_path / "x.pt")),
                  ("full.sample", "--checkpoint", str(bad))):
         code, err = run_cli(capsys, *args)
-        assert code == 2 and err.count("\n") == 1 and "truncated" in err, err
+        assert code == 1 and err.count("\n") == 1 and "truncated" in err, err
     assert not (tmp_path / "x.pt").exists()
 
 

@@ -158,7 +158,7 @@ def test_unknown_name_and_unknown_network_are_one_line(tiny_archs, tmp_path, cap
     with pytest.raises(SystemExit) as e:
         full.sample.main(["--checkpoint", str(tmp_path / "ct_imagenet64.pt"), "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "\n" not in err and "input_blocks.1.0.in_layers.2.weight has shape" in err
+    assert e.value.code == 1 and "\n" not in err and "input_blocks.1.0.in_layers.2.weight has shape" in err
     # --arch forces the other architecture: its first mismatch is named
     torch.save(random_state_dict(tiny_cond()), tmp_path / "cd_x.pt")
     with pytest.raises(CMError, match="does not fit the lsun256 architecture"):
@@ -456,7 +456,7 @@ def test_malicious_pickle_is_refused_and_never_runs(persistence, tmp_path, capsy
         full.sample.main(["--checkpoint", str(path), "--sampler", "heun", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     name = "builtins.exec" if payload == "builtins.exec" else "posix.system"
-    assert e.value.code == 2 and "\n" not in err and f"refused: the pickle names {name}" in err, err
+    assert e.value.code == 1 and "\n" not in err and f"refused: the pickle names {name}" in err, err
     assert not marker.exists()
 
 
