@@ -113,7 +113,9 @@ def loss_error(net_name: str, precisions: list[str], grids: list[int], batch: in
     f = _perturbed(make_cfg(), seed, 0.002, dev)
     target = copy.deepcopy(f).requires_grad_(False)
     teacher = _perturbed(make_cfg(), seed + 1, 0.0, dev).requires_grad_(False)
-    labels = torch.zeros(batch, dtype=torch.long, device=dev) if getattr(make_cfg(), "num_classes", 0) else None
+    labels = None
+    if getattr(make_cfg(), "num_classes", 0):
+        labels = torch.zeros(batch, dtype=torch.long, device=dev)
     g = torch.Generator().manual_seed(seed)
     x = (torch.rand(batch, ch, res, res, generator=g) * 2 - 1).to(dev)
     z = torch.randn(batch, ch, res, res, generator=g).to(dev)

@@ -253,7 +253,7 @@ def fir_upsample(x: Tensor, kernel: Tensor) -> Tensor:
 
 
 def _init_xavier(module: nn.Module, zero: bool = False, scale: float = 1.0) -> nn.Module:
-    """score_sde's default_init(scale): weight ~ U(±sqrt(3 scale / fan_avg)) (Xavier with gain √scale), bias 0;
+    """score_sde's default_init(scale): weight ~ U(±sqrt(3 scale / fan_avg)) (Xavier, gain √scale), bias 0;
     `zero`: init_scale 0."""
     if zero:
         nn.init.zeros_(module.weight)
