@@ -15,10 +15,13 @@ Peak memory is torch.cuda.max_memory_allocated on CUDA; on the CPU it is not tra
     python -m full.bench --loss-error --grids 18,150,201  # how far bf16/fp16 move the CT/CD loss and gradient
 
 --loss-error evaluates cm.ct_loss and cm.cd_loss (l2, Heun teacher) on one fixed batch (x, n, z) at each
-grid size N, in fp32 and under autocast, and reports the relative change of the loss and of the full
-gradient against fp32 (and the gradients' cosine). The networks are the chosen architecture with random
+grid size N, in fp32 and under autocast (fp16 with GradScaler's initial loss scale 2^16), and reports the
+relative change of the loss and of the full gradient against fp32 (and the gradients' cosine). The networks are the chosen architecture with random
 weights, every parameter perturbed by 0.1 N(0, 1) so that no output layer is zero; the teacher is a second
-such network read as a denoiser (ε = 0).
+such network read as a denoiser (ε = 0). With --checkpoint (and --teacher) they are trained full/ runs
+instead, on the first --batch images of the run's data:
+
+    python -m full.bench --loss-error --checkpoint runs/tiny-cd/export.pt --teacher runs/tiny-edm/export.pt
 """
 from __future__ import annotations
 
@@ -107,18 +110,32 @@ def _perturbed(net_cfg, seed: int, sigma_min: float, dev: torch.device) -> cm.Co
 
 
 def loss_error(net_name: str, precisions: list[str], grids: list[int], batch: int, dev: torch.device,
-               seed: int = 0) -> list[dict]:
-    """Relative change of the CT and CD loss and gradient under autocast against fp32, per grid size N."""
-    make_cfg, res, ch = NETS[net_name]
-    f = _perturbed(make_cfg(), seed, 0.002, dev)
-    target = copy.deepcopy(f).requires_grad_(False)
-    teacher = _perturbed(make_cfg(), seed + 1, 0.0, dev).requires_grad_(False)
-    labels = None
-    if getattr(make_cfg(), "num_classes", 0):
-        labels = torch.zeros(batch, dtype=torch.long, device=dev)
+               seed: int = 0, checkpoint: str = "", teacher_path: str = "") -> list[dict]:
+    """Relative change of the CT and CD loss and gradient under autocast against fp32, per grid size N.
+
+    checkpoint / teacher_path: a trained f (its eval EMA) and EDM teacher from full/ runs, measured on the
+    first `batch` images of the run's data, instead of perturbed random networks on uniform noise."""
     g = torch.Generator().manual_seed(seed)
-    x = (torch.rand(batch, ch, res, res, generator=g) * 2 - 1).to(dev)
-    z = torch.randn(batch, ch, res, res, generator=g).to(dev)
+    if checkpoint:
+        from full import checkpoints
+        from full.data import make_dataset
+        f, cfg = checkpoints.model_from_state(checkpoints.load(checkpoint), path=checkpoint)
+        f = f.to(dev).requires_grad_(True)
+        teacher = checkpoints.model_from_state(checkpoints.load(teacher_path or checkpoint),
+                                               denoiser=True)[0].to(dev)
+        ds = make_dataset(cfg.data.name, cfg.data.root or None, cfg.data.resolution or None)
+        x = torch.stack([ds[i][0] for i in range(batch)]).to(dev)
+        labels = None
+    else:
+        make_cfg, res, ch = NETS[net_name]
+        f = _perturbed(make_cfg(), seed, 0.002, dev)
+        teacher = _perturbed(make_cfg(), seed + 1, 0.0, dev).requires_grad_(False)
+        labels = None
+        if getattr(make_cfg(), "num_classes", 0):
+            labels = torch.zeros(batch, dtype=torch.long, device=dev)
+        x = (torch.rand(batch, ch, res, res, generator=g) * 2 - 1).to(dev)
+    target = copy.deepcopy(f).requires_grad_(False)
+    z = torch.randn(x.shape, generator=g).to(dev)
     rows = []
     for N in grids:
         n = torch.randint(0, N - 1, (batch,), generator=g).to(dev)
@@ -134,8 +151,9 @@ def loss_error(net_name: str, precisions: list[str], grids: list[int], batch: in
                 f.zero_grad(set_to_none=True)
                 loss = (cm.ct_loss(amp(f), amp(target), x, sigmas, cm.l2, n=n, z=z) if mode == "ct" else
                         cm.cd_loss(amp(f), amp(target), amp(teacher), x, sigmas, cm.l2, n=n, z=z))
-                loss.backward()
-                grad = torch.cat([p.grad.flatten().double() for p in f.parameters()])
+                scale = 2.0 ** 16 if q == "fp16" else 1.0  # GradScaler's initial scale: no fp16 underflow
+                (loss * scale).backward()
+                grad = torch.cat([p.grad.flatten().double() for p in f.parameters()]) / scale
                 results[q, mode] = (loss.item(), grad)
         for q in precisions:
             for mode in ("ct", "cd"):
@@ -157,6 +175,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--loss-error", action="store_true", help="measure the loss/gradient change of each "
                                                                 "precision against fp32 instead of speed")
     p.add_argument("--grids", default="18,150,201", help="--loss-error: grid sizes N")
+    p.add_argument("--checkpoint", default="", help="--loss-error: a trained full/ checkpoint instead of --net")
+    p.add_argument("--teacher", default="", help="--loss-error with --checkpoint: the EDM teacher for CD")
     args = p.parse_args(argv)
     try:
         dev = cm.pick_device(args.device)
@@ -172,8 +192,10 @@ def main(argv=None) -> list[dict]:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({threads} threads)"
     if args.loss_error:
         others = [q for q in precisions if q != "fp32"]
-        rows = loss_error(args.net, others, [int(v) for v in args.grids.split(",")], args.batch, dev)
-        print(f"{args.net}, batch {args.batch}, on {name}: change against fp32 on the same (x, n, z)")
+        rows = loss_error(args.net, others, [int(v) for v in args.grids.split(",")], args.batch, dev,
+                          checkpoint=args.checkpoint, teacher_path=args.teacher)
+        print(f"{args.checkpoint or args.net}, batch {args.batch}, on {name}: change against fp32 on the "
+              f"same (x, n, z)")
         print(f"{'N':>4} {'loss':>4} {'precision':>9} {'fp32 loss':>11} {'loss rel':>10} {'grad rel':>10} "
               f"{'grad cos':>9}")
         for r in rows:
