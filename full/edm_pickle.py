@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from cm import CMError, boundary_scalings, append_dims
+from cm import NOISE_CONDITIONING, CMError, append_dims, boundary_scalings
 from full.networks import NCSNpp, NCSNppConfig, fir_kernel
 
 PRECONDS = ("VEPrecond", "VPPrecond", "EDMPrecond")
@@ -298,7 +298,7 @@ class EDMDenoiser(nn.Module):
             t = ((b_min ** 2 + 2 * b_d * (1 + sigma ** 2).log()).sqrt() - b_min) / b_d  # σ⁻¹(σ)
             return one, -sigma, 1 / (sigma ** 2 + 1).sqrt(), (self.M - 1) * t
         c_skip, c_out, c_in = boundary_scalings(sigma, self.sigma_data, 0.0)
-        return c_skip, c_out, c_in, sigma.log() / 4
+        return c_skip, c_out, c_in, NOISE_CONDITIONING["edm"](sigma)
 
     def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
         x = x if x.dtype == torch.float64 else x.float()

@@ -519,3 +519,22 @@ def test_pickle_cannot_set_state_of_allowed_functions(persistence, tmp_path, cap
     with pytest.raises(CMError, match="refused: the pickle sets the state of a function"):
         checkpoints.load(tmp_path / "b.pkl")
     assert "evil" not in vars(edm_pickle.ALLOWED[("torch._utils", "_rebuild_parameter")])
+
+
+def test_malicious_pickle_from_the_command_line(tmp_path):
+    """A real `python -m full.sample` process: exit status 1, one line, no traceback, payload never run."""
+    import subprocess
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (tmp_path / "edm-cifar10-32x32-uncond-ve.pkl").write_bytes(pickle.dumps({"ema": Evil()}, protocol=4))
+    p = subprocess.run([sys.executable, "-m", "full.sample", "--checkpoint",
+                        str(tmp_path / "edm-cifar10-32x32-uncond-ve.pkl"), "--sampler", "heun"],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "refused: the pickle names posix.system" in p.stderr and "Traceback" not in p.stderr
+    assert not marker.exists()
