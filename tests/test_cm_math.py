@@ -303,6 +303,18 @@ def test_metrics_are_distances(seed):
         assert (d(x, y) > 0).all()
 
 
+def test_metric_constants_by_hand():
+    """l2 and l1 average over the pixels (not sum); pseudo-Huber sums, with c = 0.00054 √d [iCT Sec. 3.3]:
+    for CIFAR-10's d = 3·32·32 = 3072, c = 0.00054 · 55.4256... = 0.0299298..., and one pixel off by 1
+    gives √(1 + c²) - c = 0.9705180..."""
+    x, y = torch.zeros(2, 3, 32, 32, dtype=torch.float64), torch.zeros(2, 3, 32, 32, dtype=torch.float64)
+    y[:, 1, 5, 7] = 1.0
+    assert cm.pseudo_huber(x, y).tolist() == pytest.approx([0.9705179593839816] * 2, rel=1e-12)
+    assert cm.pseudo_huber(x, x).tolist() == [0.0, 0.0]
+    assert cm.l2(x, x + 2).tolist() == [4.0, 4.0] and cm.l1(x, x - 2).tolist() == [2.0, 2.0]
+    assert cm.l2(x, y).tolist() == pytest.approx([1 / 3072] * 2, rel=1e-12)
+
+
 @pytest.fixture(scope="module")
 def piq_lpips():
     """cm.PiqLPIPS on a random VGG with random non-negative calibration weights (built once: ~7 s)."""
