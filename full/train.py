@@ -42,8 +42,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from cm import (METRICS, CMError, cd_loss, ct_loss, ct_num_steps, ct_target_rate, edm_loss, ema_update,
-                karras_sigmas, ts_to_sigmas)
+from cm import (METRICS, CMError, SharedDropout, cd_loss, ct_loss, ct_num_steps, ct_target_rate, edm_loss,
+                ema_update, karras_sigmas, ts_to_sigmas)
 from full import checkpoints, dist
 from full.data import DatasetError, make_dataset, make_loader
 from full.model import has_dropout, make_model
@@ -84,25 +84,6 @@ def make_metric(cfg: RunConfig, device: torch.device) -> Callable:
     if cfg.cm.metric == "lpips":
         return METRICS["lpips"](pretrained_backbone=cfg.cm.lpips_pretrained).to(device)
     return METRICS[cfg.cm.metric]
-
-
-class SharedDropout:
-    """The first wrapped call records the RNG states; the second replays them (same dropout masks)."""
-
-    def __init__(self, device: torch.device):
-        self.devices, self.state = ([device] if device.type == "cuda" else []), None
-
-    def wrap(self, fn: Callable) -> Callable:
-        def call(*args, **kwargs):
-            if self.state is None:
-                self.state = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.devices])
-                return fn(*args, **kwargs)
-            with torch.random.fork_rng(devices=self.devices):
-                torch.set_rng_state(self.state[0])
-                for d, s in zip(self.devices, self.state[1]):
-                    torch.cuda.set_rng_state(s, d)
-                return fn(*args, **kwargs)
-        return call
 
 
 def autocast_ctx(precision: str, device: torch.device):
