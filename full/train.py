@@ -42,8 +42,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from cm import (METRICS, CMError, SharedDropout, cd_loss, ct_loss, ct_num_steps, ct_target_rate, edm_loss,
-                ema_update, karras_sigmas, ts_to_sigmas)
+from cm import (METRICS, CMError, SharedDropout, cd_loss, ct_loss, ct_num_steps, ct_target_rate, ect_loss,
+                edm_loss, ema_update, ict_num_steps, ict_weight, karras_sigmas, lognormal_index_probs,
+                ts_to_sigmas)
 from full import checkpoints, dist
 from full.data import DatasetError, make_dataset, make_loader
 from full.model import has_dropout, make_model
@@ -71,8 +72,13 @@ def split_batch(batch: int, world: int, microbatch: int = 0) -> tuple[int, int, 
 
 
 def curriculum(cfg: RunConfig, k: int) -> tuple[int, float]:
-    """(N, μ) at step k: CT's schedules N(k), μ(k) [CM App. C], fixed for CD, unused (0, 0) for EDM."""
+    """(N, μ) at step k: CT's schedules N(k), μ(k) [CM App. C], fixed for CD, unused (0, 0) for EDM;
+    iCT's doubling N(k) with μ = cm.mu [iCT Sec. 3.2, 3.4]; for ECT N is the stage a = 1 + ⌊k / stage_steps⌋."""
     c = cfg.cm
+    if c.mode == "ict":
+        return ict_num_steps(k, cfg.opt.steps, c.s0, c.s1), c.mu
+    if c.mode == "ect":
+        return 1 + k // c.stage_steps, c.mu
     if c.mode == "ct":
         return (ct_num_steps(k, cfg.opt.steps, c.s0, c.s1),
                 ct_target_rate(k, cfg.opt.steps, c.s0, c.s1, c.mu0))
@@ -111,7 +117,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         self.model = make_model(cfg).to(device)             # θ (f_θ, or D_θ for edm)
         self.teacher = teacher
-        if teacher is not None and cfg.run.init_from_teacher:
+        if teacher is not None and (cfg.run.init_from_teacher or cfg.cm.mode == "ect"):
             checkpoints.load_weights(self.model.net, teacher.net.state_dict(), "teacher", cfg.run.teacher)
         self.shared_dropout = cfg.cm.mode != "edm" and has_dropout(self.model)
         self.target = None
@@ -151,7 +157,13 @@ class Trainer:
         if self.shared_dropout:
             share = SharedDropout(self.device)
             online, target = share.wrap(online), share.wrap(target)
+        if c.mode == "ect":  # N is the stage; sigma, if given, is ECT's t
+            return ect_loss(online, target, x, N, self.metric, t=sigma, z=z, P_mean=c.P_mean, P_std=c.P_std,
+                            q=c.q)
         sigmas = karras_sigmas(N, c.sigma_min, c.sigma_max, c.rho)
+        if c.mode == "ict":
+            return ct_loss(online, target, x, sigmas, self.metric, n=n, z=z, weight=ict_weight,
+                           index_probs=lognormal_index_probs(sigmas, c.P_mean, c.P_std))
         if c.mode == "ct":
             return ct_loss(online, target, x, sigmas, self.metric, n=n, z=z)
         teacher = self._amp(self.teacher, labels)
@@ -238,7 +250,7 @@ def load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module:
 
     Official checkpoints (EDM's .pkl, CM's released .pt) will come through checkpoints.import_official."""
     if not cfg.run.teacher:
-        raise CMError("cm.mode=cd needs run.teacher=PATH (a checkpoint of an edm run, e.g. "
+        raise CMError(f"cm.mode={cfg.cm.mode} needs run.teacher=PATH (a checkpoint of an edm run, e.g. "
                       "python -m full.train --preset tiny-edm)")
     state = checkpoints.load(cfg.run.teacher)
     tcfg = checkpoints.config_of(state)
@@ -274,7 +286,8 @@ def write_grids(cfg: RunConfig, f: nn.Module, shape: Sequence[int], out: Path, s
         kinds = {"heun": None}
     else:
         kinds = {"1step": [c.sigma_max],
-                 "2step": ts_to_sigmas(cfg.run.ts, cfg.run.ts_grid, c.sigma_min, c.sigma_max, c.rho)}
+                 "2step": list(cfg.run.sigmas) or ts_to_sigmas(cfg.run.ts, cfg.run.ts_grid, c.sigma_min,
+                                                               c.sigma_max, c.rho)}
     paths = []
     for name, levels in kinds.items():
         x, _ = generate(f, cfg, shape, range(n), levels, seed=cfg.run.seed, heun=levels is None)
@@ -298,7 +311,7 @@ def train(cfg: RunConfig, device: str = "", on_checkpoint: Callable[[int, Path],
                       class_cond=cfg.data.class_cond, random_flip=cfg.data.random_flip,
                       download=cfg.data.download)
     check_data(cfg, ds)
-    teacher = load_teacher(cfg, dev) if cfg.cm.mode == "cd" else None
+    teacher = load_teacher(cfg, dev) if cfg.cm.mode in ("cd", "ect") else None
     tr = Trainer(cfg, dev, teacher)
     ckpt = checkpoints.latest(out) if cfg.run.resume in (True, "auto") else None
     if cfg.run.resume is True and ckpt is None:
