@@ -62,7 +62,7 @@ class CMError(RuntimeError):
 @dataclass
 class Config:
     # what to train
-    mode: str = "cd"                # cd (distillation) | ct (consistency training) | ict | ect | edm (teacher)
+    mode: str = "cd"                # cd (distillation) | ct (consistency training) | ict | ect | edm
     dataset: str = "digits"         # toy (2-D ring) | digits (8x8, scikit-learn) | cifar10 (torchvision)
     data_dir: str = "data"          # where cifar10 lives / is downloaded to
     teacher: str = ""               # cd, ect: an edm checkpoint ('' -> train one into <out>/teacher first)
@@ -461,7 +461,7 @@ METRICS = {"l2": l2, "l1": l1, "pseudo_huber": pseudo_huber, "l2_norm": l2_norm,
 
 
 def _draw(x: Tensor, N: int, n: Tensor | None, z: Tensor | None, index_probs: Tensor | None = None):
-    """n ~ U{1, ..., N-1}, or n ~ index_probs (0-based: t_n = sigmas[n], t_{n+1} = sigmas[n+1]); z ~ N(0, I)."""
+    """n ~ U{1, ..., N-1} or index_probs (0-based: t_n = sigmas[n], t_{n+1} = sigmas[n+1]); z ~ N(0, I)."""
     if n is None:
         n = (torch.randint(0, N - 1, (x.shape[0],)) if index_probs is None else
              torch.multinomial(index_probs.float().cpu(), x.shape[0], replacement=True)).to(x.device)
@@ -518,12 +518,14 @@ def edm_loss(D: Callable, x: Tensor, sigma: Tensor | None = None, z: Tensor | No
 
 
 # ----------------------------------------------------------------------------------------------
-# 6b. Improved recipes: iCT (training from data, no teacher) and ECT (tuning a diffusion model).
-#     Each piece is one function that plugs into consistency_loss / ct_loss above.
+# 6b. Improved recipes: iCT (from data, no teacher) and ECT (tuning a diffusion model). Each piece is
+#     one function; both recipes are consistency_loss with their own (t, r), λ and d, and μ = 0.
 
 
 def ict_num_steps(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
-    """N(k) = min(s0·2^⌊k/K'⌋, s1) + 1, K' = ⌊K / (log₂⌊s1/s0⌋ + 1)⌋: N doubles every K' steps.  [iCT Sec. 3.4]"""
+    """N(k) = min(s0·2^⌊k/K'⌋, s1) + 1, K' = ⌊K / (log₂⌊s1/s0⌋ + 1)⌋: N doubles every K' steps.
+
+    [iCT Sec. 3.4]; with s0 10, s1 1280: N = 11, 21, ..., 1281, eight stages of K' steps."""
     K_ = max(K // (math.floor(math.log2(s1 // s0)) + 1), 1)
     return min(s0 * 2 ** min(max(k, 0) // K_, 62), s1) + 1
 
@@ -536,40 +538,35 @@ def lognormal_index_probs(sigmas: Tensor, P_mean: float = -1.1, P_std: float = 2
     return p / p.sum()
 
 
-def ict_weight(t: Tensor, t_next: Tensor) -> Tensor:
-    """λ(t_n) = 1 / (t_{n+1} - t_n): small steps (low noise) weigh more.  [iCT Sec. 3.1]"""
-    return 1 / (t_next - t)
+def gap_weight(r: Tensor, t: Tensor) -> Tensor:
+    """λ = 1 / (t - r): iCT's 1/(t_{n+1} - t_n) [iCT Sec. 3.1] and ECT's 1/(t - r) [ECT Sec. 3]."""
+    return 1 / (t - r)
 
 
 def ect_r(t: Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> Tensor:
     """r(t) = max(t·(1 - q^(-a)·n(t)), 0), n(t) = 1 + k·sigmoid(-b t), a the stage.  [ECT Sec. 3]
 
-    r < t always; the gap t - r = t·min(1, q^(-a) n(t)) shrinks by q per stage. At stage 0, n ≥ 1
-    gives r = 0, the diffusion objective. The official code (training/loss.py, defaults q 2, k 8,
-    b 1) starts tuning at its stage 0 = our a = 1 (it raises q to the stage + 1)."""
+    r < t, and the gap t - r = t·min(1, q^(-a) n(t)) shrinks by q per stage. At a = 0, n ≥ 1 gives
+    r = 0: the diffusion objective. The official code (training/loss.py: q 2, k 8, b 1) starts
+    tuning at its stage 0, which is our a = 1 (it raises q to the stage + 1)."""
     return (t * (1 - q ** -stage * (1 + k * torch.sigmoid(-b * t)))).clamp(min=0)
-
-
-def ect_weight(r: Tensor, t: Tensor) -> Tensor:
-    """λ(t, r) = 1 / (t - r).  [ECT Sec. 3]"""
-    return 1 / (t - r)
 
 
 def ect_loss(f: Callable, f_target: Callable, x: Tensor, stage: int, metric: Callable = l2_norm,
              t: Tensor | None = None, z: Tensor | None = None, P_mean: float = -1.1, P_std: float = 2.0,
              q: float = 2.0) -> Tensor:
-    """ECT: ln t ~ N(P_mean, P_std²) in continuous time, r = r(t), λ = 1/(t - r).  [ECT Sec. 3]
+    """ln t ~ N(P_mean, P_std²) in continuous time, r = r(t), λ = 1/(t - r).  [ECT Sec. 3]
 
-    f is EDM's denoiser D (ε = 0), initialised from the teacher; f_target is f under stop-gradient."""
+    f is EDM's denoiser D (ε = 0) initialised from the teacher; f_target is f under stop-gradient."""
     if t is None:
         t = (P_mean + P_std * torch.randn(x.shape[0])).exp().to(x.device, x.dtype)
     z = torch.randn_like(x) if z is None else z
-    return consistency_loss(f, f_target, x, t, ect_r(t, stage, q), z, metric, ect_weight)
+    return consistency_loss(f, f_target, x, t, ect_r(t, stage, q), z, metric, gap_weight)
 
 
 class SharedDropout:
-    """Wrap the online pass and then the target pass: the second replays the RNG state (CPU and CUDA)
-    that the first saw, so both draw the same dropout masks.  [iCT Sec. 3.1; ECT training/loss.py]"""
+    """Wrap the online pass, then the target pass: the second replays the RNG state (CPU and CUDA) the
+    first saw, so both draw the same dropout masks.  [iCT Sec. 3.1; ECT training/loss.py]"""
 
     def __init__(self, device: torch.device):
         self.devices, self.state = ([device] if device.type == "cuda" else []), None
@@ -589,18 +586,18 @@ class SharedDropout:
 
 def improved_loss(cfg: Config, k: int, f: Callable, f_target: Callable, x: Tensor, z: Tensor,
                   metric: Callable) -> tuple[Tensor, int, float]:
-    """The loss of --mode ict or ect at step k, with (N, μ) for the log (N = stage for ECT). Both use
-    μ = 0 (θ⁻ = stopgrad θ) [iCT Sec. 3.2]; --ablate switches single iCT pieces back to CT's."""
-    off = set(filter(None, cfg.ablate.split(",")))
+    """(loss, N, μ) of --mode ict or ect at step k (N is the stage a = 1 + ⌊k / stage_steps⌋ for ECT).
+    μ = cfg.mu = 0 [iCT Sec. 3.2]; --ablate switches iCT pieces back to CT's (for ablations)."""
     if cfg.mode == "ect":
-        stage = 1 + k // cfg.stage_steps
-        return ect_loss(f, f_target, x, stage, metric, z=z, P_mean=cfg.P_mean, P_std=cfg.P_std,
-                        q=cfg.q), stage, cfg.mu
+        a = 1 + k // cfg.stage_steps
+        loss = ect_loss(f, f_target, x, a, metric, z=z, P_mean=cfg.P_mean, P_std=cfg.P_std, q=cfg.q)
+        return loss, a, cfg.mu
+    off = cfg.ablate.split(",")
     N = (ct_num_steps if "doubling" in off else ict_num_steps)(k, cfg.steps, cfg.s0, cfg.s1)
     sigmas = karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)
     probs = None if "lognormal" in off else lognormal_index_probs(sigmas, cfg.P_mean, cfg.P_std)
-    return ct_loss(f, f_target, x, sigmas, metric, z=z, weight=None if "weight" in off else ict_weight,
-                   index_probs=probs), N, cfg.mu
+    weight = None if "weight" in off else gap_weight
+    return ct_loss(f, f_target, x, sigmas, metric, z=z, weight=weight, index_probs=probs), N, cfg.mu
 
 
 # ----------------------------------------------------------------------------------------------
@@ -926,7 +923,8 @@ def report(model: nn.Module, cfg: Config, data: Tensor | None, shape, teacher=No
         name = {"heun": "EDM Heun, 18 levels (35 NFE)"}.get(how, how)
         samples[name] = generate(model, cfg, shape, n, cfg.seed + 7, how).cpu()
     if teacher is not None:
-        samples["teacher Heun, 18 levels (35 NFE)"] = generate(teacher, cfg, shape, n, cfg.seed + 7, "heun").cpu()
+        samples["teacher Heun, 18 levels (35 NFE)"] = generate(teacher, cfg, shape, n, cfg.seed + 7,
+                                                               "heun").cpu()
     rows = {k: energy_distance(v, real()) for k, v in samples.items()}
     fd = {}
     if cfg.dataset == "digits":

@@ -146,7 +146,8 @@ class RunConfig:
 
 
 CHOICES = {("cm", "mode"): ("ct", "cd", "ict", "ect", "edm"), ("cm", "noise_cond"): ("edm", "adm"),
-           ("cm", "metric"): ("l2", "l1", "pseudo_huber", "l2_norm", "lpips"), ("opt", "optimizer"): ("radam", "adam"),
+           ("cm", "metric"): ("l2", "l1", "pseudo_huber", "l2_norm", "lpips"),
+           ("opt", "optimizer"): ("radam", "adam"),
            ("opt", "precision"): ("bf16", "fp16", "fp32"),
            ("data", "name"): ("cifar10", "imagenet64", "folder", "digits")}
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from cm import (METRICS, CMError, SharedDropout, cd_loss, ct_loss, ct_num_steps, ct_target_rate, ect_loss,
-                edm_loss, ema_update, ict_num_steps, ict_weight, karras_sigmas, lognormal_index_probs,
+                edm_loss, ema_update, ict_num_steps, gap_weight, karras_sigmas, lognormal_index_probs,
                 ts_to_sigmas)
 from full import checkpoints, dist
 from full.data import DatasetError, make_dataset, make_loader
@@ -73,7 +73,7 @@ def split_batch(batch: int, world: int, microbatch: int = 0) -> tuple[int, int, 
 
 def curriculum(cfg: RunConfig, k: int) -> tuple[int, float]:
     """(N, μ) at step k: CT's schedules N(k), μ(k) [CM App. C], fixed for CD, unused (0, 0) for EDM;
-    iCT's doubling N(k) with μ = cm.mu [iCT Sec. 3.2, 3.4]; for ECT N is the stage a = 1 + ⌊k / stage_steps⌋."""
+    iCT's doubling N(k) with μ = cm.mu [iCT Sec. 3.2, 3.4]; ECT: N is the stage a = 1 + ⌊k/stage_steps⌋."""
     c = cfg.cm
     if c.mode == "ict":
         return ict_num_steps(k, cfg.opt.steps, c.s0, c.s1), c.mu
@@ -162,7 +162,7 @@ class Trainer:
                             q=c.q)
         sigmas = karras_sigmas(N, c.sigma_min, c.sigma_max, c.rho)
         if c.mode == "ict":
-            return ct_loss(online, target, x, sigmas, self.metric, n=n, z=z, weight=ict_weight,
+            return ct_loss(online, target, x, sigmas, self.metric, n=n, z=z, weight=gap_weight,
                            index_probs=lognormal_index_probs(sigmas, c.P_mean, c.P_std))
         if c.mode == "ct":
             return ct_loss(online, target, x, sigmas, self.metric, n=n, z=z)

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 USED = {
     full.train: ["ct_loss", "cd_loss", "edm_loss", "karras_sigmas", "ct_num_steps", "ct_target_rate",
-                 "ema_update", "ts_to_sigmas", "METRICS", "CMError", "ict_num_steps", "ict_weight",
+                 "ema_update", "ts_to_sigmas", "METRICS", "CMError", "ict_num_steps", "gap_weight",
                  "lognormal_index_probs", "ect_loss", "SharedDropout"],
     full.sample: ["sample_onestep", "sample_multistep", "sample_heun", "ts_to_sigmas", "CMError"],
     full.model: ["ConsistencyFunction"],
