@@ -77,6 +77,7 @@ class Config:
     s0: int = 0                     # ct, ict: initial discretization steps (0 -> per-dataset default)
     s1: int = 0                     # ct, ict: final discretization steps (0 -> per-dataset default)
     mu0: float = 0.9                # ct: initial target EMA rate mu(0)
+    mu_rule: str = ""               # ct: mu(k) divides by N(k)-1 'code' (official runs) | N(k) 'paper'
     mu: float = 0.0                 # cd, ict, ect: constant target EMA rate (0 for CIFAR-10 in [CM Tab. 3])
     P_mean: float = -1.1            # ict, ect: ln t ~ N(P_mean, P_std²) [iCT Sec. 3.5; ECT code defaults]
     P_std: float = 2.0
@@ -106,13 +107,14 @@ class Config:
 
 
 # Per-dataset defaults for the fields left at 0 / '' / -1; a dict gives one value per mode ("*": the rest).
-# Chosen so `python cm.py` ends in minutes on a CPU; cifar10 keeps the papers' values.
+# Chosen so `python cm.py` ends in minutes on a CPU; cifar10 keeps the papers' values. mu_rule: cifar10
+# follows the official runs; the short CPU runs keep the paper's text (README's numbers).
 DEFAULTS = {
     "toy":     dict(steps=dict(edm=4000, cd=4000, ct=6000, ict=6000, ect=4000), batch_size=512, channels=256,
-                    lr=1e-3, metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "l2"}),
+                    lr=1e-3, metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "l2"}), mu_rule="paper",
                     s0=dict(ict=10, **{"*": 2}), s1=80, stage_steps=1000, mid_t=1.0, dropout=0.0),
     "digits":  dict(steps=dict(edm=1500, cd=800, ct=3000, ict=3000, ect=1500), batch_size=128, channels=32,
-                    lr=2e-4, metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "l2"}),
+                    lr=2e-4, metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "l2"}), mu_rule="paper",
                     s0=dict(ict=10, **{"*": 2}), s1=dict(ict=160, **{"*": 40}), stage_steps=400, mid_t=3.0,
                     dropout=0.0),
     # [CM Tab. 3] for cd/ct; edm: EDM's 200M images at batch 512. ict [iCT Sec. 3-5]: batch 1024, lr 1e-4,
@@ -120,7 +122,7 @@ DEFAULTS = {
     # here). ect (locuslab/ect run_ecm.sh): batch 128, lr 1e-4, dropout 0.2, 25.6M images = 200k steps,
     # a stage every 250 ticks of 12.8k images = 25k steps, ‖·‖₂ (c = 0), mid_t 0.821 (ct_train.py).
     "cifar10": dict(steps=dict(edm=390_625, cd=800_000, ct=800_000, ict=400_000, ect=200_000),
-                    batch_size=dict(ict=1024, ect=128, **{"*": 512}), channels=128,
+                    batch_size=dict(ict=1024, ect=128, **{"*": 512}), channels=128, mu_rule="code",
                     lr=dict(ict=1e-4, ect=1e-4, **{"*": 4e-4}),
                     metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "lpips"}),
                     s0=dict(ict=10, **{"*": 2}), s1=dict(ict=1280, **{"*": 150}), stage_steps=25_000,
@@ -143,6 +145,8 @@ def resolve(cfg: Config) -> Config:
     cfg.sample_every = cfg.sample_every or max(cfg.steps // 4, 1)
     if cfg.metric not in METRICS:
         raise CMError(f"unknown metric {cfg.metric!r}; choose one of {', '.join(METRICS)}")
+    if cfg.mu_rule not in MU_RULES:
+        raise CMError(f"unknown mu-rule {cfg.mu_rule!r}; choose {' or '.join(MU_RULES)}")
     if cfg.precision not in ("fp32", "bf16"):
         raise CMError(f"unknown precision {cfg.precision!r}; choose fp32 or bf16")
     if min(cfg.steps, cfg.batch_size, cfg.channels, cfg.log_every, cfg.ckpt_every, cfg.sample_every) < 1:
@@ -186,13 +190,18 @@ def ct_num_steps(k: int, K: int, s0: int, s1: int) -> int:
     return math.ceil(math.sqrt(k / K * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
 
 
-def ct_target_rate(k: int, K: int, s0: int, s1: int, mu0: float) -> float:
-    """μ(k) = exp(s0·ln μ0 / N(k)), the target EMA rate of CT.  [CM App. C]
+def ct_target_rate(k: int, K: int, s0: int, s1: int, mu0: float, rule: str = "code") -> float:
+    """μ(k) = exp(s0·ln μ0 / (N(k) - 1)) ('code'), or exp(s0·ln μ0 / N(k)) ('paper').  [CM App. C]
 
-    We follow the paper, which divides by N(k), so that μ(0) = μ0 as the name says. The official
-    code divides by N(k) - 1 (it computes μ before adding 1 to the step count), which gives
-    μ(0) = μ0^(s0/(s0-1)) = 0.81 for μ0 = 0.9, s0 = 2. Both rise to 1 as N(k) grows."""
-    return math.exp(s0 * math.log(mu0) / ct_num_steps(k, K, s0, s1))
+    Our choice is 'code': both official codebases compute μ from the step count before its +1, and
+    every CT number in the paper came from them (μ(0) = μ0^(s0/(s0-1)) = 0.81 for μ0 = 0.9, s0 = 2).
+    The paper's text divides by N(k), so that μ(0) = μ0; rule='paper' gives that. Both rise to 1."""
+    if rule not in MU_RULES:
+        raise ValueError(f"unknown mu rule {rule!r}; choose {' or '.join(MU_RULES)}")
+    return math.exp(s0 * math.log(mu0) / (ct_num_steps(k, K, s0, s1) - MU_RULES[rule]))
+
+
+MU_RULES = {"code": 1, "paper": 0}  # what ct_target_rate subtracts from N(k)
 
 
 def ts_to_sigmas(ts: Sequence[int], N: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
@@ -612,16 +621,20 @@ def sample_onestep(f: Callable, z: Tensor, sigma_max: float = 80.0) -> Tensor:
 
 @torch.no_grad()
 def sample_multistep(f: Callable, z: Tensor, sigmas: Sequence[float], sigma_min: float = 0.002,
-                     noises: Sequence[Tensor] | None = None,
-                     generator: torch.Generator | None = None) -> Tensor:
+                     noises: Sequence[Tensor] | None = None, generator: torch.Generator | None = None,
+                     clip_denoised: bool = True) -> Tensor:
     """x ← f(τ_1 z, τ_1); then for τ_2 > τ_3 > ...: x ← f(x + √(τ² - ε²) z', τ).  [CM Alg. 1]
 
     `sigmas` are the descending levels τ_1 > τ_2 > ... (τ_1 = T for the paper's sampler; see
-    ts_to_sigmas for the official index form). With a single level this is sample_onestep."""
-    x = f(sigmas[0] * z, sigmas[0])
+    ts_to_sigmas for the official index form). clip_denoised clamps every f(·) to [-1, 1] before
+    it is re-noised, as both official codebases sample (`clip_denoised=True`): images live in
+    [-1, 1], and an overshoot would otherwise be carried into the next level. Without it, a single
+    level is exactly sample_onestep."""
+    denoise = (lambda x, t: f(x, t).clamp(-1, 1)) if clip_denoised else f
+    x = denoise(sigmas[0] * z, sigmas[0])
     for i, tau in enumerate(sigmas[1:]):
         zi = noises[i] if noises is not None else torch.randn(x.shape, generator=generator).to(x.device)
-        x = f(x + math.sqrt(tau ** 2 - sigma_min ** 2) * zi, tau)
+        x = denoise(x + math.sqrt(tau ** 2 - sigma_min ** 2) * zi, tau)
     return x
 
 
@@ -867,8 +880,8 @@ def train(cfg: Config) -> dict:
             x = torch.where(torch.rand(len(x), 1, 1, 1).to(dev) < 0.5, x.flip(3), x)
         z = torch.randn(x.shape).to(dev)
         if cfg.mode == "ct":  # N(k), μ(k) [CM App. C]
-            N, mu = ct_num_steps(step, cfg.steps, cfg.s0, cfg.s1), ct_target_rate(step, cfg.steps, cfg.s0,
-                                                                                 cfg.s1, cfg.mu0)
+            N = ct_num_steps(step, cfg.steps, cfg.s0, cfg.s1)
+            mu = ct_target_rate(step, cfg.steps, cfg.s0, cfg.s1, cfg.mu0, cfg.mu_rule)
         else:
             N, mu = cfg.N, cfg.mu
         n = torch.randint(0, N - 1, (len(x),)).to(dev)

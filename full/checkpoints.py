@@ -8,7 +8,11 @@ Export file (for sampling, teachers):
     {"ema": {rate: state_dict}, "config", "step", "format": 1, "export": True}.
 State dicts come from the unwrapped module (no DDP `module.` or torch.compile `_orig_mod.` prefixes). Files
 hold only tensors and Python primitives, so `torch.load(p, weights_only=True)` always reads them.
-Official checkpoints (EDM .pkl, CM .pt) are not read here yet: `import_official` is the hook.
+
+Released checkpoints of the official code bases are converted in memory into an export dict by
+`import_official` (one reader per format, tried in order; each answers None for a file that is not its
+format): CM's raw guided-diffusion state dicts (full/official.py) and EDM's .pkl snapshots, read without
+running them (full/edm_pickle.py). The export dict then has an "official" entry saying what was inferred.
 """
 from __future__ import annotations
 
@@ -65,27 +69,48 @@ def save(run_dir: str | os.PathLike, state: dict, keep_last: int) -> Path:
     return path
 
 
-def load(path: str | os.PathLike) -> dict:
-    """Read a resume or export file (weights_only); a missing, corrupt or foreign file -> one-line CMError."""
+def load(path: str | os.PathLike, arch: str = "", kind: str = "") -> dict:
+    """Read a full/ resume or export file, or a released official checkpoint (import_official), as a dict.
+
+    Files are read with weights_only (pickles never run); a missing, corrupt or foreign file -> one-line
+    CMError. arch / kind override what import_official infers for an official file (ignored otherwise)."""
     path = Path(path)
     if not path.is_file():
         raise CMError(f"no checkpoint at {path}")
-    if path.suffix == ".pkl":
-        import_official(path)
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if not (head.startswith(b"PK") or head.startswith(_TORCH_LEGACY)):  # not torch.save: .pkl, msgpack, ...
+        return import_official(path, None, arch, kind)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, pickled code
         raise CMError(f"cannot read checkpoint {path}: corrupt or truncated "
                       f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT or "config" not in state:
-        raise CMError(f"{path} is not a full/ checkpoint (format {FORMAT})")
-    return state
+    if isinstance(state, dict) and state.get("format") == FORMAT and "config" in state:
+        return state
+    return import_official(path, state, arch, kind)
 
 
-def import_official(path: str | os.PathLike):
-    """Hook for the released EDM (.pkl) and CM (.pt) checkpoints; not implemented yet."""
-    raise CMError(f"{path}: importing official checkpoints is not supported yet; "
-                  "pass a full/ checkpoint (python -m full.train --preset ...-edm)")
+_TORCH_LEGACY = b"\x80\x02\x8a\x0a"  # torch.save's pre-zip format: pickle protocol 2, then a magic number
+
+
+def import_official(path: str | os.PathLike, obj=None, arch: str = "", kind: str = "") -> dict:
+    """A released checkpoint of another code base as a full/ export dict: each format's reader, in order.
+
+    obj: what torch.load(weights_only=True) returned for a torch file, None for any other file. A reader
+    `read(path, obj, arch, kind)` returns None when the file is not its format; add a format with one line."""
+    from full import edm_pickle, official
+    readers = (official.read_state_dict,   # CM .pt: a raw guided-diffusion state dict
+               edm_pickle.read_pickle)     # EDM .pkl: persistence pickles, read without running them
+    for read in readers:
+        state = read(Path(path), obj, arch, kind)
+        if state is not None:
+            return state
+    if obj is None:
+        raise CMError(f"cannot read checkpoint {path}: corrupt or truncated, or a format this project does "
+                      "not read (full/ .pt, guided-diffusion .pt, EDM .pkl)")
+    raise CMError(f"{path} is not a full/ checkpoint (format {FORMAT}) nor a released official one "
+                  "(a guided-diffusion state dict)")
 
 
 def load_weights(module: nn.Module, state_dict: dict, what: str, path: str | os.PathLike = "") -> None:
@@ -108,10 +133,11 @@ def ema_rates(state: dict) -> list[float]:
 
 def model_from_state(state: dict, rate: float | None = None, path: str | os.PathLike = "",
                      denoiser: bool | None = None) -> tuple[ConsistencyFunction, RunConfig]:
-    """f (or D for an edm run) with the EMA weights of `rate` (default: the first), in eval mode."""
+    """f (or D for an edm run) with the EMA weights of `rate` (default: the run's ema.eval_rate), in eval
+    mode."""
     cfg = config_of(state)
     rates = ema_rates(state)
-    rate = rates[0] if rate is None else rate
+    rate = (cfg.ema.eval_rate if cfg.ema.eval_rate in rates else rates[0]) if rate is None else rate
     key = next((r for r in state["ema"] if abs(float(r) - rate) < 1e-15), None)
     if key is None:
         raise CMError(f"{path}: no EMA at rate {rate}; it has {', '.join(map(str, rates))}")

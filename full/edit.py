@@ -21,8 +21,9 @@ single evaluations of f.
 Conventions: images are (B, C, H, W) in [-1, 1]; `levels` are descending τ_1 > τ_2 > ... (as
 cm.sample_multistep takes them; cm.ts_to_sigmas turns official `ts` indices into levels); noise is
 drawn on the CPU with `generator` and moved to x's device, as cm.py does, or passed in as `noises`.
-Deviation from the official code, on purpose: it clamps every denoised image to [-1, 1] and starts
-from pure noise T z; we follow Alg. 4 (no clamp, start from y + τ_1 z). Importing has no side effects.
+Every denoised image is clamped to [-1, 1] before the replacement, as the official code does
+(`clip_denoised=False` turns it off). Deviation from the official code, on purpose: it starts from pure
+noise T z; we follow Alg. 4 and start from y + τ_1 z. Importing has no side effects.
 """
 from __future__ import annotations
 
@@ -115,28 +116,31 @@ def _check_levels(levels: Sequence[float], sigma_min: float) -> list[float]:
 
 
 def _denoise_and_replace(x: Tensor, tau: float, f: Callable, y: Tensor, omega: Tensor, A: Callable,
-                         A_inv: Callable) -> Tensor:
-    """x ← f(x, τ), then the replacement.  [CM Alg. 4, lines 4-5 and 8-9]"""
-    return replace(f(x, tau), y, omega, A, A_inv)
+                         A_inv: Callable, clip_denoised: bool = True) -> Tensor:
+    """x ← f(x, τ), clamped to [-1, 1] if clip_denoised, then the replacement.  [CM Alg. 4, l. 4-5, 8-9]"""
+    x = f(x, tau)
+    return replace(x.clamp(-1, 1) if clip_denoised else x, y, omega, A, A_inv)
 
 
 @torch.no_grad()
 def edit_multistep(f: Callable, y: Tensor, omega: Tensor, levels: Sequence[float], sigma_min: float = 0.002,
                    A: Callable = _identity, A_inv: Callable = _identity,
                    generator: torch.Generator | None = None,
-                   noises: Sequence[Tensor] | None = None) -> Tensor:
+                   noises: Sequence[Tensor] | None = None, clip_denoised: bool = True) -> Tensor:
     """Zero-shot editing: Alg. 1's multistep sampler with the replacement after each step.  [CM Alg. 4]
 
     y: the reference (B, C, H, W); omega: Ω in A's space (1 = generate); levels: τ_1 > τ_2 > ...;
-    noises: optional [z for line 3, z' for each later level], otherwise drawn from `generator`.
+    noises: optional [z for line 3, z' for each later level], otherwise drawn from `generator`;
+    clip_denoised: clamp each f(·) to [-1, 1] before the replacement (the official order).
     The start x = y' + τ_1 z (y' = y with Ω-coordinates zeroed, line 2) is passed to
     cm.sample_multistep as the latent z + y'/τ_1, whose first step evaluates f(τ_1 · latent, τ_1)."""
     levels = _check_levels(levels, sigma_min)
     omega = torch.as_tensor(omega, device=y.device)
     y = A_inv(torch.where(omega.to(torch.bool), torch.zeros((), dtype=y.dtype, device=y.device), A(y)))
     z = (noises[0] if noises is not None else torch.randn(y.shape, generator=generator)).to(y.device)
-    f_edit = partial(_denoise_and_replace, f=f, y=y, omega=omega, A=A, A_inv=A_inv)
-    return cm.sample_multistep(f_edit, z + y / levels[0], levels, sigma_min,
+    f_edit = partial(_denoise_and_replace, f=f, y=y, omega=omega, A=A, A_inv=A_inv,
+                     clip_denoised=clip_denoised)
+    return cm.sample_multistep(f_edit, z + y / levels[0], levels, sigma_min, clip_denoised=False,
                                noises=None if noises is None else noises[1:], generator=generator)
 
 
@@ -145,16 +149,19 @@ def edit_multistep(f: Callable, y: Tensor, omega: Tensor, levels: Sequence[float
 
 
 def inpaint(f: Callable, ref: Tensor, mask: Tensor, levels: Sequence[float], sigma_min: float = 0.002,
-            generator: torch.Generator | None = None, noises: Sequence[Tensor] | None = None) -> Tensor:
+            generator: torch.Generator | None = None, noises: Sequence[Tensor] | None = None,
+            clip_denoised: bool = True) -> Tensor:
     """Fill the pixels where mask = 0; where mask = 1 the result is exactly ref.  [CM App. D, Inpainting]
 
     A = I and Ω = 1 - mask; mask broadcasts to ref, e.g. (1, 1, H, W) or (B, C, H, W)."""
     omega = (torch.as_tensor(mask, device=ref.device) == 0).expand_as(ref)
-    return edit_multistep(f, ref, omega, levels, sigma_min, generator=generator, noises=noises)
+    return edit_multistep(f, ref, omega, levels, sigma_min, generator=generator, noises=noises,
+                          clip_denoised=clip_denoised)
 
 
 def colorize(f: Callable, ref: Tensor, levels: Sequence[float], sigma_min: float = 0.002,
-             generator: torch.Generator | None = None, noises: Sequence[Tensor] | None = None) -> Tensor:
+             generator: torch.Generator | None = None, noises: Sequence[Tensor] | None = None,
+             clip_denoised: bool = True) -> Tensor:
     """RGB images whose luma 0.2989 R + 0.5870 G + 0.1140 B equals the reference's.  [CM App. D, Colorization]
 
     ref: (B, 1, H, W) grey (repeated to the three channels, as the paper's y) or (B, 3, H, W) RGB
@@ -166,12 +173,13 @@ def colorize(f: Callable, ref: Tensor, levels: Sequence[float], sigma_min: float
     Q = color_basis()
     omega = torch.tensor([0, 1, 1], dtype=torch.bool, device=ref.device)[None, :, None, None]
     return edit_multistep(f, ref, omega, levels, sigma_min, partial(to_color_space, Q=Q),
-                          partial(from_color_space, Q=Q), generator=generator, noises=noises)
+                          partial(from_color_space, Q=Q), generator=generator, noises=noises,
+                          clip_denoised=clip_denoised)
 
 
 def superres(f: Callable, ref: Tensor, factor: int, levels: Sequence[float], sigma_min: float = 0.002,
              generator: torch.Generator | None = None, noises: Sequence[Tensor] | None = None,
-             lowres: bool = False) -> Tensor:
+             lowres: bool = False, clip_denoised: bool = True) -> Tensor:
     """Images whose p x p patch means equal the reference's (p = factor).  [CM App. D, Super-resolution]
 
     ref: a full-resolution image (B, C, H, W) whose patch means are the information kept, or with
@@ -185,11 +193,13 @@ def superres(f: Callable, ref: Tensor, factor: int, levels: Sequence[float], sig
     omega = torch.ones(factor ** 2, dtype=torch.bool, device=ref.device)
     omega[0] = False
     return edit_multistep(f, ref, omega, levels, sigma_min, partial(to_patches, Q=Q, factor=factor),
-                          partial(from_patches, Q=Q, factor=factor), generator=generator, noises=noises)
+                          partial(from_patches, Q=Q, factor=factor), generator=generator, noises=noises,
+                          clip_denoised=clip_denoised)
 
 
 def stroke(f: Callable, stroke_img: Tensor, levels: Sequence[float] = STROKE_LEVELS, sigma_min: float = 0.002,
-           generator: torch.Generator | None = None, noises: Sequence[Tensor] | None = None) -> Tensor:
+           generator: torch.Generator | None = None, noises: Sequence[Tensor] | None = None,
+           clip_denoised: bool = True) -> Tensor:
     """Stroke-guided generation (SDEdit): x = f(y + τ_1 z, τ_1), then the multistep chain.  [CM App. D]
 
     The paper's Alg. 4 with A = I and Ω = 1 everywhere: the replacement never fires, and line 3 starts
@@ -198,7 +208,8 @@ def stroke(f: Callable, stroke_img: Tensor, levels: Sequence[float] = STROKE_LEV
     levels = _check_levels(levels, sigma_min)
     z = noises[0] if noises is not None else torch.randn(stroke_img.shape, generator=generator)
     return cm.sample_multistep(f, z.to(stroke_img.device) + stroke_img / levels[0], levels, sigma_min,
-                               noises=None if noises is None else noises[1:], generator=generator)
+                               noises=None if noises is None else noises[1:], generator=generator,
+                               clip_denoised=clip_denoised)
 
 
 def slerp(z0: Tensor, z1: Tensor, alpha: float) -> Tensor:
@@ -316,7 +327,7 @@ EDITS: dict[str, Callable] = {
 
 def run_edit(task: str, f: Callable, reference: Tensor, mask: Tensor | None = None,
              levels: Sequence[float] | None = None, sigma_min: float = 0.002,
-             generator: torch.Generator | None = None, **kw) -> Tensor:
+             generator: torch.Generator | None = None, clip_denoised: bool = True, **kw) -> Tensor:
     """Run one zero-shot edit by name.  [CM Alg. 4, App. D]
 
     reference, by task:
@@ -329,7 +340,8 @@ def run_edit(task: str, f: Callable, reference: Tensor, mask: Tensor | None = No
                    kw alphas (default 8 from 0 to 1); returns (len(alphas), C, H, W)
       denoise      a noisy image whose noise std is levels[0] (required); kw add_noise=True noises a
                    clean reference first, with `generator`
-    levels default to default_levels(task); kw noises=[...] pins the noise of the Alg. 4 tasks."""
+    levels default to default_levels(task); kw noises=[...] pins the noise of the Alg. 4 tasks.
+    clip_denoised clamps every evaluation of f to [-1, 1] (the official default)."""
     if task not in EDITS:
         raise ValueError(f"unknown edit task {task!r}; choose one of {', '.join(EDITS)}")
     if mask is not None and task != "inpaint":
@@ -337,4 +349,7 @@ def run_edit(task: str, f: Callable, reference: Tensor, mask: Tensor | None = No
     levels = default_levels(task, sigma_min) if levels is None else [float(t) for t in levels]
     if not levels:
         raise ValueError("levels must not be empty")
-    return EDITS[task](f, reference, mask, levels, sigma_min, generator, **kw)
+    if task in ("interpolate", "denoise"):  # single evaluations of f
+        x = EDITS[task](f, reference, mask, levels, sigma_min, generator, **kw)
+        return x.clamp(-1, 1) if clip_denoised else x
+    return EDITS[task](f, reference, mask, levels, sigma_min, generator, clip_denoised=clip_denoised, **kw)

@@ -56,6 +56,7 @@ class CMSection:
     s0: int = 2                       # ct: N(0) = s0
     s1: int = 150                     # ct: N(K) = s1 + 1
     mu0: float = 0.9                  # ct: μ(0) = μ0
+    mu_rule: str = "code"             # ct: μ(k) divides by N(k)-1 'code' (official runs) | N(k) 'paper'
     metric: str = "lpips"             # l2 | l1 | pseudo_huber | l2_norm | lpips (cm.METRICS)
     lpips_pretrained: bool = True     # False: random VGG (offline tests only; never for real runs)
     P_mean: float = -1.2              # edm: ln t ~ N(P_mean, P_std²) [EDM Tab. 1]; ict/ect: -1.1, 2.0
@@ -86,7 +87,12 @@ class EMASection:
     """Evaluation EMAs (never the target θ⁻): one averaged copy of θ per rate."""
 
     rates: tuple[float, ...] = (0.9999,)
+    eval_rate: float = 0.0            # what sampling, grids and exports read by default; 0 = rates[0]
     warmup: bool = False              # rate min(r, (1+k)/(10+k)) as cm.py (short runs); official: no
+
+    def for_eval(self) -> float:
+        """The rate evaluated by default: the one the paper reports [CM Tab. 3]."""
+        return self.eval_rate or self.rates[0]
 
 
 @dataclass
@@ -118,8 +124,8 @@ class RunSection:
     ts: tuple[int, ...] = (0, 11, 17)  # two-step grid levels, official index convention (cm.ts_to_sigmas)
     ts_grid: int = 18                 # the grid size the ts indices refer to
     sigmas: tuple[float, ...] = ()    # two-step levels as numbers, e.g. (80.0, 0.821) [iCT, ECT]; replaces ts
-    teacher: str = ""                 # cd: a full/ checkpoint (resume or export) of an edm run
-    init_from_teacher: bool = True    # cd: θ starts from the teacher's weights (as the official CD runs)
+    teacher: str = ""                 # cd, ect (ct: optional): a full/ checkpoint (resume or export) of an edm run
+    init_from_teacher: bool = True    # θ starts from run.teacher's weights (official CD, and OCM's CT script)
 
 
 @dataclass
@@ -146,6 +152,7 @@ class RunConfig:
 
 
 CHOICES = {("cm", "mode"): ("ct", "cd", "ict", "ect", "edm"), ("cm", "noise_cond"): ("edm", "adm"),
+           ("cm", "mu_rule"): ("code", "paper"),
            ("cm", "metric"): ("l2", "l1", "pseudo_huber", "l2_norm", "lpips"),
            ("opt", "optimizer"): ("radam", "adam"),
            ("opt", "precision"): ("bf16", "fp16", "fp32"),
@@ -169,6 +176,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"need cm.N >= 2 and 2 <= cm.s0 <= cm.s1 (got {c.N}, {c.s0}, {c.s1})")
     if not (0 <= c.mu < 1 and 0 < c.mu0 < 1 and all(0 <= e < 1 for e in cfg.ema.rates) and cfg.ema.rates):
         raise ValueError("need 0 <= cm.mu < 1, 0 < cm.mu0 < 1 and at least one ema rate in [0, 1)")
+    if cfg.ema.eval_rate and cfg.ema.eval_rate not in cfg.ema.rates:
+        raise ValueError(f"ema.eval_rate={cfg.ema.eval_rate} is not one of ema.rates {cfg.ema.rates}")
     if o.batch < 1 or o.microbatch < 0 or o.steps < 1 or o.lr <= 0:
         raise ValueError("need opt.batch >= 1, opt.microbatch >= 0, opt.steps >= 1, opt.lr > 0")
     if min(r.ckpt_every, r.keep_last, r.log_every, r.sample_num) < 1 or r.sample_every < 0:
@@ -179,24 +188,28 @@ def validate(cfg: RunConfig) -> None:
 # Presets: one per paper run [CM Tab. 3], the EDM teachers, and CPU-sized tiny runs
 
 
-def _cifar10(mode: str, **cm) -> RunConfig:
-    """CIFAR-10, NCSN++ ~56M, RAdam lr 4e-4, batch 512, 800k steps, eval EMA 0.9999.  [CM Tab. 3]"""
-    # fp32: [CM Tab. 3] trains CIFAR-10 without mixed precision (override with opt.precision='bf16')
+def _cifar10(mode: str, lr: float = 4e-4, **cm) -> RunConfig:
+    """CIFAR-10, NCSN++ ~56M, RAdam lr 4e-4 (CD-l1 2e-4), batch 512, 800k steps, EMA 0.9999.  [CM Tab. 3]"""
+    # fp32: the official CIFAR-10 runs are JAX in fp32 (override with opt.precision='bf16')
     return RunConfig(net=NCSNppConfig.cifar10(), cm=CMSection(mode=mode, **cm),
-                     opt=OptSection("radam", 4e-4, batch=512, steps=800_000, precision="fp32"),
-                     ema=EMASection((0.9999,)),
+                     opt=OptSection("radam", lr, batch=512, steps=800_000, precision="fp32"),
+                     ema=EMASection((0.9999,), eval_rate=0.9999),
                      data=DataSection("cifar10", "data/cifar10"), run=RunSection(ts=(0, 11, 17), ts_grid=18))
 
 
 # ImageNet-64 / LSUN-256 (ADM). The official scripts keep three eval EMAs; 0.9999432189950708 is
-# EDM's half-life of 50 Mimg at batch 4096, the rate [CM Tab. 3] quotes as 0.999943.
-_ADM_EMAS = (0.999, 0.9999, 0.9999432189950708)
+# EDM's half-life of 50 Mimg at batch 4096, the rate [CM Tab. 3] quotes as 0.999943 and evaluates.
+# Precision: the official runs train these in fp16 (fp32 master weights, dynamic loss scaling), which
+# is fp16 autocast + GradScaler here (CUDA only).
+_EVAL_EMA = 0.9999432189950708
+_ADM_EMAS = (0.999, 0.9999, _EVAL_EMA)
 
 
 def _imagenet64(mode: str, lr: float, steps: int, ts=(0, 22, 39), ts_grid=40, **cm) -> RunConfig:
     """ImageNet-64 (class-conditional), ADM ~296M, batch 2048, c_noise of the ADM code.  [CM Tab. 3]"""
     return RunConfig(net=ADMConfig.imagenet64(), cm=CMSection(mode=mode, noise_cond="adm", **cm),
-                     opt=OptSection("radam", lr, batch=2048, steps=steps), ema=EMASection(_ADM_EMAS),
+                     opt=OptSection("radam", lr, batch=2048, steps=steps, precision="fp16"),
+                     ema=EMASection(_ADM_EMAS, eval_rate=_EVAL_EMA),
                      data=DataSection("imagenet64", "data/imagenet64", class_cond=True),
                      run=RunSection(ts=ts, ts_grid=ts_grid))
 
@@ -206,10 +219,19 @@ def _lsun256(mode: str, steps: int, ts: tuple, ts_grid: int, **cm) -> RunConfig:
 
     Paper: batch 2048, lr 1e-5. The launch scripts use batch 256 (and lr 5e-5 for CT)."""
     return RunConfig(net=ADMConfig.lsun256(), cm=CMSection(mode=mode, noise_cond="adm", **cm),
-                     opt=OptSection("radam", 1e-5, batch=2048, steps=steps),
-                     ema=EMASection((0.9999, 0.99994, 0.9999432189950708)),
+                     opt=OptSection("radam", 1e-5, batch=2048, steps=steps, precision="fp16"),
+                     ema=EMASection((0.9999, 0.99994, _EVAL_EMA), eval_rate=_EVAL_EMA),
                      data=DataSection("folder", "data/lsun_bedroom", resolution=256),
                      run=RunSection(ts=ts, ts_grid=ts_grid))
+
+
+def _edm_ocm(base: RunConfig, net, batch: int, steps: int) -> RunConfig:
+    """An EDM teacher as openai/consistency_models' scripts/edm_train.py ran it (scripts/launch.sh):
+    RAdam lr 1e-4 without warm-up, fp16, dropout 0.1, EMAs 0.999, 0.9999, 0.999943, ln t ~ N(-1.2, 1.2²).
+    The script sets no length (lr_anneal_steps 0 trains until stopped): `steps` is our choice."""
+    return dataclasses.replace(base, net=net, opt=OptSection("radam", 1e-4, batch=batch, steps=steps,
+                                                             precision="fp16"),
+                               ema=EMASection(_ADM_EMAS, eval_rate=_EVAL_EMA))
 
 
 def _tiny(mode: str, **cm) -> RunConfig:
@@ -225,28 +247,37 @@ def _tiny(mode: str, **cm) -> RunConfig:
 
 
 PRESETS: dict[str, Callable[[], RunConfig]] = {
-    # EDM teacher for CIFAR-10 CD: NCSN++ (VE), dropout 0.13, Adam lr 1e-3 with a 10 Mimg ramp, batch 512,
-    # 200 Mimg = 390,625 steps, EMA half-life 0.5 Mimg. [EDM App. F.1] (EDM's non-leaky augmentation
-    # is not implemented.)
+    # EDM teacher for CIFAR-10 CD as the official JAX config ran it (configs/cifar10_k_ve.py): NCSN++ (VE),
+    # dropout 0.13, Adam lr 1e-3 with a 10 Mimg ramp, batch 512, 400k steps (n_iters 400,001), EMA
+    # half-life 0.5 Mimg, fp32. [EDM App. F.1] (EDM's non-leaky augmentation is not implemented.)
     "cifar10-edm": lambda: dataclasses.replace(
         _cifar10("edm"), net=NCSNppConfig.cifar10(dropout=0.13),
-        opt=OptSection("adam", 1e-3, warmup=19_531, batch=512, steps=390_625),
+        opt=OptSection("adam", 1e-3, warmup=19_531, batch=512, steps=400_000, precision="fp32"),
         ema=EMASection((_ema_beta(512, 5e5),))),
     "cifar10-cd-lpips": lambda: _cifar10("cd", N=18, mu=0.0, metric="lpips"),
     "cifar10-cd-l2": lambda: _cifar10("cd", N=18, mu=0.0, metric="l2"),
+    "cifar10-cd-l1": lambda: _cifar10("cd", 2e-4, N=18, mu=0.0, metric="l1"),  # launch.sh: lr 2e-4 for l1
     "cifar10-ct": lambda: _cifar10("ct", s0=2, s1=150, mu0=0.9, metric="lpips"),
-    # EDM's ImageNet-64 ADM teacher: dropout 0.1, Adam lr 2e-4, batch 4096, 2500 Mimg, EMA half-life 50 Mimg.
+    # EDM's ImageNet-64 ADM teacher: dropout 0.1, Adam lr 2e-4, batch 4096, 2500 Mimg, EMA half-life 50 Mimg,
+    # fp16 [EDM App. F.1]; and the same network as OCM's edm_train ran it (released: edm_imagenet64_ema.pt).
     "imagenet64-edm": lambda: dataclasses.replace(
         _imagenet64("edm", 2e-4, 610_352), net=ADMConfig.imagenet64(dropout=0.1),
-        opt=OptSection("adam", 2e-4, warmup=2_441, batch=4096, steps=610_352),
+        opt=OptSection("adam", 2e-4, warmup=2_441, batch=4096, steps=610_352, precision="fp16"),
         ema=EMASection((_ema_beta(4096, 5e7),))),
+    "imagenet64-edm-ocm": lambda: _edm_ocm(_imagenet64("edm", 1e-4, 610_352),
+                                           ADMConfig.imagenet64(dropout=0.1), batch=4096, steps=610_352),
     "imagenet64-cd-lpips": lambda: _imagenet64("cd", 8e-6, 600_000, N=40, mu=0.95, metric="lpips"),
     "imagenet64-cd-l2": lambda: _imagenet64("cd", 8e-6, 600_000, N=40, mu=0.95, metric="l2"),
-    # Paper lr 8e-6; the launch script uses 1e-4. Two-step ts of the launch scripts: CT 0,106,200 of 201,
-    # LSUN CD 0,17,39 of 40, LSUN bedroom CT 0,67,150 of 151 (cat: 0,62,150).
+    # Paper lr 8e-6; the launch script uses 1e-4, and passes a teacher that CT starts from (run.teacher=...).
+    # Two-step ts of the launch scripts: CT 0,106,200 of 201, LSUN CD-lpips 0,17,39 and CD-l2 0,18,39 of 40,
+    # LSUN bedroom CT 0,67,150 of 151 (cat: 0,62,150).
     "imagenet64-ct": lambda: _imagenet64("ct", 8e-6, 800_000, ts=(0, 106, 200), ts_grid=201,
                                          s0=2, s1=200, mu0=0.95, metric="lpips"),
+    # LSUN-256 EDM teachers (bedroom, cat) as OCM's launch script trains them: batch 256, no scale-shift norm.
+    "lsun256-edm": lambda: _edm_ocm(_lsun256("edm", 600_000, (0, 17, 39), 40),
+                                    ADMConfig.lsun256(dropout=0.1), batch=256, steps=600_000),
     "lsun256-cd-lpips": lambda: _lsun256("cd", 600_000, (0, 17, 39), 40, N=40, mu=0.95, metric="lpips"),
+    "lsun256-cd-l2": lambda: _lsun256("cd", 600_000, (0, 18, 39), 40, N=40, mu=0.95, metric="l2"),
     "lsun256-ct": lambda: _lsun256("ct", 1_000_000, (0, 67, 150), 151, s0=2, s1=150, mu0=0.95,
                                    metric="lpips"),
     # iCT [iCT Sec. 3-5]: no teacher, μ = 0, pseudo-Huber, s0 10 -> s1 1280 doubling, lognormal n

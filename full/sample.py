@@ -18,6 +18,7 @@ and rank 0 gathers and writes `<out>/samples.png` (the first 64) and `<out>/samp
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -48,11 +49,12 @@ def per_sample_noise(indices: Iterable[int], shape: Sequence[int], levels: int, 
 @torch.no_grad()
 def generate(f, cfg, shape: Sequence[int], indices: Iterable[int], levels: Sequence[float] | None,
              seed: int = 0, heun: bool = False, class_labels: Sequence[int] | None = None,
-             batch: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Samples `indices` in [-1, 1] (B, C, H, W) on the CPU, and their labels (None if unconditional).
+             batch: int = 256, clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Samples `indices` (B, C, H, W) on the CPU, and their labels (None if unconditional).
 
     levels: descending τ's for cm.sample_multistep ([T] = one step); heun: EDM's sampler with
-    cfg.run.ts_grid levels (for a denoiser). class_labels: label i is class_labels[i % len]."""
+    cfg.run.ts_grid levels (for a denoiser). class_labels: label i is class_labels[i % len].
+    clip_denoised: every denoised step is clamped to [-1, 1], as the official samplers do."""
     indices = list(indices)
     dev = next(f.parameters()).device
     k = cfg.net.num_classes if cfg.data.class_cond else 0
@@ -69,16 +71,21 @@ def generate(f, cfg, shape: Sequence[int], indices: Iterable[int], levels: Seque
             x = sample_heun(fy, z, cfg.run.ts_grid, c.sigma_min, c.sigma_max, c.rho)
         elif len(levels) == 1 and levels[0] == c.sigma_max:
             x = sample_onestep(fy, z, c.sigma_max)
+            x = x.clamp(-1, 1) if clip_denoised else x
         else:
-            x = sample_multistep(fy, z, levels, c.sigma_min, noises=[n.to(dev) for n in noises])
+            x = sample_multistep(fy, z, levels, c.sigma_min, noises=[n.to(dev) for n in noises],
+                                 clip_denoised=clip_denoised)
         xs.append(x.float().cpu())
         ys.append(y)
     return torch.cat(xs), (torch.cat(ys) if k else None)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] (B, C, H, W) -> uint8 (B, H, W, C), rounding (v + 1) 127.5."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    """[-1, 1] (B, C, H, W) -> uint8 (B, H, W, C): (v + 1) 127.5 clamped to [0, 255], then truncated.
+
+    Truncation, not rounding, as both official codebases write the samples their FIDs were measured
+    on (every value lands up to one level lower than rounding would put it; FID moves slightly)."""
+    return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
@@ -146,10 +153,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--ts", default="", help="multistep levels as official indices, e.g. 0,11,17")
     p.add_argument("--grid-steps", type=int, default=18, help="grid size the --ts indices refer to")
     p.add_argument("--sigmas", default="", help="multistep levels as numbers, descending, e.g. 80,0.8")
+    p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=True,
+                   help="clamp every denoised step to [-1, 1] before re-noising (the official samplers do)")
     p.add_argument("--class-labels", default="", help="comma-separated labels, cycled (default: random)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
-    p.add_argument("--ema", type=float, default=None, help="EMA rate to load (default: the first)")
+    p.add_argument("--ema", type=float, default=None,
+                   help="EMA rate to load (default: the run's ema.eval_rate, the one the paper evaluates)")
     p.add_argument("--out", default="", help="output folder (default: next to the checkpoint)")
     p.add_argument("--device", default="")
     p.add_argument("--edit", default="", help="zero-shot edit: inpaint, colorize, superres, stroke, "
@@ -178,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         heun = cfg.cm.mode == "edm"
         levels = None if heun else levels_from_args(args.ts, args.sigmas, args.grid_steps, cfg)
         mine = range(dist.rank(), args.num, dist.world())
-        x, y = generate(f, cfg, shape, mine, levels, args.seed, heun, labels, args.batch)
+        x, y = generate(f, cfg, shape, mine, levels, args.seed, heun, labels, args.batch, args.clip_denoised)
         parts = dist.all_gather_object((list(mine), to_uint8(x), None if y is None else y.numpy()))
         if dist.rank() == 0:
             imgs = np.empty((args.num, *to_uint8(x[:1]).shape[1:]), dtype=np.uint8)
@@ -219,7 +229,8 @@ def run_edit_cli(args, f, cfg, shape, out: Path) -> None:
     levels = (levels_from_args(args.ts, args.sigmas, args.grid_steps, cfg)
               if args.ts or args.sigmas else None)
     g = torch.Generator().manual_seed(args.seed)
-    x = run_edit(args.edit, f, ref, mask=mask, levels=levels, sigma_min=cfg.cm.sigma_min, generator=g).cpu()
+    x = run_edit(args.edit, f, ref, mask=mask, levels=levels, sigma_min=cfg.cm.sigma_min, generator=g,
+                 clip_denoised=args.clip_denoised).cpu()
     if dist.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         np.savez(out / f"edit-{args.edit}.npz", arr_0=to_uint8(x))

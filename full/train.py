@@ -81,7 +81,7 @@ def curriculum(cfg: RunConfig, k: int) -> tuple[int, float]:
         return 1 + k // c.stage_steps, c.mu
     if c.mode == "ct":
         return (ct_num_steps(k, cfg.opt.steps, c.s0, c.s1),
-                ct_target_rate(k, cfg.opt.steps, c.s0, c.s1, c.mu0))
+                ct_target_rate(k, cfg.opt.steps, c.s0, c.s1, c.mu0, c.mu_rule))
     return (c.N, c.mu) if c.mode == "cd" else (0, 0.0)
 
 
@@ -116,7 +116,7 @@ class Trainer:
         self.per_rank, self.micro, self.accum = split_batch(cfg.opt.batch, self.world, cfg.opt.microbatch)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         self.model = make_model(cfg).to(device)             # θ (f_θ, or D_θ for edm)
-        self.teacher = teacher
+        self.teacher = teacher if cfg.cm.mode == "cd" else None  # ct and ect only start from it
         if teacher is not None and (cfg.run.init_from_teacher or cfg.cm.mode == "ect"):
             checkpoints.load_weights(self.model.net, teacher.net.state_dict(), "teacher", cfg.run.teacher)
         self.shared_dropout = cfg.cm.mode != "edm" and has_dropout(self.model)
@@ -246,7 +246,7 @@ class Trainer:
 
 
 def load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module:
-    """D_φ for CD from a full/ checkpoint of an edm run (its first EMA), in eval mode.
+    """D_φ for CD (or the start of CT) from a full/ checkpoint of an edm run (its eval EMA), in eval mode.
 
     Official checkpoints (EDM's .pkl, CM's released .pt) will come through checkpoints.import_official."""
     if not cfg.run.teacher:
@@ -311,7 +311,10 @@ def train(cfg: RunConfig, device: str = "", on_checkpoint: Callable[[int, Path],
                       class_cond=cfg.data.class_cond, random_flip=cfg.data.random_flip,
                       download=cfg.data.download)
     check_data(cfg, ds)
-    teacher = load_teacher(cfg, dev) if cfg.cm.mode in ("cd", "ect") else None
+    # CD needs D_φ and ECT tunes it; CT may start from it (run.teacher set), as OCM's CT launch scripts do
+    use_teacher = cfg.cm.mode in ("cd", "ect") or (cfg.cm.mode == "ct" and bool(cfg.run.teacher)
+                                                   and cfg.run.init_from_teacher)
+    teacher = load_teacher(cfg, dev) if use_teacher else None
     tr = Trainer(cfg, dev, teacher)
     ckpt = checkpoints.latest(out) if cfg.run.resume in (True, "auto") else None
     if cfg.run.resume is True and ckpt is None:
@@ -362,7 +365,7 @@ def train(cfg: RunConfig, device: str = "", on_checkpoint: Callable[[int, Path],
             if bar is not None:
                 bar.update(1)
             if main and ((cfg.run.sample_every and k % cfg.run.sample_every == 0) or k == cfg.opt.steps):
-                write_grids(cfg, tr.emas[cfg.ema.rates[0]], shape, out, k)
+                write_grids(cfg, tr.emas[cfg.ema.for_eval()], shape, out, k)
             if k % cfg.run.ckpt_every == 0 or k == cfg.opt.steps:
                 st = tr.state()  # every rank: gathers the RNG states
                 if main:

@@ -1,4 +1,4 @@
-"""Property tests of cm.py's math: every invariant of DESIGN.md 'How correctness is shown'."""
+"""Property tests of cm.py's math against the paper [CM Sec. 4-5, App. C; EDM Tab. 1] and closed forms."""
 import copy
 import math
 
@@ -63,15 +63,31 @@ def test_curriculum_monotone_with_stated_ends(K, s0, extra, mu0):
     Ns = [cm.ct_num_steps(k, K, s0, s1) for k in ks]
     assert Ns[0] == s0 and Ns[-1] == s1 + 1
     assert all(a <= b for a, b in zip(Ns, Ns[1:]))
-    mus = [cm.ct_target_rate(k, K, s0, s1, mu0) for k in ks]
-    assert mus[0] == pytest.approx(mu0)  # the paper's convention: μ(0) = μ0
-    assert all(0 < m < 1 for m in mus) and all(a <= b for a, b in zip(mus, mus[1:]))
+    for rule, mu_start in (("paper", mu0), ("code", mu0 ** (s0 / (s0 - 1)))):
+        mus = [cm.ct_target_rate(k, K, s0, s1, mu0, rule) for k in ks]
+        assert mus[0] == pytest.approx(mu_start)  # paper: μ(0) = μ0; official code: μ0^(s0/(s0-1))
+        assert all(0 < m < 1 for m in mus) and all(a <= b for a, b in zip(mus, mus[1:]))
+
+
+def test_curriculum_interior_values():
+    """CIFAR-10 CT (s0 2, s1 150, K 800k), by hand: N(k) = ⌈√(k/K (151² - 4) + 4) - 1⌉ + 1, e.g.
+    N(100k) = ⌈√2853.625 - 1⌉ + 1 = ⌈52.42⌉ + 1 = 54; μ(k) = 0.9^(2/(N-1)) (code) or 0.9^(2/N) (paper)."""
+    K = 800_000
+    assert [cm.ct_num_steps(k, K, 2, 150) for k in (0, 1, 100_000, 400_000, K - 1, K)] == [2, 3, 54, 107,
+                                                                                           151, 151]
+    assert cm.ct_target_rate(100_000, K, 2, 150, 0.9) == pytest.approx(0.9960320247854624, rel=1e-12)
+    paper = cm.ct_target_rate(100_000, K, 2, 150, 0.9, "paper")
+    assert paper == pytest.approx(0.9961053625291011, rel=1e-12)
+    assert cm.ct_target_rate(0, K, 2, 150, 0.9) == pytest.approx(0.81, rel=1e-12)  # the official μ(0)
+    with pytest.raises(ValueError, match="mu rule"):
+        cm.ct_target_rate(0, K, 2, 150, 0.9, "other")
 
 
 def test_ts_convention():
-    desc = cm.karras_sigmas(18).flip(0)
-    levels = cm.ts_to_sigmas([0, 11, 17], 18)
-    assert levels == [T, desc[11].item()]  # index 17 = ε is only the end marker
+    # (80^(1/7) + i/17 (0.002^(1/7) - 80^(1/7)))^7 counted from T: index 11 = 0.58534812..., 8 = 3.25682151...
+    assert cm.ts_to_sigmas([0, 11, 17], 18) == pytest.approx([T, 0.5853481231945422], rel=1e-12)
+    assert cm.ts_to_sigmas([0, 8, 17], 18) == pytest.approx([T, 3.256821519765537], rel=1e-12)
+    assert len(cm.ts_to_sigmas([0, 11, 17], 18)) == 2  # index 17 = ε is only the end marker
     for bad in ([3, 1], [0, 18], [], [0, 0, 5]):
         with pytest.raises(ValueError):
             cm.ts_to_sigmas(bad, 18)
@@ -98,6 +114,17 @@ def test_boundary_condition_under_bf16_autocast(seed):
     with torch.autocast("cpu", torch.bfloat16):
         y = f(x, EPS)
     assert y.dtype == torch.float32 and torch.equal(y, x)
+
+
+def test_scalings_at_one_by_hand():
+    """t = 1, ε = 0.002, σd = 0.5: c_skip = 0.25 / (0.998² + 0.25) = 0.25 / 1.246004,
+    c_out = 0.5 · 0.998 / √1.25, c_in = 1 / √1.25; at t = ε: (1, 0, 1/√(0.25 + 0.002²))."""
+    c_skip, c_out, c_in = cm.boundary_scalings(torch.tensor(1.0, dtype=torch.float64), SD, EPS)
+    assert (c_skip.item(), c_out.item(), c_in.item()) == pytest.approx(
+        (0.2006414104609616, 0.446319168308958, 0.8944271909999159), rel=1e-12)
+    c_skip, c_out, c_in = cm.boundary_scalings(torch.tensor(EPS, dtype=torch.float64), SD, EPS)
+    assert (c_skip.item(), c_out.item()) == (1.0, 0.0)
+    assert c_in.item() == pytest.approx(1.9999840001919975, rel=1e-12)
 
 
 @given(t=st.floats(1e-3, 1e3), sd=st.floats(0.1, 2.0))
@@ -192,7 +219,8 @@ def test_samplers_give_the_data_variance():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(200_000, 1, generator=g, dtype=torch.float64)
     one = cm.sample_onestep(exact_f, z, T)
-    multi = cm.sample_multistep(exact_f, z, [T, 5.0, 0.5, 0.05], EPS, generator=g)
+    # Gaussian data is unbounded: no clamp to the image range [-1, 1] here
+    multi = cm.sample_multistep(exact_f, z, [T, 5.0, 0.5, 0.05], EPS, generator=g, clip_denoised=False)
     for x in (one, multi):
         assert x.var().item() == pytest.approx(SD ** 2 + EPS ** 2, rel=0.01)
         assert abs(x.mean().item()) < 0.01
@@ -205,10 +233,42 @@ def test_samplers_give_the_data_variance():
 def test_multistep_with_one_level_is_onestep_and_seeds_reproduce(seed):
     f = random_model("unet", seed)
     z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
-    assert torch.equal(cm.sample_multistep(f, z, [T], EPS), cm.sample_onestep(f, z, T))
+    assert torch.equal(cm.sample_multistep(f, z, [T], EPS, clip_denoised=False), cm.sample_onestep(f, z, T))
+    assert torch.equal(cm.sample_multistep(f, z, [T], EPS), cm.sample_onestep(f, z, T).clamp(-1, 1))
     a = cm.sample_multistep(f, z, [T, 2.0], EPS, generator=torch.Generator().manual_seed(seed))
     b = cm.sample_multistep(f, z, [T, 2.0], EPS, generator=torch.Generator().manual_seed(seed))
     assert torch.equal(a, b)
+
+
+def official_multistep(distiller, x, ts, noises, steps, t_min=EPS, t_max=T, rho=7.0, clip_denoised=True):
+    """openai/consistency_models' `karras_sample(sampler="multistep")`, written again here from its
+    description: x starts at T z; for each pair (ts[i], ts[i+1]) of indices into a `steps`-point Karras
+    grid counted from T, x0 = D(x, t_i), clamped to [-1, 1] when clip_denoised (its default), then
+    x = x0 + z_i √(t_{i+1}² - t_min²) with t_{i+1} clipped into [t_min, t_max]; the end is clamped again."""
+    lo, hi = t_min ** (1 / rho), t_max ** (1 / rho)
+    level = lambda i: (hi + i / (steps - 1) * (lo - hi)) ** rho
+    for i in range(len(ts) - 1):
+        x0 = distiller(x, level(ts[i]) * torch.ones(x.shape[0]))
+        x0 = x0.clamp(-1.0, 1.0) if clip_denoised else x0
+        t_next = min(max(level(ts[i + 1]), t_min), t_max)
+        x = x0 + noises[i] * math.sqrt(t_next ** 2 - t_min ** 2)
+    return x.clamp(-1.0, 1.0)
+
+
+@pytest.mark.parametrize("ts", [(0, 11, 17), (0, 8, 17), (0, 4, 9, 17), (0, 17)])
+def test_multistep_equals_the_official_sampler(ts):
+    f = random_model("unet", 3, scale=3.0)
+    g = torch.Generator().manual_seed(len(ts))
+    z = torch.randn(4, 1, 8, 8, generator=g)
+    noises = [torch.randn(4, 1, 8, 8, generator=g) for _ in ts[1:]]  # the official draws one at ε too
+    assert f(T * z, T).abs().max() > 1.5  # the clamp has work to do
+    ours = cm.sample_multistep(f, z, cm.ts_to_sigmas(ts, 18), EPS, noises=noises)
+    torch.testing.assert_close(ours, official_multistep(f, T * z, ts, noises, 18), rtol=0, atol=1e-5)
+    unclamped = cm.sample_multistep(f, z, cm.ts_to_sigmas(ts, 18), EPS, noises=noises, clip_denoised=False)
+    reference = official_multistep(f, T * z, ts, noises, 18, clip_denoised=False)
+    torch.testing.assert_close(unclamped.clamp(-1, 1), reference, rtol=0, atol=1e-5)
+    if len(ts) > 2:  # clamping before re-noising changes every multistep result
+        assert (unclamped.clamp(-1, 1) - ours).abs().max() > 1e-2
 
 
 def test_heun_sampler_with_exact_denoiser_lands_on_the_data_law():

@@ -123,7 +123,7 @@ def test_superres_rejects_sizes_not_divisible():
 
 @given(seed=st.integers(0, 2 ** 16), levels=LEVELS)
 def test_nothing_known_is_the_multistep_sampler(seed, levels):
-    """Ω = 1 everywhere (no known pixel, y = 0): Alg. 4 is Alg. 1, i.e. cm.sample_multistep."""
+    """Ω = 1 everywhere (no known pixel, y = 0): Alg. 4 is Alg. 1, i.e. cm.sample_multistep (both clamp)."""
     f = random_f(1, seed % 3)
     zs = noises(seed, len(levels), (2, 1, 8, 8), torch.float32)
     out = edit.inpaint(f, images(seed), torch.zeros(1, 1, 8, 8), levels, EPS, noises=zs)
@@ -133,14 +133,19 @@ def test_nothing_known_is_the_multistep_sampler(seed, levels):
 
 # --- the exact Gaussian consistency function: each result is what Alg. 4 defines, by hand ---
 
+def clamp(x):
+    """Every denoised image is clamped to [-1, 1] before the replacement (the official code's order)."""
+    return x.clamp(-1, 1)
+
+
 def test_inpaint_two_levels_by_hand():
     ref = images(0, dtype=torch.float64)
     mask = edit.box_mask(ref.shape, 2, 1, 4, 5).double()
     t1, t2 = 5.0, 0.7
     z1, z2 = noises(1, 2, ref.shape)
-    x = exact_f(ref * mask + t1 * z1, t1)              # lines 2-4: missing pixels of y are 0
+    x = clamp(exact_f(ref * mask + t1 * z1, t1))       # lines 2-4: missing pixels of y are 0
     x = mask * ref + (1 - mask) * x                    # line 5
-    x = exact_f(x + math.sqrt(t2 ** 2 - EPS ** 2) * z2, t2)  # lines 7-8
+    x = clamp(exact_f(x + math.sqrt(t2 ** 2 - EPS ** 2) * z2, t2))  # lines 7-8
     x = mask * ref + (1 - mask) * x                    # line 9
     out = edit.inpaint(exact_f, ref, mask, [t1, t2], EPS, noises=[z1, z2])
     assert torch.allclose(out, x, atol=1e-12)
@@ -154,10 +159,14 @@ def test_colorize_two_levels_by_hand():
     t1, t2 = 80.0, 2.0
     z1, z2 = noises(3, 2, ref.shape)
     y = (u * ref).sum(1, keepdim=True) * u             # line 2: only the luma coordinate of y is left
-    x = keep(exact_f(y + t1 * z1, t1), ref)
-    x = keep(exact_f(x + math.sqrt(t2 ** 2 - EPS ** 2) * z2, t2), ref)
+    assert exact_f(y + t1 * z1, t1).abs().max() > 1.2  # the clamp has work to do
+    x = keep(clamp(exact_f(y + t1 * z1, t1)), ref)
+    x = keep(clamp(exact_f(x + math.sqrt(t2 ** 2 - EPS ** 2) * z2, t2)), ref)
     out = edit.colorize(exact_f, ref, [t1, t2], EPS, noises=[z1, z2])
     assert torch.allclose(out, x, atol=1e-12)
+    unclamped = edit.colorize(exact_f, ref, [t1, t2], EPS, noises=[z1, z2], clip_denoised=False)
+    x = keep(exact_f(keep(exact_f(y + t1 * z1, t1), ref) + math.sqrt(t2 ** 2 - EPS ** 2) * z2, t2), ref)
+    assert torch.allclose(unclamped, x, atol=1e-12) and not torch.allclose(unclamped, out, atol=1e-3)
 
 
 @pytest.mark.parametrize("factor", [2, 4])
@@ -168,8 +177,8 @@ def test_superres_two_levels_by_hand(factor):
     keep = lambda x: x - up(F.avg_pool2d(x, factor)) + up(F.avg_pool2d(ref, factor))  # noqa: E731
     t1, t2 = 20.0, 0.5
     z1, z2 = noises(5, 2, ref.shape)
-    x = keep(exact_f(up(F.avg_pool2d(ref, factor)) + t1 * z1, t1))
-    x = keep(exact_f(x + math.sqrt(t2 ** 2 - EPS ** 2) * z2, t2))
+    x = keep(clamp(exact_f(up(F.avg_pool2d(ref, factor)) + t1 * z1, t1)))
+    x = keep(clamp(exact_f(x + math.sqrt(t2 ** 2 - EPS ** 2) * z2, t2)))
     out = edit.superres(exact_f, ref, factor, [t1, t2], EPS, noises=[z1, z2])
     assert torch.allclose(out, x, atol=1e-12)
 
@@ -178,7 +187,7 @@ def test_stroke_denoise_interpolate_by_hand():
     y = images(6, dtype=torch.float64)
     t1, t2 = edit.STROKE_LEVELS
     z1, z2 = noises(7, 2, y.shape)
-    x = exact_f(exact_f(y + t1 * z1, t1) + math.sqrt(t2 ** 2 - EPS ** 2) * z2, t2)
+    x = clamp(exact_f(clamp(exact_f(y + t1 * z1, t1)) + math.sqrt(t2 ** 2 - EPS ** 2) * z2, t2))
     assert torch.allclose(edit.stroke(exact_f, y, noises=[z1, z2]), x, atol=1e-12)
     assert torch.allclose(edit.denoise(exact_f, y + 0.3 * z1, 0.3), exact_f(y + 0.3 * z1, 0.3), atol=1e-15)
     out = edit.interpolate(exact_f, z1, z2, [0.0, 0.25, 1.0], T)  # (B·3, C, H, W), a pair's frames together
@@ -259,9 +268,9 @@ def test_run_edit_dispatches_to_each_task():
         "inpaint": (dict(mask=mask), lambda: edit.inpaint(f, ref, mask, lv, EPS, g())),
         "superres": (dict(factor=4), lambda: edit.superres(f, ref, 4, lv, EPS, g())),
         "stroke": ({}, lambda: edit.stroke(f, ref, lv, EPS, g())),
-        "denoise": ({}, lambda: f(ref, 20.0)),
+        "denoise": ({}, lambda: f(ref, 20.0).clamp(-1, 1)),
         "interpolate": (dict(alphas=[0, 0.5, 1]),
-                        lambda: edit.interpolate(f, ref[:1], ref[1:], [0, 0.5, 1], 20.0)),
+                        lambda: edit.interpolate(f, ref[:1], ref[1:], [0, 0.5, 1], 20.0).clamp(-1, 1)),
     }
     for task, (kw, direct) in cases.items():
         out = edit.run_edit(task, f, ref, levels=lv, sigma_min=EPS, generator=g(), **kw)
@@ -275,7 +284,11 @@ def test_run_edit_defaults_and_errors():
     ref = images(13)
     assert edit.run_edit("interpolate", exact_f, ref).shape == (8, 1, 8, 8)
     assert edit.run_edit("stroke", exact_f, ref, generator=torch.Generator()).shape == ref.shape
-    assert edit.default_levels("inpaint") == cm.ts_to_sigmas(list(range(17)), 18)
+    # the 18-point Karras grid from T without ε: (80^(1/7) + i/17 (0.002^(1/7) - 80^(1/7)))^7, i = 0..16
+    levels = edit.default_levels("inpaint")
+    assert len(levels) == 17 and levels[0] == T
+    assert (levels[8], levels[11], levels[16]) == pytest.approx((3.256821519765537, 0.5853481231945422,
+                                                                 0.0075280199627840785), rel=1e-9)
     assert edit.default_levels("stroke") == [5.38, 2.24]
     with pytest.raises(ValueError, match="inpaint, colorize, superres, stroke, interpolate, denoise"):
         edit.run_edit("deblur", exact_f, ref)
@@ -292,7 +305,7 @@ def test_run_edit_defaults_and_errors():
     noisy = edit.run_edit("denoise", exact_f, ref, levels=[0.5], add_noise=True,
                           generator=torch.Generator().manual_seed(0))
     z = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(noisy, exact_f(ref + 0.5 * z, 0.5))
+    assert torch.allclose(noisy, exact_f(ref + 0.5 * z, 0.5).clamp(-1, 1))
 
 
 def test_sources_are_short_lines():

@@ -1,6 +1,7 @@
 """python -m full.train end to end on the tiny presets (CPU): the three modes, bit-exact resume, one-line
 errors, NaN stop, mixed-precision boundary condition."""
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -63,16 +64,59 @@ def test_cd_ct_runs(preset, teacher, tmp_path):
     assert all(k in log[0] for k in ("loss", "N", "mu", "lr", "img/s", "sec"))
     if preset == "tiny-ct":  # N(k), μ(k) of cm.py
         assert [r["N"] for r in log] == [cm.ct_num_steps(k, 6, 2, 20) for k in range(6)]
-        assert log[0]["mu"] == cm.ct_target_rate(0, 6, 2, 20, 0.9)
+        assert log[0]["mu"] == pytest.approx(0.81)  # the official μ(0) = μ0^(s0/(s0-1)) = 0.9²
 
 
-def test_cd_student_starts_from_teacher(teacher, tmp_path):
-    cfg = resolve("tiny-cd", [f"run.out={str(tmp_path)!r}", f"run.teacher={str(teacher / 'export.pt')!r}"])
+@pytest.mark.parametrize("preset", ["tiny-cd", "tiny-ct"])
+def test_student_starts_from_teacher(preset, teacher, tmp_path):
+    """CD starts from its teacher; CT does when given one (OCM's CT launch scripts), and never calls it."""
+    cfg = resolve(preset, [f"run.out={str(tmp_path)!r}", f"run.teacher={str(teacher / 'export.pt')!r}"])
     t = full.train.load_teacher(cfg, torch.device("cpu"))
     tr = full.train.Trainer(cfg, torch.device("cpu"), t)
     for a, b in zip(tr.model.net.state_dict().values(), t.net.state_dict().values()):
         assert torch.equal(a, b)
     assert tr.model.sigma_min == cfg.cm.sigma_min and t.sigma_min == 0.0  # f_θ vs EDM's D
+    assert (tr.teacher is None) == (preset == "tiny-ct")
+
+
+def official_ema_and_scales(k, K, s0, s1, mu0):
+    """openai/consistency_models' create_ema_and_scales_fn ('adaptive', 'progressive'), written again:
+    scales = max(⌈√(k/K ((s1+1)² - s0²) + s0²) - 1⌉, 1); μ = exp(s0 ln μ0 / scales); N = scales + 1."""
+    scales = max(math.ceil(math.sqrt(k / K * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1), 1)
+    return scales + 1, math.exp(-(-math.log(mu0) * s0) / scales)
+
+
+@pytest.mark.parametrize("preset", ["cifar10-ct", "imagenet64-ct", "lsun256-ct"])
+def test_ct_presets_use_the_official_curriculum(preset):
+    cfg = resolve(preset)
+    K, c = cfg.opt.steps, cfg.cm
+    for k in (0, 1, 12_345, K // 8, K // 2, K - 1, K):
+        N, mu = full.train.curriculum(cfg, k)
+        N_ref, mu_ref = official_ema_and_scales(k, K, c.s0, c.s1, c.mu0)
+        assert N == N_ref and mu == pytest.approx(mu_ref, rel=1e-12)
+
+
+def test_presets_follow_the_official_runs():
+    """Literals from openai/consistency_models scripts/launch.sh and consistency_models_cifar10 configs."""
+    get = lambda name: resolve(name)
+    for name in ("cifar10-edm", "cifar10-cd-lpips", "cifar10-cd-l2", "cifar10-cd-l1", "cifar10-ct"):
+        assert get(name).opt.precision == "fp32"  # JAX, fp32
+    for name in ("imagenet64-edm", "imagenet64-edm-ocm", "imagenet64-cd-lpips", "imagenet64-cd-l2",
+                 "imagenet64-ct", "lsun256-edm", "lsun256-cd-lpips", "lsun256-cd-l2", "lsun256-ct"):
+        cfg = get(name)
+        assert cfg.opt.precision == "fp16"  # --use_fp16 True
+        assert cfg.ema.for_eval() == 0.9999432189950708  # the rate the paper evaluates, 0.999943
+    assert get("cifar10-ct").ema.for_eval() == 0.9999 and get("cifar10-cd-lpips").ema.for_eval() == 0.9999
+    assert get("cifar10-edm").opt.steps == 400_000
+    assert get("cifar10-cd-l1").opt.lr == 2e-4 and get("cifar10-cd-l1").cm.metric == "l1"
+    l2 = get("lsun256-cd-l2")
+    assert (l2.run.ts, l2.run.ts_grid, l2.cm.metric, l2.cm.N, l2.cm.mu) == ((0, 18, 39), 40, "l2", 40, 0.95)
+    for name, batch in (("imagenet64-edm-ocm", 4096), ("lsun256-edm", 256)):
+        o = get(name)
+        assert (o.opt.optimizer, o.opt.lr, o.opt.warmup, o.opt.batch, o.net.dropout) == ("radam", 1e-4, 0, batch,
+                                                                                          0.1)
+        assert o.ema.rates == (0.999, 0.9999, 0.9999432189950708)
+    assert get("lsun256-edm").net.num_classes == 0 and not get("lsun256-edm").net.use_scale_shift_norm
 
 
 class Crash(Exception):

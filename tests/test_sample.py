@@ -80,13 +80,39 @@ def test_one_level_is_the_onestep_sampler(adm_export):
     labels = torch.cat([torch.randint(10, (1,), generator=gi) for gi in g])
     z = torch.stack([torch.randn(1, 8, 8, generator=gi) for gi in g])  # label first, then z, per sample
     assert torch.equal(y, labels)
-    torch.testing.assert_close(x, cm.sample_onestep(lambda v, t: f(v, t, labels), z), rtol=0, atol=1e-6)
+    one = cm.sample_onestep(lambda v, t: f(v, t, labels), z)
+    torch.testing.assert_close(x, one.clamp(-1, 1), rtol=0, atol=1e-6)
+
+
+def test_two_steps_equal_the_official_sampler(tmp_path):
+    """generate() with per-sample seeds against the official sampler re-written in test_cm_math, on an
+    ADM whose outputs leave [-1, 1] (so the per-step clamp matters), for the CD and CT ts of the scripts."""
+    from test_cm_math import official_multistep
+    cfg = resolve("tiny-ct-adm")
+    torch.manual_seed(1)
+    f = make_model(cfg).eval()
+    with torch.no_grad():
+        for p in f.parameters():
+            p.copy_(torch.randn_like(p) / max(p[0].numel(), 1) ** 0.5)
+    for ts, steps in (((0, 11, 17), 18), ((0, 106, 200), 201), ((0, 5, 12, 17), 18)):
+        levels = cm.ts_to_sigmas(ts, steps)
+        x, y = full.sample.generate(f, cfg, (1, 8, 8), range(3), levels, seed=4)
+        z, extra, labels = full.sample.per_sample_noise(range(3), (1, 8, 8), len(levels), 4, 10)
+        fy = lambda v, t: f(v, t, labels)  # noqa: E731
+        assert fy(80 * z, 80.0).abs().max() > 1.5
+        ref = official_multistep(fy, 80 * z, ts, extra + [torch.zeros_like(z)], steps)
+        torch.testing.assert_close(x, ref, rtol=0, atol=1e-5)
+        raw, _ = full.sample.generate(f, cfg, (1, 8, 8), range(3), levels, seed=4, clip_denoised=False)
+        assert (raw.clamp(-1, 1) - x).abs().max() > 1e-2  # the option turns the per-step clamp off
+
+
+def test_uint8_truncates_as_the_official_code():
+    x = torch.tensor([-1.5, -1.0, -0.999, 0.0, 0.5, 0.999, 1.0, 1.5]).reshape(1, 1, 1, 8)
+    # (v + 1) 127.5 = 0, 0, 0.1275, 127.5, 191.25, 254.87, 255, 318.75 -> clamp, truncate
+    assert full.sample.to_uint8(x).ravel().tolist() == [0, 0, 0, 127, 191, 254, 255, 255]
 
 
 def test_edit_branch(tmp_path, capsys):
-    edit = pytest.importorskip("full.edit")
-    if not hasattr(edit, "run_edit"):
-        pytest.skip("full.edit has no run_edit yet")
     path = _export(tmp_path / "export.pt", "tiny-ct")
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1), dtype=np.uint8))
