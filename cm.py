@@ -2,6 +2,7 @@
 
     python cm.py                                  # CD on 8x8 digits (EDM teacher, then CD), CPU, minutes
     python cm.py --mode ct                        # CT on the digits: no teacher at all
+    python cm.py --mode ict                       # improved CT [iCT]; --mode ect tunes the teacher [ECT]
     python cm.py --dataset toy --mode edm         # EDM teacher on a 2-D ring, then:
     python cm.py --dataset toy --mode cd --teacher runs/toy-edm/ckpt.pt
     python cm.py --mode ct --dataset cifar10      # the real thing (use a GPU)
@@ -12,6 +13,8 @@ References
     [EDM] Karras, Aittala, Aila, Laine. Elucidating the Design Space of Diffusion-Based Generative
           Models. NeurIPS 2022, arXiv:2206.00364.
     [iCT] Song, Dhariwal. Improved Techniques for Training Consistency Models. arXiv:2310.14189.
+    [ECT] Geng, Pokle, Luo, Lin, Kolter. Consistency Models Made Easy. arXiv:2406.14548 (code:
+          github.com/locuslab/ect, whose defaults and run_ecm.sh give ECT's constants here).
 
 Notation (code name = paper symbol)
     sigma       t (noise level; the PF ODE of [EDM] has x_t = x + t z, so t is also the std)
@@ -24,7 +27,7 @@ Notation (code name = paper symbol)
     ema         the evaluation EMA (a separate average used for sampling), never the target
     k, K        training step and total steps; s0, s1, mu0 the curriculum constants [CM App. C]
 
-Sections: 1 config · 2 noise levels · 3 parameterization · 4 networks · 5 ODE steps · 6 losses ·
+Sections: 1 config · 2 noise levels · 3 parameterization · 4 networks · 5 ODE steps · 6 losses (6b iCT, ECT) ·
 7 samplers · 8 target & EMA · 9 data · 10 checkpoints · 11 training · 12 command line.
 Importing this module has no side effects; everything runs from main().
 """
@@ -82,7 +85,7 @@ class Config:
     P_mean: float = -1.1            # ict, ect: ln t ~ N(P_mean, P_std²) [iCT Sec. 3.5; ECT code defaults]
     P_std: float = 2.0
     q: float = 2.0                  # ect: the gap t - r shrinks by q per stage [ECT code default]
-    stage_steps: int = 0            # ect: steps per stage (0 -> per-dataset default)
+    stage_steps: int = 0            # ect: steps per stage (0 -> steps/8: 25k of 200k in ECT's CIFAR-10 run)
     ablate: str = ""                # ict: pieces switched back to CT's, any of weight,lognormal,doubling
     metric: str = ""                # l2 | l1 | lpips | pseudo_huber | l2_norm ('' -> per-dataset default)
     # optimisation
@@ -112,11 +115,10 @@ class Config:
 DEFAULTS = {
     "toy":     dict(steps=dict(edm=4000, cd=4000, ct=6000, ict=6000, ect=4000), batch_size=512, channels=256,
                     lr=1e-3, metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "l2"}), mu_rule="paper",
-                    s0=dict(ict=10, **{"*": 2}), s1=80, stage_steps=1000, mid_t=1.0, dropout=0.0),
+                    s0=dict(ict=10, **{"*": 2}), s1=80, mid_t=1.0, dropout=0.0),
     "digits":  dict(steps=dict(edm=1500, cd=800, ct=3000, ict=3000, ect=1500), batch_size=128, channels=32,
                     lr=2e-4, metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "l2"}), mu_rule="paper",
-                    s0=dict(ict=10, **{"*": 2}), s1=dict(ict=160, **{"*": 40}), stage_steps=400, mid_t=3.0,
-                    dropout=0.0),
+                    s0=dict(ict=10, **{"*": 2}), s1=dict(ict=160, **{"*": 40}), mid_t=3.0, dropout=0.0),
     # [CM Tab. 3] for cd/ct; edm: EDM's 200M images at batch 512. ict [iCT Sec. 3-5]: batch 1024, lr 1e-4,
     # s0 10, s1 1280, pseudo-Huber, dropout 0.3, two steps at 0.821 (400k steps: iCT App., not re-checked
     # here). ect (locuslab/ect run_ecm.sh): batch 128, lr 1e-4, dropout 0.2, 25.6M images = 200k steps,
@@ -125,8 +127,8 @@ DEFAULTS = {
                     batch_size=dict(ict=1024, ect=128, **{"*": 512}), channels=128, mu_rule="code",
                     lr=dict(ict=1e-4, ect=1e-4, **{"*": 4e-4}),
                     metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "lpips"}),
-                    s0=dict(ict=10, **{"*": 2}), s1=dict(ict=1280, **{"*": 150}), stage_steps=25_000,
-                    mid_t=0.821, dropout=dict(ict=0.3, ect=0.2, **{"*": 0.0})),
+                    s0=dict(ict=10, **{"*": 2}), s1=dict(ict=1280, **{"*": 150}), mid_t=0.821,
+                    dropout=dict(ict=0.3, ect=0.2, **{"*": 0.0})),
 }
 MODES = ("cd", "ct", "ict", "ect", "edm")
 
@@ -143,6 +145,7 @@ def resolve(cfg: Config) -> Config:
             setattr(cfg, k, v.get(cfg.mode, v.get("*")) if isinstance(v, dict) else v)
     cfg.out = cfg.out or f"runs/{cfg.dataset}-{cfg.mode}"
     cfg.sample_every = cfg.sample_every or max(cfg.steps // 4, 1)
+    cfg.stage_steps = cfg.stage_steps or max(cfg.steps // 8, 1)
     if cfg.metric not in METRICS:
         raise CMError(f"unknown metric {cfg.metric!r}; choose one of {', '.join(METRICS)}")
     if cfg.mu_rule not in MU_RULES:
