@@ -55,7 +55,15 @@ from torch import Tensor
 
 
 class CMError(RuntimeError):
-    """A user-facing error: main() prints its one-line message and exits with a non-zero status."""
+    """A user-facing error (bad input, a run that cannot go on): every main() of cm.py and full/ prints its
+    message as one line and exits with status 1 (argparse's usage errors exit with 2). Nothing else is
+    caught, so a programming error still shows its traceback."""
+
+
+def exit_on(e: CMError):
+    """What every main() does with a CMError: `error: <message>` as one line on stderr, exit status 1."""
+    print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,10 +111,12 @@ class Config:
     sample_every: int = 0           # steps between sample grids (0 -> 4 grids per run)
     ckpt_every: int = 500           # steps between checkpoints
     ts: str = ""                    # two-step sampling levels, official index convention ('' -> default)
-    ts_grid: int = 18               # the grid size the ts indices refer to
+    grid_steps: int = 18            # the grid size N the ts indices refer to
     mid_t: float = 0.0              # ict, ect: two-step level without --ts (0 -> per-dataset default)
     device: str = ""                # '' -> cuda if available, else cpu
     resume: bool = False            # continue from <out>/ckpt.pt if it exists
+    overwrite: bool = False         # start afresh in a folder that holds a run (its ckpt.pt is replaced)
+    allow_config_change: bool = False  # resume with other settings (e.g. more --steps, another --lr)
 
 
 # Per-dataset defaults for the fields left at 0 / '' / -1; a dict gives one value per mode ("*": the rest).
@@ -144,6 +154,8 @@ def resolve(cfg: Config) -> Config:
         if getattr(cfg, k) in ((-1,) if k == "dropout" else (0, "")):
             setattr(cfg, k, v.get(cfg.mode, v.get("*")) if isinstance(v, dict) else v)
     cfg.out = cfg.out or f"runs/{cfg.dataset}-{cfg.mode}"
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise CMError(f"--out {cfg.out} is a file, not a folder")
     cfg.sample_every = cfg.sample_every or max(cfg.steps // 4, 1)
     cfg.stage_steps = cfg.stage_steps or max(cfg.steps // 8, 1)
     if cfg.metric not in METRICS:
@@ -154,18 +166,45 @@ def resolve(cfg: Config) -> Config:
         raise CMError(f"unknown precision {cfg.precision!r}; choose fp32 or bf16")
     if min(cfg.steps, cfg.batch_size, cfg.channels, cfg.log_every, cfg.ckpt_every, cfg.sample_every) < 1:
         raise CMError("steps, batch-size, channels, log-every, ckpt-every and sample-every must be >= 1")
-    if cfg.N < 2 or cfg.s0 < 2 or cfg.s1 < cfg.s0:
-        raise CMError(f"need N >= 2 and 2 <= s0 <= s1 (got N={cfg.N}, s0={cfg.s0}, s1={cfg.s1})")
-    if not 0 < cfg.sigma_min < cfg.sigma_max:
-        raise CMError("need 0 < sigma_min < sigma_max")
-    if not (0 <= cfg.mu < 1 and 0 < cfg.mu0 < 1 and 0 <= cfg.ema < 1):
-        raise CMError("need 0 <= mu < 1, 0 < mu0 < 1 and 0 <= ema < 1")
-    if cfg.stage_steps < 1 or cfg.q <= 1 or cfg.P_std <= 0 or cfg.mid_t <= 0 or not 0 <= cfg.dropout < 1:
-        raise CMError("need stage-steps >= 1, q > 1, P-std > 0, mid-t > 0 and 0 <= dropout < 1")
+    if cfg.teacher_steps < 0:
+        raise CMError(f"teacher-steps must be >= 0, got {cfg.teacher_steps}")
+    check_math(N=cfg.N, s0=cfg.s0, s1=cfg.s1, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
+               sigma_data=cfg.sigma_data, rho=cfg.rho, mu=cfg.mu, mu0=cfg.mu0, ema=[cfg.ema])
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0 and 0 <= cfg.dropout < 1):
+        raise CMError(f"need a finite lr > 0 and 0 <= dropout < 1 (got lr={cfg.lr}, dropout={cfg.dropout})")
+    if cfg.stage_steps < 1 or cfg.q <= 1 or cfg.P_std <= 0 or cfg.mid_t <= 0:
+        raise CMError("need stage-steps >= 1, q > 1, P-std > 0 and mid-t > 0")
     if set(filter(None, cfg.ablate.split(","))) - {"weight", "lognormal", "doubling"}:
         raise CMError(f"unknown --ablate {cfg.ablate!r}; choose from weight, lognormal, doubling")
-    two_step_levels(cfg)  # a bad --ts fails now, not after the first sample_every steps
+    try:
+        two_step_levels(cfg)  # a bad --ts fails now, not after the first sample_every steps
+    except ValueError as e:
+        raise CMError(str(e)) from None
     return cfg
+
+
+SIGMA_MAX_LIMIT = 1e4  # far above any paper's T = 80; beyond it float32 images lose their signal
+
+
+def check_math(prefix: str = "", **v) -> None:
+    """Range checks of the math settings shared by cm.py and full/ (a CMError names the first bad one):
+    finite numbers, 0 < sigma_min < sigma_max <= 1e4, sigma_data > 0, rho > 0, N >= 2, 2 <= s0 <= s1,
+    0 <= mu < 1, 0 < mu0 < 1, every EMA rate in [0, 1)."""
+    for k, x in v.items():
+        for y in (x if isinstance(x, (list, tuple)) else [x]):
+            if not isinstance(y, (int, float)) or not math.isfinite(y):
+                raise CMError(f"{prefix}{k} must be a finite number, got {y!r}")
+    if not 0 < v["sigma_min"] < v["sigma_max"] <= SIGMA_MAX_LIMIT:
+        raise CMError(f"need 0 < {prefix}sigma_min < {prefix}sigma_max <= {SIGMA_MAX_LIMIT:g} "
+                      f"(got {v['sigma_min']}, {v['sigma_max']})")
+    if v["sigma_data"] <= 0 or v["rho"] <= 0:
+        raise CMError(f"need {prefix}sigma_data > 0 and {prefix}rho > 0 (got {v['sigma_data']}, {v['rho']})")
+    if v["N"] < 2 or v["s0"] < 2 or v["s1"] < v["s0"]:
+        raise CMError(f"need {prefix}N >= 2 and 2 <= {prefix}s0 <= {prefix}s1 "
+                      f"(got N={v['N']}, s0={v['s0']}, s1={v['s1']})")
+    if not (0 <= v["mu"] < 1 and 0 < v["mu0"] < 1 and v["ema"] and all(0 <= e < 1 for e in v["ema"])):
+        raise CMError(f"need 0 <= {prefix}mu < 1, 0 < {prefix}mu0 < 1 and EMA rates in [0, 1) "
+                      f"(got mu={v['mu']}, mu0={v['mu0']}, ema={v['ema']})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,8 +558,11 @@ def cd_loss(f: Callable, f_target: Callable, teacher: Callable, x: Tensor, sigma
     return metric(f(x_next, t_next), target).mean()
 
 
+EDM_P_MEAN, EDM_P_STD = -1.2, 1.2  # ln t ~ N(P_mean, P_std²) of EDM's training  [EDM Tab. 1]
+
+
 def edm_loss(D: Callable, x: Tensor, sigma: Tensor | None = None, z: Tensor | None = None,
-             sigma_data: float = 0.5, P_mean: float = -1.2, P_std: float = 1.2) -> Tensor:
+             sigma_data: float = 0.5, P_mean: float = EDM_P_MEAN, P_std: float = EDM_P_STD) -> Tensor:
     """E[λ(t) ‖D(x + t z, t) - x‖²], ln t ~ N(P_mean, P_std²), λ = (t² + σd²)/(t σd)².  [EDM Sec. 5]"""
     if sigma is None:
         sigma = (P_mean + P_std * torch.randn(x.shape[0], device=x.device)).exp()
@@ -657,6 +699,12 @@ def sample_heun(D: Callable, z: Tensor, N: int = 18, sigma_min: float = 0.002, s
 # 8. Target network and evaluation EMA: both are θ_avg ← μ θ_avg + (1 - μ) θ
 
 
+def ema_warmup_rate(rate: float, k: int) -> float:
+    """The evaluation EMA's rate at step k with a warm-up, min(rate, (1 + k) / (10 + k)): early averages
+    forget the random initialisation fast (the warm-up of the official EMA of many codebases)."""
+    return min(rate, (1 + k) / (10 + k))
+
+
 @torch.no_grad()
 def ema_update(avg: nn.Module, model: nn.Module, mu: float) -> None:
     """θ⁻ ← stopgrad(μ θ⁻ + (1 - μ) θ) [CM Alg. 2/3]; also the evaluation EMA. Buffers are copied."""
@@ -715,41 +763,125 @@ def make_net(cfg: Config, shape: Sequence[int]) -> nn.Module:
 # 10. Checkpoints: plain state dicts, written atomically, read with weights_only=True
 
 CKPT_FORMAT = 1
+# The two checkpoint kinds carry distinct markers ("kind"); files written before the marker existed
+# are told apart by their config (a full/ config has an "arch").
+KINDS = {"cm": ("a cm.py checkpoint", "python cm.py --sample PATH"),
+         "full": ("a full/ checkpoint", "python -m full.sample --checkpoint PATH")}
+
+
+def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
+    """write(fh) into a temporary file unique to this process, fsync it, then rename it over `path`: a
+    crash (kill -9, power cut) never leaves a half-written file, and a failed write (disk full) leaves
+    neither the file nor its temporary behind, only a one-line CMError."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
+        raise CMError(f"cannot write {path}: {why}") from None
+    return path
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
-    os.replace(tmp, path)
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda fh: torch.save(state, fh))
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
+def checkpoint_kind(state) -> str | None:
+    """'cm' or 'full' for a checkpoint dict of this project, None for anything else."""
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT or \
+            not isinstance(state.get("config"), dict):
+        return None
+    return state.get("kind") or ("full" if "arch" in state["config"] else "cm")
+
+
+def read_weights_only(path: str | os.PathLike):
+    """torch.load(path, weights_only=True): tensors and Python primitives only, so a pickle that would
+    run code is refused unread. A missing, corrupt or truncated file is a one-line CMError."""
     path = Path(path)
     if not path.is_file():
         raise CMError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CMError(f"cannot read checkpoint {path} (corrupt or not a cm.py checkpoint: "
-                      f"{type(e).__name__})") from e
-    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT or "config" not in state:
-        raise CMError(f"{path} is not a cm.py checkpoint (format {CKPT_FORMAT})")
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the one line below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, garbage bytes, pickled code
+        raise CMError(f"cannot read checkpoint {path}: corrupt or truncated, or not a weights-only "
+                      f"PyTorch file ({type(e).__name__})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str = "cm") -> dict:
+    """Read a checkpoint of `kind` with weights_only=True (a pickle that would run code is refused
+    unread); a missing, corrupt or foreign file, or one of the other kind, is a one-line CMError."""
+    state = read_weights_only(path)
+    found = checkpoint_kind(state)
+    if found != kind:
+        what, how = KINDS[found] if found else ("", "")
+        raise CMError(f"{path} is not {KINDS[kind][0]} (format {CKPT_FORMAT})" +
+                      (f"; it is {what}: use {how.replace('PATH', str(path))}" if found else ""))
     return state
+
+
+class RunFolder:
+    """The run folder, held with an OS lock for the life of the run (released on exit, kill -9 included):
+    a second run in the same folder is refused with one line instead of sharing its files."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        if self.out.exists() and not self.out.is_dir():
+            raise CMError(f"--out {self.out} is a file, not a folder")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.fh = open(self.out / ".lock", "a")
+        except OSError as e:
+            raise CMError(f"cannot use {self.out} as the run folder: {e.strerror or e}") from None
+        try:
+            import fcntl  # POSIX; elsewhere runs are not locked
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
+        except OSError:
+            self.fh.close()
+            raise CMError(f"another process is running in {self.out} (it holds {self.out / '.lock'}); "
+                          "wait for it or use another --out") from None
+
+    def release(self) -> None:
+        self.fh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def changed_fields(saved: dict, now: dict, fields: Sequence[str]) -> list[str]:
+    """The fields whose saved and current values differ (as 'name saved -> now')."""
+    return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in fields if saved.get(k) != now.get(k)]
+
+
+def config_of(state: dict) -> Config:
+    """The Config stored in a checkpoint (older files named grid_steps ts_grid)."""
+    saved = dict(state["config"])
+    saved.setdefault("grid_steps", saved.pop("ts_grid", 18))
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in saved.items() if k in names})
 
 
 def model_from_checkpoint(state: dict, key: str = "ema") -> tuple[ConsistencyFunction, Config]:
     """Rebuild f (or D, for an edm checkpoint) with the weights under `key`."""
-    cfg = Config(**state["config"])
-    net = make_net(cfg, state["shape"])
-    model = ConsistencyFunction(net, cfg.sigma_data, 0.0 if cfg.mode in ("edm", "ect") else cfg.sigma_min)
     try:
+        cfg = config_of(state)
+        net = make_net(cfg, state["shape"])
+        model = ConsistencyFunction(net, cfg.sigma_data, 0.0 if cfg.mode in ("edm", "ect") else cfg.sigma_min)
         model.load_state_dict(state[key])
-    except (RuntimeError, KeyError) as e:
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise CMError(f"checkpoint weights do not match its network ({type(e).__name__})") from e
     return model.eval().requires_grad_(False), cfg
 
@@ -772,7 +904,7 @@ def two_step_levels(cfg: Config) -> list[float]:
     if cfg.mode in ("ict", "ect") and not cfg.ts:
         return [cfg.sigma_max, cfg.mid_t]
     ts = [int(i) for i in cfg.ts.split(",")] if cfg.ts else ([0, 11, 17] if cfg.mode == "cd" else [0, 8, 17])
-    return ts_to_sigmas(ts, cfg.ts_grid, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+    return ts_to_sigmas(ts, cfg.grid_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
 
 
 def generate(model: Callable, cfg: Config, shape: Sequence[int], n: int, seed: int, how: str) -> Tensor:
@@ -804,16 +936,66 @@ def save_grid(x: Tensor, path: Path, nrow: int | None = None) -> None:
                                  padding=2, pad_value=1)
 
 
+# Settings that change what a run computes: a resume with other values is refused (naming them) unless
+# --allow-config-change; the others (folders, intervals, device) may differ freely.
+RUN_FIELDS = dict(common=("mode", "dataset", "channels", "steps", "batch_size", "lr", "sigma_min", "sigma_max",
+                          "sigma_data", "rho", "dropout", "precision", "ema", "seed"),
+                  edm=(), ct=("s0", "s1", "mu0", "metric"), cd=("N", "mu", "metric", "init_from_teacher"))
+
+
 def train(cfg: Config) -> dict:
     """Train one mode; returns the final two-sample distances. Resumes from out/ckpt.pt if asked."""
     cfg, asked = resolve(cfg), cfg
+    dev = pick_device(cfg.device)
     if cfg.mode in ("cd", "ect") and not cfg.teacher:  # a teacher first, or reuse a finished one
-        print(f"no --teacher given: training an EDM teacher in {cfg.out}/teacher first")
-        train(dataclasses.replace(asked, mode="edm", out=f"{cfg.out}/teacher", steps=cfg.teacher_steps,
-                                  sample_every=0, resume=True))
-        cfg.teacher = f"{cfg.out}/teacher/ckpt.pt"
-    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tcfg = resolve(dataclasses.replace(asked, mode="edm", out=f"{cfg.out}/teacher",  # not ect's lr etc.
+                                           steps=cfg.teacher_steps,
+                                           sample_every=0, resume=True))
+        cfg.teacher = f"{tcfg.out}/ckpt.pt"
+        if not finished(cfg.teacher, tcfg.steps):
+            print(f"no --teacher given: training an EDM teacher in {tcfg.out} first")
+            train(tcfg)
+    with RunFolder(cfg.out) as folder:
+        return _train(cfg, dev, folder.out)
+
+
+def finished(path: str | os.PathLike, steps: int) -> bool:
+    """A checkpoint of a run of `steps` steps that reached its end."""
+    if not Path(path).is_file():
+        return False
+    state = load_checkpoint(path)
+    return state["step"] == state["config"]["steps"] == steps
+
+
+def pick_device(name: str = "") -> torch.device:
+    """--device: '' -> cuda if available, else cpu; an unknown name or an absent device -> CMError."""
+    try:
+        dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, ValueError):
+        raise CMError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise CMError(f"device {name!r} is not available: this machine has "
+                      f"{torch.cuda.device_count()} CUDA device(s); use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise CMError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
+def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
+    step, ckpt = 0, out / "ckpt.pt"
+    state = None
+    if ckpt.is_file() or (out / "log.jsonl").is_file():
+        if cfg.resume and ckpt.is_file():
+            state = load_checkpoint(ckpt)
+            fields = RUN_FIELDS["common"] + RUN_FIELDS[cfg.mode]
+            changed = changed_fields(state["config"], dataclasses.asdict(cfg), fields)
+            if changed and not cfg.allow_config_change:
+                raise CMError(f"{ckpt} was trained with other {', '.join(changed)}; use another --out, or "
+                              "--allow-config-change to continue it with the new settings")
+        elif not cfg.overwrite and not cfg.resume:
+            raise CMError(f"{out} already holds a run; pass --resume to continue it or --overwrite to "
+                          "start afresh")
     data = load_data(cfg)
     shape = (2,) if data is None else tuple(data.shape[1:])
     teacher = None
@@ -835,17 +1017,14 @@ def train(cfg: Config) -> dict:
     opt = (torch.optim.Adam if cfg.mode == "edm" else torch.optim.RAdam)(model.parameters(), lr=cfg.lr)
     metric = METRICS[cfg.metric]() if cfg.metric == "lpips" else METRICS[cfg.metric]
     metric = metric.to(dev) if isinstance(metric, nn.Module) else metric
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    step, ckpt = 0, out / "ckpt.pt"
-    if cfg.resume and ckpt.is_file():
-        state = load_checkpoint(ckpt)
-        changed = [k for k in ("mode", "dataset", "channels", "steps", "batch_size", "s0", "s1", "N")
-                   if state["config"][k] != getattr(cfg, k)]
-        if changed:
-            raise CMError(f"{ckpt} was trained with other {', '.join(changed)}; use another --out")
+    if state is not None:
         for name, m in (("model", model), ("target", target), ("ema", ema), ("opt", opt)):
-            m.load_state_dict(state[name])
+            try:
+                m.load_state_dict(state[name])
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise CMError(f"{ckpt}: the {name} state does not fit this run ({type(e).__name__})") from None
+        for g in opt.param_groups:  # the lr of this command, also when --allow-config-change changed it
+            g["lr"] = cfg.lr
         step = state["step"]
         torch.set_rng_state(state["rng"])
         if dev.type == "cuda" and "rng_cuda" in state:
@@ -859,64 +1038,68 @@ def train(cfg: Config) -> dict:
         return call
 
     f, f_target, D = low_precision(model), low_precision(target), teacher and low_precision(teacher)
-    json.dump(dataclasses.asdict(cfg), open(out / "config.json", "w"), indent=1)
+    atomic_write(out / "config.json", lambda fh: fh.write(json.dumps(dataclasses.asdict(cfg), indent=1).encode()))
+    saved = ckpt if state is not None else None  # the last good checkpoint of this run, if any
 
     def checkpoint():
         rng_cuda = dict(rng_cuda=torch.cuda.get_rng_state(dev)) if dev.type == "cuda" else {}
         if not all(torch.isfinite(p).all() for p in model.parameters()):  # never save broken weights
-            raise CMError(f"non-finite weights at step {step}; the last good checkpoint is {ckpt}")
+            raise CMError(f"non-finite weights at step {step}; " + last_good())
         save_checkpoint(ckpt, dict(model=model.state_dict(), target=target.state_dict(), ema=ema.state_dict(),
                                    opt=opt.state_dict(), step=step, rng=torch.get_rng_state(),
-                                   **rng_cuda,
-                                   config=dataclasses.asdict(cfg), shape=list(shape), format=CKPT_FORMAT))
+                                   **rng_cuda, config=dataclasses.asdict(cfg), shape=list(shape),
+                                   format=CKPT_FORMAT, kind="cm"))
+
+    def last_good() -> str:
+        return f"the last good checkpoint is {saved}" if saved else "no checkpoint was written yet"
 
     from tqdm import tqdm
     bar = tqdm(initial=step, total=cfg.steps, desc=f"{cfg.mode} {cfg.dataset}",
                mininterval=1.0, disable=None)
-    log = open(out / "log.jsonl", "a")
     t0 = time.time()
-    while step < cfg.steps:
-        # a batch: fresh toy points, or a random subset of the images (the CPU RNG is checkpointed)
-        x = (toy_ring(cfg.batch_size) if data is None else
-             data[torch.randint(0, len(data), (cfg.batch_size,))]).to(dev)
-        if cfg.dataset == "cifar10":  # random horizontal flips
-            x = torch.where(torch.rand(len(x), 1, 1, 1).to(dev) < 0.5, x.flip(3), x)
-        z = torch.randn(x.shape).to(dev)
-        if cfg.mode == "ct":  # N(k), μ(k) [CM App. C]
-            N = ct_num_steps(step, cfg.steps, cfg.s0, cfg.s1)
-            mu = ct_target_rate(step, cfg.steps, cfg.s0, cfg.s1, cfg.mu0, cfg.mu_rule)
-        else:
-            N, mu = cfg.N, cfg.mu
-        n = torch.randint(0, N - 1, (len(x),)).to(dev)
-        sigmas = karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)  # t_1 < ... < t_N at this k
-        if cfg.mode in ("ict", "ect"):  # section 6b
-            share = SharedDropout(dev)
-            loss, N, mu = improved_loss(cfg, step, share.wrap(f), share.wrap(f_target), x, z, metric)
-        elif cfg.mode == "edm":
-            sigma = (-1.2 + 1.2 * torch.randn(len(x))).exp().to(dev)
-            loss = edm_loss(f, x, sigma=sigma, z=z, sigma_data=cfg.sigma_data)
-        elif cfg.mode == "ct":
-            loss = ct_loss(f, f_target, x, sigmas, metric, n=n, z=z)
-        else:
-            loss = cd_loss(f, f_target, D, x, sigmas, metric, n=n, z=z)
-        if not torch.isfinite(loss):
-            raise CMError(f"loss is {loss.item()} at step {step}; the last good checkpoint is {ckpt}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema_update(target, model, mu)  # θ⁻ (with mu = 0 it is a copy of θ)
-        ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
-        step += 1
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == 1:
-            bar.set_postfix(loss=f"{loss.item():.4g}", N=N, mu=f"{mu:.4f}")
-            log.write(json.dumps(dict(step=step, loss=loss.item(), N=N, mu=mu, sec=time.time() - t0)) + "\n")
-            log.flush()
-        if step % cfg.sample_every == 0 or step == cfg.steps:
-            write_grids(ema, cfg, shape, out, step)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            checkpoint()
-    log.close()
+    with open(out / "log.jsonl", "a" if state is not None else "w") as log:
+        while step < cfg.steps:
+            # a batch: fresh toy points, or a random subset of the images (the CPU RNG is checkpointed)
+            x = (toy_ring(cfg.batch_size) if data is None else
+                 data[torch.randint(0, len(data), (cfg.batch_size,))]).to(dev)
+            if cfg.dataset == "cifar10":  # random horizontal flips
+                x = torch.where(torch.rand(len(x), 1, 1, 1).to(dev) < 0.5, x.flip(3), x)
+            z = torch.randn(x.shape).to(dev)
+            if cfg.mode == "ct":  # N(k), μ(k) [CM App. C]
+                N = ct_num_steps(step, cfg.steps, cfg.s0, cfg.s1)
+                mu = ct_target_rate(step, cfg.steps, cfg.s0, cfg.s1, cfg.mu0, cfg.mu_rule)
+            else:
+                N, mu = cfg.N, cfg.mu
+            n = torch.randint(0, N - 1, (len(x),)).to(dev)
+            sigmas = karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)  # t_1 < ... < t_N at this k
+            if cfg.mode in ("ict", "ect"):  # section 6b
+                share = SharedDropout(dev)
+                loss, N, mu = improved_loss(cfg, step, share.wrap(f), share.wrap(f_target), x, z, metric)
+            elif cfg.mode == "edm":
+                sigma = (EDM_P_MEAN + EDM_P_STD * torch.randn(len(x))).exp().to(dev)
+                loss = edm_loss(f, x, sigma=sigma, z=z, sigma_data=cfg.sigma_data)
+            elif cfg.mode == "ct":
+                loss = ct_loss(f, f_target, x, sigmas, metric, n=n, z=z)
+            else:
+                loss = cd_loss(f, f_target, D, x, sigmas, metric, n=n, z=z)
+            if not torch.isfinite(loss):
+                raise CMError(f"loss is {loss.item()} at step {step}; " + last_good())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema_update(target, model, mu)  # θ⁻ (with mu = 0 it is a copy of θ)
+            ema_update(ema, model, ema_warmup_rate(cfg.ema, step))
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == 1:
+                bar.set_postfix(loss=f"{loss.item():.4g}", N=N, mu=f"{mu:.4f}")
+                log.write(json.dumps(dict(step=step, loss=loss.item(), N=N, mu=mu, sec=time.time() - t0)) + "\n")
+                log.flush()
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:  # before the grids: they may fail
+                checkpoint()
+                saved = ckpt
+            if step % cfg.sample_every == 0 or step == cfg.steps:
+                write_grids(ema, cfg, shape, out, step)
     bar.close()
     return report(ema, cfg, data, shape, teacher)
 
@@ -959,31 +1142,42 @@ def report(model: nn.Module, cfg: Config, data: Tensor | None, shape, teacher=No
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Consistency models: train (ct, cd, edm) or sample.")
+    p = argparse.ArgumentParser(description="Consistency models: train (ct, cd, edm) or sample.",
+                                argument_default=argparse.SUPPRESS)  # unset flags keep Config's defaults
     # each flag's help is the comment on its Config field
     notes = dict(re.findall(r"^ +(\w+): \w+ = .*?# *(.*)$", inspect.getsource(Config), re.M))
     for f in dataclasses.fields(Config):
         flag, help = "--" + f.name.replace("_", "-"), notes.get(f.name, "").replace("%", "%%")
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=help)
-    p.add_argument("--sample", metavar="CKPT", help="write sample grids from a checkpoint and exit")
-    args = p.parse_args(argv)
+            p.add_argument(flag, type=type(f.default), help=f"{help} (default: {f.default!r})")
+    p.add_argument("--ts-grid", dest="grid_steps", type=int, help=argparse.SUPPRESS)  # the old name
+    p.add_argument("--checkpoint", "--sample", metavar="CKPT", dest="checkpoint",
+                   help="write sample grids from a cm.py checkpoint and exit")
+    args = vars(p.parse_args(argv))
     try:
-        if args.sample:
-            state = load_checkpoint(args.sample)
-            model, cfg = model_from_checkpoint(state)
-            cfg.ts, cfg.ts_grid = args.ts or cfg.ts, args.ts_grid
-            out = Path(args.out or Path(args.sample).parent)
-            out.mkdir(parents=True, exist_ok=True)
-            write_grids(model, cfg, state["shape"], out, state["step"])
-            print(f"wrote sample grids to {out}")
+        if "checkpoint" in args:
+            sample_grids(args.pop("checkpoint"), args)
             return
-        cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
-        train(cfg)
-    except (CMError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        train(Config(**args))
+    except CMError as e:
+        exit_on(e)
+
+
+def sample_grids(path: str, flags: dict) -> None:
+    """--checkpoint: the grids of a checkpoint's EMA; --ts, --grid-steps, --seed, --device, --out override
+    the checkpoint's own settings, and nothing else changes (so the grids equal the training-time ones)."""
+    state = load_checkpoint(path)
+    model, cfg = model_from_checkpoint(state)
+    cfg = resolve(dataclasses.replace(cfg, **{k: v for k, v in flags.items()
+                                               if k in ("ts", "grid_steps", "seed", "device")}))
+    out = Path(flags.get("out") or Path(path).parent)
+    if out.exists() and not out.is_dir():
+        raise CMError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_grids(model.to(pick_device(cfg.device)), cfg, state["shape"], out, state["step"])
+    print(f"wrote sample grids to {out}")
 
 
 if __name__ == "__main__":

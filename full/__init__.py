@@ -1,1 +1,37 @@
 """Paper-scale backend for consistency models. Every formula is imported from cm.py."""
+import os
+import sys
+
+_armed = False
+
+
+def die_with_parent() -> None:
+    """A torchrun worker (TORCHELASTIC_RUN_ID set) on Linux: SIGKILL it when its agent dies, so a kill -9
+    of torchrun leaves no worker behind (training on, or waiting in rendezvous for many minutes). Armed
+    before the slow imports; parent_alive_or_exit() covers an agent that died before or after that."""
+    global _armed
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux") or _armed:
+        return
+    _armed = True
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # prctl(PR_SET_PDEATHSIG, SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    parent_alive_or_exit()
+
+
+def parent_alive_or_exit() -> None:
+    """Exit (status 1, one line) when an armed worker's parent is no longer a torchrun agent: after the
+    agent's death the worker is re-parented (to init or a subreaper), which the death signal misses if
+    the agent died before it was armed."""
+    if not _armed:
+        return
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as fh:
+            parent = fh.read()
+    except OSError:
+        return
+    if b"torch" not in parent:  # torchrun, or python -m torch.distributed.run
+        print("error: the torchrun agent that started this worker is gone; exiting", file=sys.stderr)
+        os._exit(1)

@@ -5,7 +5,7 @@ thing (the precision), so the ratios in the last column are comparisons within o
 Timings are never asserted in tests; they are reported here.
 
     python -m full.bench                                  # tiny NCSN++, CPU-sized, fp32 vs bf16
-    python -m full.bench --net ncsnpp-cifar10 --batch 128 --precisions fp32,bf16,fp16   # a GPU
+    python -m full.bench --net ncsnpp-cifar10 --batch-size 128 --precisions fp32,bf16,fp16   # a GPU
 
 What is timed (after --warmup untimed steps, with a CUDA synchronize around the clock):
     train   one CT step: cm.ct_loss (online forward+backward, target forward), RAdam step, target update
@@ -14,7 +14,6 @@ Peak memory is torch.cuda.max_memory_allocated on CUDA; on the CPU it is not tra
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 
@@ -22,6 +21,7 @@ import torch
 
 import cm
 from full.networks import ADMConfig, NCSNppConfig, build_network
+from full.presets import CLIParser
 from full.train import autocast_ctx
 
 NETS = {  # name -> (config factory, image resolution, channels)
@@ -90,18 +90,24 @@ def bench_one(net_name: str, precision: str, batch: int, steps: int, warmup: int
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = CLIParser(description=__doc__.splitlines()[0])
     p.add_argument("--net", default="ncsnpp-tiny", choices=sorted(NETS))
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=5, help="timed steps per setting")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
     p.add_argument("--device", default="", help="default: cuda if available, else cpu")
     args = p.parse_args(argv)
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precisions = args.precisions.split(",")
-    if bad := [q for q in precisions if q not in PRECISIONS]:
-        raise SystemExit(f"error: unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
+    try:
+        dev = cm.pick_device(args.device)
+        precisions = args.precisions.split(",")
+        if bad := [q for q in precisions if q not in PRECISIONS]:
+            raise cm.CMError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
+        if args.batch < 1 or args.steps < 1 or args.warmup < 0:
+            raise cm.CMError(f"need --batch-size >= 1, --steps >= 1, --warmup >= 0 (got {args.batch}, "
+                             f"{args.steps}, {args.warmup})")
+    except cm.CMError as e:
+        cm.exit_on(e)
     threads = torch.get_num_threads()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({threads} threads)"
     print(f"{args.net}, batch {args.batch}, {args.steps} timed steps, on {name}")

@@ -11,7 +11,8 @@ hold only tensors and Python primitives, so `torch.load(p, weights_only=True)` a
 
 Released checkpoints of the official code bases are converted in memory into an export dict by
 `import_official` (one reader per format, tried in order; each answers None for a file that is not its
-format): CM's raw guided-diffusion state dicts (full/official.py) and EDM's .pkl snapshots, read without
+format): CM's raw guided-diffusion state dicts (full/official.py), the paper's CIFAR-10 Flax checkpoints
+(full/flax_ckpt.py; a run folder means its newest checkpoint_<N>) and EDM's .pkl snapshots, read without
 running them (full/edm_pickle.py). The export dict then has an "official" entry saying what was inferred.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cm import CMError, ConsistencyFunction, save_checkpoint
+from cm import CMError, ConsistencyFunction, checkpoint_kind, read_weights_only, save_checkpoint
 from full.model import make_model
 from full.presets import RunConfig, config_from_dict
 
@@ -63,7 +64,7 @@ def latest(run_dir: str | os.PathLike) -> Path | None:
 def save(run_dir: str | os.PathLike, state: dict, keep_last: int) -> Path:
     """Write ckpt-{step}.pt atomically (cm.save_checkpoint), then delete all but the newest keep_last."""
     path = ckpt_path(run_dir, state["step"])
-    save_checkpoint(path, {**state, "format": FORMAT})
+    save_checkpoint(path, {**state, "format": FORMAT, "kind": "full"})
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
@@ -75,19 +76,21 @@ def load(path: str | os.PathLike, arch: str = "", kind: str = "") -> dict:
     Files are read with weights_only (pickles never run); a missing, corrupt or foreign file -> one-line
     CMError. arch / kind override what import_official infers for an official file (ignored otherwise)."""
     path = Path(path)
+    if path.is_dir():  # a Flax run folder (full/flax_ckpt.py): its newest checkpoint_<N>
+        from full import flax_ckpt
+        path = flax_ckpt.find_checkpoint(path)
     if not path.is_file():
         raise CMError(f"no checkpoint at {path}")
     with open(path, "rb") as fh:
         head = fh.read(16)
     if not (head.startswith(b"PK") or head.startswith(_TORCH_LEGACY)):  # not torch.save: .pkl, msgpack, ...
         return import_official(path, None, arch, kind)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, garbage bytes, pickled code
-        raise CMError(f"cannot read checkpoint {path}: corrupt or truncated "
-                      f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})") from None
-    if isinstance(state, dict) and state.get("format") == FORMAT and "config" in state:
+    state = read_weights_only(path)  # cm.py's reader: weights_only, one-line errors
+    found = checkpoint_kind(state)
+    if found == "full":
         return state
+    if found == "cm":
+        raise CMError(f"{path} is a cm.py checkpoint, not a full/ one: use python cm.py --checkpoint {path}")
     return import_official(path, state, arch, kind)
 
 
@@ -99,8 +102,9 @@ def import_official(path: str | os.PathLike, obj=None, arch: str = "", kind: str
 
     obj: what torch.load(weights_only=True) returned for a torch file, None for any other file. A reader
     `read(path, obj, arch, kind)` returns None when the file is not its format; add a format with one line."""
-    from full import edm_pickle, official
+    from full import edm_pickle, flax_ckpt, official
     readers = (official.read_state_dict,   # CM .pt: a raw guided-diffusion state dict
+               flax_ckpt.read_checkpoint,  # the paper's CIFAR-10 Flax (msgpack) checkpoints
                edm_pickle.read_pickle)     # EDM .pkl: persistence pickles, read without running them
     for read in readers:
         state = read(Path(path), obj, arch, kind)
@@ -108,7 +112,7 @@ def import_official(path: str | os.PathLike, obj=None, arch: str = "", kind: str
             return state
     if obj is None:
         raise CMError(f"cannot read checkpoint {path}: corrupt or truncated, or a format this project does "
-                      "not read (full/ .pt, guided-diffusion .pt, EDM .pkl)")
+                      "not read (full/ .pt, guided-diffusion .pt, Flax msgpack, EDM .pkl)")
     raise CMError(f"{path} is not a full/ checkpoint (format {FORMAT}) nor a released official one "
                   "(a guided-diffusion state dict)")
 
@@ -143,6 +147,9 @@ def model_from_state(state: dict, rate: float | None = None, path: str | os.Path
         raise CMError(f"{path}: no EMA at rate {rate}; it has {', '.join(map(str, rates))}")
     f = make_model(cfg, denoiser)
     load_weights(f, state["ema"][key], f"EMA {rate}", path)
+    if "precond" in state.get("official", {}):  # an EDM pickle keeps its own preconditioning (VE, VP, EDM)
+        from full.edm_pickle import denoiser_from_state
+        f = denoiser_from_state(state, f.net)
     return f.eval().requires_grad_(False), cfg
 
 
@@ -152,5 +159,5 @@ def export(path: str | os.PathLike, emas: dict[float, nn.Module], cfg: RunConfig
     path = Path(path)
     save_checkpoint(path, {"ema": {float(r): unwrap(m).state_dict() for r, m in emas.items()},
                            "config": dataclasses.asdict(cfg), "step": int(step), "format": FORMAT,
-                           "export": True})
+                           "kind": "full", "export": True})
     return path

@@ -28,16 +28,20 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import zipfile
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from cm import CMError
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 _FLIP_STREAM = 0xF11F  # separates the flip stream from any other use of (seed, epoch)
 
 
-class DatasetError(RuntimeError):
+class DatasetError(CMError):
     """A dataset cannot be built (missing files, bad name, bad options); the message is one line for a CLI."""
 
 
@@ -213,15 +217,19 @@ def load_imagenet64_arrays(files: Sequence[Path]) -> tuple[np.ndarray, np.ndarra
     The files store labels 1..1000; we subtract 1. Memory peaks at the total plus one batch, because the
     output is preallocated (labels are read first; reading one npz member leaves the others on disk).
     """
-    labels = []
-    for f in files:
-        with np.load(f) as z:
-            labels.append(np.asarray(z["labels"], dtype=np.int64).reshape(-1))
+    def read(f: Path, key: str, dtype) -> np.ndarray:
+        try:
+            with np.load(f, allow_pickle=False) as z:  # object arrays (pickles) are refused unread
+                return np.asarray(z[key], dtype=dtype)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise DatasetError(f"cannot read {key!r} of {f} as a downsampled-ImageNet npz "
+                               f"({type(e).__name__})") from None
+
+    labels = [read(f, "labels", np.int64).reshape(-1) for f in files]
     n = sum(len(y) for y in labels)
     data, start = None, 0
     for f, y in zip(files, labels):
-        with np.load(f) as z:
-            x = np.asarray(z["data"], dtype=np.uint8)
+        x = read(f, "data", np.uint8)
         if data is None:
             data = np.empty((n, x.shape[1]), dtype=np.uint8)
         if x.shape != (len(y), data.shape[1]):

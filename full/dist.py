@@ -19,26 +19,22 @@ def launched() -> bool:
 def init(device: str = "") -> torch.device:
     """Pick the device (`device`, else cuda:LOCAL_RANK if CUDA is present, else cpu) and, under torchrun,
     join the process group. Returns the device this rank computes on."""
+    from cm import pick_device
     local = int(os.environ.get("LOCAL_RANK", 0))
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = pick_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", dev.index if dev.index is not None else local)
         torch.cuda.set_device(dev)
     if launched() and not dist.is_initialized():
-        _die_with_parent()
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=30),
+        import full
+        full.die_with_parent()
+        # one node: a peer that has not joined in 10 minutes is gone (a standalone run waits no longer);
+        # several nodes may start minutes apart, and slow shared file systems stall barriers
+        one_node = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]) == os.environ["WORLD_SIZE"]
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=10 if one_node else 30),
                                 device_id=dev if dev.type == "cuda" else None)
     return dev
-
-
-def _die_with_parent() -> None:
-    """Linux: end this worker when its torchrun agent dies (after kill -9 of torchrun, orphans would
-    keep training and writing checkpoints beside a restarted run)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").prctl(1, 9)  # prctl(PR_SET_PDEATHSIG, SIGKILL)
-    except (OSError, AttributeError):
-        pass
 
 
 def enabled() -> bool:

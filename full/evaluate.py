@@ -46,6 +46,7 @@ import io
 import os
 import socket
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -54,6 +55,8 @@ import numpy as np
 import torch
 from scipy import linalg
 
+from cm import CMError, atomic_write, exit_on, pick_device
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 PAPER_NUM_SAMPLES = 50_000  # [CM Sec. 6]: FID/IS of 50k samples
 
@@ -61,7 +64,7 @@ PAPER_NUM_SAMPLES = 50_000  # [CM Sec. 6]: FID/IS of 50k samples
 Extractor = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
-class EvaluationError(ValueError):
+class EvaluationError(CMError, ValueError):
     """A problem with the user's inputs or environment; the CLI prints it as one line and exits 1."""
 
 
@@ -347,6 +350,47 @@ def _socket_timeout(seconds: float):
         socket.setdefaulttimeout(old)
 
 
+def load_inception_weights(weights_path=None) -> dict:
+    """The Inception state dict, read with `weights_only=True` so no file can run code when unpickled.
+
+    torch-fidelity and torch.hub would unpickle both `--inception-weights` and the hub cache with
+    `weights_only=False`; here the file is read first, and the network is then given the tensors."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    if weights_path is not None:
+        path = Path(weights_path)
+        if not path.is_file():
+            raise EvaluationError(f"cannot load Inception weights {path}: no such file")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickled code, a text file, a truncated zip
+            raise EvaluationError(f"cannot load Inception weights {path}: not a weights-only PyTorch file "
+                                  f"({type(e).__name__})") from None
+    else:
+        log = io.StringIO()  # torch.hub's download messages, shown only if the download works
+        try:
+            with _socket_timeout(60.0), contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
+                state = torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu",
+                                                           progress=False, weights_only=True)
+        except OSError as e:
+            # Offline, torch.hub's download raises urllib.error.URLError ("Name or service not known");
+            # HTTPError, TimeoutError and ConnectionError are OSErrors too.
+            cache = inception_weights_cache_path()
+            raise EvaluationError(
+                f"Inception weights {cache.name} not available ({e}): download {URL_INCEPTION_V3} "
+                f"to {cache}, or pass --inception-weights PATH") from None
+        except Exception as e:
+            raise EvaluationError(f"cannot load Inception weights {inception_weights_cache_path()}: "
+                                  f"not a weights-only PyTorch file ({type(e).__name__})") from None
+        sys.stderr.write(log.getvalue())
+        path = inception_weights_cache_path()
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise EvaluationError(f"Inception weights {path}: not a state dict of tensors")
+    return state
+
+
 class InceptionExtractor:
     """TF-Inception (pt_inception-2015-12-05), torch-fidelity: uint8 (B, 3, H, W) -> (B, 2048), (B, 1008).
 
@@ -354,28 +398,20 @@ class InceptionExtractor:
     """
 
     def __init__(self, device: torch.device | str | None = None, weights_path=None):
-        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+        import torch_fidelity.feature_extractor_inceptionv3 as tfi
 
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        log = io.StringIO()  # torch.hub's download messages, shown only if the download works
+        self.device = pick_device(device or "")
+        state = load_inception_weights(weights_path)
+        real_loader = tfi.load_state_dict_from_url
+        tfi.load_state_dict_from_url = lambda *args, **kwargs: state  # hand over the tensors read above
         try:
-            with _socket_timeout(60.0), contextlib.redirect_stderr(log):
-                net = FeatureExtractorInceptionV3(
-                    "inception-v3-compat", ["2048", "logits_unbiased"],
-                    feature_extractor_weights_path=None if weights_path is None else str(weights_path),
-                )
-        except OSError as e:
-            # Offline, torch.hub's download raises urllib.error.URLError ("Name or service not known");
-            # HTTPError, TimeoutError, ConnectionError and a missing --inception-weights file are
-            # OSErrors too. The hub's "Downloading: ..." line went to `log` and is dropped.
-            if weights_path is not None:
-                raise EvaluationError(f"cannot load Inception weights {weights_path}: {e}") from None
-            cache = inception_weights_cache_path()
-            raise EvaluationError(
-                f"Inception weights {cache.name} not available ({e}): download {URL_INCEPTION_V3} "
-                f"to {cache}, or pass --inception-weights PATH"
-            ) from None
-        sys.stderr.write(log.getvalue())
+            net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+        except RuntimeError as e:  # load_state_dict: missing or unexpected keys, other shapes
+            raise EvaluationError(f"Inception weights {weights_path or inception_weights_cache_path()} "
+                                  f"do not fit torch-fidelity's Inception "
+                                  f"({str(e).splitlines()[0][:100]})") from None
+        finally:
+            tfi.load_state_dict_from_url = real_loader
         self.net = net.to(self.device)
 
     @torch.no_grad()
@@ -419,11 +455,14 @@ def extract(images, extractor: Extractor, batch_size: int = 250) -> tuple[np.nda
 def save_stats(path, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
     """Write {mu, sigma, n} to an .npz atomically (tmp file + os.replace)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), n=np.int64(n))
-    os.replace(tmp, path)
+    if path.is_dir():
+        raise EvaluationError(f"--out {path} is a folder; give a file name such as {path / 'ref.npz'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvaluationError(f"cannot write {path}: {e.strerror or e}") from None
+    atomic_write(path, lambda f: np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+                                          n=np.int64(n)))
 
 
 def load_stats(path) -> tuple[np.ndarray, np.ndarray, int | None]:
@@ -443,9 +482,20 @@ def load_stats(path) -> tuple[np.ndarray, np.ndarray, int | None]:
         if isinstance(e, EvaluationError):
             raise
         raise EvaluationError(f"cannot read reference statistics {path}: {e}") from None
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise EvaluationError(f"reference file {path}: bad shapes mu {mu.shape}, sigma {sigma.shape}")
+    check_stats(mu, sigma, f"reference file {path}")
     return mu, sigma, n
+
+
+def check_stats(mu: np.ndarray, sigma: np.ndarray, what: str) -> None:
+    """mu (D,) and sigma (D, D) finite, sigma symmetric with a non-negative diagonal (a covariance);
+    otherwise FID would be NaN or sqrtm would spin for minutes."""
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise EvaluationError(f"{what}: bad shapes mu {mu.shape}, sigma {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise EvaluationError(f"{what}: mu or sigma holds NaN or inf")
+    scale = max(1.0, float(np.abs(sigma).max(initial=0.0)))
+    if not np.allclose(sigma, sigma.T, rtol=0, atol=1e-6 * scale) or (np.diagonal(sigma) < 0).any():
+        raise EvaluationError(f"{what}: sigma is not a covariance (not symmetric, or a negative variance)")
 
 
 def evaluate(images, ref_mu: np.ndarray, ref_sigma: np.ndarray, extractor: Extractor,
@@ -507,6 +557,13 @@ def main(argv=None) -> dict:
     elif args.samples is None or args.ref is None:
         parser.error("give SAMPLES --ref REF.npz, or --make-ref SOURCE --out REF.npz")
     try:
+        pick_device(args.device or "")  # a bad --device fails before any work
+        if args.batch_size < 1 or args.splits < 1:
+            raise EvaluationError(f"need --batch-size >= 1 and --splits >= 1 (got {args.batch_size}, "
+                                  f"{args.splits})")
+        if args.make_ref is not None and Path(args.out).is_dir():
+            raise EvaluationError(f"--out {args.out} is a folder; give a file name such as "
+                                  f"{Path(args.out) / 'ref.npz'}")
         if args.make_ref is not None:
             n, batches = iter_reference_images(args.make_ref, args.data_dir, args.download, args.batch_size)
             if n < 2:
@@ -522,8 +579,8 @@ def main(argv=None) -> dict:
             raise EvaluationError(f"need at least 2 samples, got {n}")
         result = evaluate(batches, ref_mu, ref_sigma, make_extractor(args.device, args.inception_weights),
                           args.batch_size, args.splits)
-    except EvaluationError as e:
-        raise SystemExit(f"error: {e}") from None
+    except CMError as e:
+        exit_on(e)
     ref_note = f", reference n={ref_n}" if ref_n is not None else ""
     print(f"FID: {result['fid']:.4f}")
     print(f"IS: {result['is_mean']:.4f} ± {result['is_std']:.4f}  (n={result['n']}{ref_note})")

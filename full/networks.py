@@ -31,6 +31,9 @@ GroupNorm with min(C // 4, 32) groups (eps 1e-6, flax's default), SiLU, dropout 
 Attention is single-head; the decoder applies it once per level after the level's res blocks, the
 encoder after every res block. The Fourier frequencies are a fixed random buffer (the JAX code wraps them
 in stop_gradient), so they are saved in the state_dict but not counted as parameters.
+DDPM++ (EDM's VP CIFAR-10 networks, `NCSNppConfig.ddpmpp_cifar10`) is the same network with sinusoidal
+noise features of width nf (`embedding='positional'`), no input pyramid (`encoder='standard'`) and the
+[1, 1] resampling filter; `label_input=True` adds classes the way EDM's SongUNet does (full/edm_pickle.py).
 
 ADM [ADM] with guided-diffusion / CM key names, so `ADMUNet.load_state_dict(released_state_dict)` works:
     time_embed.{0,2}   label_emb   input_blocks.i.j   middle_block.{0,1,2}   output_blocks.i.j   out.{0,2}
@@ -86,11 +89,17 @@ class NCSNppConfig:
     resample_filter: tuple[int, ...] = (1, 3, 3, 1)   # 1-D FIR taps, outer product = 2-D kernel (even length)
     skip_scale: float = 1 / math.sqrt(2)              # every residual sum is multiplied by this
     num_classes: int = 0                              # 0 = unconditional; else adds a class embedding
+    embedding: str = "fourier"                        # noise features: fourier (NCSN++) | positional (DDPM++)
+    encoder: str = "residual"                         # residual input pyramid (NCSN++) | standard (DDPM++)
+    label_input: bool = False                         # classes: False = Embedding added after the noise MLP;
+    #                                                   True = EDM's Linear(one-hot · √K) added before it
 
     def __post_init__(self):
         # Tuples even when the config comes back from a checkpoint's asdict() / JSON as lists.
         self.channel_mult, self.attn_resolutions = tuple(self.channel_mult), tuple(self.attn_resolutions)
         self.resample_filter = tuple(self.resample_filter)
+        assert self.embedding in ("fourier", "positional"), "embedding is fourier or positional"
+        assert self.encoder in ("residual", "standard"), "encoder is residual or standard"
         assert len(self.resample_filter) % 2 == 0, "FIR resampling here needs an even number of taps"
         assert self.img_resolution % 2 ** (len(self.channel_mult) - 1) == 0, "resolution must halve cleanly"
         assert min(self.channel_mult) * self.model_channels >= 4, "GroupNorm uses C // 4 groups"
@@ -99,6 +108,12 @@ class NCSNppConfig:
     def cifar10(cls, dropout: float = 0.0) -> NCSNppConfig:
         """CM CIFAR-10 (openai/consistency_models_cifar10 configs/cifar10_k_ve.py); teacher dropout 0.13."""
         return cls(dropout=dropout)
+
+    @classmethod
+    def ddpmpp_cifar10(cls, dropout: float = 0.13) -> NCSNppConfig:
+        """DDPM++ as EDM's SongUNet builds it (EDM's VP CIFAR-10 models): sinusoidal noise features of
+        width nf, plain encoder (no input pyramid), 2x2 box resampling filter [1, 1]; else NCSN++'s."""
+        return cls(dropout=dropout, embedding="positional", encoder="standard", resample_filter=(1, 1))
 
     @classmethod
     def tiny(cls, img_resolution: int = 16, num_classes: int = 0) -> NCSNppConfig:
@@ -176,6 +191,23 @@ def timestep_embedding(c_noise: Tensor, dim: int, max_period: float = 10000.0) -
     args = c_noise.float()[:, None] * freqs[None]                                                 # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)                                 # (B, 2 half)
     return F.pad(emb, (0, dim % 2))                                                             # (B, dim)
+
+
+class PositionalEmbedding(nn.Module):
+    """DDPM++'s sinusoidal features [sin(c ω_i), cos(c ω_i)], ω_i = 10000^(-i / (n - 1)), i < n = dim / 2.
+
+    EDM's SongUNet PositionalEmbedding(endpoint=True) with its sin/cos swap, no parameters.
+    (B,) -> (B, dim)."""
+
+    def __init__(self, dim: int, max_period: float = 10000.0):
+        super().__init__()
+        self.dim, self.max_period = dim, max_period
+
+    def forward(self, c_noise: Tensor) -> Tensor:
+        n = self.dim // 2
+        freqs = self.max_period ** (-torch.arange(n, device=c_noise.device, dtype=torch.float32) / (n - 1))
+        x = c_noise.float()[:, None] * freqs[None]                                # (B, n)
+        return torch.cat([torch.sin(x), torch.cos(x)], dim=-1)                   # (B, 2n)
 
 
 class FourierEmbedding(nn.Module):
@@ -340,13 +372,21 @@ class NCSNpp(nn.Module):
             return NCSNppResBlock(i, o, emb_ch, cfg.dropout, s, resample, cfg.resample_filter)
 
         # Noise (and class) embedding: Fourier(nf freqs) -> Linear(2nf, 4nf) -> SiLU -> Linear(4nf, 4nf).
-        self.fourier = FourierEmbedding(nf, cfg.fourier_scale)
-        self.emb0 = _init_xavier(nn.Linear(2 * nf, emb_ch))
+        # DDPM++: sinusoidal features of width nf instead (EDM's SongUNet, channel_mult_noise 1).
+        if cfg.embedding == "fourier":
+            self.fourier, noise_ch = FourierEmbedding(nf, cfg.fourier_scale), 2 * nf
+        else:
+            self.fourier, noise_ch = PositionalEmbedding(nf), nf
+        self.emb0 = _init_xavier(nn.Linear(noise_ch, emb_ch))
         self.emb1 = _init_xavier(nn.Linear(emb_ch, emb_ch))
-        self.label_emb = nn.Embedding(cfg.num_classes, emb_ch) if cfg.num_classes else None
+        self.label_emb = None
+        if cfg.num_classes:
+            self.label_emb = (_init_xavier(nn.Linear(cfg.num_classes, noise_ch)) if cfg.label_input
+                              else nn.Embedding(cfg.num_classes, emb_ch))
 
         self.conv_in = _conv(cfg.in_channels, nf, 3)
         ch, res_px, skip_chs = nf, cfg.img_resolution, [nf]
+        pyr_ch = cfg.in_channels  # the input pyramid's width: x_in's, then the previous level's
         self.down = nn.ModuleList()
         for level, mult in enumerate(cfg.channel_mult):
             stage = nn.ModuleDict()
@@ -359,9 +399,11 @@ class NCSNpp(nn.Module):
                 skip_chs.append(ch)
             if level != len(cfg.channel_mult) - 1:
                 stage["downsample"] = res(ch, ch, "down")
-                # The pyramid starts from x_in (in_channels) and then carries ch channels.
-                pyr_in = cfg.in_channels if level == 0 else ch
-                stage["pyramid"] = FIRConvDown(pyr_in, ch, cfg.resample_filter)
+                # The pyramid starts from x_in and then carries the width of the level it was added at
+                # (ncsnpp.py's pyramid_downsample(out_ch=h.shape[-1]); equal widths at CIFAR-10).
+                if cfg.encoder == "residual":
+                    stage["pyramid"] = FIRConvDown(pyr_ch, ch, cfg.resample_filter)
+                pyr_ch = ch
                 skip_chs.append(ch)
                 res_px //= 2
             self.down.append(stage)
@@ -386,9 +428,14 @@ class NCSNpp(nn.Module):
         self.conv_out = _conv(ch, cfg.out_channels, 3, zero=True)
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        emb = self.emb1(F.silu(self.emb0(self.fourier(c_noise))))          # (B, 4nf)
+        emb = self.fourier(c_noise)                                        # (B, 2nf) or (B, nf)
         if self.label_emb is not None:
             assert class_labels is not None, "class-conditional network needs class_labels"
+        if self.label_emb is not None and self.cfg.label_input:          # EDM: one-hot · √K, before the MLP
+            k = self.cfg.num_classes
+            emb = emb + self.label_emb(F.one_hot(class_labels, k).to(emb.dtype) * math.sqrt(k))
+        emb = self.emb1(F.silu(self.emb0(emb)))                            # (B, 4nf)
+        if self.label_emb is not None and not self.cfg.label_input:
             emb = emb + self.label_emb(class_labels)
 
         pyramid = x                                                        # (B, Cin, H, W)
@@ -400,8 +447,9 @@ class NCSNpp(nn.Module):
                 skips.append(h)
             if "downsample" in stage:
                 h = stage["downsample"](h, emb)                            # (B, C, H/2, W/2)
-                pyramid = (stage["pyramid"](pyramid) + h) * self.cfg.skip_scale
-                h = pyramid
+                if "pyramid" in stage:
+                    pyramid = (stage["pyramid"](pyramid) + h) * self.cfg.skip_scale
+                    h = pyramid
                 skips.append(h)
 
         h = self.mid["block1"](self.mid["attn"](self.mid["block0"](h, emb)), emb)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 from cm import CMError
 from full.networks import ADMConfig, build_network
@@ -73,7 +74,7 @@ def mismatch(sd: dict, cfg: ADMConfig) -> str | None:
 
 
 def infer_arch(sd: dict, arch: str = "") -> str:
-    """The ARCHS entry the state dict fits exactly (`arch` given: that one, checked); else a one-line CMError."""
+    """The ARCHS entry the state dict fits exactly (or `arch`, checked); else a one-line CMError."""
     if arch:
         if arch not in ARCHS:
             raise CMError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
@@ -129,6 +130,18 @@ def read_state_dict(path: Path, obj, arch: str = "", kind: str = "") -> dict | N
     dist.print0(f"{Path(path).name}: guided-diffusion state dict; architecture {name} "
                 f"({'given' if arch else 'from keys and shapes'}), kind {mode} "
                 f"({'given' if kind else 'from the file name'}): {how}")
-    return {"ema": {0.0: obj}, "config": dataclasses.asdict(cfg), "step": 0, "format": checkpoints.FORMAT,
+    return {"ema": {0.0: {f"net.{k}": v for k, v in obj.items()}}, "config": dataclasses.asdict(cfg),
+            "step": 0, "format": checkpoints.FORMAT,
             "export": True, "official": {"source": "guided-diffusion", "arch": name, "kind": mode,
                                          "clamp": True}}
+
+
+class ClampDenoised(nn.Module):
+    """f (or D) with its output clamped to [-1, 1], as the official sampler's `clip_denoised=True`."""
+
+    def __init__(self, f: nn.Module):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.f(x, sigma, class_labels).clamp(-1, 1)

@@ -26,10 +26,14 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from cm import CMError
+from cm import CMError, check_math, exit_on, ts_to_sigmas
 from full.networks import ADMConfig, NCSNppConfig
 
 NET_CONFIGS: dict[str, type] = {"ncsnpp": NCSNppConfig, "adm": ADMConfig}
+
+
+class ConfigError(CMError, ValueError):
+    """A bad preset name, override or value (a ValueError too, for callers that catch those)."""
 
 
 def _ema_beta(batch: int, halflife_images: float) -> float:
@@ -124,8 +128,11 @@ class RunSection:
     ts: tuple[int, ...] = (0, 11, 17)  # two-step grid levels, official index convention (cm.ts_to_sigmas)
     ts_grid: int = 18                 # the grid size the ts indices refer to
     sigmas: tuple[float, ...] = ()    # two-step levels as numbers, e.g. (80.0, 0.821) [iCT, ECT]; replaces ts
-    teacher: str = ""                 # cd, ect (ct: optional): a full/ checkpoint (resume or export) of an edm run
+    teacher: str = ""                 # cd, ect (ct: optional): a full/ checkpoint of an edm run, or a
+    #                                   released one: CM's edm_*.pt, EDM's .pkl (checkpoints.import_official)
     init_from_teacher: bool = True    # θ starts from run.teacher's weights (official CD, and OCM's CT script)
+    teacher_arch: str = ""            # released .pt teacher: architecture (default: from keys and shapes)
+    teacher_kind: str = ""            # released .pt teacher: edm | cd | ct (default: from the file name)
 
 
 @dataclass
@@ -160,28 +167,39 @@ CHOICES = {("cm", "mode"): ("ct", "cd", "ict", "ect", "edm"), ("cm", "noise_cond
 
 
 def validate(cfg: RunConfig) -> None:
-    """Range and choice checks; each failure is a one-line ValueError."""
+    """Range and choice checks of every setting, before step 0; each failure is a one-line ConfigError."""
     for (sec, name), valid in CHOICES.items():
         if getattr(getattr(cfg, sec), name) not in valid:
-            raise ValueError(f"{sec}.{name}={getattr(getattr(cfg, sec), name)!r} is not one of "
-                             f"{', '.join(valid)}")
+            raise ConfigError(f"{sec}.{name}={getattr(getattr(cfg, sec), name)!r} is not one of "
+                              f"{', '.join(valid)}")
     c, o, r = cfg.cm, cfg.opt, cfg.run
     if r.resume not in (True, False, "auto"):
-        raise ValueError(f"run.resume must be True, False or 'auto', got {r.resume!r}")
-    if not 0 < c.sigma_min < c.sigma_max:
-        raise ValueError("need 0 < cm.sigma_min < cm.sigma_max")
-    if c.stage_steps < 1 or c.q <= 1 or c.P_std <= 0:
-        raise ValueError("need cm.stage_steps >= 1, cm.q > 1 and cm.P_std > 0")
-    if c.N < 2 or c.s0 < 2 or c.s1 < c.s0:
-        raise ValueError(f"need cm.N >= 2 and 2 <= cm.s0 <= cm.s1 (got {c.N}, {c.s0}, {c.s1})")
-    if not (0 <= c.mu < 1 and 0 < c.mu0 < 1 and all(0 <= e < 1 for e in cfg.ema.rates) and cfg.ema.rates):
-        raise ValueError("need 0 <= cm.mu < 1, 0 < cm.mu0 < 1 and at least one ema rate in [0, 1)")
+        raise ConfigError(f"run.resume must be True, False or 'auto', got {r.resume!r}")
+    try:
+        check_math("cm.", N=c.N, s0=c.s0, s1=c.s1, sigma_min=c.sigma_min, sigma_max=c.sigma_max,
+                   sigma_data=c.sigma_data, rho=c.rho, mu=c.mu, mu0=c.mu0, ema=list(cfg.ema.rates),
+                   P_mean=c.P_mean, P_std=c.P_std, lr=o.lr, betas=list(o.betas), eps=o.eps,
+                   weight_decay=o.weight_decay, grad_clip=o.grad_clip)
+        if c.mode != "edm":  # the two-step grids fail now, not after the first sample_every steps
+            ts_to_sigmas(list(r.ts), r.ts_grid, c.sigma_min, c.sigma_max, c.rho)
+    except (CMError, ValueError) as e:
+        raise ConfigError(f"{e}".replace("ts must", "run.ts must")) from None
+    if c.stage_steps < 1 or c.q <= 1:
+        raise ConfigError(f"need cm.stage_steps >= 1 and cm.q > 1 (got {c.stage_steps}, {c.q})")
+    if c.P_std <= 0 or o.eps <= 0 or o.weight_decay < 0 or o.grad_clip < 0 or \
+            not all(0 <= b < 1 for b in o.betas) or len(o.betas) != 2:
+        raise ConfigError("need cm.P_std > 0, opt.eps > 0, opt.weight_decay >= 0, opt.grad_clip >= 0 and two "
+                          f"opt.betas in [0, 1) (got {c.P_std}, {o.eps}, {o.weight_decay}, {o.grad_clip}, "
+                          f"{o.betas})")
+    if o.batch < 1 or o.microbatch < 0 or o.steps < 1 or o.lr <= 0 or o.warmup < 0:
+        raise ConfigError("need opt.batch >= 1, opt.microbatch >= 0, opt.steps >= 1, opt.lr > 0, "
+                          f"opt.warmup >= 0 (got {o.batch}, {o.microbatch}, {o.steps}, {o.lr}, {o.warmup})")
     if cfg.ema.eval_rate and cfg.ema.eval_rate not in cfg.ema.rates:
-        raise ValueError(f"ema.eval_rate={cfg.ema.eval_rate} is not one of ema.rates {cfg.ema.rates}")
-    if o.batch < 1 or o.microbatch < 0 or o.steps < 1 or o.lr <= 0:
-        raise ValueError("need opt.batch >= 1, opt.microbatch >= 0, opt.steps >= 1, opt.lr > 0")
+        raise ConfigError(f"ema.eval_rate={cfg.ema.eval_rate} is not one of ema.rates {cfg.ema.rates}")
     if min(r.ckpt_every, r.keep_last, r.log_every, r.sample_num) < 1 or r.sample_every < 0:
-        raise ValueError("need run.ckpt_every, keep_last, log_every, sample_num >= 1, sample_every >= 0")
+        raise ConfigError("need run.ckpt_every, keep_last, log_every, sample_num >= 1, sample_every >= 0")
+    if cfg.data.resolution < 0 or cfg.data.num_workers < 0:
+        raise ConfigError("need data.resolution >= 0 and data.num_workers >= 0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,7 +332,7 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
 def get_preset(name: str) -> RunConfig:
     """The preset `name`, its `preset` field filled in."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name](), preset=name)
 
 
@@ -353,19 +371,19 @@ def apply_override(cfg: RunConfig, item: str) -> RunConfig:
     sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
     sec, _, name = key.partition(".")
     if not sep or sec not in sections or not name:
-        raise ValueError(f"bad override {item!r}: expected section.field=value with section one of "
+        raise ConfigError(f"bad override {item!r}: expected section.field=value with section one of "
                          f"{', '.join(sections)}")
     obj = getattr(cfg, sec)
     hints = typing.get_type_hints(type(obj))
     if name not in hints:
-        raise ValueError(f"unknown field {sec}.{name}; valid fields: {', '.join(hints)}")
+        raise ConfigError(f"unknown field {sec}.{name}; valid fields: {', '.join(hints)}")
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text  # a bare word: only valid for str fields
     value = _coerce(value, hints[name])
     if not _type_ok(value, hints[name]):
-        raise ValueError(f"{sec}.{name}={text!r} has the wrong type: expected {_type_name(hints[name])}")
+        raise ConfigError(f"{sec}.{name}={text!r} has the wrong type: expected {_type_name(hints[name])}")
     new = dataclasses.replace(obj, **{name: value}) if not isinstance(obj, (NCSNppConfig, ADMConfig)) \
         else _replace_net(obj, name, value)
     return dataclasses.replace(cfg, **{sec: new})
@@ -375,7 +393,7 @@ def _replace_net(net, name: str, value):
     try:
         return dataclasses.replace(net, **{name: value})
     except AssertionError as e:  # the network configs check themselves with asserts
-        raise ValueError(f"net.{name}={value!r}: {e}") from None
+        raise ConfigError(f"net.{name}={value!r}: {e}") from None
 
 
 def _type_name(tp: Any) -> str:
@@ -439,8 +457,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                       f"steps {c.opt.steps}")
             return
         print(to_json(resolve(args.preset, rest)))
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except CMError as e:
+        exit_on(e)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """python -m full.sample --checkpoint PATH --num N: one-step or multistep samples as a PNG grid and an .npz.
 
-    python -m full.sample --checkpoint runs/cifar10-cd-lpips/export.pt --num 50000 --batch 500
+    python -m full.sample --checkpoint runs/cifar10-cd-lpips/export.pt --num-samples 50000 --batch-size 500
     python -m full.sample --checkpoint runs/cifar10-cd-lpips/export.pt --num 64 --ts 0,11,17 --grid-steps 18
     torchrun --standalone --nproc_per_node=8 -m full.sample --checkpoint ... --num-samples 50000
     python -m full.sample --checkpoint ... --edit inpaint --reference img.png --mask mask.png
@@ -8,7 +8,9 @@
 Samplers [CM Alg. 1]. One step: x = f(T z, T) (cm.sample_onestep). Multistep: the descending levels
 τ_1 > τ_2 > ... of cm.sample_multistep; `--ts` takes them in the official index convention (ascending
 indices into a `--grid-steps`-point grid counted from T, e.g. 0,11,17 of 18; cm.ts_to_sigmas), `--sigmas`
-as numbers. An edm checkpoint is a denoiser; it samples with EDM's Heun sampler (cm.sample_heun).
+as numbers. An edm checkpoint is a denoiser; it samples with EDM's Heun sampler (cm.sample_heun,
+`--sampler heun --steps N`). Released files (CM's .pt, EDM's .pkl) load directly: full/official.py,
+full/edm_pickle.py.
 
 Seeds. Sample i draws everything (its class label, z, and the re-noising z' of every multistep level)
 from torch.Generator().manual_seed(seed + i) on the CPU, so images do not depend on the batch size, the
@@ -19,16 +21,19 @@ and rank 0 gathers and writes `<out>/samples.png` (the first 64) and `<out>/samp
 from __future__ import annotations
 
 import argparse
-import sys
+import dataclasses
+import math
+import zipfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from cm import CMError, sample_heun, sample_multistep, sample_onestep, ts_to_sigmas
+from cm import CMError, exit_on, sample_heun, sample_multistep, sample_onestep, ts_to_sigmas
 from cm import save_grid as cm_save_grid
 from full import checkpoints, dist
+from full.data import uint8_to_unit
 from full.presets import CLIParser
 
 
@@ -100,15 +105,18 @@ def levels_from_args(ts: str, sigmas: str, grid_steps: int, cfg) -> list[float]:
     """--ts (official indices of a grid_steps grid) or --sigmas (descending numbers); default [T]."""
     c = cfg.cm
     if ts and sigmas:
-        raise ValueError("give --ts or --sigmas, not both")
-    if ts:
-        return ts_to_sigmas([int(i) for i in ts.split(",")], grid_steps, c.sigma_min, c.sigma_max, c.rho)
-    if sigmas:
-        levels = [float(s) for s in sigmas.split(",")]
-        if any(a <= b for a, b in zip(levels, levels[1:])) or levels[-1] <= c.sigma_min:
-            raise ValueError(f"--sigmas must descend and stay above sigma_min={c.sigma_min}, got {levels}")
-        return levels
-    return [c.sigma_max]
+        raise CMError("give --ts or --sigmas, not both")
+    try:
+        if ts:
+            return ts_to_sigmas([int(i) for i in ts.split(",")], grid_steps, c.sigma_min, c.sigma_max, c.rho)
+        levels = [float(s) for s in sigmas.split(",")] if sigmas else [c.sigma_max]
+    except ValueError as e:
+        raise CMError(f"--ts/--sigmas: {e}") from None
+    if not all(map(math.isfinite, levels)) or any(a <= b for a, b in zip(levels, levels[1:])) \
+            or levels[-1] <= c.sigma_min or levels[0] > c.sigma_max:
+        raise CMError(f"--sigmas must be finite, descend, and lie in (sigma_min, sigma_max] = "
+                      f"({c.sigma_min}, {c.sigma_max}], got {levels}")
+    return levels
 
 
 def load_reference(path: str, shape: Sequence[int]) -> torch.Tensor:
@@ -117,27 +125,38 @@ def load_reference(path: str, shape: Sequence[int]) -> torch.Tensor:
     if not p.is_file():
         raise CMError(f"no reference at {p}")
     if p.suffix == ".npz":
-        with np.load(p) as z:
-            arr = np.asarray(z["arr_0"], dtype=np.uint8)
+        try:
+            with np.load(p, allow_pickle=False) as z:  # an object array (a pickle) is refused unread
+                key = next((k for k in ("arr_0", "images") if k in z.files), None)
+                if key is None:
+                    raise CMError(f"reference {p} has no 'arr_0' or 'images' array (keys: {z.files})")
+                arr = z[key]
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise CMError(f"cannot read the reference {p} as .npz ({type(e).__name__})") from None
+        if arr.dtype != np.uint8:  # a cast would wrap 256 to 0 and read floats in [-1, 1] as black
+            raise CMError(f"reference {p}[{key}] must hold uint8 images in [0, 255], got {arr.dtype}")
     else:
         from PIL import Image
-        with Image.open(p) as img:
-            arr = np.asarray(img.convert("L" if shape[0] == 1 else "RGB").resize(shape[1:][::-1]))[None]
+        try:
+            with Image.open(p) as img:
+                arr = np.asarray(img.convert("L" if shape[0] == 1 else "RGB").resize(shape[1:][::-1]))[None]
+        except OSError as e:  # PIL's UnidentifiedImageError is an OSError
+            raise CMError(f"cannot read the reference {p} as an image or .npz ({type(e).__name__})") from None
     arr = arr[..., None] if arr.ndim == 3 else arr
     if tuple(arr.shape[1:]) != (shape[1], shape[2], shape[0]):
         raise CMError(f"reference images are {tuple(arr.shape[1:])} (H, W, C); the model takes "
                       f"{(shape[1], shape[2], shape[0])}")
-    return torch.from_numpy(arr.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return uint8_to_unit(arr).permute(0, 3, 1, 2)
 
 
 def load_mask(path: str, shape: Sequence[int]) -> torch.Tensor:
     """A PNG mask (white = known pixel) -> (1, 1, H, W) float in {0, 1}."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
     if not Path(path).is_file():
         raise CMError(f"no mask at {path}")
     try:
         img = Image.open(path)
-    except UnidentifiedImageError as e:
+    except OSError as e:  # UnidentifiedImageError is one
         raise CMError(f"cannot read the mask {path} as an image") from e
     with img:
         m = np.asarray(img.convert("L").resize(shape[1:][::-1], Image.NEAREST)) > 127
@@ -146,17 +165,26 @@ def load_mask(path: str, shape: Sequence[int]) -> torch.Tensor:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = CLIParser(description="Sample from a full/ checkpoint (one step by default).")
-    p.add_argument("--checkpoint", required=True, help="a resume ckpt-*.pt or an export.pt")
+    p.add_argument("--checkpoint", required=True, help="a resume ckpt-*.pt or an export.pt, or a released "
+                                                      "official file (CM's .pt, EDM's .pkl; README)")
+    p.add_argument("--sampler", default="", choices=["", "onestep", "multistep", "heun"],
+                   help="default: heun for a denoiser (edm), else one step (multistep with --ts/--sigmas)")
+    p.add_argument("--steps", type=int, default=0, help="--sampler heun: grid levels (default: the file's)")
+    p.add_argument("--arch", default="", help="released .pt: architecture (imagenet64, lsun256), "
+                                              "overriding the one inferred from keys and shapes")
+    p.add_argument("--kind", default="", help="released .pt: edm | cd | ct, overriding the file name")
     p.add_argument("--num", "--num-samples", dest="num", type=int, default=64,
                    help="number of samples (use --num-samples under torchrun, whose parser takes --num "
                         "for a prefix of its --numa-binding)")
     p.add_argument("--ts", default="", help="multistep levels as official indices, e.g. 0,11,17")
-    p.add_argument("--grid-steps", type=int, default=18, help="grid size the --ts indices refer to")
+    p.add_argument("--grid-steps", type=int, default=None,
+                   help="grid size the --ts indices refer to (default: the checkpoint's)")
     p.add_argument("--sigmas", default="", help="multistep levels as numbers, descending, e.g. 80,0.8")
     p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=True,
                    help="clamp every denoised step to [-1, 1] before re-noising (the official samplers do)")
     p.add_argument("--class-labels", default="", help="comma-separated labels, cycled (default: random)")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=256,
+                   help="samples per forward pass")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--ema", type=float, default=None,
                    help="EMA rate to load (default: the run's ema.eval_rate, the one the paper evaluates)")
@@ -168,13 +196,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--mask", default="", help="--edit inpaint: PNG, white = known pixel")
     args = p.parse_args(argv)
     try:
-        if args.num < 1 or args.batch < 1:
-            raise ValueError("--num and --batch must be >= 1")
+        if args.num < 1 or args.batch < 1 or (args.grid_steps is not None and args.grid_steps < 2):
+            raise CMError("need --num-samples >= 1, --batch-size >= 1 and --grid-steps >= 2")
+        out = Path(args.out or Path(args.checkpoint).parent)
+        if out.exists() and not out.is_dir():
+            raise CMError(f"--out {out} is a file, not a folder")
         dev = dist.init(args.device)
-        state = checkpoints.load(args.checkpoint)
+        state = checkpoints.load(args.checkpoint, args.arch, args.kind)
         f, cfg = checkpoints.model_from_state(state, args.ema, args.checkpoint)
         f = f.to(dev)
-        out = Path(args.out or Path(args.checkpoint).parent)
+        if cfg.cm.mode == "edm" and (args.ts or args.sigmas or args.grid_steps) and not args.edit:
+            raise CMError(f"{args.checkpoint} is an edm denoiser, sampled with EDM's Heun sampler; --ts, "
+                          "--sigmas and --grid-steps are for consistency models (--steps sets the Heun levels)")
+        grid_steps = args.grid_steps or cfg.run.ts_grid
         net = cfg.net
         res = getattr(net, "img_resolution", None) or getattr(net, "image_size")
         shape = (net.in_channels, res, res)
@@ -186,7 +220,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.edit:
             return run_edit_cli(args, f, cfg, shape, out)
         heun = cfg.cm.mode == "edm"
-        levels = None if heun else levels_from_args(args.ts, args.sigmas, args.grid_steps, cfg)
+        if args.sampler and (args.sampler == "heun") != heun:
+            raise CMError(f"--sampler {args.sampler} does not fit this checkpoint: it is "
+                          + ("a denoiser (edm); use --sampler heun" if heun else
+                             f"a consistency model ({cfg.cm.mode}); use onestep or multistep"))
+        if args.steps:
+            if args.steps < 2 or not heun:
+                raise CMError("--steps N (N >= 2) sets the Heun grid of a denoiser; a consistency model "
+                                 "takes --ts/--grid-steps")
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, ts_grid=args.steps))
+        if heun and args.clip_denoised and state.get("official", {}).get("clamp"):
+            from full.official import ClampDenoised  # CM's Heun sampler clamps every denoised image too
+            f = ClampDenoised(f)
+        levels = None if heun else levels_from_args(args.ts, args.sigmas, grid_steps, cfg)
         mine = range(dist.rank(), args.num, dist.world())
         x, y = generate(f, cfg, shape, mine, levels, args.seed, heun, labels, args.batch, args.clip_denoised)
         parts = dist.all_gather_object((list(mine), to_uint8(x), None if y is None else y.numpy()))
@@ -200,13 +246,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             out.mkdir(parents=True, exist_ok=True)
             extra = {"arr_1": labs} if y is not None else {}
             np.savez(out / "samples.npz", arr_0=imgs, **extra)
-            grid = torch.from_numpy(imgs[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            grid = uint8_to_unit(imgs[:64]).permute(0, 3, 1, 2)
             save_grid(grid, out / "samples.png")
             how = "heun" if heun else f"{len(levels)}-step {[round(t, 4) for t in levels]}"
             print(f"wrote {args.num} samples ({how}) to {out / 'samples.npz'} and {out / 'samples.png'}")
-    except (CMError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except CMError as e:
+        exit_on(e)
     finally:
         dist.cleanup()
 
@@ -218,7 +263,7 @@ def run_edit_cli(args, f, cfg, shape, out: Path) -> None:
     except ImportError as e:
         raise CMError(f"--edit needs full/edit.py with run_edit ({e})") from None
     if not args.reference:
-        raise ValueError("--edit needs --reference IMG_OR_NPZ")
+        raise CMError("--edit needs --reference IMG_OR_NPZ")
     if args.edit == "colorize" and shape[0] != 3:
         raise CMError(f"--edit colorize needs an RGB model; this one has {shape[0]} channel(s)")
     if args.edit == "interpolate":  # run_edit takes two N(0, I) latents, not images
@@ -226,11 +271,14 @@ def run_edit_cli(args, f, cfg, shape, out: Path) -> None:
                       "full.edit.interpolate(f, z0, z1, alphas) with two Gaussian latents")
     ref = load_reference(args.reference, shape).to(next(f.parameters()).device)
     mask = load_mask(args.mask, shape).to(ref.device) if args.mask else None
-    levels = (levels_from_args(args.ts, args.sigmas, args.grid_steps, cfg)
+    levels = (levels_from_args(args.ts, args.sigmas, args.grid_steps or cfg.run.ts_grid, cfg)
               if args.ts or args.sigmas else None)
     g = torch.Generator().manual_seed(args.seed)
-    x = run_edit(args.edit, f, ref, mask=mask, levels=levels, sigma_min=cfg.cm.sigma_min, generator=g,
-                 clip_denoised=args.clip_denoised).cpu()
+    try:
+        x = run_edit(args.edit, f, ref, mask=mask, levels=levels, sigma_min=cfg.cm.sigma_min, generator=g,
+                     clip_denoised=args.clip_denoised).cpu()
+    except ValueError as e:  # run_edit's checks of the task, mask and levels
+        raise CMError(f"--edit {args.edit}: {e}") from None
     if dist.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         np.savez(out / f"edit-{args.edit}.npz", arr_0=to_uint8(x))

@@ -30,6 +30,10 @@ step, without saving, naming the last good checkpoint.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a torchrun worker dies with its agent: armed before the slow imports below
+    import full
+    full.die_with_parent()
+
 import copy
 import dataclasses
 import json
@@ -42,11 +46,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from cm import (METRICS, CMError, SharedDropout, cd_loss, ct_loss, ct_num_steps, ct_target_rate, ect_loss,
-                edm_loss, ema_update, ict_num_steps, gap_weight, karras_sigmas, lognormal_index_probs,
-                ts_to_sigmas)
+import full
+from cm import (METRICS, CMError, RunFolder, SharedDropout, atomic_write, cd_loss, changed_fields, ct_loss,
+                ct_num_steps, ct_target_rate, ect_loss, edm_loss, ema_update, ema_warmup_rate, exit_on,
+                gap_weight, ict_num_steps, karras_sigmas, lognormal_index_probs, ts_to_sigmas)
 from full import checkpoints, dist
-from full.data import DatasetError, make_dataset, make_loader
+from full.data import make_dataset, make_loader
 from full.model import has_dropout, make_model
 from full.presets import CLIParser, RunConfig, resolve, to_json
 
@@ -197,7 +202,7 @@ class Trainer:
         if self.target is not None:
             ema_update(self.target, self.model, mu)  # θ⁻ ← μ θ⁻ + (1 - μ) θ  [CM Alg. 2/3]
         for rate, ema in self.emas.items():
-            ema_update(ema, self.model, min(rate, (1 + k) / (10 + k)) if cfg.ema.warmup else rate)
+            ema_update(ema, self.model, ema_warmup_rate(rate, k) if cfg.ema.warmup else rate)
         self.step_k = k + 1
         return {"step": k + 1, "loss": total, "N": N, "mu": mu, "lr": lr}
 
@@ -246,24 +251,34 @@ class Trainer:
 
 
 def load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module:
-    """D_φ for CD (or the start of CT) from a full/ checkpoint of an edm run (its eval EMA), in eval mode.
-
-    Official checkpoints (EDM's .pkl, CM's released .pt) will come through checkpoints.import_official."""
+    """D_φ for CD (or the start of CT) from a full/ checkpoint of an edm run (its eval EMA), a released CM
+    edm_*.pt or an EDM .pkl (checkpoints.import_official), in eval mode."""
     if not cfg.run.teacher:
         raise CMError(f"cm.mode={cfg.cm.mode} needs run.teacher=PATH (a checkpoint of an edm run, e.g. "
                       "python -m full.train --preset tiny-edm)")
-    state = checkpoints.load(cfg.run.teacher)
+    state = checkpoints.load(cfg.run.teacher, cfg.run.teacher_arch, cfg.run.teacher_kind)
     tcfg = checkpoints.config_of(state)
     if tcfg.cm.mode != "edm":
         raise CMError(f"run.teacher {cfg.run.teacher} is a {tcfg.cm.mode} checkpoint, not an edm one")
     if tcfg.arch != cfg.arch:
         raise CMError(f"run.teacher is an {tcfg.arch} network, this preset trains an {cfg.arch} network")
-    for k in ("name", "resolution", "class_cond"):  # a teacher of other data would crash or mislead
+    # A teacher of other data would crash or mislead. A released file records no data section: compare
+    # the images its network takes instead.
+    if "official" in state:
+        mine, theirs = (_net_geometry(c.net) for c in (cfg, tcfg))
+        if mine != theirs:
+            raise CMError(f"run.teacher takes images of (resolution, channels, classes) {theirs}, this run's "
+                          f"network takes {mine}")
+    for k in () if "official" in state else ("name", "resolution", "class_cond"):
         mine, theirs = getattr(cfg.data, k), getattr(tcfg.data, k)
         if mine != theirs:
             raise CMError(f"run.teacher was trained with data.{k}={theirs!r}, this run has {mine!r}")
     teacher, _ = checkpoints.model_from_state(state, path=cfg.run.teacher, denoiser=True)
     return teacher.to(device)
+
+
+def _net_geometry(net) -> tuple[int, int, int]:
+    return getattr(net, "img_resolution", None) or net.image_size, net.in_channels, net.num_classes
 
 
 def check_data(cfg: RunConfig, ds) -> None:
@@ -299,7 +314,51 @@ def write_grids(cfg: RunConfig, f: nn.Module, shape: Sequence[int], out: Path, s
 # The loop
 
 
-def train(cfg: RunConfig, device: str = "", on_checkpoint: Callable[[int, Path], None] | None = None) -> dict:
+# What a resume may not change without allow_config_change (section or section.field of the config):
+# the mode, the network, the data, the schedule and the steps. Folders, intervals, workers may differ.
+RUN_FIELDS = ("arch", "net", "cm", "opt.optimizer", "opt.lr", "opt.betas", "opt.eps", "opt.weight_decay",
+              "opt.warmup", "opt.grad_clip", "opt.batch", "opt.steps", "opt.precision", "ema", "data.name",
+              "data.resolution", "data.random_flip", "data.class_cond", "run.seed", "run.teacher",
+              "run.init_from_teacher")
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def run_changes(saved: dict, cfg: RunConfig) -> list[str]:
+    """The run-changing fields whose value differs between a stored config and cfg."""
+    a, b = flat(json.loads(json.dumps(saved))), flat(json.loads(to_json(cfg)))  # tuples as lists on both
+    keys = sorted(k for k in set(a) | set(b) if any(k == f or k.startswith(f + ".") for f in RUN_FIELDS))
+    if a.get("arch") != b.get("arch"):  # another network family: its fields say nothing more
+        keys = [k for k in keys if not k.startswith("net.")]
+    changed = changed_fields(a, b, keys)
+    return changed[:6] + ([f"{len(changed) - 6} more"] if len(changed) > 6 else [])
+
+
+def claim_folder(cfg: RunConfig, out: Path, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from (None: start afresh); an earlier run's folder is refused unless
+    resumed (run.resume) or overwritten (its checkpoints and export are deleted, by rank 0)."""
+    ckpt = checkpoints.latest(out) if cfg.run.resume in (True, "auto") else None
+    if cfg.run.resume is True and ckpt is None:
+        raise CMError(f"run.resume=True but {out} has no ckpt-*.pt")
+    earlier = checkpoints.list_checkpoints(out) + [p for p in (out / "export.pt",) if p.is_file()]
+    if ckpt is None and earlier:
+        if not overwrite:
+            raise CMError(f"{out} holds an earlier run ({earlier[-1].name}); resume it (run.resume='auto') "
+                          "or pass --overwrite to start afresh")
+        if dist.rank() == 0:
+            for p in earlier:
+                p.unlink(missing_ok=True)
+    return ckpt
+
+
+def train(cfg: RunConfig, device: str = "", on_checkpoint: Callable[[int, Path], None] | None = None,
+          allow_config_change: bool = False, overwrite: bool = False) -> dict:
     """Train (or resume) the run; returns {"step", "loss", "checkpoint"}. Call dist.init first for DDP."""
     dev = dist.init(device or cfg.run.device)
     if cfg.opt.precision == "fp16" and dev.type != "cuda":
@@ -307,6 +366,22 @@ def train(cfg: RunConfig, device: str = "", on_checkpoint: Callable[[int, Path],
                       "than fp32 here); use opt.precision=bf16 or fp32")
     out = Path(cfg.out)
     per_rank, _, _ = split_batch(cfg.opt.batch, dist.world(), cfg.opt.microbatch)
+    folder = RunFolder(out) if dist.rank() == 0 else None  # refuses a second run in the same folder
+    try:
+        return _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrite)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrite) -> dict:
+    ckpt = claim_folder(cfg, out, overwrite)
+    state = checkpoints.load(ckpt) if ckpt else None
+    if state and (changed := run_changes(state["config"], cfg)):
+        if not allow_config_change:
+            raise CMError(f"{ckpt} was trained with other {', '.join(changed)}; use another run.out, or "
+                          "--allow-config-change to continue it with the new settings")
+        dist.print0(f"note: continuing {ckpt} with {', '.join(changed)}")
     ds = make_dataset(cfg.data.name, cfg.data.root or None, cfg.data.resolution or None,
                       class_cond=cfg.data.class_cond, random_flip=cfg.data.random_flip,
                       download=cfg.data.download)
@@ -316,10 +391,6 @@ def train(cfg: RunConfig, device: str = "", on_checkpoint: Callable[[int, Path],
                                                    and cfg.run.init_from_teacher)
     teacher = load_teacher(cfg, dev) if use_teacher else None
     tr = Trainer(cfg, dev, teacher)
-    ckpt = checkpoints.latest(out) if cfg.run.resume in (True, "auto") else None
-    if cfg.run.resume is True and ckpt is None:
-        raise CMError(f"run.resume=True but {out} has no ckpt-*.pt")
-    state = checkpoints.load(ckpt) if ckpt else None
     start = int(state["step"]) if state else 0
     loader = make_loader(ds, per_rank, dist.rank(), dist.world(), cfg.run.seed, cfg.data.num_workers,
                          start_step=start)  # built before the RNG restore: DataLoader draws a base seed
@@ -332,8 +403,7 @@ def train(cfg: RunConfig, device: str = "", on_checkpoint: Callable[[int, Path],
     last_ckpt = ckpt
     main = dist.rank() == 0
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(to_json(cfg))
+        atomic_write(out / "config.json", lambda fh: fh.write(to_json(cfg).encode()))
         if not state:
             (out / "log.jsonl").write_text("")
     dist.barrier()
@@ -352,8 +422,8 @@ def train(cfg: RunConfig, device: str = "", on_checkpoint: Callable[[int, Path],
             try:
                 rec = tr.step(x, y)
             except NonFiniteLoss as e:
-                raise CMError(f"{e}; stopped without saving; the last good checkpoint is "
-                              f"{last_ckpt or 'none (no checkpoint was written)'}") from None
+                raise CMError(f"{e}; stopped without saving; " + (f"the last good checkpoint is {last_ckpt}"
+                              if last_ckpt else "no checkpoint was written yet")) from None
             k = tr.step_k
             if main and (k % cfg.run.log_every == 0 or k == cfg.opt.steps):
                 now = time.time()
@@ -364,9 +434,7 @@ def train(cfg: RunConfig, device: str = "", on_checkpoint: Callable[[int, Path],
                 bar.set_postfix(loss=f"{rec['loss']:.4g}", N=rec["N"], img_s=f"{rec['img/s']:.0f}")
             if bar is not None:
                 bar.update(1)
-            if main and ((cfg.run.sample_every and k % cfg.run.sample_every == 0) or k == cfg.opt.steps):
-                write_grids(cfg, tr.emas[cfg.ema.for_eval()], shape, out, k)
-            if k % cfg.run.ckpt_every == 0 or k == cfg.opt.steps:
+            if k % cfg.run.ckpt_every == 0 or k == cfg.opt.steps:  # before the grids, which may fail
                 st = tr.state()  # every rank: gathers the RNG states
                 if main:
                     last_ckpt = checkpoints.save(out, st, cfg.run.keep_last)
@@ -374,6 +442,8 @@ def train(cfg: RunConfig, device: str = "", on_checkpoint: Callable[[int, Path],
                 last_ckpt = checkpoints.ckpt_path(out, k)
                 if on_checkpoint is not None:
                     on_checkpoint(k, last_ckpt)
+            if main and ((cfg.run.sample_every and k % cfg.run.sample_every == 0) or k == cfg.opt.steps):
+                write_grids(cfg, tr.emas[cfg.ema.for_eval()], shape, out, k)
         if main:
             checkpoints.export(out / "export.pt", tr.emas, cfg, tr.step_k)
         dist.barrier()
@@ -391,17 +461,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--preset", required=True, help="a name from full/presets.py (python -m full.presets)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume", action="store_true", help="same as run.resume=True")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a folder that holds an earlier run (deletes its checkpoints)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a checkpoint with other settings (e.g. more opt.steps, another opt.lr)")
     args, rest = p.parse_known_args(argv)
     try:
         cfg = resolve(args.preset, rest + (["run.resume=True"] if args.resume else []))
         if args.print_config:
             print(to_json(cfg))
             return
-        result = train(cfg)
+        full.parent_alive_or_exit()
+        result = train(cfg, allow_config_change=args.allow_config_change, overwrite=args.overwrite)
         dist.print0(f"done: step {result['step']}, loss {result['loss']}, checkpoint {result['checkpoint']}")
-    except (CMError, DatasetError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except CMError as e:
+        exit_on(e)
     finally:
         dist.cleanup()
 

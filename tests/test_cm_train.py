@@ -126,13 +126,17 @@ def test_corrupt_and_foreign_checkpoints(teacher, tmp_path):
     assert r.returncode != 0 and "must be an edm checkpoint" in r.stderr
 
 
-def test_nan_loss_stops_with_one_line(tmp_path):
+def test_nan_run_keeps_the_good_checkpoint(tmp_path):
+    """A run that resumes a good checkpoint and blows up (lr 1e39 makes the weights inf after one step)
+    stops with one line at its next checkpoint and leaves the good checkpoint byte for byte as it was."""
     cm.train(cm.Config(mode="ct", steps=10, out=str(tmp_path), **TINY))
     good = (tmp_path / "ckpt.pt").read_bytes()
-    r = run_cli("--mode", "ct", "--dataset", "toy", "--channels", "32", "--steps", "30", "--lr", "1e30",
-                "--batch-size", "64", "--out", str(tmp_path / "nan"), "--ckpt-every", "1000", cwd=tmp_path)
-    assert r.returncode != 0 and "loss is" in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    assert not (tmp_path / "nan" / "ckpt.pt").exists()  # nothing was written after the NaN
+    r = run_cli("--mode", "ct", "--dataset", "toy", "--channels", "32", "--batch-size", "64", "--log-every", "5",
+                "--device", "cpu", "--out", str(tmp_path), "--resume", "--allow-config-change",
+                "--steps", "30", "--lr", "1e39", "--ckpt-every", "1", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "non-finite weights at step 11" in r.stderr
+    assert f"the last good checkpoint is {tmp_path / 'ckpt.pt'}" in r.stderr
     assert (tmp_path / "ckpt.pt").read_bytes() == good
 
 

@@ -80,7 +80,7 @@ def test_torchrun_train_and_resume(tmp_path):
     assert (tmp_path / "ckpt-0000003.pt").is_file() and (tmp_path / "grid-1step-0000003.png").is_file()
     state = torch.load(tmp_path / "ckpt-0000003.pt", weights_only=True)
     assert len(state["rng"]["cpu"]) == 2 and state["data"]["world"] == 2 and state["data"]["batch"] == 8
-    p = subprocess.run(cmd + ["opt.steps=4"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    p = subprocess.run(cmd + ["opt.steps=4", "--allow-config-change"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=ENV)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed from" in p.stdout and "ckpt-0000003.pt" in p.stdout

@@ -4,6 +4,8 @@ The real TF-Inception weights cannot be downloaded here, so the pipeline runs wi
 projection standing in for Inception, and the real torch-fidelity network runs once with random
 weights saved to a file (wiring only: shapes, dtype, the --inception-weights path).
 """
+import contextlib
+import io
 import pickle
 import urllib.error
 
@@ -262,10 +264,11 @@ def test_make_ref_cifar10_via_torchvision(tmp_path, monkeypatch):
 
 
 def _exit_message(argv) -> str:
-    with pytest.raises(SystemExit) as info:
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as info, contextlib.redirect_stderr(err):
         ev.main(argv)
     assert info.value.code not in (0, None)
-    msg = str(info.value.code)
+    msg = err.getvalue().strip()
     assert msg.startswith("error: ") and "\n" not in msg
     return msg
 

@@ -184,7 +184,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
         run.mkdir()
         (run / "ckpt-0000002.pt").write_bytes(blob)  # tiny-ct (NCSN++) resuming from these
         msg = _main_error(capsys, "--preset", "tiny-ct", f"run.out={str(run)!r}", "opt.steps=3")
-        assert ("do not fit" if name == "another network" else "corrupt or truncated") in msg, msg
+        assert ("trained with other arch" if name == "another network" else "corrupt or truncated") in msg, msg
     assert "no checkpoint" in _main_error(capsys, "--preset", "tiny-cd", f"run.out={str(tmp_path)!r}",
                                           f"run.teacher={str(tmp_path / 'missing.pt')!r}")
     assert "no ckpt" in _main_error(capsys, "--preset", "tiny-ct", f"run.out={str(tmp_path / 'x')!r}",

@@ -69,7 +69,7 @@ def test_ts_convention(adm_export):
     assert full.sample.levels_from_args("0,17", "", 18, cfg) == [80.0]
     assert full.sample.levels_from_args("", "", 18, cfg) == [80.0]
     assert full.sample.levels_from_args("", "80,2.5", 18, cfg) == [80.0, 2.5]
-    with pytest.raises(ValueError):
+    with pytest.raises(cm.CMError):
         full.sample.levels_from_args("11,0", "", 18, cfg)
 
 

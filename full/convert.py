@@ -1,0 +1,62 @@
+"""python -m full.convert CHECKPOINT --out FILE.pt: any checkpoint full/ reads, as a full/ export file.
+
+    python -m full.convert cd-lpips/checkpoints/checkpoint_80 --out cd_cifar10_lpips.pt
+    python -m full.convert edm_cifar10_ema --out edm_cifar10.pt                 # the CD teacher
+    python -m full.convert ct-lpips/checkpoints --kind ct --out ct_cifar10_lpips.pt
+
+The paper's CIFAR-10 Flax checkpoints (full/flax_ckpt.py) are converted once, so that sampling, editing,
+FID and CD training read a plain torch file afterwards. `--kind` (edm | cd | ct) overrides the kind read off
+the file; `--resolution` / `--attn` place the attention layers of a non-CIFAR-10 NCSN++ (they are not
+visible in the weights). The export holds one EMA (the file's params_ema at its EMA rate), the config of
+the matching cifar10 preset and the step; an atomic write (cm.save_checkpoint).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from cm import CMError, exit_on, save_checkpoint
+from full import checkpoints
+from full.presets import CLIParser
+
+
+def convert(src: str | Path, out: str | Path, kind: str = "", resolution: int = 32,
+            attn: Sequence[int] = (16,)) -> dict:
+    """Read `src` (full/ file, Flax checkpoint file or folder) and write it to `out` as an export dict."""
+    from full import flax_ckpt
+    src = Path(src)
+    if flax_ckpt.is_flax(src):  # direct, for --resolution / --attn
+        state = flax_ckpt.import_flax(src, kind, resolution, tuple(attn))
+    else:
+        state = checkpoints.load(src, kind=kind)
+    f, _ = checkpoints.model_from_state(state, path=src)  # the weights must load before anything is written
+    export = {k: state[k] for k in ("ema", "config", "step", "format")} | {"export": True}
+    if "official" in state:
+        export["official"] = state["official"]
+    save_checkpoint(Path(out), export)
+    return export
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = CLIParser(description="Convert a checkpoint (e.g. the paper's CIFAR-10 Flax files) to a "
+                              "full/ export.")
+    p.add_argument("checkpoint", help="a Flax checkpoint_<N> file or its folder, or a full/ checkpoint")
+    p.add_argument("--out", required=True, help="the export file to write (.pt)")
+    p.add_argument("--kind", default="", choices=("", "edm", "cd", "ct"),
+                   help="edm (the EDM teacher, a denoiser) | cd | ct (CM students); default: inferred")
+    p.add_argument("--resolution", type=int, default=32, help="image size (CIFAR-10: 32)")
+    p.add_argument("--attn", default="16", help="resolutions with attention, comma-separated (CIFAR-10: 16)")
+    args = p.parse_args(argv)
+    try:
+        attn = tuple(int(a) for a in args.attn.split(",") if a)
+        state = convert(args.checkpoint, args.out, args.kind, args.resolution, attn)
+        info = state.get("official", {})
+        how = f" ({info['kind']}: {info['kind_from']})" if info else ""
+        n = sum(v.numel() for v in next(iter(state["ema"].values())).values())
+        print(f"wrote {args.out}: {state['config']['preset']}{how}, step {state['step']}, {n:,} values")
+    except CMError as e:
+        exit_on(e)
+
+
+if __name__ == "__main__":
+    main()
