@@ -155,6 +155,20 @@ def test_ict_ect_train_end_to_end_with_shared_dropout(mode, tmp_path):
     assert (tmp_path / "1-step_000008.png").is_file() and (tmp_path / "2-step_000008.png").is_file()
 
 
+@pytest.mark.slow
+def test_ict_ablations_run_and_ect_starts_at_the_teacher(tmp_path):
+    tiny = dict(dataset="toy", channels=32, batch_size=32, ckpt_every=10, device="cpu")
+    rows = cm.train(cm.Config(mode="ict", steps=3, ablate="weight,lognormal,doubling", out=str(tmp_path / "a"),
+                              **tiny))
+    assert all(np.isfinite(v) for v in rows.values())
+    cm.train(cm.Config(mode="edm", steps=3, out=str(tmp_path / "edm"), **tiny))
+    teacher = tmp_path / "edm" / "ckpt.pt"
+    cm.train(cm.Config(mode="ect", steps=1, teacher=str(teacher), lr=1e-30, out=str(tmp_path / "ect"), **tiny))
+    t, e = torch.load(teacher, weights_only=True), torch.load(tmp_path / "ect" / "ckpt.pt", weights_only=True)
+    # ECT tunes EDM's denoiser itself: θ starts at the teacher's EMA weights (a 1e-30 step leaves them there)
+    assert all(torch.allclose(e["model"][k], v, atol=1e-20) for k, v in t["ema"].items())
+
+
 def test_shared_dropout_replays_the_mask():
     drop = torch.nn.Dropout(0.5).train()
     share = cm.SharedDropout(torch.device("cpu"))
