@@ -2,6 +2,7 @@
 
     python cm.py                                  # CD on 8x8 digits (EDM teacher, then CD), CPU, minutes
     python cm.py --mode ct                        # CT on the digits: no teacher at all
+    python cm.py --mode ict                       # improved CT [iCT]; --mode ect tunes the teacher [ECT]
     python cm.py --dataset toy --mode edm         # EDM teacher on a 2-D ring, then:
     python cm.py --dataset toy --mode cd --teacher runs/toy-edm/ckpt.pt
     python cm.py --mode ct --dataset cifar10      # the real thing (use a GPU)
@@ -12,6 +13,8 @@ References
     [EDM] Karras, Aittala, Aila, Laine. Elucidating the Design Space of Diffusion-Based Generative
           Models. NeurIPS 2022, arXiv:2206.00364.
     [iCT] Song, Dhariwal. Improved Techniques for Training Consistency Models. arXiv:2310.14189.
+    [ECT] Geng, Pokle, Luo, Lin, Kolter. Consistency Models Made Easy. arXiv:2406.14548 (code:
+          github.com/locuslab/ect, whose defaults and run_ecm.sh give ECT's constants here).
 
 Notation (code name = paper symbol)
     sigma       t (noise level; the PF ODE of [EDM] has x_t = x + t z, so t is also the std)
@@ -24,7 +27,7 @@ Notation (code name = paper symbol)
     ema         the evaluation EMA (a separate average used for sampling), never the target
     k, K        training step and total steps; s0, s1, mu0 the curriculum constants [CM App. C]
 
-Sections: 1 config · 2 noise levels · 3 parameterization · 4 networks · 5 ODE steps · 6 losses ·
+Sections: 1 config · 2 noise levels · 3 parameterization · 4 networks · 5 ODE steps · 6 losses (6b iCT, ECT) ·
 7 samplers · 8 target & EMA · 9 data · 10 checkpoints · 11 training · 12 command line.
 Importing this module has no side effects; everything runs from main().
 """
@@ -70,11 +73,11 @@ def exit_on(e: CMError):
 @dataclass
 class Config:
     # what to train
-    mode: str = "cd"                # cd (distillation) | ct (consistency training) | edm (the teacher)
+    mode: str = "cd"                # cd (distillation) | ct (consistency training) | ict | ect | edm
     dataset: str = "digits"         # toy (2-D ring) | digits (8x8, scikit-learn) | cifar10 (torchvision)
     data_dir: str = "data"          # where cifar10 lives / is downloaded to
-    teacher: str = ""               # cd: an edm checkpoint ('' -> train one into <out>/teacher first)
-    teacher_steps: int = 0          # cd without --teacher: the teacher's steps (0 -> the edm default)
+    teacher: str = ""               # cd, ect: an edm checkpoint ('' -> train one into <out>/teacher first)
+    teacher_steps: int = 0          # cd, ect without --teacher: the teacher's steps (0 -> the edm default)
     out: str = ""                   # run folder; default runs/<dataset>-<mode>
     # the math [CM Sec. 4, App. C]
     sigma_min: float = 0.002        # epsilon
@@ -82,19 +85,24 @@ class Config:
     sigma_data: float = 0.5         # data std used by the scalings
     rho: float = 7.0                # Karras grid exponent
     N: int = 18                     # cd: number of grid points (N = 18 for CIFAR-10, Heun teacher)
-    s0: int = 2                     # ct: initial discretization steps
-    s1: int = 0                     # ct: final discretization steps (0 -> per-dataset default)
+    s0: int = 0                     # ct, ict: initial discretization steps (0 -> per-dataset default)
+    s1: int = 0                     # ct, ict: final discretization steps (0 -> per-dataset default)
     mu0: float = 0.9                # ct: initial target EMA rate mu(0)
     mu_rule: str = ""               # ct: mu(k) divides by N(k)-1 'code' (official runs) | N(k) 'paper'
-    mu: float = 0.0                 # cd: constant target EMA rate (0 for CIFAR-10 in [CM Tab. 3])
-    metric: str = ""                # l2 | l1 | lpips | pseudo_huber ('' -> per-dataset default)
+    mu: float = 0.0                 # cd, ict, ect: constant target EMA rate (0 for CIFAR-10 in [CM Tab. 3])
+    P_mean: float = -1.1            # ict, ect: ln t ~ N(P_mean, P_std²) [iCT Sec. 3.5; ECT code defaults]
+    P_std: float = 2.0
+    q: float = 2.0                  # ect: the gap t - r shrinks by q per stage [ECT code default]
+    stage_steps: int = 0            # ect: steps per stage (0 -> steps/8: 25k of 200k in ECT's CIFAR-10 run)
+    ablate: str = ""                # ict: pieces switched back to CT's, any of weight,lognormal,doubling
+    metric: str = ""                # l2 | l1 | lpips | lpips_piq | pseudo_huber | l2_norm ('' -> per-dataset)
     # optimisation
     steps: int = 0                  # training steps K (0 -> per-dataset and per-mode default)
     batch_size: int = 0             # (0 -> per-dataset default)
     lr: float = 0.0                 # RAdam (cm) / Adam (edm) learning rate (0 -> per-dataset default)
     ema: float = 0.999              # evaluation EMA rate (with a (1+k)/(10+k) warm-up)
     channels: int = 0               # network width (0 -> per-dataset default)
-    dropout: float = 0.0            # dropout in the network
+    dropout: float = -1.0           # dropout in the network (-1 -> per-dataset default)
     precision: str = "fp32"         # fp32 | bf16 (autocast of F only; c_skip x stays in fp32)
     init_from_teacher: bool = True  # cd: start f_theta from the teacher's weights (as the official runs)
     # output
@@ -107,38 +115,52 @@ class Config:
     ckpt_every: int = 500           # steps between checkpoints
     ts: str = ""                    # two-step sampling levels, official index convention ('' -> default)
     grid_steps: int = 18            # the grid size N the ts indices refer to
+    mid_t: float = 0.0              # ict, ect: two-step level without --ts (0 -> per-dataset default)
     device: str = ""                # '' -> cuda if available, else cpu
     resume: bool = False            # continue from <out>/ckpt.pt if it exists
     overwrite: bool = False         # start afresh in a folder that holds a run (its ckpt.pt is replaced)
     allow_config_change: bool = False  # resume with other settings (e.g. more --steps, another --lr)
 
 
-# Per-dataset defaults for the fields left at 0 / ''. Chosen so `python cm.py` ends in minutes on a CPU.
-# mu_rule: cifar10 follows the official runs; the short CPU runs keep the paper's text (README's numbers).
+# Per-dataset defaults for the fields left at 0 / '' / -1; a dict gives one value per mode ("*": the rest).
+# Chosen so `python cm.py` ends in minutes on a CPU; cifar10 keeps the papers' values. mu_rule: cifar10
+# follows the official runs; the short CPU runs keep the paper's text (README's numbers).
 DEFAULTS = {
-    "toy":     dict(steps=dict(edm=4000, cd=4000, ct=6000), batch_size=512, lr=1e-3, channels=256,
-                    metric="l2", s1=80, mu_rule="paper"),
-    "digits":  dict(steps=dict(edm=1500, cd=800, ct=3000), batch_size=128, lr=2e-4, channels=32,
-                    metric="l2", s1=40, mu_rule="paper"),
-    "cifar10": dict(steps=dict(edm=390_625, cd=800_000, ct=800_000), batch_size=512, lr=4e-4,
-                    channels=128, metric="lpips", s1=150, mu_rule="code"),  # edm: 200M images, batch 512
+    "toy":     dict(steps=dict(edm=4000, cd=4000, ct=6000, ict=6000, ect=4000), batch_size=512, channels=256,
+                    lr=1e-3, metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "l2"}), mu_rule="paper",
+                    s0=dict(ict=10, **{"*": 2}), s1=80, mid_t=1.0, dropout=0.0),
+    "digits":  dict(steps=dict(edm=1500, cd=800, ct=3000, ict=3000, ect=1500), batch_size=128, channels=32,
+                    lr=2e-4, metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "l2"}), mu_rule="paper",
+                    s0=dict(ict=10, **{"*": 2}), s1=dict(ict=160, **{"*": 40}), mid_t=1.0, dropout=0.0),
+    # [CM Tab. 3] for cd/ct; edm: EDM's 200M images at batch 512. ict [iCT Sec. 3-5]: batch 1024, lr 1e-4,
+    # s0 10, s1 1280, pseudo-Huber, dropout 0.3, two steps at 0.821 (400k steps: iCT App., not re-checked
+    # here). ect (locuslab/ect run_ecm.sh): batch 128, lr 1e-4, dropout 0.2, 25.6M images = 200k steps,
+    # a stage every 250 ticks of 12.8k images = 25k steps, ‖·‖₂ (c = 0), mid_t 0.821 (ct_train.py).
+    "cifar10": dict(steps=dict(edm=390_625, cd=800_000, ct=800_000, ict=400_000, ect=200_000),
+                    batch_size=dict(ict=1024, ect=128, **{"*": 512}), channels=128, mu_rule="code",
+                    lr=dict(ict=1e-4, ect=1e-4, **{"*": 4e-4}),
+                    metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "lpips"}),
+                    s0=dict(ict=10, **{"*": 2}), s1=dict(ict=1280, **{"*": 150}), mid_t=0.821,
+                    dropout=dict(ict=0.3, ect=0.2, **{"*": 0.0})),
 }
+MODES = ("cd", "ct", "ict", "ect", "edm")
 
 
 def resolve(cfg: Config) -> Config:
     """Fill the per-dataset defaults and check every field; bad values raise CMError."""
     if cfg.dataset not in DEFAULTS:
         raise CMError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DEFAULTS)}")
-    if cfg.mode not in ("ct", "cd", "edm"):
-        raise CMError(f"unknown mode {cfg.mode!r}; choose ct, cd or edm")
+    if cfg.mode not in MODES:
+        raise CMError(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     cfg = dataclasses.replace(cfg)
     for k, v in DEFAULTS[cfg.dataset].items():
-        if not getattr(cfg, k):
-            setattr(cfg, k, v[cfg.mode] if k == "steps" else v)
+        if getattr(cfg, k) in ((-1,) if k == "dropout" else (0, "")):
+            setattr(cfg, k, v.get(cfg.mode, v.get("*")) if isinstance(v, dict) else v)
     cfg.out = cfg.out or f"runs/{cfg.dataset}-{cfg.mode}"
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise CMError(f"--out {cfg.out} is a file, not a folder")
     cfg.sample_every = cfg.sample_every or max(cfg.steps // 4, 1)
+    cfg.stage_steps = cfg.stage_steps or max(cfg.steps // 8, 1)
     if cfg.metric not in METRICS:
         raise CMError(f"unknown metric {cfg.metric!r}; choose one of {', '.join(METRICS)}")
     if cfg.mu_rule not in MU_RULES:
@@ -155,6 +177,10 @@ def resolve(cfg: Config) -> Config:
                sigma_data=cfg.sigma_data, rho=cfg.rho, mu=cfg.mu, mu0=cfg.mu0, ema=[cfg.ema])
     if not (math.isfinite(cfg.lr) and cfg.lr > 0 and 0 <= cfg.dropout < 1):
         raise CMError(f"need a finite lr > 0 and 0 <= dropout < 1 (got lr={cfg.lr}, dropout={cfg.dropout})")
+    if cfg.stage_steps < 1 or cfg.q <= 1 or cfg.P_std <= 0 or cfg.mid_t <= 0:
+        raise CMError("need stage-steps >= 1, q > 1, P-std > 0 and mid-t > 0")
+    if set(filter(None, cfg.ablate.split(","))) - {"weight", "lognormal", "doubling"}:
+        raise CMError(f"unknown --ablate {cfg.ablate!r}; choose from weight, lognormal, doubling")
     try:
         two_step_levels(cfg)  # a bad --ts fails now, not after the first sample_every steps
     except ValueError as e:
@@ -449,17 +475,27 @@ def l1(x: Tensor, y: Tensor) -> Tensor:
     return (x - y).abs().flatten(1).mean(1)
 
 
-def pseudo_huber(x: Tensor, y: Tensor) -> Tensor:
-    """√(‖x - y‖² + c²) - c with c = 0.00054·√dim.  [iCT Sec. 3.3]"""
-    c = 0.00054 * math.sqrt(x[0].numel())
+def pseudo_huber(x: Tensor, y: Tensor, c: float | None = None) -> Tensor:
+    """√(‖x - y‖² + c²) - c, by default c = 0.00054·√dim (0.03 for CIFAR-10).  [iCT Sec. 3.3]
+
+    ≈ ‖x - y‖²/(2c) for ‖x - y‖ ≪ c and ≈ ‖x - y‖ - c for ‖x - y‖ ≫ c; c = 0 is the L2 norm."""
+    c = 0.00054 * math.sqrt(x[0].numel()) if c is None else c
     return ((x - y).pow(2).flatten(1).sum(1) + c ** 2).sqrt() - c
+
+
+def l2_norm(x: Tensor, y: Tensor) -> Tensor:
+    """‖x - y‖₂, pseudo-Huber with c = 0: ECT's CIFAR-10 metric (its code's default c = 0).  [ECT Sec. 3]"""
+    return pseudo_huber(x, y, 0.0)
 
 
 class LPIPS(nn.Module):
     """LPIPS(VGG) with inputs upsampled bilinearly to 224x224, images in [-1, 1].  [CM Sec. 5, App. C]
 
+    The `lpips` package's network (max pooling), as the official CIFAR-10 (JAX) runs used it.
     `pretrained_backbone=False` gives a randomly initialised VGG (offline tests); the linear
     calibration layers ship inside the `lpips` package, the VGG16 weights are downloaded once."""
+
+    avg_pool = False  # PiqLPIPS: average pooling, and no resize from 256 pixels up
 
     def __init__(self, pretrained_backbone: bool = True):
         super().__init__()
@@ -471,38 +507,67 @@ class LPIPS(nn.Module):
         except Exception as e:  # no package, or no internet for the VGG16 weights
             raise CMError(f"LPIPS(VGG) is unavailable ({type(e).__name__}: {str(e)[:80]}); "
                           "use --metric l2 (or pip install lpips and allow the VGG16 download)") from e
+        for block in self.net.net.children() if self.avg_pool else ():
+            for name, layer in block.named_children():
+                if isinstance(layer, nn.MaxPool2d):
+                    setattr(block, name, nn.AvgPool2d(2, 2))
         self.net.eval().requires_grad_(False)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         if x.shape[1] == 1:  # grey images: repeat to RGB
             x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
-        x, y = (F.interpolate(v.float(), size=224, mode="bilinear", align_corners=False) for v in (x, y))
-        return self.net(x, y).flatten(1).mean(1)
+        if not self.avg_pool or x.shape[-1] < 256:
+            x, y = (F.interpolate(v.float(), size=224, mode="bilinear", align_corners=False) for v in (x, y))
+        return self.net(x.float(), y.float()).flatten(1).mean(1)
 
 
-METRICS = {"l2": l2, "l1": l1, "pseudo_huber": pseudo_huber, "lpips": LPIPS}
+class PiqLPIPS(LPIPS):
+    """piq's LPIPS(replace_pooling=True), as the official ImageNet-64 / LSUN-256 runs used it.
+
+    The same VGG16 features and calibration with average instead of max pooling, and a resize to 224
+    only for images below 256 pixels. piq standardises (x + 1)/2 by the ImageNet mean and std, which is
+    exactly the `lpips` scaling layer on x in [-1, 1], so the inputs stay in [-1, 1] here."""
+
+    avg_pool = True
 
 
-def _draw(x: Tensor, N: int, n: Tensor | None, z: Tensor | None):
-    """n ~ U{1, ..., N-1} (0-based: t_n = sigmas[n], t_{n+1} = sigmas[n+1]) and z ~ N(0, I)."""
-    n = torch.randint(0, N - 1, (x.shape[0],), device=x.device) if n is None else n
+METRICS = {"l2": l2, "l1": l1, "pseudo_huber": pseudo_huber, "l2_norm": l2_norm, "lpips": LPIPS,
+           "lpips_piq": PiqLPIPS}
+
+
+def _draw(x: Tensor, N: int, n: Tensor | None, z: Tensor | None, index_probs: Tensor | None = None):
+    """n ~ U{1, ..., N-1} or index_probs (0-based: t_n = sigmas[n], t_{n+1} = sigmas[n+1]); z ~ N(0, I)."""
+    if n is None:
+        n = (torch.randint(0, N - 1, (x.shape[0],)) if index_probs is None else
+             torch.multinomial(index_probs.float().cpu(), x.shape[0], replacement=True)).to(x.device)
     return n, torch.randn_like(x) if z is None else z
 
 
-def ct_loss(f: Callable, f_target: Callable, x: Tensor, sigmas: Tensor, metric: Callable = l2,
-            n: Tensor | None = None, z: Tensor | None = None, weight: Callable | None = None) -> Tensor:
-    """E[λ(t_n) d(f_θ(x + t_{n+1} z, t_{n+1}), f_θ⁻(x + t_n z, t_n))], the same z in both.  [CM Alg. 3]
+def consistency_loss(f: Callable, f_target: Callable, x: Tensor, t: Tensor, r: Tensor, z: Tensor,
+                     metric: Callable = l2, weight: Callable | None = None) -> Tensor:
+    """E[λ(r, t) d(f_θ(x + t z, t), f_θ⁻(x + r z, r))], r < t, the same z in both; f(·, 0) := x.
 
-    The data point x stands in for the denoiser: one Euler step of the PF ODE from x + t_{n+1} z
-    with D = x lands on x + t_n z [CM Thm. 2]. λ ≡ 1 unless `weight(t_n, t_{n+1})` is given."""
-    n, z = _draw(x, len(sigmas), n, z)
-    sigmas = sigmas.to(x.device, x.dtype)
-    t, t_next = sigmas[n], sigmas[n + 1]  # (B,), (B,)
-    online = f(x + append_dims(t_next, x.ndim) * z, t_next)
+    The data point x stands in for the denoiser: one Euler step of the PF ODE from x + t z with
+    D = x lands on x + r z [CM Thm. 2]. Every consistency-training recipe here is this loss with its
+    own draw of (t, r), its weighting λ (≡ 1 unless given) and its metric d. At r = 0 the target is
+    x itself (the boundary condition of [ECT Sec. 3], where the net is EDM's denoiser)."""
+    online = f(x + append_dims(t, x.ndim) * z, t)
     with torch.no_grad():
-        target = f_target(x + append_dims(t, x.ndim) * z, t)
-    lam = 1.0 if weight is None else weight(t, t_next)
+        live = append_dims(r > 0, x.ndim)
+        target = torch.where(live, f_target(x + append_dims(r, x.ndim) * z, torch.where(r > 0, r, t)), x)
+    lam = 1.0 if weight is None else weight(r, t)
     return (lam * metric(online, target)).mean()
+
+
+def ct_loss(f: Callable, f_target: Callable, x: Tensor, sigmas: Tensor, metric: Callable = l2,
+            n: Tensor | None = None, z: Tensor | None = None, weight: Callable | None = None,
+            index_probs: Tensor | None = None) -> Tensor:
+    """E[λ(t_n, t_{n+1}) d(f_θ(x + t_{n+1} z, t_{n+1}), f_θ⁻(x + t_n z, t_n))].  [CM Alg. 3]
+
+    n ~ U{1..N-1} as in [CM], or from `index_probs` (iCT's lognormal_index_probs)."""
+    n, z = _draw(x, len(sigmas), n, z, index_probs)
+    sigmas = sigmas.to(x.device, x.dtype)
+    return consistency_loss(f, f_target, x, sigmas[n + 1], sigmas[n], z, metric, weight)
 
 
 def cd_loss(f: Callable, f_target: Callable, teacher: Callable, x: Tensor, sigmas: Tensor,
@@ -528,6 +593,89 @@ def edm_loss(D: Callable, x: Tensor, sigma: Tensor | None = None, z: Tensor | No
     z = torch.randn_like(x) if z is None else z
     lam = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
     return (lam * l2(D(x + append_dims(sigma, x.ndim) * z, sigma), x)).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# 6b. Improved recipes: iCT (from data, no teacher) and ECT (tuning a diffusion model). Each piece is
+#     one function; both recipes are consistency_loss with their own (t, r), λ and d, and μ = 0.
+
+
+def ict_num_steps(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
+    """N(k) = min(s0·2^⌊k/K'⌋, s1) + 1, K' = ⌊K / (log₂⌊s1/s0⌋ + 1)⌋: N doubles every K' steps.
+
+    [iCT Sec. 3.4]; with s0 10, s1 1280: N = 11, 21, ..., 1281, eight stages of K' steps."""
+    K_ = max(K // (math.floor(math.log2(s1 // s0)) + 1), 1)
+    return min(s0 * 2 ** min(max(k, 0) // K_, 62), s1) + 1
+
+
+def lognormal_index_probs(sigmas: Tensor, P_mean: float = -1.1, P_std: float = 2.0) -> Tensor:
+    """p(n) ∝ erf((ln t_{n+1} - P_mean)/(√2 P_std)) - erf((ln t_n - P_mean)/(√2 P_std)), n = 1..N-1:
+    the lognormal mass between neighbouring levels (P_mean -1.1, P_std 2.0).  [iCT Sec. 3.5]"""
+    cdf = torch.erf((sigmas.double().log() - P_mean) / (math.sqrt(2) * P_std))
+    p = cdf[1:] - cdf[:-1]
+    return p / p.sum()
+
+
+def gap_weight(r: Tensor, t: Tensor) -> Tensor:
+    """λ = 1 / (t - r): iCT's 1/(t_{n+1} - t_n) [iCT Sec. 3.1] and ECT's 1/(t - r) [ECT Sec. 3]."""
+    return 1 / (t - r)
+
+
+def ect_r(t: Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> Tensor:
+    """r(t) = max(t·(1 - q^(-a)·n(t)), 0), n(t) = 1 + k·sigmoid(-b t), a the stage.  [ECT Sec. 3]
+
+    r < t, and the gap t - r = t·min(1, q^(-a) n(t)) shrinks by q per stage. At a = 0, n ≥ 1 gives
+    r = 0: the diffusion objective. The official code (training/loss.py: q 2, k 8, b 1) starts
+    tuning at its stage 0, which is our a = 1 (it raises q to the stage + 1)."""
+    return (t * (1 - q ** -stage * (1 + k * torch.sigmoid(-b * t)))).clamp(min=0)
+
+
+def ect_loss(f: Callable, f_target: Callable, x: Tensor, stage: int, metric: Callable = l2_norm,
+             t: Tensor | None = None, z: Tensor | None = None, P_mean: float = -1.1, P_std: float = 2.0,
+             q: float = 2.0) -> Tensor:
+    """ln t ~ N(P_mean, P_std²) in continuous time, r = r(t), λ = 1/(t - r).  [ECT Sec. 3]
+
+    f is EDM's denoiser D (ε = 0) initialised from the teacher; f_target is f under stop-gradient."""
+    if t is None:
+        t = (P_mean + P_std * torch.randn(x.shape[0])).exp().to(x.device, x.dtype)
+    z = torch.randn_like(x) if z is None else z
+    return consistency_loss(f, f_target, x, t, ect_r(t, stage, q), z, metric, gap_weight)
+
+
+class SharedDropout:
+    """Wrap the online pass, then the target pass: the second replays the RNG state (CPU and CUDA) the
+    first saw, so both draw the same dropout masks.  [iCT Sec. 3.1; ECT training/loss.py]"""
+
+    def __init__(self, device: torch.device):
+        self.devices, self.state = ([device] if device.type == "cuda" else []), None
+
+    def wrap(self, fn: Callable) -> Callable:
+        def call(*args, **kwargs):
+            if self.state is None:
+                self.state = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.devices])
+                return fn(*args, **kwargs)
+            with torch.random.fork_rng(devices=self.devices):
+                torch.set_rng_state(self.state[0])
+                for d, s in zip(self.devices, self.state[1]):
+                    torch.cuda.set_rng_state(s, d)
+                return fn(*args, **kwargs)
+        return call
+
+
+def improved_loss(cfg: Config, k: int, f: Callable, f_target: Callable, x: Tensor, z: Tensor,
+                  metric: Callable) -> tuple[Tensor, int, float]:
+    """(loss, N, μ) of --mode ict or ect at step k (N is the stage a = 1 + ⌊k / stage_steps⌋ for ECT).
+    μ = cfg.mu = 0 [iCT Sec. 3.2]; --ablate switches iCT pieces back to CT's (for ablations)."""
+    if cfg.mode == "ect":
+        a = 1 + k // cfg.stage_steps
+        loss = ect_loss(f, f_target, x, a, metric, z=z, P_mean=cfg.P_mean, P_std=cfg.P_std, q=cfg.q)
+        return loss, a, cfg.mu
+    off = cfg.ablate.split(",")
+    N = (ct_num_steps if "doubling" in off else ict_num_steps)(k, cfg.steps, cfg.s0, cfg.s1)
+    sigmas = karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+    probs = None if "lognormal" in off else lognormal_index_probs(sigmas, cfg.P_mean, cfg.P_std)
+    weight = None if "weight" in off else gap_weight
+    return ct_loss(f, f_target, x, sigmas, metric, z=z, weight=weight, index_probs=probs), N, cfg.mu
 
 
 # ----------------------------------------------------------------------------------------------
@@ -755,7 +903,7 @@ def model_from_checkpoint(state: dict, key: str = "ema") -> tuple[ConsistencyFun
     try:
         cfg = config_of(state)
         net = make_net(cfg, state["shape"])
-        model = ConsistencyFunction(net, cfg.sigma_data, 0.0 if cfg.mode == "edm" else cfg.sigma_min)
+        model = ConsistencyFunction(net, cfg.sigma_data, 0.0 if cfg.mode in ("edm", "ect") else cfg.sigma_min)
         model.load_state_dict(state[key])
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise CMError(f"checkpoint weights do not match its network ({type(e).__name__})") from e
@@ -775,7 +923,10 @@ def energy_distance(x: Tensor, y: Tensor) -> float:
 
 def two_step_levels(cfg: Config) -> list[float]:
     """Levels for the two-step grid: --ts, else the official CIFAR-10 CD choice 0,11,17 of 18
-    for cd, and 0,8,17 of 18 (τ₂ ≈ 3.3) for ct, whose short runs learn low levels best."""
+    for cd, and 0,8,17 of 18 (τ₂ ≈ 3.3) for ct, whose short runs learn low levels best; T, mid_t for
+    ict and ect (0.821 on CIFAR-10 in both papers' two-step samplers)."""
+    if cfg.mode in ("ict", "ect") and not cfg.ts:
+        return [cfg.sigma_max, cfg.mid_t]
     ts = [int(i) for i in cfg.ts.split(",")] if cfg.ts else ([0, 11, 17] if cfg.mode == "cd" else [0, 8, 17])
     return ts_to_sigmas(ts, cfg.grid_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
 
@@ -818,10 +969,11 @@ RUN_FIELDS = dict(common=("mode", "dataset", "channels", "steps", "batch_size", 
 
 def train(cfg: Config) -> dict:
     """Train one mode; returns the final two-sample distances. Resumes from out/ckpt.pt if asked."""
-    cfg = resolve(cfg)
+    cfg, asked = resolve(cfg), cfg
     dev = pick_device(cfg.device)
-    if cfg.mode == "cd" and not cfg.teacher:  # CD needs a teacher: train one first, or reuse a finished one
-        tcfg = resolve(dataclasses.replace(cfg, mode="edm", out=f"{cfg.out}/teacher", steps=cfg.teacher_steps,
+    if cfg.mode in ("cd", "ect") and not cfg.teacher:  # a teacher first, or reuse a finished one
+        tcfg = resolve(dataclasses.replace(asked, mode="edm", out=f"{cfg.out}/teacher",  # not ect's lr etc.
+                                           steps=cfg.teacher_steps,
                                            sample_every=0, resume=True))
         cfg.teacher = f"{tcfg.out}/ckpt.pt"
         if not finished(cfg.teacher, tcfg.steps):
@@ -871,22 +1023,23 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
     data = load_data(cfg)
     shape = (2,) if data is None else tuple(data.shape[1:])
     teacher = None
-    if cfg.mode == "cd":
+    if cfg.mode in ("cd", "ect"):
         teacher, tcfg = model_from_checkpoint(load_checkpoint(cfg.teacher))
         if tcfg.mode != "edm" or tcfg.dataset != cfg.dataset:
             raise CMError(f"--teacher must be an edm checkpoint of {cfg.dataset} "
                           f"(got mode {tcfg.mode}, dataset {tcfg.dataset})")
         cfg.channels, teacher = tcfg.channels, teacher.to(dev)
-    model = ConsistencyFunction(make_net(cfg, shape), cfg.sigma_data,
-                                0.0 if cfg.mode == "edm" else cfg.sigma_min).to(dev)
-    if teacher is not None and cfg.init_from_teacher:
+    model = ConsistencyFunction(make_net(cfg, shape), cfg.sigma_data,  # ECT tunes EDM's D: ε = 0
+                                0.0 if cfg.mode in ("edm", "ect") else cfg.sigma_min).to(dev)
+    if teacher is not None and (cfg.init_from_teacher or cfg.mode == "ect"):
         model.net.load_state_dict(teacher.net.state_dict())
     # θ⁻ and the evaluation EMA run in eval mode: with --dropout the target sees no dropout (the official
     # code shares the online net's masks instead, as full/train.py does)
     target = copy.deepcopy(model).requires_grad_(False).eval()  # θ⁻ (unused by edm)
+    target.train(cfg.mode in ("ict", "ect") and cfg.dropout > 0)  # iCT, ECT: replays the online masks
     ema = copy.deepcopy(model).requires_grad_(False).eval()     # evaluation EMA
     opt = (torch.optim.Adam if cfg.mode == "edm" else torch.optim.RAdam)(model.parameters(), lr=cfg.lr)
-    metric = METRICS[cfg.metric]() if cfg.metric == "lpips" else METRICS[cfg.metric]
+    metric = METRICS[cfg.metric]() if cfg.metric.startswith("lpips") else METRICS[cfg.metric]
     metric = metric.to(dev) if isinstance(metric, nn.Module) else metric
     if state is not None:
         for name, m in (("model", model), ("target", target), ("ema", ema), ("opt", opt)):
@@ -951,7 +1104,10 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
                 N, mu = cfg.N, cfg.mu
             n = torch.randint(0, N - 1, (len(x),)).to(dev)
             sigmas = karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)  # t_1 < ... < t_N at this k
-            if cfg.mode == "edm":
+            if cfg.mode in ("ict", "ect"):  # section 6b
+                share = SharedDropout(dev)
+                loss, N, mu = improved_loss(cfg, step, share.wrap(f), share.wrap(f_target), x, z, metric)
+            elif cfg.mode == "edm":
                 sigma = (EDM_P_MEAN + EDM_P_STD * torch.randn(len(x))).exp().to(dev)
                 loss = edm_loss(f, x, sigma=sigma, z=z, sigma_data=cfg.sigma_data)
             elif cfg.mode == "ct":
@@ -1024,23 +1180,30 @@ def write_grids(model: nn.Module, cfg: Config, shape: Sequence[int], out: Path, 
 
 
 def report(model: nn.Module, cfg: Config, data: Tensor | None, shape, teacher=None) -> dict:
-    """Energy distance to fresh data of each sampler, beside data against data (the floor)."""
+    """Energy distance to fresh data of each sampler, beside data against data (the floor); on the
+    digits also the Fréchet distance of a small classifier's features (full/evaluate.py, no download)."""
     n = 2000 if data is None else min(1000, len(data) // 2)
     g = torch.Generator().manual_seed(cfg.seed + 123)
     def real():
         return toy_ring(n, g) if data is None else data[torch.randperm(len(data), generator=g)[:n]]
-    rows = {"data vs data (floor)": energy_distance(real(), real())}
-    hows = ["heun"] if cfg.mode == "edm" else ["1-step", "2-step"]
-    for how in hows:
-        rows[{"heun": "EDM Heun, 18 levels (35 NFE)"}.get(how, how)] = energy_distance(
-            generate(model, cfg, shape, n, cfg.seed + 7, how).cpu(), real())
+    samples = {"data vs data (floor)": real()}
+    for how in ["heun"] if cfg.mode == "edm" else ["1-step", "2-step"]:
+        name = {"heun": "EDM Heun, 18 levels (35 NFE)"}.get(how, how)
+        samples[name] = generate(model, cfg, shape, n, cfg.seed + 7, how).cpu()
     if teacher is not None:
-        rows["teacher Heun, 18 levels (35 NFE)"] = energy_distance(
-            generate(teacher, cfg, shape, n, cfg.seed + 7, "heun").cpu(), real())
-    print(f"\nenergy distance to fresh data ({n} samples each, {cfg.dataset}, {cfg.mode}):")
+        samples["teacher Heun, 18 levels (35 NFE)"] = generate(teacher, cfg, shape, n, cfg.seed + 7,
+                                                               "heun").cpu()
+    rows = {k: energy_distance(v, real()) for k, v in samples.items()}
+    fd = {}
+    if cfg.dataset == "digits":
+        from full.evaluate import digits_classifier, digits_feature_distance
+        net = digits_classifier()
+        fd = {k: digits_feature_distance(v, real(), net) for k, v in samples.items()}
+    print(f"\ndistance to fresh data ({n} samples each, {cfg.dataset}, {cfg.mode}): energy"
+          + ", feature Fréchet" * bool(fd))
     for k, v in rows.items():
-        print(f"  {k:34s} {v:.4f}")
-    return rows
+        print(f"  {k:34s} {v:8.4f}" + (f"  {fd[k]:8.2f}" if fd else ""))
+    return rows | {f"{k} [feature FD]": v for k, v in fd.items()}
 
 
 # ----------------------------------------------------------------------------------------------

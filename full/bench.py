@@ -28,6 +28,17 @@ measured within one round, stay fair. Each timed call ends with a CUDA synchroni
 Memory: on CUDA, the peak of torch.cuda.max_memory_allocated during a step above what was allocated
 before it, plus the recipe's own state (weights, grads, optimiser state, target, EMA, teacher). On a
 CPU the step's part is the size of the tensors saved for backward (a lower bound; no allocator stats).
+
+    python -m full.bench --loss-error --net ncsnpp-tiny --precision bf16,fp16   # precision vs fp32
+    python -m full.bench --loss-error --checkpoint runs/tiny-cd/export.pt --teacher runs/tiny-edm/export.pt
+
+--loss-error evaluates cm.ct_loss and cm.cd_loss (l2, Heun teacher) on one fixed batch (x, n, z) at each
+grid size N (--grids, default 18,150,201), in fp32 and under autocast (fp16 with GradScaler's initial
+loss scale 2^16), and reports the relative change of the loss and of the full gradient against fp32
+(and the gradients' cosine). The networks are --net's with random weights, every parameter perturbed by
+0.1 N(0, 1) so that no output layer is zero (the teacher: a second such network read as a denoiser), on
+uniform noise images; or, with --checkpoint (and --teacher), trained full/ runs on their data's first
+--batch-size images.
 """
 from __future__ import annotations
 
@@ -436,6 +447,74 @@ def gpu_check(out: Path, dry_run: bool, budget: float = 480.0) -> int:
     return 1 if failed else 0
 
 
+def _perturbed(cfg, seed: int, denoiser: bool, dev: torch.device) -> cm.ConsistencyFunction:
+    torch.manual_seed(seed)
+    f = make_model(cfg, denoiser).to(dev)
+    with torch.no_grad():
+        for p in f.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return f
+
+
+def loss_error(net_name: str, precisions: list[str], grids: list[int], batch: int, dev: torch.device,
+               seed: int = 0, checkpoint: str = "", teacher_path: str = "") -> list[dict]:
+    """Relative change of the CT and CD loss and gradient under autocast against fp32, per grid size N."""
+    from full.train import autocast_ctx
+    g = torch.Generator().manual_seed(seed)
+    labels = None
+    if checkpoint:
+        from full import checkpoints
+        from full.data import make_dataset
+        f, cfg = checkpoints.model_from_state(checkpoints.load(checkpoint), path=checkpoint)
+        f = f.to(dev).requires_grad_(True)
+        teacher = checkpoints.model_from_state(checkpoints.load(teacher_path or checkpoint),
+                                               denoiser=True)[0].to(dev)
+        ds = make_dataset(cfg.data.name, cfg.data.root or None, cfg.data.resolution or None)
+        x = torch.stack([ds[i][0] for i in range(batch)]).to(dev)
+    else:
+        cfg = resolve(NETS[net_name])
+        f = _perturbed(cfg, seed, False, dev)
+        teacher = _perturbed(cfg, seed + 1, True, dev).requires_grad_(False)
+        if cfg.net.num_classes:
+            labels = torch.zeros(batch, dtype=torch.long, device=dev)
+        res = getattr(cfg.net, "img_resolution", None) or cfg.net.image_size
+        x = (torch.rand(batch, cfg.net.in_channels, res, res, generator=g) * 2 - 1).to(dev)
+    target = copy.deepcopy(f).requires_grad_(False)
+    z = torch.randn(x.shape, generator=g).to(dev)
+    rows = []
+    for N in grids:
+        n = torch.randint(0, N - 1, (batch,), generator=g).to(dev)
+        sigmas = cm.karras_sigmas(N)
+        results = {}
+        for q in ["fp32"] + precisions:
+            def amp(m):
+                def call(v, s):
+                    with autocast_ctx(q, dev):
+                        return m(v, s, labels) if labels is not None else m(v, s)
+                return call
+            for mode in ("ct", "cd"):
+                f.zero_grad(set_to_none=True)
+                loss = (cm.ct_loss(amp(f), amp(target), x, sigmas, cm.l2, n=n, z=z) if mode == "ct" else
+                        cm.cd_loss(amp(f), amp(target), amp(teacher), x, sigmas, cm.l2, n=n, z=z))
+                scale = 2.0 ** 16 if q == "fp16" else 1.0  # GradScaler's initial scale: no fp16 underflow
+                (loss * scale).backward()
+                grad = torch.cat([p.grad.flatten().double() for p in f.parameters()]) / scale
+                results[q, mode] = (loss.item(), grad)
+        for q in precisions:
+            for mode in ("ct", "cd"):
+                (l32, g32), (lq, gq) = results["fp32", mode], results[q, mode]
+                rows.append(dict(N=N, mode=mode, precision=q, loss=l32, loss_rel=abs(lq - l32) / l32,
+                                 grad_rel=((gq - g32).norm() / g32.norm()).item(),
+                                 grad_cos=torch.nn.functional.cosine_similarity(gq, g32, dim=0).item()))
+    print(f"{checkpoint or net_name}, batch {batch}: change against fp32 on the same (x, n, z)")
+    print(f"{'N':>4} {'loss':>4} {'precision':>9} {'fp32 loss':>11} {'loss rel':>10} {'grad rel':>10} "
+          f"{'grad cos':>9}")
+    for r in rows:
+        print(f"{r['N']:4d} {r['mode']:>4} {r['precision']:>9} {r['loss']:11.4e} {r['loss_rel']:10.2e} "
+              f"{r['grad_rel']:10.2e} {r['grad_cos']:9.5f}")
+    return rows
+
+
 def main(argv=None) -> dict | int:
     p = CLIParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -457,6 +536,11 @@ def main(argv=None) -> dict | int:
     p.add_argument("--gpu-check", action="store_true", help="the prepared GPU check (see the module doc)")
     p.add_argument("--dry-run", action="store_true", help="with --gpu-check: the same on the CPU, tiny")
     p.add_argument("--out", default="runs/gpu-check", help="with --gpu-check: folder of report.md")
+    p.add_argument("--loss-error", action="store_true",
+                   help="the change of the CT/CD loss and gradient under --precision against fp32 (see above)")
+    p.add_argument("--grids", default="18,150,201", help="with --loss-error: grid sizes N")
+    p.add_argument("--checkpoint", default="", help="with --loss-error: a trained full/ checkpoint")
+    p.add_argument("--teacher", default="", help="with --loss-error and --checkpoint: the EDM teacher for CD")
     args = p.parse_args(argv)
     try:
         if args.gpu_check:
@@ -471,6 +555,10 @@ def main(argv=None) -> dict | int:
             raise cm.CMError(f"need --batch-size >= 1, --rounds >= 0, --reps >= 1, --warmup >= 0 (got "
                              f"{args.batch_size}, {args.rounds}, {args.reps}, {args.warmup})")
         dev = cm.pick_device(args.device)
+        if args.loss_error:
+            others = [q for q in precisions if q != "fp32"] or ["bf16", "fp16"]
+            return loss_error(args.net, others, [int(v) for v in args.grids.split(",")],
+                              args.batch_size or 16, dev, checkpoint=args.checkpoint, teacher_path=args.teacher)
     except cm.CMError as e:
         cm.exit_on(e)
     gpu = dev.type == "cuda"

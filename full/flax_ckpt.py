@@ -73,7 +73,8 @@ def find_checkpoint(path: str | Path) -> Path:
             if d.is_dir() else []
         if found:
             return max(found)[1]
-    raise CMError(f"{path} is a folder without checkpoint_<N> files (nor a checkpoints/ folder with them)")
+    raise CMError(f"{path} is a folder without checkpoint_<N> files (nor a checkpoints/ folder with them): "
+                  "pass a checkpoint file (a full/ ckpt-*.pt or export.pt, or a released file)")
 
 
 def is_flax(path: str | Path) -> bool:

@@ -12,8 +12,8 @@ from full.networks import build_network
 
 
 def make_model(cfg, denoiser: bool | None = None) -> ConsistencyFunction:
-    """f_θ for a RunConfig (D_θ when `denoiser`, by default when cfg.cm.mode == 'edm')."""
-    denoiser = cfg.cm.mode == "edm" if denoiser is None else denoiser
+    """f_θ for a RunConfig (D_θ when `denoiser`, by default for edm and for ect, which tunes EDM's D)."""
+    denoiser = cfg.cm.mode in ("edm", "ect") if denoiser is None else denoiser
     return ConsistencyFunction(build_network(cfg.net), cfg.cm.sigma_data,
                                0.0 if denoiser else cfg.cm.sigma_min, cfg.cm.noise_cond)
 

@@ -252,12 +252,13 @@ def fir_upsample(x: Tensor, kernel: Tensor) -> Tensor:
     return F.conv_transpose2d(x, w, stride=2, padding=K // 2 - 1, groups=C)
 
 
-def _init_xavier(module: nn.Module, zero: bool = False) -> nn.Module:
-    """score_sde's default_init: weight ~ U(±sqrt(6 / (fan_in + fan_out))), bias 0; `zero`: init_scale 0."""
+def _init_xavier(module: nn.Module, zero: bool = False, scale: float = 1.0) -> nn.Module:
+    """score_sde's default_init(scale): weight ~ U(±sqrt(3 scale / fan_avg)) (Xavier, gain √scale), bias 0;
+    `zero`: init_scale 0."""
     if zero:
         nn.init.zeros_(module.weight)
     else:
-        nn.init.xavier_uniform_(module.weight)
+        nn.init.xavier_uniform_(module.weight, gain=math.sqrt(scale))
     nn.init.zeros_(module.bias)
     return module
 
@@ -321,7 +322,9 @@ class NCSNppAttention(nn.Module):
         super().__init__()
         self.skip_scale = skip_scale
         self.norm = _ncsnpp_norm(channels)
-        self.qkv = _conv(channels, 3 * channels, 1)    # the JAX code's three separate NINs, stacked
+        # The JAX code's three NINs (q, k, v), stacked. Each is default_init(0.1), U(±√(0.3 / C)) for C -> C;
+        # on the stacked C -> 3C conv that is Xavier with gain √0.2 (EDM's init_attn = √0.2).
+        self.qkv = _init_xavier(nn.Conv2d(channels, 3 * channels, 1), scale=0.2)
         self.proj = _conv(channels, channels, 1, zero=True)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -49,7 +49,7 @@ def _ema_beta(batch: int, halflife_images: float) -> float:
 class CMSection:
     """The math [CM Sec. 4-5, App. C]; names as in cm.py."""
 
-    mode: str = "ct"                  # ct | cd | edm (the teacher's own denoising score matching)
+    mode: str = "ct"                  # ct | cd | ict | ect | edm (the teacher's own denoising score matching)
     sigma_min: float = 0.002          # ε
     sigma_max: float = 80.0           # T
     sigma_data: float = 0.5           # σ_data of the scalings
@@ -61,10 +61,12 @@ class CMSection:
     s1: int = 150                     # ct: N(K) = s1 + 1
     mu0: float = 0.9                  # ct: μ(0) = μ0
     mu_rule: str = "code"             # ct: μ(k) divides by N(k)-1 'code' (official runs) | N(k) 'paper'
-    metric: str = "lpips"             # l2 | l1 | pseudo_huber | lpips (cm.METRICS)
+    metric: str = "lpips"             # l2 | l1 | pseudo_huber | l2_norm | lpips (CIFAR-10) | lpips_piq (ADM)
     lpips_pretrained: bool = True     # False: random VGG (offline tests only; never for real runs)
-    P_mean: float = -1.2              # edm: ln t ~ N(P_mean, P_std²)  [EDM Tab. 1]
+    P_mean: float = -1.2              # edm: ln t ~ N(P_mean, P_std²) [EDM Tab. 1]; ict/ect: -1.1, 2.0
     P_std: float = 1.2
+    q: float = 2.0                    # ect: the gap t - r shrinks by q per stage (cm.ect_r)
+    stage_steps: int = 25_000         # ect: steps per stage
 
 
 @dataclass
@@ -125,8 +127,9 @@ class RunSection:
     sample_num: int = 64              # images per grid
     ts: tuple[int, ...] = (0, 11, 17)  # two-step grid levels, official index convention (cm.ts_to_sigmas)
     ts_grid: int = 18                 # the grid size the ts indices refer to
-    teacher: str = ""                 # cd (ct: optional): a full/ checkpoint of an edm run, or a released
-    #                                   one: CM's edm_*.pt, EDM's .pkl (checkpoints.import_official)
+    sigmas: tuple[float, ...] = ()    # two-step levels as numbers, e.g. (80.0, 0.821) [iCT, ECT]; replaces ts
+    teacher: str = ""                 # cd, ect (ct: optional): a full/ checkpoint of an edm run, or a
+    #                                   released one: CM's edm_*.pt, EDM's .pkl (checkpoints.import_official)
     init_from_teacher: bool = True    # θ starts from run.teacher's weights (official CD, and OCM's CT script)
     teacher_arch: str = ""            # released .pt teacher: architecture (default: from keys and shapes)
     teacher_kind: str = ""            # released .pt teacher: edm | cd | ct (default: from the file name)
@@ -155,9 +158,10 @@ class RunConfig:
         return self.run.out or f"runs/{self.preset or 'run'}"
 
 
-CHOICES = {("cm", "mode"): ("ct", "cd", "edm"), ("cm", "noise_cond"): ("edm", "adm"),
+CHOICES = {("cm", "mode"): ("ct", "cd", "ict", "ect", "edm"), ("cm", "noise_cond"): ("edm", "adm"),
            ("cm", "mu_rule"): ("code", "paper"),
-           ("cm", "metric"): ("l2", "l1", "pseudo_huber", "lpips"), ("opt", "optimizer"): ("radam", "adam"),
+           ("cm", "metric"): ("l2", "l1", "pseudo_huber", "l2_norm", "lpips", "lpips_piq"),
+           ("opt", "optimizer"): ("radam", "adam"),
            ("opt", "precision"): ("bf16", "fp16", "fp32"),
            ("data", "name"): ("cifar10", "imagenet64", "folder", "digits")}
 
@@ -180,6 +184,8 @@ def validate(cfg: RunConfig) -> None:
             ts_to_sigmas(list(r.ts), r.ts_grid, c.sigma_min, c.sigma_max, c.rho)
     except (CMError, ValueError) as e:
         raise ConfigError(f"{e}".replace("ts must", "run.ts must")) from None
+    if c.stage_steps < 1 or c.q <= 1:
+        raise ConfigError(f"need cm.stage_steps >= 1 and cm.q > 1 (got {c.stage_steps}, {c.q})")
     if c.P_std <= 0 or o.eps <= 0 or o.weight_decay < 0 or o.grad_clip < 0 or \
             not all(0 <= b < 1 for b in o.betas) or len(o.betas) != 2:
         raise ConfigError("need cm.P_std > 0, opt.eps > 0, opt.weight_decay >= 0, opt.grad_clip >= 0 and two "
@@ -249,7 +255,7 @@ def _edm_ocm(base: RunConfig, net, batch: int, steps: int) -> RunConfig:
 def _tiny(mode: str, **cm) -> RunConfig:
     """8x8 digits, tiny NCSN++ (~0.1M), batch 32, l2, fp32: a few seconds on a CPU."""
     net = dataclasses.replace(NCSNppConfig.tiny(8), in_channels=1, out_channels=1)
-    return RunConfig(net=net, cm=CMSection(mode=mode, metric="l2", **cm),
+    return RunConfig(net=net, cm=CMSection(**{"mode": mode, "metric": "l2", **cm}),
                      opt=OptSection("adam" if mode == "edm" else "radam", 1e-3 if mode == "edm" else 2e-4,
                                     batch=32, steps=20, precision="fp32"),
                      ema=EMASection((0.99, 0.999), warmup=True),
@@ -278,23 +284,42 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
         ema=EMASection((_ema_beta(4096, 5e7),))),
     "imagenet64-edm-ocm": lambda: _edm_ocm(_imagenet64("edm", 1e-4, 610_352),
                                            ADMConfig.imagenet64(dropout=0.1), batch=4096, steps=610_352),
-    "imagenet64-cd-lpips": lambda: _imagenet64("cd", 8e-6, 600_000, N=40, mu=0.95, metric="lpips"),
+    "imagenet64-cd-lpips": lambda: _imagenet64("cd", 8e-6, 600_000, N=40, mu=0.95, metric="lpips_piq"),
     "imagenet64-cd-l2": lambda: _imagenet64("cd", 8e-6, 600_000, N=40, mu=0.95, metric="l2"),
     # Paper lr 8e-6; the launch script uses 1e-4, and passes a teacher that CT starts from (run.teacher=...).
     # Two-step ts of the launch scripts: CT 0,106,200 of 201, LSUN CD-lpips 0,17,39 and CD-l2 0,18,39 of 40,
     # LSUN bedroom CT 0,67,150 of 151 (cat: 0,62,150).
     "imagenet64-ct": lambda: _imagenet64("ct", 8e-6, 800_000, ts=(0, 106, 200), ts_grid=201,
-                                         s0=2, s1=200, mu0=0.95, metric="lpips"),
+                                         s0=2, s1=200, mu0=0.95, metric="lpips_piq"),
     # LSUN-256 EDM teachers (bedroom, cat) as OCM's launch script trains them: batch 256, no scale-shift norm.
     "lsun256-edm": lambda: _edm_ocm(_lsun256("edm", 600_000, (0, 17, 39), 40),
                                     ADMConfig.lsun256(dropout=0.1), batch=256, steps=600_000),
-    "lsun256-cd-lpips": lambda: _lsun256("cd", 600_000, (0, 17, 39), 40, N=40, mu=0.95, metric="lpips"),
+    "lsun256-cd-lpips": lambda: _lsun256("cd", 600_000, (0, 17, 39), 40, N=40, mu=0.95, metric="lpips_piq"),
     "lsun256-cd-l2": lambda: _lsun256("cd", 600_000, (0, 18, 39), 40, N=40, mu=0.95, metric="l2"),
     "lsun256-ct": lambda: _lsun256("ct", 1_000_000, (0, 67, 150), 151, s0=2, s1=150, mu0=0.95,
-                                   metric="lpips"),
+                                   metric="lpips_piq"),
+    # iCT [iCT Sec. 3-5]: no teacher, μ = 0, pseudo-Huber, s0 10 -> s1 1280 doubling, lognormal n
+    # (P_mean -1.1, P_std 2.0), λ = 1/(t_{n+1} - t_n), dropout 0.3, Fourier scale 0.02, RAdam lr 1e-4,
+    # batch 1024, eval EMA 0.99993, two steps at (80, 0.821). 400k steps: iCT's appendix as we read it,
+    # not re-checked here.
+    "cifar10-ict": lambda: dataclasses.replace(
+        _cifar10("ict", s0=10, s1=1280, mu=0.0, metric="pseudo_huber", P_mean=-1.1, P_std=2.0),
+        net=dataclasses.replace(NCSNppConfig.cifar10(dropout=0.3), fourier_scale=0.02),
+        opt=OptSection("radam", 1e-4, batch=1024, steps=400_000, precision="fp32"),
+        ema=EMASection((0.99993,)), run=RunSection(sigmas=(80.0, 0.821))),
+    # ECT (locuslab/ect run_ecm.sh, ct_train.py defaults): tune the EDM teacher (run.teacher), RAdam lr 1e-4,
+    # batch 128, dropout 0.2, 25.6 Mimg = 200k steps, a stage every 250 ticks x 12.8 kimg = 25k steps,
+    # q 2, ln t ~ N(-1.1, 2.0²), ‖·‖₂ (c = 0), eval EMA 0.9999, two steps at (80, 0.821).
+    "cifar10-ect": lambda: dataclasses.replace(
+        _cifar10("ect", metric="l2_norm", P_mean=-1.1, P_std=2.0, q=2.0, stage_steps=25_000),
+        net=NCSNppConfig.cifar10(dropout=0.2), opt=OptSection("radam", 1e-4, batch=128, steps=200_000,
+                                                              precision="fp32"),
+        run=RunSection(sigmas=(80.0, 0.821))),
     "tiny-edm": lambda: _tiny("edm"),
     "tiny-cd": lambda: _tiny("cd", N=18, mu=0.0),
     "tiny-ct": lambda: _tiny("ct", s0=2, s1=20, mu0=0.9),
+    "tiny-ict": lambda: _tiny("ict", s0=2, s1=16, metric="pseudo_huber", P_mean=-1.1, P_std=2.0),
+    "tiny-ect": lambda: _tiny("ect", metric="l2_norm", P_mean=-1.1, P_std=2.0, stage_steps=5),
     # Class-conditional path (ADM, labels 0..9) at CPU size.
     "tiny-ct-adm": lambda: dataclasses.replace(
         _tiny("ct", s0=2, s1=20, mu0=0.9),

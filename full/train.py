@@ -47,8 +47,9 @@ import torch
 import torch.nn as nn
 
 import full
-from cm import (METRICS, CMError, RunFolder, atomic_write, cd_loss, changed_fields, ct_loss, ct_num_steps,
-                ct_target_rate, edm_loss, ema_update, ema_warmup_rate, exit_on, karras_sigmas, ts_to_sigmas)
+from cm import (METRICS, CMError, RunFolder, SharedDropout, atomic_write, cd_loss, changed_fields, ct_loss,
+                ct_num_steps, ct_target_rate, ect_loss, edm_loss, ema_update, ema_warmup_rate, exit_on,
+                gap_weight, ict_num_steps, karras_sigmas, lognormal_index_probs, ts_to_sigmas)
 from full import checkpoints, dist
 from full.data import make_dataset, make_loader
 from full.model import has_dropout, make_model
@@ -76,8 +77,13 @@ def split_batch(batch: int, world: int, microbatch: int = 0) -> tuple[int, int, 
 
 
 def curriculum(cfg: RunConfig, k: int) -> tuple[int, float]:
-    """(N, μ) at step k: CT's schedules N(k), μ(k) [CM App. C], fixed for CD, unused (0, 0) for EDM."""
+    """(N, μ) at step k: CT's schedules N(k), μ(k) [CM App. C], fixed for CD, unused (0, 0) for EDM;
+    iCT's doubling N(k) with μ = cm.mu [iCT Sec. 3.2, 3.4]; ECT: N is the stage a = 1 + ⌊k/stage_steps⌋."""
     c = cfg.cm
+    if c.mode == "ict":
+        return ict_num_steps(k, cfg.opt.steps, c.s0, c.s1), c.mu
+    if c.mode == "ect":
+        return 1 + k // c.stage_steps, c.mu
     if c.mode == "ct":
         return (ct_num_steps(k, cfg.opt.steps, c.s0, c.s1),
                 ct_target_rate(k, cfg.opt.steps, c.s0, c.s1, c.mu0, c.mu_rule))
@@ -86,28 +92,9 @@ def curriculum(cfg: RunConfig, k: int) -> tuple[int, float]:
 
 def make_metric(cfg: RunConfig, device: torch.device) -> Callable:
     """d(x, y) from cm.METRICS; LPIPS is a module (VGG) built once."""
-    if cfg.cm.metric == "lpips":
-        return METRICS["lpips"](pretrained_backbone=cfg.cm.lpips_pretrained).to(device)
+    if cfg.cm.metric in ("lpips", "lpips_piq"):
+        return METRICS[cfg.cm.metric](pretrained_backbone=cfg.cm.lpips_pretrained).to(device)
     return METRICS[cfg.cm.metric]
-
-
-class SharedDropout:
-    """The first wrapped call records the RNG states; the second replays them (same dropout masks)."""
-
-    def __init__(self, device: torch.device):
-        self.devices, self.state = ([device] if device.type == "cuda" else []), None
-
-    def wrap(self, fn: Callable) -> Callable:
-        def call(*args, **kwargs):
-            if self.state is None:
-                self.state = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.devices])
-                return fn(*args, **kwargs)
-            with torch.random.fork_rng(devices=self.devices):
-                torch.set_rng_state(self.state[0])
-                for d, s in zip(self.devices, self.state[1]):
-                    torch.cuda.set_rng_state(s, d)
-                return fn(*args, **kwargs)
-        return call
 
 
 def autocast_ctx(precision: str, device: torch.device):
@@ -134,8 +121,8 @@ class Trainer:
         self.per_rank, self.micro, self.accum = split_batch(cfg.opt.batch, self.world, cfg.opt.microbatch)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         self.model = make_model(cfg).to(device)             # θ (f_θ, or D_θ for edm)
-        self.teacher = teacher if cfg.cm.mode == "cd" else None  # ct only starts from it
-        if teacher is not None and cfg.run.init_from_teacher:
+        self.teacher = teacher if cfg.cm.mode == "cd" else None  # ct and ect only start from it
+        if teacher is not None and (cfg.run.init_from_teacher or cfg.cm.mode == "ect"):
             checkpoints.load_weights(self.model.net, teacher.net.state_dict(), "teacher", cfg.run.teacher)
         self.shared_dropout = cfg.cm.mode != "edm" and has_dropout(self.model)
         self.target = None
@@ -179,7 +166,13 @@ class Trainer:
         if self.shared_dropout:
             share = SharedDropout(self.device)
             online, target = share.wrap(online), share.wrap(target)
+        if c.mode == "ect":  # N is the stage; sigma, if given, is ECT's t
+            return ect_loss(online, target, x, N, self.metric, t=sigma, z=z, P_mean=c.P_mean, P_std=c.P_std,
+                            q=c.q)
         sigmas = karras_sigmas(N, c.sigma_min, c.sigma_max, c.rho)
+        if c.mode == "ict":
+            return ct_loss(online, target, x, sigmas, self.metric, n=n, z=z, weight=gap_weight,
+                           index_probs=lognormal_index_probs(sigmas, c.P_mean, c.P_std))
         if c.mode == "ct":
             return ct_loss(online, target, x, sigmas, self.metric, n=n, z=z)
         teacher = self._amp(self.teacher, labels)
@@ -274,7 +267,7 @@ def load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module:
     """D_φ for CD (or the start of CT) from a full/ checkpoint of an edm run (its eval EMA), a released CM
     edm_*.pt or an EDM .pkl (checkpoints.import_official), in eval mode."""
     if not cfg.run.teacher:
-        raise CMError("cm.mode=cd needs run.teacher=PATH (a checkpoint of an edm run, e.g. "
+        raise CMError(f"cm.mode={cfg.cm.mode} needs run.teacher=PATH (a checkpoint of an edm run, e.g. "
                       "python -m full.train --preset tiny-edm)")
     state = checkpoints.load(cfg.run.teacher, cfg.run.teacher_arch, cfg.run.teacher_kind)
     tcfg = checkpoints.config_of(state)
@@ -321,7 +314,8 @@ def write_grids(cfg: RunConfig, f: nn.Module, shape: Sequence[int], out: Path, s
         kinds = {"heun": None}
     else:
         kinds = {"1step": [c.sigma_max],
-                 "2step": ts_to_sigmas(cfg.run.ts, cfg.run.ts_grid, c.sigma_min, c.sigma_max, c.rho)}
+                 "2step": list(cfg.run.sigmas) or ts_to_sigmas(cfg.run.ts, cfg.run.ts_grid, c.sigma_min,
+                                                               c.sigma_max, c.rho)}
     paths = []
     for name, levels in kinds.items():
         x, _ = generate(f, cfg, shape, range(n), levels, seed=cfg.run.seed, heun=levels is None)
@@ -405,9 +399,9 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
                       class_cond=cfg.data.class_cond, random_flip=cfg.data.random_flip,
                       download=cfg.data.download)
     check_data(cfg, ds)
-    # CD needs D_φ; CT may start from it (run.teacher set), as OCM's CT launch scripts do
-    use_teacher = cfg.cm.mode == "cd" or (cfg.cm.mode == "ct" and bool(cfg.run.teacher)
-                                          and cfg.run.init_from_teacher)
+    # CD needs D_φ and ECT tunes it; CT may start from it (run.teacher set), as OCM's CT launch scripts do
+    use_teacher = cfg.cm.mode in ("cd", "ect") or (cfg.cm.mode == "ct" and bool(cfg.run.teacher)
+                                                   and cfg.run.init_from_teacher)
     teacher = load_teacher(cfg, dev) if use_teacher else None
     tr = Trainer(cfg, dev, teacher)
     start = int(state["step"]) if state else 0

@@ -25,7 +25,8 @@ def test_floor_is_the_extra_work_over_an_edm_step(F, B, O, U):
     assert bench.floor("cd", F, B, O, U) == pytest.approx(1 + (3 * F + U) / edm)
 
 
-@pytest.mark.parametrize("recipe, grad_calls, no_grad_calls", [("edm", 1, 0), ("ct", 1, 1), ("cd", 1, 3)])
+@pytest.mark.parametrize("recipe, grad_calls, no_grad_calls",
+                         [("edm", 1, 0), ("ct", 1, 1), ("cd", 1, 3), ("ict", 1, 1), ("ect", 1, 1)])
 def test_a_step_runs_the_network_no_more_than_the_recipe_needs(recipe, grad_calls, no_grad_calls):
     """One forward with grad (then its backward) per step; CT adds the target, CD the target and a Heun
     step of the teacher (2 calls). Any extra pass in cm.ct_loss/cd_loss or Trainer.step fails this."""
@@ -72,3 +73,12 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     for part in ("tests/test_gpu.py: ok", "4 passed", "bench fp32,bf16 + options: ok", "\ntrain:", "\nsample",
                  "\noptions:", "cm.py --mode ct: ok", "full.train --preset tiny-ct: ok", "tiny-ct: last log line"):
         assert part in report, part
+
+
+def test_loss_error_compares_each_precision_with_fp32(capsys):
+    rows = bench.main(["--loss-error", "--net", "ncsnpp-tiny", "--batch-size", "2", "--grids", "18,40",
+                       "--precision", "fp32,bf16", "--device", "cpu"])
+    assert [(r["N"], r["mode"]) for r in rows] == [(18, "ct"), (18, "cd"), (40, "ct"), (40, "cd")]
+    for r in rows:  # bf16 moves them a little, not to nonsense (the README reports the sizes)
+        assert r["loss"] > 0 and 0 < r["loss_rel"] < 0.05 and 0 < r["grad_rel"] < 0.5 and r["grad_cos"] > 0.9
+    assert "grad rel" in capsys.readouterr().out

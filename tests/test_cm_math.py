@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import cm
@@ -301,7 +303,30 @@ def test_metrics_are_distances(seed):
         assert (d(x, y) > 0).all()
 
 
-def test_lpips_offline_with_random_backbone():
+def test_metric_constants_by_hand():
+    """l2 and l1 average over the pixels (not sum); pseudo-Huber sums, with c = 0.00054 √d [iCT Sec. 3.3]:
+    for CIFAR-10's d = 3·32·32 = 3072, c = 0.00054 · 55.4256... = 0.0299298..., and one pixel off by 1
+    gives √(1 + c²) - c = 0.9705180..."""
+    x, y = torch.zeros(2, 3, 32, 32, dtype=torch.float64), torch.zeros(2, 3, 32, 32, dtype=torch.float64)
+    y[:, 1, 5, 7] = 1.0
+    assert cm.pseudo_huber(x, y).tolist() == pytest.approx([0.9705179593839816] * 2, rel=1e-12)
+    assert cm.pseudo_huber(x, x).tolist() == [0.0, 0.0]
+    assert cm.l2(x, x + 2).tolist() == [4.0, 4.0] and cm.l1(x, x - 2).tolist() == [2.0, 2.0]
+    assert cm.l2(x, y).tolist() == pytest.approx([1 / 3072] * 2, rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def piq_lpips():
+    """cm.PiqLPIPS on a random VGG with random non-negative calibration weights (built once: ~7 s)."""
+    torch.manual_seed(0)
+    ours = cm.PiqLPIPS(pretrained_backbone=False)
+    with torch.no_grad():
+        for lin in ours.net.lins:
+            lin.model[-1].weight.uniform_(0, 1)
+    return ours
+
+
+def test_lpips_offline_with_random_backbone(piq_lpips):
     lp = cm.LPIPS(pretrained_backbone=False)
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
@@ -310,6 +335,38 @@ def test_lpips_offline_with_random_backbone():
         torch.testing.assert_close(lp(x, y), lp(y, x))
         assert (lp(x, y) > 0).all()
         assert lp(x[:, :1], y[:, :1]).shape == (2,)  # grey images are repeated to RGB
+        # the same weights with max pooling (the `lpips` package) are another metric than piq's
+        lp.net.load_state_dict(piq_lpips.net.state_dict())
+        assert (lp(x, y) - piq_lpips(x, y)).abs().max() > 1e-3 * lp(x, y).abs().max()
+
+
+def _piq_lpips(ours: cm.LPIPS):
+    """piq's LPIPS(replace_pooling=True, reduction='none') built offline on our network's weights: piq's
+    LPIPS class only downloads its weights and passes them to ContentLoss, which does all the work."""
+    import piq
+    from collections import OrderedDict
+    layers = OrderedDict()
+    for block in ours.net.net.children():  # lpips keeps torchvision's vgg16.features indices as names
+        for name, layer in block.named_children():
+            layers[name] = nn.MaxPool2d(2, 2) if isinstance(layer, nn.AvgPool2d) else copy.deepcopy(layer)
+    vgg = nn.Sequential(layers)
+    assert list(vgg._modules) == [str(i) for i in range(30)]
+    weights = [lin.model[-1].weight.detach().clone() for lin in ours.net.lins]  # (1, C, 1, 1) each
+    return piq.ContentLoss(vgg, layers=("3", "8", "15", "22", "29"), weights=weights, replace_pooling=True,
+                           reduction="none", normalize_features=True)
+
+
+@pytest.mark.parametrize("size", [32, 256])
+def test_piq_lpips_equals_piq_on_the_same_weights(size, piq_lpips):
+    """cm.PiqLPIPS == piq on (x + 1)/2, resized to 224 below 256 pixels (the official ImageNet/LSUN loss)."""
+    ours, reference = piq_lpips, _piq_lpips(piq_lpips)
+    g = torch.Generator().manual_seed(size)
+    n = 2 if size < 256 else 1
+    x, y = (torch.rand(n, 3, size, size, generator=g) * 2 - 1 for _ in range(2))
+    resize = (lambda v: F.interpolate(v, size=224, mode="bilinear")) if size < 256 else (lambda v: v)
+    with torch.no_grad():
+        got, want = ours(x, y), reference(resize((x + 1) / 2), resize((y + 1) / 2))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_energy_distance_separates_laws():

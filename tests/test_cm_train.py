@@ -34,10 +34,17 @@ def test_edm_then_cd_then_ct_end_to_end(teacher, tmp_path):
     assert state["step"] == 30 and state["config"]["mode"] == "edm"
     rows = cm.train(cm.Config(mode="cd", teacher=str(teacher), steps=20, out=str(tmp_path / "cd"), **TINY))
     assert {"1-step", "2-step", "teacher Heun, 18 levels (35 NFE)"} <= set(rows)
+    cd = torch.load(tmp_path / "cd" / "ckpt.pt", weights_only=True)
+    assert cd["config"]["mu"] == 0.0  # [CM Tab. 3] CIFAR-10 CD: μ = 0, so θ⁻ is θ after every step
+    assert all(torch.equal(cd["target"][k], v) for k, v in cd["model"].items())
+    assert not all(torch.equal(cd["ema"][k], v) for k, v in cd["model"].items())
     rows = cm.train(cm.Config(mode="ct", steps=20, out=str(tmp_path / "ct"), **TINY))
     assert all(np.isfinite(v) for v in rows.values())
+    # --sample on the final checkpoint draws the very grids the run drew at its last step
+    r = run_cli("--sample", str(tmp_path / "ct" / "ckpt.pt"), "--out", str(tmp_path / "again"))
+    assert r.returncode == 0, r.stderr
     for how in ("1-step", "2-step"):
-        assert (tmp_path / "ct" / f"{how}_000020.png").is_file()
+        assert same_image(tmp_path / "ct" / f"{how}_000020.png", tmp_path / "again" / f"{how}_000020.png")
     lines = (tmp_path / "ct" / "log.jsonl").read_text().splitlines()
     assert len(lines) >= 4 and all("loss" in ln for ln in lines)
 
@@ -80,10 +87,17 @@ def test_cd_without_teacher_trains_one_first(tmp_path):
     assert "teacher Heun, 18 levels (35 NFE)" in rows
 
 
-def test_sample_cli_writes_grids(teacher, tmp_path):
+def same_image(a: Path, b: Path) -> bool:
+    from PIL import Image
+    with Image.open(a) as x, Image.open(b) as y:
+        return np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sample_cli_draws_the_training_grid(teacher, tmp_path):
+    """The grid of --sample equals the one the run drew at the same step from the same (EMA) weights."""
     r = run_cli("--sample", str(teacher), "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "heun_000030.png").is_file()
+    assert same_image(teacher.parent / "heun_000030.png", tmp_path / "heun_000030.png")
 
 
 def test_import_has_no_side_effects(tmp_path):

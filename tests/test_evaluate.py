@@ -98,7 +98,17 @@ def test_feature_stats():
     x = np.random.default_rng(2).normal(size=(50, 4)).astype(np.float32)
     mu, sigma = ev.feature_stats(x)
     assert mu.dtype == sigma.dtype == np.float64
-    np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64).T), rtol=1e-12)
+    # the unbiased sample covariance written out: Σ_ij = Σ_n (x_ni - x̄_i)(x_nj - x̄_j) / (N - 1)
+    xd = x.astype(np.float64)
+    centred = xd - xd.sum(0) / len(xd)
+    by_hand = np.array([[(centred[:, i] * centred[:, j]).sum() / (len(xd) - 1) for j in range(4)]
+                        for i in range(4)])
+    np.testing.assert_allclose(mu, xd.sum(0) / len(xd), rtol=1e-12)
+    np.testing.assert_allclose(sigma, by_hand, rtol=1e-10)
+    # a closed form: two points ±(1, 2) have mean 0 and covariance 2 (1, 2)(1, 2)ᵀ / (2 - 1)
+    mu, sigma = ev.feature_stats(np.array([[1.0, 2.0], [-1.0, -2.0]], dtype=np.float32))
+    np.testing.assert_array_equal(mu, [0, 0])
+    np.testing.assert_allclose(sigma, [[2, 4], [4, 8]], rtol=1e-12)
     with pytest.raises(ev.EvaluationError, match="at least 2"):
         ev.feature_stats(x[:1])
 

@@ -62,9 +62,13 @@ def test_cd_ct_runs(preset, teacher, tmp_path):
     log = [eval(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert all(k in log[0] for k in ("loss", "N", "mu", "lr", "img/s", "sec"))
-    if preset == "tiny-ct":  # N(k), μ(k) of cm.py
-        assert [r["N"] for r in log] == [cm.ct_num_steps(k, 6, 2, 20) for k in range(6)]
+    if preset == "tiny-ct":  # N(k) = ⌈√(k/6 (21² - 2²) + 2²) - 1⌉ + 1, e.g. N(1) = ⌈√76.83 - 1⌉ + 1 = 9
+        assert [r["N"] for r in log] == [2, 9, 13, 15, 18, 20]
         assert log[0]["mu"] == pytest.approx(0.81)  # the official μ(0) = μ0^(s0/(s0-1)) = 0.9²
+    else:  # CD with μ = 0: θ⁻ is a copy of θ after every step
+        state = checkpoints.load(tmp_path / "ckpt-0000006.pt")
+        assert state["config"]["cm"]["mu"] == 0.0
+        assert all(torch.equal(state["target"][k], v) for k, v in state["model"].items())
 
 
 @pytest.mark.parametrize("preset", ["tiny-cd", "tiny-ct"])
@@ -113,9 +117,13 @@ def test_presets_follow_the_official_runs():
     assert (l2.run.ts, l2.run.ts_grid, l2.cm.metric, l2.cm.N, l2.cm.mu) == ((0, 18, 39), 40, "l2", 40, 0.95)
     for name, batch in (("imagenet64-edm-ocm", 4096), ("lsun256-edm", 256)):
         o = get(name)
-        assert (o.opt.optimizer, o.opt.lr, o.opt.warmup, o.opt.batch, o.net.dropout) == ("radam", 1e-4, 0, batch,
-                                                                                          0.1)
+        got = (o.opt.optimizer, o.opt.lr, o.opt.warmup, o.opt.batch, o.net.dropout)
+        assert got == ("radam", 1e-4, 0, batch, 0.1)
         assert o.ema.rates == (0.999, 0.9999, 0.9999432189950708)
+    # LPIPS: the `lpips` package for CIFAR-10 (JAX runs), piq's average-pooling variant for the ADM runs
+    assert get("cifar10-cd-lpips").cm.metric == get("cifar10-ct").cm.metric == "lpips"
+    for name in ("imagenet64-cd-lpips", "imagenet64-ct", "lsun256-cd-lpips", "lsun256-ct"):
+        assert get(name).cm.metric == "lpips_piq"
     assert get("lsun256-edm").net.num_classes == 0 and not get("lsun256-edm").net.use_scale_shift_norm
 
 

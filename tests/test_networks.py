@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from full.networks import (
-    PAPER_CONFIGS, ADMAttention, ADMConfig, ADMUNet, FIRConvDown, NCSNpp, NCSNppConfig, build_network,
+    PAPER_CONFIGS, ADMAttention, ADMConfig, ADMUNet, FIRConvDown, NCSNpp, NCSNppAttention, NCSNppConfig,
+    build_network,
     count_parameters, fir_downsample, fir_kernel, fir_upsample, timestep_embedding,
 )
 
@@ -46,10 +47,31 @@ def _tiny(name: str, seed: int = 0) -> torch.nn.Module:
 # Paper configurations (meta device: nothing allocated)
 # ---------------------------------------------------------------------------------------------------------
 
+# Exact counts of the official networks: openai/consistency_models' cm/unet.py UNetModel with the launch
+# script's flags (295,899,267 and 526,304,771, counted on the meta device), and the CIFAR-10 JAX NCSN++'s
+# parameter tree (56,395,651) less the 128 Fourier-projection values kept here as a fixed buffer.
+# A missing attention layer or a wrong channel count changes them; a 1% tolerance would hide it.
+EXACT = {"ncsnpp-cifar10": 56_395_651 - 128, "adm-imagenet64": 295_899_267, "adm-lsun256": 526_304_771}
+
+
 @pytest.mark.parametrize("name", list(PAPER_CONFIGS))
-def test_paper_parameter_counts_within_one_percent(name):
+def test_paper_parameter_counts_are_exact(name):
     make_cfg, paper = PAPER_CONFIGS[name]
-    assert abs(count_parameters(make_cfg()) - paper) / paper < 0.01
+    assert count_parameters(make_cfg()) == EXACT[name]
+    assert abs(EXACT[name] - paper) / paper < 1e-3  # and the paper's rounded figure
+
+
+def test_ncsnpp_attention_init_is_the_jax_one():
+    """q, k, v: score_sde's default_init(0.1) per C -> C NIN, U(±√(0.3 / C)), variance 0.1 / C; output: 0."""
+    torch.manual_seed(0)
+    C = 128
+    attn = NCSNppAttention(C, 1.0)
+    w = attn.qkv.weight.detach().reshape(3, C, C)
+    bound = math.sqrt(0.3 / C)
+    for part in w:  # q, k, v alike
+        assert part.abs().max() <= bound and part.abs().max() > 0.99 * bound
+        assert part.var().item() == pytest.approx(0.1 / C, rel=0.03)
+    assert not attn.qkv.bias.any() and not attn.proj.weight.any() and not attn.proj.bias.any()
 
 
 def test_paper_figures_are_the_cm_ones():
