@@ -554,6 +554,17 @@ def sample_multistep(f: Callable, z: Tensor, sigmas: Sequence[float], sigma_min:
     return x
 
 
+def check_levels(levels: Sequence[float], sigma_min: float, sigma_max: float = math.inf) -> list[float]:
+    """Multistep levels τ_1 > τ_2 > ...: finite, strictly decreasing, within [ε, T] (a level at ε only
+    re-noises by √(ε² - ε²) = 0); anything else is a ValueError. The one check of sampling and editing."""
+    levels = [float(t) for t in levels]
+    if not levels or not all(map(math.isfinite, levels)) or any(a <= b for a, b in zip(levels, levels[1:])) \
+            or levels[-1] < sigma_min or levels[0] > sigma_max:
+        raise ValueError(f"levels must be finite, strictly decreasing and within [sigma_min, sigma_max] = "
+                         f"[{sigma_min}, {sigma_max}], got {levels}")
+    return levels
+
+
 @torch.no_grad()
 def sample_heun(D: Callable, z: Tensor, N: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
                 rho: float = 7.0) -> Tensor:
