@@ -978,10 +978,15 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
     return report(ema, cfg, data, shape, teacher)
 
 
+def grid_name(how: str, step: int) -> str:
+    """The file name of a sample grid, the same in cm.py and full/: grid-1step-0000800.png, grid-heun-..."""
+    return f"grid-{how.replace('-', '')}-{step:07d}.png"
+
+
 def write_grids(model: nn.Module, cfg: Config, shape: Sequence[int], out: Path, step: int) -> None:
     n = 512 if len(shape) == 1 else 64
     for how in ("heun",) if cfg.mode == "edm" else ("1-step", "2-step"):
-        save_grid(generate(model, cfg, shape, n, cfg.seed + 1, how), out / f"{how}_{step:06d}.png")
+        save_grid(generate(model, cfg, shape, n, cfg.seed + 1, how), out / grid_name(how, step))
 
 
 def report(model: nn.Module, cfg: Config, data: Tensor | None, shape, teacher=None) -> dict:

@@ -48,7 +48,8 @@ import torch.nn as nn
 
 import full
 from cm import (METRICS, CMError, RunFolder, atomic_write, cd_loss, changed_fields, ct_loss, ct_num_steps,
-                ct_target_rate, edm_loss, ema_update, ema_warmup_rate, exit_on, karras_sigmas, ts_to_sigmas)
+                ct_target_rate, edm_loss, ema_update, ema_warmup_rate, exit_on, grid_name, karras_sigmas,
+                ts_to_sigmas)
 from full import checkpoints, dist
 from full.data import make_dataset, make_loader
 from full.model import has_dropout, image_shape, make_model
@@ -312,7 +313,7 @@ def write_grids(cfg: RunConfig, f: nn.Module, shape: Sequence[int], out: Path, s
     paths = []
     for name, levels in kinds.items():
         x, _ = generate(f, cfg, shape, range(n), levels, seed=cfg.run.seed, heun=levels is None)
-        paths.append(save_grid(x, out / f"grid-{name}-{step:07d}.png"))
+        paths.append(save_grid(x, out / grid_name(name, step)))
     return paths
 
 

@@ -29,7 +29,7 @@ def teacher(tmp_path_factory):
 
 @pytest.mark.slow
 def test_edm_then_cd_then_ct_end_to_end(teacher, tmp_path):
-    assert (teacher.parent / "heun_000030.png").is_file()
+    assert (teacher.parent / "grid-heun-0000030.png").is_file()
     state = torch.load(teacher, weights_only=True)
     assert state["step"] == 30 and state["config"]["mode"] == "edm"
     rows = cm.train(cm.Config(mode="cd", teacher=str(teacher), steps=20, out=str(tmp_path / "cd"), **TINY))
@@ -37,7 +37,7 @@ def test_edm_then_cd_then_ct_end_to_end(teacher, tmp_path):
     rows = cm.train(cm.Config(mode="ct", steps=20, out=str(tmp_path / "ct"), **TINY))
     assert all(np.isfinite(v) for v in rows.values())
     for how in ("1-step", "2-step"):
-        assert (tmp_path / "ct" / f"{how}_000020.png").is_file()
+        assert (tmp_path / "ct" / f"grid-{how.replace('-', '')}-0000020.png").is_file()
     lines = (tmp_path / "ct" / "log.jsonl").read_text().splitlines()
     assert len(lines) >= 4 and all("loss" in ln for ln in lines)
 
@@ -83,7 +83,7 @@ def test_cd_without_teacher_trains_one_first(tmp_path):
 def test_sample_cli_writes_grids(teacher, tmp_path):
     r = run_cli("--sample", str(teacher), "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "heun_000030.png").is_file()
+    assert (tmp_path / "grid-heun-0000030.png").is_file()
 
 
 def test_import_has_no_side_effects(tmp_path):
