@@ -101,6 +101,9 @@ class Config:
     seed: int = 0                   # everything random derives from it
     log_every: int = 50             # steps between lines in log.jsonl
     sample_every: int = 0           # steps between sample grids (0 -> 4 grids per run)
+    grid_minutes: float = 10.0      # also a grid every this many minutes of training (0: only by steps)
+    fid_every: int = 0              # steps between FIDs of one-step samples (full.evaluate; 0: off)
+    fid_samples: int = 5000         # samples per FID (the paper's FIDs use 50,000)
     ckpt_every: int = 500           # steps between checkpoints
     ts: str = ""                    # two-step sampling levels, official index convention ('' -> default)
     grid_steps: int = 18            # the grid size N the ts indices refer to
@@ -144,6 +147,8 @@ def resolve(cfg: Config) -> Config:
         raise CMError(f"unknown precision {cfg.precision!r}; choose fp32 or bf16")
     if min(cfg.steps, cfg.batch_size, cfg.channels, cfg.log_every, cfg.ckpt_every, cfg.sample_every) < 1:
         raise CMError("steps, batch-size, channels, log-every, ckpt-every and sample-every must be >= 1")
+    if cfg.fid_every and (cfg.dataset == "toy" or cfg.fid_every < 0 or cfg.fid_samples < 2):
+        raise CMError("--fid-every needs image data (digits, cifar10) and --fid-samples >= 2")
     if cfg.teacher_steps < 0:
         raise CMError(f"teacher-steps must be >= 0, got {cfg.teacher_steps}")
     check_math(N=cfg.N, s0=cfg.s0, s1=cfg.s1, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
@@ -933,15 +938,23 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
     from tqdm import tqdm
     bar = tqdm(initial=step, total=cfg.steps, desc=f"{cfg.mode} {cfg.dataset}",
                mininterval=1.0, disable=None)
-    t0 = time.time()
+    t0 = t_log = t_grid = time.time()
+    step_log, fid_cache = step, {}
+    data_dev = None if data is None else data.to(dev)  # the whole set moves to the device once
+    bad = torch.zeros((), dtype=torch.long, device=dev)  # first step with a non-finite loss (0: none)
+
+    def check_finite():  # one host read before anything is logged or saved (every step would stall a GPU)
+        if first := int(bad):
+            raise CMError(f"loss is not finite at step {first}; " + last_good())
+
     with open(out / "log.jsonl", "a" if state is not None else "w") as log:
         while step < cfg.steps:
-            # a batch: fresh toy points, or a random subset of the images (the CPU RNG is checkpointed)
-            x = (toy_ring(cfg.batch_size) if data is None else
-                 data[torch.randint(0, len(data), (cfg.batch_size,))]).to(dev)
+            # a batch: fresh toy points, or a random subset of the images (indices: the checkpointed CPU RNG)
+            x = (toy_ring(cfg.batch_size).to(dev) if data is None else
+                 data_dev[torch.randint(0, len(data), (cfg.batch_size,)).to(dev)])
             if cfg.dataset == "cifar10":  # random horizontal flips
                 x = torch.where(torch.rand(len(x), 1, 1, 1).to(dev) < 0.5, x.flip(3), x)
-            z = torch.randn(x.shape).to(dev)
+            z = torch.randn(x.shape, device=dev)
             if cfg.mode == "ct":  # N(k), μ(k) [CM App. C]
                 N = ct_num_steps(step, cfg.steps, cfg.s0, cfg.s1)
                 mu = ct_target_rate(step, cfg.steps, cfg.s0, cfg.s1, cfg.mu0, cfg.mu_rule)
@@ -956,8 +969,7 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
                 loss = ct_loss(f, f_target, x, sigmas, metric, n=n, z=z)
             else:
                 loss = cd_loss(f, f_target, D, x, sigmas, metric, n=n, z=z)
-            if not torch.isfinite(loss):
-                raise CMError(f"loss is {loss.item()} at step {step}; " + last_good())
+            bad = torch.where((bad == 0) & ~torch.isfinite(loss.detach()), step + 1, bad)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -965,15 +977,28 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
             ema_update(ema, model, ema_warmup_rate(cfg.ema, step))
             step += 1
             bar.update(1)
-            if step % cfg.log_every == 0 or step == 1:
-                bar.set_postfix(loss=f"{loss.item():.4g}", N=N, mu=f"{mu:.4f}")
-                log.write(json.dumps(dict(step=step, loss=loss.item(), N=N, mu=mu, sec=time.time() - t0)) + "\n")
+            log_now = step % cfg.log_every == 0 or step == 1
+            ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.steps
+            grid_now = step % cfg.sample_every == 0 or 0 < cfg.grid_minutes * 60 <= time.time() - t_grid
+            fid_now = cfg.fid_every and step % cfg.fid_every == 0
+            if log_now or grid_now or ckpt_now or fid_now:
+                check_finite()
+            if log_now:
+                now = time.time()
+                ips, t_log, step_log = cfg.batch_size * (step - step_log) / max(now - t_log, 1e-9), now, step
+                bar.set_postfix(loss=f"{loss.item():.4g}", N=N, mu=f"{mu:.4f}", img_s=f"{ips:.0f}")
+                log.write(json.dumps(dict(step=step, loss=loss.item(), N=N, mu=mu, sec=now - t0,
+                                          img_per_s=ips)) + "\n")
                 log.flush()
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:  # before the grids: they may fail
+            if ckpt_now:  # before the grids: they may fail
                 checkpoint()
                 saved = ckpt
-            if step % cfg.sample_every == 0 or step == cfg.steps:
+            if fid_now and (fid := fid_score(ema, cfg, shape, data, out, fid_cache)) is not None:
+                bar.write(f"step {step}: FID {fid:.2f} ({cfg.fid_samples} one-step samples, training set)")
+                log.write(json.dumps(dict(step=step, fid=fid, sec=time.time() - t0)) + "\n")
+            if grid_now or step == cfg.steps:
                 write_grids(ema, cfg, shape, out, step)
+                t_grid = time.time()
     bar.close()
     return report(ema, cfg, data, shape, teacher)
 
@@ -981,6 +1006,31 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
 def grid_name(how: str, step: int) -> str:
     """The file name of a sample grid, the same in cm.py and full/: grid-1step-0000800.png, grid-heun-..."""
     return f"grid-{how.replace('-', '')}-{step:07d}.png"
+
+
+def fid_score(model: nn.Module, cfg: Config, shape, data: Tensor, out: Path, cache: dict) -> float | None:
+    """FID of one-step samples against the training set, through full.evaluate (torch-fidelity's TF
+    Inception, downloaded once). Where that cannot run (offline, no package): one line, None, and no
+    more FIDs this run; training goes on."""
+    if cache.get("off"):
+        return None
+    try:
+        from full import evaluate as ev
+        from full.sample import to_uint8
+        if "ref" not in cache:
+            cache["extractor"] = ev.make_extractor(next(model.parameters()).device)
+            ref = out / "fid_ref.npz"  # the training set's Inception statistics, computed once per run folder
+            if not ref.is_file():
+                st = ev.make_reference(to_uint8(data), cache["extractor"])
+                ev.save_stats(ref, st["mu"], st["sigma"], st["n"])
+            cache["ref"] = ev.load_stats(ref)[:2]
+        x = torch.cat([generate(model, cfg, shape, min(cfg.batch_size, cfg.fid_samples - i), cfg.seed + 2 + i,
+                                "1-step").cpu() for i in range(0, cfg.fid_samples, cfg.batch_size)])
+        return ev.evaluate(to_uint8(x), *cache["ref"], cache["extractor"])["fid"]
+    except (ImportError, ValueError, OSError, RuntimeError) as e:  # EvaluationError is a ValueError
+        cache["off"] = True
+        print(f"note: FID is off for this run: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+        return None
 
 
 def write_grids(model: nn.Module, cfg: Config, shape: Sequence[int], out: Path, step: int) -> None:

@@ -1,36 +1,77 @@
-"""python -m full.bench: training and sampling throughput, and peak memory, measured side by side.
+"""python -m full.bench: what a training step and a sample cost, measured side by side in one run.
 
-Each row trains the same network with the same data for the same number of steps and differs in one
-thing (the precision), so the ratios in the last column are comparisons within one run on one machine.
-Timings are never asserted in tests; they are reported here.
+    python -m full.bench                                     # CIFAR-10 NCSN++, batch 2: ~5 min on a CPU
+    python -m full.bench --batch-size 128                    # the same on a GPU (default device: cuda)
+    python -m full.bench --gpu-check                         # the prepared GPU check, <= 8 min, one report
+    python -m full.bench --gpu-check --dry-run               # the same pipeline on the CPU, tiny, < 1 min
 
-    python -m full.bench                                  # tiny NCSN++, CPU-sized, fp32 vs bf16
-    python -m full.bench --net ncsnpp-cifar10 --batch-size 128 --precisions fp32,bf16,fp16   # a GPU
+Every table is measured in interleaved rounds: each round times every row once, in turn, and a row's
+number is the median over rounds, so a shared or warming machine slows all rows alike and the ratios,
+measured within one round, stay fair. Each timed call ends with a CUDA synchronize.
 
-What is timed (after --warmup untimed steps, with a CUDA synchronize around the clock):
-    train   one CT step: cm.ct_loss (online forward+backward, target forward), RAdam step, target update
-    sample  one-step generation cm.sample_onestep with the online network, no grad
-Peak memory is torch.cuda.max_memory_allocated on CUDA; on the CPU it is not tracked (shown as '-').
+1. train: one optimiser step of full.train.Trainer (the code a run executes) per recipe, metric l2,
+   RAdam, one evaluation EMA, fp32 unless --precision. Beside each recipe's cost relative to an EDM
+   step stands its floor, built from the measured cost of the pieces (same network, batch, precision):
+       F  forward pass without grad           B  forward + backward of a mean square (grad of F)
+       O  optimiser step                       U  one EMA update (the target θ⁻ or an evaluation EMA)
+       EDM = B + O + U        CT = B + F + O + 2U        CD = B + 3F + O + 2U (a Heun step: 2 teacher calls)
+       iCT/ECT = B + F + O + U (their target is θ under stop-grad: no θ⁻ to update)
+   Where backward costs twice a forward (B = 3F) and O, U are small (a GPU at a large batch) the
+   floors are 4/3 = 1.33 for CT and 6/3 = 2 for CD: the "nominal" column.
+2. sample: a bare forward pass of F (the limit of any sampler), one-step and two-step consistency
+   sampling and the teacher's Heun sampler (18 levels, 35 evaluations); img/s and the ratio to F.
+3. options: a CT step and one-step sampling under fp32, bf16 and fp16 autocast, channels_last,
+   a foreach or fused optimiser, and torch.compile (of F in the online and target nets; opt-in on a CPU
+   with --compile, where compiling NCSN++ takes minutes), with the largest difference of a one-step
+   sample from the fp32 one (same weights and noise): 0 or float round-off means the option leaves
+   results alone.
+Memory: on CUDA, the peak of torch.cuda.max_memory_allocated during a step above what was allocated
+before it, plus the recipe's own state (weights, grads, optimiser state, target, EMA, teacher). On a
+CPU the step's part is the size of the tensors saved for backward (a lower bound; no allocator stats).
 """
 from __future__ import annotations
 
+import argparse
 import copy
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 
 import cm
-from full.networks import ADMConfig, NCSNppConfig, build_network
-from full.presets import CLIParser
-from full.train import autocast_ctx
+from full.model import make_model
+from full.presets import CHOICES, CLIParser, resolve
+from full.train import Trainer
 
-NETS = {  # name -> (config factory, image resolution, channels)
-    "ncsnpp-tiny": (lambda: NCSNppConfig.tiny(img_resolution=16), 16, 3),
-    "adm-tiny": (lambda: ADMConfig.tiny(image_size=16, num_classes=0), 16, 3),
-    "ncsnpp-cifar10": (NCSNppConfig.cifar10, 32, 3),
-    "adm-imagenet64": (lambda: ADMConfig.imagenet64(), 64, 3),
+ROOT = Path(__file__).resolve().parents[1]
+NETS = {  # --net -> the preset whose network (and data shape) it uses
+    "ncsnpp-cifar10": "cifar10-ct",    # NCSN++ ~56M, 3x32x32 [CM Tab. 3]
+    "ncsnpp-tiny": "tiny-ct",          # ~0.1M, 1x8x8
+    "adm-tiny": "tiny-ct-adm",         # ~0.8M, class-conditional, 1x8x8
+    "adm-imagenet64": "imagenet64-ct",  # ADM ~296M, 3x64x64 (a large GPU)
 }
 PRECISIONS = ("fp32", "bf16", "fp16")
+# recipe -> (forwards without grad beside the one forward+backward, EMA updates per step)
+FLOORS = {"edm": (0, 1), "ct": (1, 2), "cd": (3, 2), "ict": (1, 1), "ect": (1, 1)}
+RECIPES = [r for r in ("edm", "cd", "ct", "ict", "ect") if r in CHOICES[("cm", "mode")]]
+NOT_YET = [r for r in FLOORS if r not in RECIPES]  # a row appears once full.train accepts cm.mode=<it>
+
+
+def floor(recipe: str, F: float, B: float, O: float = 0.0, U: float = 0.0) -> float:
+    """The recipe's unavoidable work over an EDM step's: (B + n_F·F + O + n_U·U) / (B + O + U)."""
+    n_f, n_u = FLOORS[recipe]
+    return (B + n_f * F + O + n_u * U) / (B + O + U)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
 
 
 def _sync(dev: torch.device) -> None:
@@ -38,90 +79,408 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def bench_one(net_name: str, precision: str, batch: int, steps: int, warmup: int, dev: torch.device,
-              seed: int = 0) -> dict:
-    """Train-step and one-step-sampling throughput (images/s) and peak memory for one setting."""
-    make_cfg, res, ch = NETS[net_name]
-    net_cfg = make_cfg()
-    torch.manual_seed(seed)
-    f = cm.ConsistencyFunction(build_network(net_cfg), 0.5, 0.002).to(dev)
-    target = copy.deepcopy(f).requires_grad_(False)
-    opt = torch.optim.RAdam(f.parameters(), lr=1e-4)
-    autocast = autocast_ctx(precision, dev)
-    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
-    sigmas = cm.karras_sigmas(18)
-    labels = torch.zeros(batch, dtype=torch.long, device=dev) if getattr(net_cfg, "num_classes", 0) else None
-    call = (lambda x, s: f(x, s, labels)) if labels is not None else f
-    call_t = (lambda x, s: target(x, s, labels)) if labels is not None else target
-    x = torch.randn(batch, ch, res, res, device=dev).clamp(-1, 1)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-
-    def train_step():
-        with autocast:
-            loss = cm.ct_loss(call, call_t, x, sigmas, cm.l2)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        cm.ema_update(target, f, 0.99)
-        return loss
-
-    for _ in range(warmup):
-        loss = train_step()
+def timed(fn: Callable, dev: torch.device, reps: int = 1) -> float:
+    """Seconds per call of fn, averaged over reps calls, synchronized."""
     _sync(dev)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = train_step()
+    for _ in range(reps):
+        fn()
     _sync(dev)
-    train_ips = batch * steps / (time.perf_counter() - t0)
-    z = torch.randn_like(x)
-    with autocast:
-        cm.sample_onestep(call, z)
+    return (time.perf_counter() - t0) / reps
+
+
+def rounds(rows: dict[str, Callable], dev: torch.device, n_rounds: int, reps: int, warmup: int,
+           before: dict[str, Callable] | None = None, cold: tuple = (), once: tuple = ()
+           ) -> dict[str, list[float]]:
+    """{row: [seconds per call in round 1, 2, ...]}: every row once per round, the order rotating.
+
+    before[row] (untimed) runs ahead of each timing of that row: it switches a shared trainer's options.
+    Rows named in `cold` skip the warm-up (slow rows whose network the others have warmed), rows in
+    `once` are timed in the first round only (a ratio to them uses that round)."""
+    names, before = list(rows), before or {}
+    times = {k: [] for k in names}
+    first = {}
+    for k in names:  # warm-up (and compilation) is timed separately: the first call's cost
+        if k in cold:
+            continue
+        before.get(k, lambda: None)()
+        first[k] = timed(rows[k], dev) if warmup else 0.0
+        for _ in range(warmup - 1):
+            rows[k]()
+    for r in range(n_rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            if r and k in once:
+                continue
+            before.get(k, lambda: None)()
+            times[k].append(timed(rows[k], dev, reps))
+    times["_first"] = first  # type: ignore[assignment]
+    return times
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a[r] / b[r]: each ratio is taken within one round."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def state_bytes(*modules_or_opts) -> int:
+    """Bytes of the weights, grads and optimiser state a recipe keeps between steps."""
+    seen, total = set(), 0
+    for m in modules_or_opts:
+        if m is None:
+            continue
+        tensors = ([t for s in m.state.values() for t in s.values() if torch.is_tensor(t)]
+                   if isinstance(m, torch.optim.Optimizer) else
+                   [*m.parameters(), *m.buffers(), *(p.grad for p in m.parameters() if p.grad is not None)])
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def step_bytes(fn: Callable, dev: torch.device) -> int:
+    """Memory a call of fn needs above what was allocated before it: CUDA's allocator peak, or on a CPU
+    the bytes of the tensors autograd saves for backward (a lower bound)."""
+    if dev.type == "cuda":
         _sync(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        fn()
+        _sync(dev)
+        return torch.cuda.max_memory_allocated(dev) - base
+    seen, total = set(), [0]
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total[0] += key[1]
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The three tables
+
+
+@dataclasses.dataclass
+class Setup:
+    net: str
+    batch: int
+    dev: torch.device
+    precision: str = "fp32"
+    rounds: int = 5
+    reps: int = 1
+    warmup: int = 1
+
+
+def run_config(s: Setup, mode: str, optimizer: str = "radam"):
+    return resolve(NETS[s.net], [f"cm.mode={mode!r}", "cm.metric='l2'", f"opt.batch={s.batch}",
+                                 "opt.microbatch=0", f"opt.precision={s.precision!r}",
+                                 f"opt.optimizer={optimizer!r}", "opt.warmup=0", "opt.grad_clip=0.0",
+                                 "ema.rates=0.9999", "ema.warmup=False"])
+
+
+def make_trainer(s: Setup, mode: str) -> Trainer:
+    cfg = run_config(s, mode)
+    teacher = None
+    if mode == "cd":  # a denoiser of the same network stands in for the teacher (same cost)
+        teacher = make_model(cfg, denoiser=True).to(s.dev).eval().requires_grad_(False)
+    return Trainer(cfg, s.dev, teacher)
+
+
+def batch_for(tr: Trainer, n: int, dev: torch.device, seed: int = 0):
+    net = tr.cfg.net
+    res = getattr(net, "img_resolution", None) or getattr(net, "image_size")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, net.in_channels, res, res, generator=g).clamp(-1, 1).to(dev)
+    y = torch.randint(0, net.num_classes, (n,), generator=g).to(dev) if net.num_classes else None
+    return x, y
+
+
+def train_table(s: Setup, trainers: dict[str, Trainer]) -> list[dict]:
+    """Recipes' step times, img/s, memory, and ratios to EDM beside their floors."""
+    ct = trainers["ct"]
+    x, y = batch_for(ct, s.batch, s.dev)
+    sigma = cm.karras_sigmas(18)[torch.randint(0, 18, (s.batch,))].float().to(s.dev)
+    model, amp = ct.model, lambda fn: ct._amp(fn, y)
+
+    def fwd():  # F
+        with torch.no_grad():
+            amp(model)(x + cm.append_dims(sigma, 4) * x, sigma)
+
+    def fwd_bwd():  # B
+        ct.opt.zero_grad(set_to_none=True)
+        ct.scaler.scale(amp(model)(x, sigma).float().square().mean()).backward()
+
+    rows = {f"step {r}": (lambda tr=tr: tr.step(x, y)) for r, tr in trainers.items()}
+    rows.update({"F": fwd, "B": fwd_bwd, "O": lambda: ct.opt.step(),
+                 "U": lambda: cm.ema_update(ct.target, ct.model, 0.999)})
+    fwd_bwd()  # grads for O
+    t = rounds(rows, s.dev, s.rounds, s.reps, s.warmup)
+    F, B, O, U = (t[k] for k in "FBOU")
+    out = []
+    for r, tr in trainers.items():
+        sec = statistics.median(t[f"step {r}"])
+        peak = state_bytes(tr.model, tr.target, tr.teacher, tr.opt, *tr.emas.values()) + step_bytes(
+            lambda: tr.step(x, y), s.dev)
+        floors = [floor(r, *p) for p in zip(F, B, O, U)]
+        out.append(dict(recipe=r, sec=sec, ips=s.batch / sec, mem_gib=peak / 2 ** 30,
+                        x_edm=median_ratio(t[f"step {r}"], t["step edm"]),
+                        floor=statistics.median(floors), nominal=floor(r, 1.0, 3.0)))
+    for r in out:
+        r["mem_x"] = r["mem_gib"] / out[0]["mem_gib"]
+    pieces = {k: statistics.median(t[k]) for k in "FBOU"}
+    print(f"\ntrain: one optimiser step per recipe ({s.net}, batch {s.batch}, {s.precision}, RAdam, l2; "
+          f"median of {s.rounds} interleaved rounds)")
+    print(f"  pieces: F {pieces['F'] * 1e3:.1f} ms (forward, no grad), B {pieces['B'] * 1e3:.1f} ms "
+          f"(forward+backward, B/F = {pieces['B'] / pieces['F']:.2f}), O {pieces['O'] * 1e3:.1f} ms "
+          f"(RAdam step), U {pieces['U'] * 1e3:.1f} ms (EMA update)")
+    print(f"  {'recipe':7} {'ms/step':>9} {'img/s':>9} {'x EDM':>7} {'floor':>7} {'nominal':>8} "
+          f"{'mem GiB':>8} {'mem x':>6}")
+    for r in out:
+        print(f"  {r['recipe']:7} {r['sec'] * 1e3:9.1f} {r['ips']:9.1f} {r['x_edm']:7.3f} {r['floor']:7.3f} "
+              f"{r['nominal']:8.2f} {r['mem_gib']:8.2f} {r['mem_x']:6.2f}", flush=True)
+    if NOT_YET:
+        print(f"  ({', '.join(NOT_YET)}: not in full.train yet; a row appears once cm.mode accepts them)")
+    return out
+
+
+def sample_table(s: Setup, f: torch.nn.Module, D: torch.nn.Module, tr: Trainer) -> list[dict]:
+    """One-step, two-step and Heun sampling beside a bare forward pass of F, img/s."""
+    x, y = batch_for(tr, s.batch, s.dev, seed=1)
+    c, run = tr.cfg.cm, tr.cfg.run
+    call, call_D = tr._amp(f, y), tr._amp(D, y)
+    T = torch.full((s.batch,), c.sigma_max, device=s.dev)
+    c_in, c_noise = cm.append_dims(cm.boundary_scalings(T, c.sigma_data, c.sigma_min)[2], 4), f.c_noise(T)
+    levels = cm.ts_to_sigmas(run.ts, run.ts_grid, c.sigma_min, c.sigma_max, c.rho)
+
+    def bare():
+        with torch.no_grad():
+            tr._amp(lambda v, t, lab: f.net(v, t, lab), y)(c_in * x, c_noise)
+    rows = {"bare F": bare,
+            "1-step": lambda: cm.sample_onestep(call, x, c.sigma_max),
+            f"{len(levels)}-step": lambda: cm.sample_multistep(call, x, levels, c.sigma_min,
+                                                               noises=[x] * (len(levels) - 1)),
+            "Heun 35": lambda: cm.sample_heun(call_D, x, 18, c.sigma_min, c.sigma_max, c.rho)}
+    evals = {"bare F": 1, "1-step": 1, f"{len(levels)}-step": len(levels), "Heun 35": 35}
+    t = rounds(rows, s.dev, s.rounds, s.reps, s.warmup, cold=("Heun 35",), once=("Heun 35",))
+    print(f"\nsample ({s.net}, batch {s.batch}, {s.precision}; median of {s.rounds} interleaved rounds, "
+          f"Heun in the first)")
+    print(f"  {'sampler':9} {'evals':>5} {'ms/batch':>10} {'img/s':>9} {'x bare F':>9}")
+    out = []
+    for k in rows:
+        sec = statistics.median(t[k])
+        out.append(dict(sampler=k, evals=evals[k], sec=sec, ips=s.batch / sec,
+                        x_bare=median_ratio(t["bare F"], t[k])))
+        print(f"  {k:9} {evals[k]:5d} {sec * 1e3:10.1f} {s.batch / sec:9.1f} {out[-1]['x_bare']:9.3f}",
+              flush=True)
+    return out
+
+
+def options_table(s: Setup, tr: Trainer, compile_net: bool) -> list[dict]:
+    """A CT step and one-step sampling under each precision/speed option, against fp32 (one trainer,
+    switched between rows, so the weights and memory are shared)."""
+    x, y = batch_for(tr, s.batch, s.dev)
+    f = tr.emas[tr.cfg.ema.rates[0]]
+    params = list(tr.model.parameters())
+    with torch.no_grad():  # F's output layer starts at zero, so a fresh f ignores F: give it weights
+        for p in params:
+            if not p.any():
+                p.normal_(0.0, 0.05)
+        for avg in (tr.target, f):
+            cm.ema_update(avg, tr.model, 0.0)
+    opts = {"radam": tr.opt, "radam foreach": torch.optim.RAdam(params, foreach=True),
+            "adam": torch.optim.Adam(params, foreach=False),
+            "adam fused": torch.optim.Adam(params, fused=True)}
+    scalers = {p: torch.amp.GradScaler(s.dev.type, enabled=p == "fp16") for p in PRECISIONS}
+    raw = {m: m.net for m in (tr.model, tr.target, f)}
+    compiled = {m: torch.compile(n) for m, n in raw.items()} if compile_net else {}
+    options = {"fp32": {}, "bf16": dict(precision="bf16"), "fp16": dict(precision="fp16"),
+               "channels_last": dict(channels_last=True)}
+    if compile_net:
+        options["compile"] = dict(compile=True)
+    fmt = {True: torch.channels_last, False: torch.contiguous_format}
+
+    def switch(precision="fp32", channels_last=False, opt="radam", compile=False):
+        tr.cfg = dataclasses.replace(tr.cfg, opt=dataclasses.replace(tr.cfg.opt, precision=precision))
+        tr.scaler, tr.opt = scalers[precision], opts[opt]
+        for m, n in raw.items():
+            m.to(memory_format=fmt[channels_last])
+            m.net = compiled[m] if compile else n
+    xs = {True: x.to(memory_format=torch.channels_last), False: x}
+    step_rows = {k: (lambda o=o: tr.step(xs[o.get("channels_last", False)], y)) for k, o in options.items()}
+    # the optimisers: their step alone (the rest of a training step does not depend on them)
+    step_rows.update({k: (lambda o=o: o.step()) for k, o in opts.items()})
+    samp_rows = {k: (lambda o=o: cm.sample_onestep(tr._amp(f, y), xs[o.get("channels_last", False)]))
+                 for k, o in options.items()}
+    before = {k: (lambda o=o: switch(**o)) for k, o in options.items()}
+    before.update({k: switch for k in opts})
+    t0 = time.perf_counter()
+    ts = rounds(step_rows, s.dev, s.rounds, s.reps, max(s.warmup, 1), before)
+    tsamp = rounds(samp_rows, s.dev, s.rounds, s.reps, max(s.warmup, 1), before)
+    wall = time.perf_counter() - t0
+    samples = {}
+    for k in samp_rows:  # same weights, same noise: how far each option moves a one-step sample
+        switch(**options[k])
+        samples[k] = cm.sample_onestep(tr._amp(f, y), xs[options[k].get("channels_last", False)]).float()
+    switch()
+    print(f"\noptions: a CT step and one-step sampling ({s.net}, batch {s.batch}, on {s.dev.type}; "
+          f"median of {s.rounds} interleaved rounds, {wall:.0f} s)")
+    print(f"  {'option':14} {'step ms':>9} {'x fp32':>7} {'1-step ms':>10} {'x fp32':>7} "
+          f"{'max|Δ| 1-step':>14} {'1st call s':>10}")
+    out = []
+    for k in [*options, *opts]:
+        st, sx = statistics.median(ts[k]), median_ratio(ts["fp32" if k in options else "radam"], ts[k])
+        sm = statistics.median(tsamp[k]) if k in tsamp else None
+        smx = median_ratio(tsamp["fp32"], tsamp[k]) if k in tsamp else None
+        delta = (samples[k] - samples["fp32"]).abs().max().item() if k in samples else None
+        out.append(dict(option=k, step_sec=st, step_x=sx, sample_sec=sm, sample_x=smx, max_delta=delta,
+                        first_call_sec=ts["_first"][k], helps=sx > 1.05))
+        fm = lambda v, f_: "-" if v is None else format(v, f_)
+        print(f"  {k:14} {st * 1e3:9.1f} {sx:7.2f} {fm(sm and sm * 1e3, '10.1f'):>10} {fm(smx, '7.2f'):>7} "
+              f"{fm(delta, '14.2e'):>14} {ts['_first'][k]:10.1f}")
+    print("  (x fp32 > 1 is faster; the optimiser rows time the optimiser step alone, against RAdam's\n"
+          "   for-loop step; '1st call s' includes compilation for the compile row)", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+
+
+def bench(s: Setup, tables=("train", "sample", "options"), compile_net: bool = False) -> dict:
+    name = torch.cuda.get_device_name(s.dev) if s.dev.type == "cuda" else \
+        f"CPU ({torch.get_num_threads()} threads)"
+    print(f"full.bench: {s.net}, batch {s.batch}, {s.precision}, on {name}, "
+          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
+    result = {"device": name, "net": s.net, "batch": s.batch, "precision": s.precision}
+    trainers = {r: make_trainer(s, r) for r in RECIPES} if {"train", "sample"} & set(tables) else {}
+    if "train" in tables:
+        result["train"] = train_table(s, trainers)
+    if "sample" in tables:
+        result["sample"] = sample_table(s, trainers["ct"].emas[0.9999], trainers["edm"].model.eval(),
+                                        trainers["ct"])
+    trainers.clear()
+    if "options" in tables:
+        result["options"] = options_table(dataclasses.replace(s, precision="fp32"), make_trainer(s, "ct"),
+                                          compile_net)
+    return result
+
+
+def gpu_check(out: Path, dry_run: bool, budget: float = 480.0) -> int:
+    """tests/test_gpu.py, the bench in fp32/bf16/fp16, a minute each of cm.py and full.train: one report.
+
+    Each part runs in its own process with a time limit, so a hang or crash is reported and the rest
+    still runs; the limits keep the whole within `budget` seconds."""
+    dev = torch.device("cpu" if dry_run else "cuda")
+    if not dry_run and not torch.cuda.is_available():
+        raise cm.CMError("--gpu-check needs a CUDA device (torch.cuda.is_available() is False); "
+                         "--dry-run runs the same pipeline on the CPU")
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / "report.md"
+    device_name = "CPU (dry run)" if dry_run else torch.cuda.get_device_name(dev)
+    lines = [f"# python -m full.bench --gpu-check{' --dry-run' if dry_run else ''}",
+             f"{time.strftime('%Y-%m-%d %H:%M')}, {device_name}, torch {torch.__version__}\n"]
+    failed, deadline = [], time.perf_counter() + (budget if not dry_run else 3 * budget)
+    env = dict(os.environ, CM_GPU_CHECK_DEVICE=dev.type)
+    # seconds of training for each of cm.py and full.train (the dry run's few steps end well before)
+    train_s = 120 if dry_run else 60
+
+    def shell(title: str, cmd: list[str], limit: float, reserve: float, ok_on_timeout: bool = False):
+        """Run cmd for at most `limit` s, leaving `reserve` s of the budget to the parts after it."""
+        limit = max(min(limit, deadline - time.perf_counter() - reserve), 1.0)
         t0 = time.perf_counter()
-        for _ in range(steps):
-            cm.sample_onestep(call, z)
-        _sync(dev)
-    sample_ips = batch * steps / (time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
-    return dict(net=net_name, precision=precision, batch=batch, train_ips=train_ips, sample_ips=sample_ips,
-                peak_gib=peak, loss_finite=bool(torch.isfinite(loss)))
+        try:
+            r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
+            rc, text = r.returncode, r.stdout + r.stderr
+        except subprocess.TimeoutExpired as e:
+            rc = 0 if ok_on_timeout else "timeout"
+            text = "".join(v.decode() if isinstance(v, bytes) else (v or "") for v in (e.stdout, e.stderr))
+            text += f"\n(stopped after {limit:.0f} s, as planned)" if ok_on_timeout else ""
+        if rc != 0:
+            failed.append(title)
+        tail = "\n".join(text.replace("\r", "\n").strip().splitlines()[-60:])
+        status = "ok" if rc == 0 else f"FAILED ({rc})"
+        lines.append(f"## {title}: {status}, {time.perf_counter() - t0:.0f} s\n$ {' '.join(cmd)}\n"
+                     f"```\n{tail}\n```\n")
+        print(lines[-1], flush=True)
+
+    py, tmp = sys.executable, out / "runs"
+    shell("tests/test_gpu.py", [py, "-m", "pytest", "-q", "tests/test_gpu.py", "-p", "no:cacheprovider"],
+          300 if dry_run else 150, 2 * train_s + 180)
+    net, batch = ("ncsnpp-tiny", 4) if dry_run else ("ncsnpp-cifar10", 128)
+    precisions = "fp32,bf16" if dry_run else ",".join(PRECISIONS)  # fp16 autocast is a CUDA setting
+    shell(f"bench {precisions} + options", [
+        py, "-m", "full.bench", "--net", net, "--batch-size", str(batch), "--precision", precisions,
+        "--rounds", "1" if dry_run else "3", "--reps", "1" if dry_run else "3", "--warmup", "1",
+        "--device", dev.type, *([] if dry_run else ["--compile"])], 300, 2 * train_s)
+    cm_args = (["--dataset", "toy", "--channels", "32", "--batch-size", "64", "--steps", "10"] if dry_run
+               else ["--steps", "100000", "--log-every", "200"])
+    shell("cm.py --mode ct", [py, "cm.py", "--mode", "ct", "--device", dev.type, "--out", str(tmp / "cm-ct"),
+                              *cm_args], train_s, train_s, ok_on_timeout=True)
+    shell("full.train --preset tiny-ct", [py, "-m", "full.train", "--preset", "tiny-ct",
+                                          f"run.out={str(tmp / 'tiny-ct')!r}", f"run.device={dev.type!r}",
+                                          f"opt.steps={10 if dry_run else 100000}", "run.log_every=100",
+                                          "run.ckpt_every=1000", "run.resume=False"],
+          train_s, 0, ok_on_timeout=True)
+    for log in sorted(tmp.glob("*/log.jsonl")):
+        rows = [json.loads(v) for v in log.read_text().splitlines() if v.strip()]
+        if rows:
+            lines.append(f"{log.parent.name}: last log line {json.dumps(rows[-1])}\n")
+    lines.append(f"\nresult: {'all ok' if not failed else 'FAILED: ' + ', '.join(failed)}\n")
+    report.write_text("\n".join(lines))
+    print(f"\n{lines[-1].strip()}; report in {report}")
+    return 1 if failed else 0
 
 
-def main(argv=None) -> list[dict]:
-    p = CLIParser(description=__doc__.splitlines()[0])
-    p.add_argument("--net", default="ncsnpp-tiny", choices=sorted(NETS))
-    p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per setting")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
+def main(argv=None) -> dict | int:
+    p = CLIParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--net", default="ncsnpp-cifar10", choices=sorted(NETS))
+    p.add_argument("--batch-size", type=int, default=0, help="per step (default: 2 on a CPU, 128 on a GPU)")
+    p.add_argument("--batch", dest="batch_size", type=int, help=argparse.SUPPRESS)  # the old name
+    p.add_argument("--precision", default="fp32",
+                   help="for the train and sample tables; a comma-separated list runs each in turn")
+    p.add_argument("--tables", default="train,sample,options", help="comma-separated: train, sample, options")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="interleaved rounds, each row's median is reported (default: 3 on a CPU, 5 on a GPU)")
+    p.add_argument("--reps", type=int, default=1, help="calls per row and round (timed together)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per row before the rounds")
+    p.add_argument("--compile", action="store_true", help="add a torch.compile row to the options table")
     p.add_argument("--device", default="", help="default: cuda if available, else cpu")
+    p.add_argument("--json", default="", help="also write the numbers to this file")
+    p.add_argument("--gpu-check", action="store_true", help="the prepared GPU check (see the module doc)")
+    p.add_argument("--dry-run", action="store_true", help="with --gpu-check: the same on the CPU, tiny")
+    p.add_argument("--out", default="runs/gpu-check", help="with --gpu-check: folder of report.md")
     args = p.parse_args(argv)
     try:
-        dev = cm.pick_device(args.device)
-        precisions = args.precisions.split(",")
+        if args.gpu_check:
+            return gpu_check(Path(args.out), args.dry_run)
+        tables, precisions = args.tables.split(","), args.precision.split(",")
+        if bad := [t for t in tables if t not in ("train", "sample", "options")]:
+            raise cm.CMError(f"unknown table {bad[0]!r}; choose from train, sample, options")
         if bad := [q for q in precisions if q not in PRECISIONS]:
             raise cm.CMError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
-        if args.batch < 1 or args.steps < 1 or args.warmup < 0:
-            raise cm.CMError(f"need --batch-size >= 1, --steps >= 1, --warmup >= 0 (got {args.batch}, "
-                             f"{args.steps}, {args.warmup})")
+        if args.rounds < 0 or args.reps < 1 or args.warmup < 0 or args.batch_size < 0:
+            raise cm.CMError("need --rounds >= 0, --reps >= 1, --warmup >= 0, --batch-size >= 0")
+        dev = cm.pick_device(args.device)
     except cm.CMError as e:
         cm.exit_on(e)
-    threads = torch.get_num_threads()
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({threads} threads)"
-    print(f"{args.net}, batch {args.batch}, {args.steps} timed steps, on {name}")
-    rows = [bench_one(args.net, q, args.batch, args.steps, args.warmup, dev) for q in precisions]
-    base = rows[0]
-    print(f"{'precision':>9} {'train img/s':>12} {'x':>6} {'1-step img/s':>13} {'x':>6} "
-          f"{'peak GiB':>9} finite")
-    for r in rows:
-        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-        print(f"{r['precision']:>9} {r['train_ips']:12.1f} {r['train_ips'] / base['train_ips']:6.2f} "
-              f"{r['sample_ips']:13.1f} {r['sample_ips'] / base['sample_ips']:6.2f} {peak:>9} "
-              f"{r['loss_finite']}")
-    return rows
+    gpu = dev.type == "cuda"
+    results = []
+    for i, q in enumerate(precisions):  # the options table once, after the last precision's tables
+        s = Setup(args.net, args.batch_size or (128 if gpu else 2), dev, q, args.rounds or (5 if gpu else 3),
+                  args.reps, args.warmup)
+        last = [t for t in tables if t != "options" or i == len(precisions) - 1]
+        results.append(bench(s, last, args.compile))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results[0] if len(results) == 1 else {"by_precision": results}
 
 
 if __name__ == "__main__":
-    main()
+    r = main()
+    sys.exit(r if isinstance(r, int) else 0)

@@ -30,7 +30,7 @@ def convert(src: str | Path, out: str | Path, kind: str = "", resolution: int = 
     else:
         state = checkpoints.load(src, kind=kind)
     f, _ = checkpoints.model_from_state(state, path=src)  # the weights must load before anything is written
-    export = {k: state[k] for k in ("ema", "config", "step", "format")} | {"export": True}
+    export = {k: state[k] for k in ("ema", "config", "step", "format")} | {"kind": "full", "export": True}
     if "official" in state:
         export["official"] = state["official"]
     save_checkpoint(Path(out), export)
@@ -48,7 +48,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--attn", default="16", help="resolutions with attention, comma-separated (CIFAR-10: 16)")
     args = p.parse_args(argv)
     try:
-        attn = tuple(int(a) for a in args.attn.split(",") if a)
+        try:
+            attn = tuple(int(a) for a in args.attn.split(",") if a)
+        except ValueError:
+            raise CMError(f"--attn takes comma-separated integers, got {args.attn!r}") from None
         state = convert(args.checkpoint, args.out, args.kind, args.resolution, attn)
         info = state.get("official", {})
         how = f" ({info['kind']}: {info['kind_from']})" if info else ""

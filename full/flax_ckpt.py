@@ -73,7 +73,8 @@ def find_checkpoint(path: str | Path) -> Path:
             if d.is_dir() else []
         if found:
             return max(found)[1]
-    raise CMError(f"{path} is a folder without checkpoint_<N> files (nor a checkpoints/ folder with them)")
+    raise CMError(f"{path} is a folder without checkpoint_<N> files (nor a checkpoints/ folder with them): "
+                  "pass a checkpoint file (a full/ ckpt-*.pt or export.pt, or a released file)")
 
 
 def is_flax(path: str | Path) -> bool:
@@ -328,18 +329,25 @@ def infer_config(params: dict, img_resolution: int = 32, attn_resolutions: tuple
 # --------------------------------------------------------------------------------------------------------
 
 
+def _path_word(path: str | Path, choices: tuple[str, ...]) -> str:
+    """The first of `choices` that is a word of the file name or of a folder above it, the nearest name
+    first (…/ct-runs/cd-lpips/checkpoints/checkpoint_80 says cd); '' if none (three folders are looked at)."""
+    for part in reversed(Path(path).resolve().parts[-4:]):
+        words = set(re.split(r"[^a-z0-9]+", part.lower()))
+        found = [c for c in choices if c in words]
+        if found:
+            return found[0]
+    return ""
+
+
 def detect_kind(state: dict, path: str | Path) -> tuple[str, str]:
     """(kind, why). A target network -> ct; else the file / folder names (edm, ct, cd); else the EMA rate
     (the EDM teacher's half-life rate vs the students' 0.9999)."""
     if "target_params" in state:
         return "ct", "it has target_params (StateWithTarget, a CT run)"
-    words = [w for part in Path(path).resolve().parts[-4:] for w in re.split(r"[^a-z0-9]+", part.lower())]
-    if "edm" in words:
-        return "edm", "its path says edm"
-    if "ct" in words:
-        return "ct", "its path says ct"
-    if "cd" in words:
-        return "cd", "its path says cd"
+    word = _path_word(path, KINDS)
+    if word:
+        return word, f"its path says {word}"
     rate = state.get("ema_rate")
     if isinstance(rate, (int, float, np.floating)) and abs(float(rate) - TEACHER_EMA_RATE) < 1e-9:
         return "edm", "its EMA rate is the EDM teacher's"
@@ -347,8 +355,7 @@ def detect_kind(state: dict, path: str | Path) -> tuple[str, str]:
 
 
 def _metric_from_path(path: str | Path) -> str:
-    words = {w for part in Path(path).resolve().parts[-4:] for w in re.split(r"[^a-z0-9]+", part.lower())}
-    return next((m for m in ("lpips", "l2", "l1") if m in words), "lpips")
+    return _path_word(path, ("lpips", "l2", "l1")) or "lpips"
 
 
 def run_config(kind: str, net, ema_rate: float, path: str | Path = ""):
@@ -387,8 +394,9 @@ def import_flax(path: str | Path, kind: str = "", img_resolution: int = 32,
     sd = {f"net.{k}": v for k, v in convert_params(params, net).items()}  # ConsistencyFunction.net
     step = state.get("step", 0)
     return {"ema": {rate: sd}, "config": dataclasses.asdict(cfg), "step": int(step), "format": 1,
-            "export": True, "official": {"format": "flax-msgpack", "source": str(file), "kind": kind,
-                                         "kind_from": why, "params": "params_ema"}}
+            "kind": "full", "export": True,
+            "official": {"format": "flax-msgpack", "source": str(file), "kind": kind, "kind_from": why,
+                         "params": "params_ema"}}
 
 
 def read_checkpoint(path: Path, obj, arch: str = "", kind: str = "") -> dict | None:

@@ -25,8 +25,9 @@ runs in train mode; the teacher and the evaluation EMAs always run in eval mode.
 Resume. ckpt-{step}.pt holds model, target, EMAs, optimiser, GradScaler, step, the CPU/CUDA RNG state of
 every rank and the data position, so a resumed run continues bit for bit on CPU (same world size).
 `run.resume='auto'` (default) resumes from the newest checkpoint of the run folder if there is one, which
-is what a torchrun --max-restarts restart needs. A non-finite loss stops the run before the optimiser
-step, without saving, naming the last good checkpoint.
+is what a torchrun --max-restarts restart needs. A non-finite loss stops the run, without saving, naming
+the step of the first one and the last good checkpoint: the check runs on the device every step and is
+read by the host before each log line, grid and checkpoint (never every step: that would stall a GPU).
 """
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ if __name__ == "__main__":  # a torchrun worker dies with its agent: armed befor
 import copy
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -148,11 +148,15 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
         opt_cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[cfg.opt.optimizer]
+        # the multi-tensor kernels: the same update up to float round-off, faster (python -m full.bench)
+        fast = {"radam": dict(foreach=True), "adam": dict(fused=True)}[cfg.opt.optimizer]
         self.opt = opt_cls(self.model.parameters(), lr=cfg.opt.lr, betas=tuple(cfg.opt.betas),
-                           eps=cfg.opt.eps, weight_decay=cfg.opt.weight_decay)
+                           eps=cfg.opt.eps, weight_decay=cfg.opt.weight_decay, **fast)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.opt.precision == "fp16")
         self.metric = make_metric(cfg, device) if cfg.cm.mode != "edm" else None
         self.step_k = 0
+        self.bad_step = torch.zeros((), dtype=torch.long, device=device)  # first non-finite loss (0: none)
+        self.bad_loss = torch.zeros((), device=device)
         # Different dropout masks and noise on each rank from here on (the init above was shared).
         torch.manual_seed(cfg.run.seed + 1_000_003 * (self.rank + 1))
 
@@ -190,7 +194,8 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         x = x.to(self.device, non_blocking=True)
-        labels = labels.to(self.device) if labels is not None and cfg.data.class_cond else None
+        if labels is not None:
+            labels = labels.to(self.device, non_blocking=True) if cfg.data.class_cond else None
         part = lambda t, i: None if t is None else t[i * self.micro:(i + 1) * self.micro]
         total = torch.zeros((), device=self.device)
         self.opt.zero_grad(set_to_none=True)
@@ -199,9 +204,12 @@ class Trainer:
                 loss = self.loss(part(x, i), part(labels, i), N, part(n, i), part(z, i), part(sigma, i))
                 self.scaler.scale(loss / self.accum).backward()
             total += loss.detach() / self.accum
-        total = dist.all_mean(total).item()
-        if not math.isfinite(total):
-            raise NonFiniteLoss(f"loss is {total} at step {k + 1}")
+        total = dist.all_mean(total)
+        # Remember the first non-finite loss on the device: reading it on the host every step would
+        # stall the GPU; check_finite() reads it before every log line, grid and checkpoint.
+        first = ~torch.isfinite(total) & (self.bad_step == 0)
+        self.bad_step = torch.where(first, k + 1, self.bad_step)
+        self.bad_loss = torch.where(first, total, self.bad_loss)
         if cfg.opt.grad_clip > 0:
             self.scaler.unscale_(self.opt)
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.opt.grad_clip)
@@ -212,7 +220,12 @@ class Trainer:
         for rate, ema in self.emas.items():
             ema_update(ema, self.model, ema_warmup_rate(rate, k) if cfg.ema.warmup else rate)
         self.step_k = k + 1
-        return {"step": k + 1, "loss": total, "N": N, "mu": mu, "lr": lr}
+        return {"step": k + 1, "loss": total, "N": N, "mu": mu, "lr": lr}  # loss stays a device tensor
+
+    def check_finite(self) -> None:
+        """NonFiniteLoss naming the first step whose loss was NaN or inf (one host read)."""
+        if bad := int(self.bad_step):
+            raise NonFiniteLoss(f"loss is {float(self.bad_loss)} at step {bad}")
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -426,22 +439,28 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
     try:
         while tr.step_k < cfg.opt.steps:
             x, y = next(loader)
-            try:
-                rec = tr.step(x, y)
-            except NonFiniteLoss as e:
-                raise CMError(f"{e}; stopped without saving; " + (f"the last good checkpoint is {last_ckpt}"
-                              if last_ckpt else "no checkpoint was written yet")) from None
+            rec = tr.step(x, y)
             k = tr.step_k
-            if main and (k % cfg.run.log_every == 0 or k == cfg.opt.steps):
+            log_now, ckpt_now = k % cfg.run.log_every == 0, k % cfg.run.ckpt_every == 0
+            grid_now = cfg.run.sample_every and k % cfg.run.sample_every == 0
+            if log_now or ckpt_now or grid_now or k == cfg.opt.steps:  # nothing non-finite is logged or saved
+                try:
+                    tr.check_finite()
+                except NonFiniteLoss as e:
+                    good = (f"the last good checkpoint is {last_ckpt}" if last_ckpt
+                            else "no checkpoint was written yet")
+                    raise CMError(f"{e}; stopped without saving; {good}") from None
+            if main and (log_now or k == cfg.opt.steps):
                 now = time.time()
-                rec.update({"img/s": cfg.opt.batch * (k - k_log) / max(now - t_log, 1e-9), "sec": now - t0})
+                rec.update({"loss": rec["loss"].item(), "sec": now - t0,
+                            "img/s": cfg.opt.batch * (k - k_log) / max(now - t_log, 1e-9)})
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 k_log, t_log = k, now
                 bar.set_postfix(loss=f"{rec['loss']:.4g}", N=rec["N"], img_s=f"{rec['img/s']:.0f}")
             if bar is not None:
                 bar.update(1)
-            if k % cfg.run.ckpt_every == 0 or k == cfg.opt.steps:  # before the grids, which may fail
+            if ckpt_now or k == cfg.opt.steps:  # before the grids, which may fail
                 st = tr.state()  # every rank: gathers the RNG states
                 if main:
                     last_ckpt = checkpoints.save(out, st, cfg.run.keep_last)
@@ -449,7 +468,7 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
                 last_ckpt = checkpoints.ckpt_path(out, k)
                 if on_checkpoint is not None:
                     on_checkpoint(k, last_ckpt)
-            if main and ((cfg.run.sample_every and k % cfg.run.sample_every == 0) or k == cfg.opt.steps):
+            if main and (grid_now or k == cfg.opt.steps):
                 write_grids(cfg, tr.emas[cfg.ema.for_eval()], shape, out, k)
         if main:
             checkpoints.export(out / "export.pt", tr.emas, cfg, tr.step_k)
@@ -459,7 +478,8 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
             bar.close()
         if log is not None:
             log.close()
-    return {"step": tr.step_k, "loss": rec["loss"] if rec else None, "checkpoint": last_ckpt, "trainer": tr}
+    return {"step": tr.step_k, "loss": float(rec["loss"]) if rec else None, "checkpoint": last_ckpt,
+            "trainer": tr}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,18 +1,74 @@
-"""full.bench runs end to end on the CPU and reports finite, positive throughputs (no timing asserts)."""
+"""full.bench: the floors' closed forms, no extra network pass in any recipe's step, the three tables
+and the GPU check's dry run end to end on the CPU (timings are reported, never asserted)."""
 import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from full import bench
 
-
-def test_bench_reports_each_precision(capsys):
-    rows = bench.main(["--net", "ncsnpp-tiny", "--batch-size", "2", "--steps", "1", "--warmup", "0",
-                       "--precisions", "fp32,bf16", "--device", "cpu"])
-    assert [r["precision"] for r in rows] == ["fp32", "bf16"]
-    assert all(r["train_ips"] > 0 and r["sample_ips"] > 0 and r["loss_finite"] for r in rows)
-    assert "train img/s" in capsys.readouterr().out
+pos = st.floats(1e-3, 1e3)
 
 
-def test_bench_rejects_unknown_precision(capsys):
+def test_nominal_floors():
+    """Backward = 2 forwards, no optimiser or EMA cost: CT = (3 + 1) / 3, CD = (3 + 3) / 3."""
+    assert bench.floor("edm", 1.0, 3.0) == 1.0
+    assert bench.floor("ct", 1.0, 3.0) == pytest.approx(4 / 3)
+    assert bench.floor("cd", 1.0, 3.0) == pytest.approx(2.0)
+
+
+@given(pos, pos, pos, pos)
+def test_floor_is_the_extra_work_over_an_edm_step(F, B, O, U):
+    edm = B + O + U
+    assert bench.floor("edm", F, B, O, U) == pytest.approx(1.0)
+    assert bench.floor("ct", F, B, O, U) == pytest.approx(1 + (F + U) / edm)
+    assert bench.floor("cd", F, B, O, U) == pytest.approx(1 + (3 * F + U) / edm)
+
+
+@pytest.mark.parametrize("recipe, grad_calls, no_grad_calls", [("edm", 1, 0), ("ct", 1, 1), ("cd", 1, 3)])
+def test_a_step_runs_the_network_no_more_than_the_recipe_needs(recipe, grad_calls, no_grad_calls):
+    """One forward with grad (then its backward) per step; CT adds the target, CD the target and a Heun
+    step of the teacher (2 calls). Any extra pass in cm.ct_loss/cd_loss or Trainer.step fails this."""
+    s = bench.Setup("ncsnpp-tiny", 2, torch.device("cpu"))
+    tr = bench.make_trainer(s, recipe)
+    calls = []
+    for m in {tr.model.net, getattr(tr.target, "net", None), getattr(tr.teacher, "net", None)} - {None}:
+        m.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    x, y = bench.batch_for(tr, 2, s.dev)
+    tr.step(x, y)
+    assert (calls.count(True), calls.count(False)) == (grad_calls, no_grad_calls)
+
+
+def test_bench_prints_three_tables(capsys):
+    r = bench.main(["--net", "ncsnpp-tiny", "--batch", "2", "--rounds", "1", "--warmup", "0",
+                    "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert all(t in out for t in ("\ntrain:", "\nsample", "\noptions:"))
+    assert [row["recipe"] for row in r["train"]] == bench.RECIPES
+    assert all(row["ips"] > 0 and row["floor"] >= 1 and row["mem_gib"] > 0 for row in r["train"])
+    assert {row["sampler"] for row in r["sample"]} == {"bare F", "1-step", "2-step", "Heun 35"}
+    fp32 = [row for row in r["options"] if row["option"] == "fp32"][0]
+    assert fp32["max_delta"] == 0 and fp32["step_x"] == 1
+    assert all(row["max_delta"] < 0.1 for row in r["options"] if row["max_delta"] is not None)
+
+
+@pytest.mark.parametrize("argv, needle", [(["--precision", "fp8"], "unknown precision"),
+                                          (["--tables", "train,speed"], "unknown table"),
+                                          (["--rounds", "-1"], "need --rounds"),
+                                          (["--device", "tpu"], "device")])
+def test_bench_rejects_bad_arguments_in_one_line(capsys, argv, needle):
     with pytest.raises(SystemExit) as e:
-        bench.main(["--precisions", "fp8", "--device", "cpu"])
-    assert e.value.code == 1 and "unknown precision" in capsys.readouterr().err
+        bench.main([*argv, "--net", "ncsnpp-tiny"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and needle in err and err.count("\n") == 1, err
+
+
+def test_gpu_check_dry_run(tmp_path, capsys):
+    """The GPU check's whole pipeline, on the CPU with tiny sizes: tests/test_gpu.py, the bench per
+    precision, cm.py and full.train; one report file that says all went well."""
+    assert bench.main(["--gpu-check", "--dry-run", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "result: all ok" in report and "FAILED" not in report
+    for part in ("tests/test_gpu.py: ok", "4 passed", "bench fp32,bf16 + options: ok", "\ntrain:", "\nsample",
+                 "\noptions:", "cm.py --mode ct: ok", "full.train --preset tiny-ct: ok", "tiny-ct: last log line"):
+        assert part in report, part

@@ -176,3 +176,33 @@ def test_resume_refuses_a_run_with_other_settings(tmp_path):
     cm.train(cm.Config(mode="ct", steps=10, out=str(tmp_path), **TINY))
     with pytest.raises(cm.CMError, match="trained with other steps"):
         cm.train(cm.Config(mode="ct", steps=20, out=str(tmp_path), resume=True, **TINY))
+
+
+FID_RUN = dict(mode="ct", dataset="digits", channels=8, batch_size=16, steps=2, log_every=1, ckpt_every=2,
+               sample_every=2, fid_every=2, fid_samples=20, device="cpu")
+
+
+def test_fid_every_logs_a_fid_through_full_evaluate(tmp_path, monkeypatch):
+    """A stand-in feature extractor (pixel means of 4x4 patches): the FID of the run's samples is logged,
+    finite and positive, and the training set's statistics are cached in the run folder."""
+    from full import evaluate
+    pool = lambda x: torch.nn.functional.avg_pool2d(x.float(), 4).flatten(1)  # (B, 3*2*2)
+    monkeypatch.setattr(evaluate, "make_extractor", lambda device=None: lambda x: (pool(x), pool(x)))
+    cm.train(cm.Config(out=str(tmp_path), **FID_RUN))
+    fids = [r["fid"] for r in map(eval, (tmp_path / "log.jsonl").read_text().splitlines()) if "fid" in r]
+    assert len(fids) == 1 and np.isfinite(fids[0]) and fids[0] > 0
+    assert (tmp_path / "fid_ref.npz").is_file()
+
+
+def test_fid_offline_is_one_line_and_training_goes_on(tmp_path, capsys):
+    """No Inception weights and no network (this machine): one note, no FID, the run finishes."""
+    from full import evaluate
+    if evaluate.inception_weights_cache_path().is_file():
+        pytest.skip("the Inception weights are cached here: the offline path cannot be shown")
+    cm.train(cm.Config(out=str(tmp_path), **FID_RUN))
+    err = capsys.readouterr().err
+    assert err.count("FID is off") == 1 and "Traceback" not in err, err
+    assert (tmp_path / "ckpt.pt").is_file()
+    with pytest.raises(SystemExit) as e:
+        cm.main(["--dataset", "toy", "--fid-every", "5", "--out", str(tmp_path / "x")])
+    assert e.value.code == 1 and "fid-every needs image data" in capsys.readouterr().err

@@ -242,6 +242,10 @@ def test_kind_from_contents_path_and_override(tmp_path):
     l2.parent.mkdir(parents=True)
     shutil.copy(CKPT, l2)
     assert checkpoints.load(l2.parent.parent)["config"]["preset"] == "cifar10-cd-l2"
+    nearest = tmp_path / "ct-runs" / "cd-l1" / "checkpoints" / "checkpoint_80"   # the nearest name decides
+    nearest.parent.mkdir(parents=True)
+    shutil.copy(CKPT, nearest)
+    assert checkpoints.load(nearest)["config"]["preset"] == "cifar10-cd-l1"
     nested = write(tmp_path / "c" / "checkpoint_1", {**tree, "params_ema": {"params": tree["params_ema"]}})
     assert checkpoints.load(nested)["config"]["net"]["model_channels"] == 4   # a tree with its "params" level
     with pytest.raises(CMError, match="kind"):
@@ -280,8 +284,8 @@ def test_convert_then_sample_and_sample_directly(tmp_path, expected, capsys):
     assert (tmp_path / "s" / "samples.png").stat().st_size > 0
     with np.load(tmp_path / "s" / "samples.npz") as z:
         assert z["arr_0"].shape == (4, 32, 32, 3)
-    code, err = run_cli(capsys, "full.sample", "--checkpoint", str(FIX), "--kind", "edm", "--num-samples", "2",
-                        "--out", str(tmp_path / "h"))   # the teacher: Heun
+    code, err = run_cli(capsys, "full.sample", "--checkpoint", str(FIX), "--kind", "edm",
+                        "--num-samples", "2", "--out", str(tmp_path / "h"))   # the teacher: Heun
     assert code == 0, err
     assert (tmp_path / "h" / "samples.png").is_file()
 
@@ -294,6 +298,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         code, err = run_cli(capsys, *args)
         assert code == 1 and err.count("\n") == 1 and "truncated" in err, err
     assert not (tmp_path / "x.pt").exists()
+    code, err = run_cli(capsys, "full.convert", str(CKPT), "--attn", "x", "--out", str(tmp_path / "x.pt"))
+    assert code == 1 and err.count("\n") == 1 and "--attn" in err, err
 
 
 def test_cd_training_with_a_flax_teacher(tmp_path, skip_md5):  # noqa: F811
