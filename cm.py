@@ -707,6 +707,17 @@ def sample_multistep(f: Callable, z: Tensor, sigmas: Sequence[float], sigma_min:
     return x
 
 
+def check_levels(levels: Sequence[float], sigma_min: float, sigma_max: float = math.inf) -> list[float]:
+    """Multistep levels τ_1 > τ_2 > ...: finite, strictly decreasing, within [ε, T] (a level at ε only
+    re-noises by √(ε² - ε²) = 0); anything else is a ValueError. The one check of sampling and editing."""
+    levels = [float(t) for t in levels]
+    if not levels or not all(map(math.isfinite, levels)) or any(a <= b for a, b in zip(levels, levels[1:])) \
+            or levels[-1] < sigma_min or levels[0] > sigma_max:
+        raise ValueError(f"levels must be finite, strictly decreasing and within [sigma_min, sigma_max] = "
+                         f"[{sigma_min}, {sigma_max}], got {levels}")
+    return levels
+
+
 @torch.no_grad()
 def sample_heun(D: Callable, z: Tensor, N: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
                 rho: float = 7.0) -> Tensor:
@@ -1148,6 +1159,11 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
     return report(ema, cfg, data, shape, teacher)
 
 
+def grid_name(how: str, step: int) -> str:
+    """The file name of a sample grid, the same in cm.py and full/: grid-1step-0000800.png, grid-heun-..."""
+    return f"grid-{how.replace('-', '')}-{step:07d}.png"
+
+
 def fid_score(model: nn.Module, cfg: Config, shape, data: Tensor, out: Path, cache: dict) -> float | None:
     """FID of one-step samples against the training set, through full.evaluate (torch-fidelity's TF
     Inception, downloaded once). Where that cannot run (offline, no package): one line, None, and no
@@ -1176,7 +1192,7 @@ def fid_score(model: nn.Module, cfg: Config, shape, data: Tensor, out: Path, cac
 def write_grids(model: nn.Module, cfg: Config, shape: Sequence[int], out: Path, step: int) -> None:
     n = 512 if len(shape) == 1 else 64
     for how in ("heun",) if cfg.mode == "edm" else ("1-step", "2-step"):
-        save_grid(generate(model, cfg, shape, n, cfg.seed + 1, how), out / f"{how}_{step:06d}.png")
+        save_grid(generate(model, cfg, shape, n, cfg.seed + 1, how), out / grid_name(how, step))
 
 
 def report(model: nn.Module, cfg: Config, data: Tensor | None, shape, teacher=None) -> dict:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from cm import CMError
+from cm import CMError, atomic_write
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -253,10 +253,7 @@ def imagenet64_to_npy(root: str | os.PathLike, train: bool = True) -> tuple[Path
     data, labels = load_imagenet64_arrays(imagenet64_files(root, train))
     out = (root / f"{split}_data.npy", root / f"{split}_labels.npy")
     for path, arr in zip(out, (data, labels)):
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            np.save(fh, arr)
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: np.save(fh, arr))
     return out
 
 

@@ -109,10 +109,7 @@ def replace(x: Tensor, y: Tensor, omega: Tensor, A: Callable = _identity,
 
 
 def _check_levels(levels: Sequence[float], sigma_min: float) -> list[float]:
-    levels = [float(t) for t in levels]
-    if not levels or any(a <= b for a, b in zip(levels, levels[1:])) or levels[-1] < sigma_min:
-        raise ValueError(f"levels must be strictly decreasing and >= sigma_min, got {levels}")
-    return levels
+    return cm.check_levels(levels, sigma_min)
 
 
 def _denoise_and_replace(x: Tensor, tau: float, f: Callable, y: Tensor, omega: Tensor, A: Callable,

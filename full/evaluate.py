@@ -18,7 +18,7 @@ second model for IS.
 
 Reference statistics are an `.npz` with `mu` (D,), `sigma` (D, D) and `n`; files from pytorch-fid
 or guided-diffusion's reference batches (which also hold `mu`, `sigma`) load too, as long as they
-were made with the same Inception. Inputs are a folder of PNG/JPG images (searched recursively,
+were made with the same Inception. Inputs are a folder of PNG/JPG/WEBP images (searched recursively,
 sorted) or an `.npz` whose `images` key or first array (`arr_0`, as guided-diffusion and
 `full.sample` write it) is uint8 NHWC (NCHW is detected and transposed). Prefer PNG or npz: JPEG
 compression alone moves FID.
@@ -56,8 +56,9 @@ import torch
 from scipy import linalg
 
 from cm import CMError, atomic_write, exit_on, pick_device
+from full.data import IMAGE_EXTENSIONS, find_images
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # what trains can be evaluated: png, jpg, jpeg, webp
 PAPER_NUM_SAMPLES = 50_000  # [CM Sec. 6]: FID/IS of 50k samples
 
 # An extractor maps a uint8 (B, 3, H, W) batch to (pool features (B, D), logits (B, K)).
@@ -191,7 +192,7 @@ def _npz_images(path: Path) -> np.ndarray:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return find_images(folder)  # the same discovery as training (full.data)
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -530,7 +531,7 @@ def _parser() -> argparse.ArgumentParser:
         description="FID and Inception Score (TF-Inception, torch-fidelity) against reference statistics.",
     )
     p.add_argument("samples", nargs="?",
-                   help="folder of PNG/JPG images, or .npz of uint8 NHWC images (arr_0 or images)")
+                   help="folder of PNG/JPG/WEBP images, or .npz of uint8 NHWC images (arr_0 or images)")
     p.add_argument("--ref", help="reference statistics .npz (mu, sigma, n) to compute FID against")
     p.add_argument("--make-ref", metavar="SOURCE", help="compute reference statistics of 'cifar10' "
                    "(train split) or of a folder/.npz of images, and write them to --out")

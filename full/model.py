@@ -18,5 +18,11 @@ def make_model(cfg, denoiser: bool | None = None) -> ConsistencyFunction:
                                0.0 if denoiser else cfg.cm.sigma_min, cfg.cm.noise_cond)
 
 
+def image_shape(net) -> tuple[int, int, int]:
+    """(C, H, W) of the images a network config takes (NCSN++ names the size img_resolution, ADM image_size)."""
+    res = net.img_resolution if hasattr(net, "img_resolution") else net.image_size
+    return net.in_channels, res, res
+
+
 def has_dropout(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())

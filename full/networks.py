@@ -73,6 +73,12 @@ from torch import Tensor, nn
 # --------------------------------------------------------------------------------------------------------
 
 
+def _require(ok: bool, message: str) -> None:
+    """A config check that `python -O` keeps (an assert would vanish): ValueError(message) unless ok."""
+    if not ok:
+        raise ValueError(message)
+
+
 @dataclass
 class NCSNppConfig:
     """NCSN++ [NCSN++ App. H] with BigGAN blocks, FIR resampling and a residual input pyramid."""
@@ -98,11 +104,11 @@ class NCSNppConfig:
         # Tuples even when the config comes back from a checkpoint's asdict() / JSON as lists.
         self.channel_mult, self.attn_resolutions = tuple(self.channel_mult), tuple(self.attn_resolutions)
         self.resample_filter = tuple(self.resample_filter)
-        assert self.embedding in ("fourier", "positional"), "embedding is fourier or positional"
-        assert self.encoder in ("residual", "standard"), "encoder is residual or standard"
-        assert len(self.resample_filter) % 2 == 0, "FIR resampling here needs an even number of taps"
-        assert self.img_resolution % 2 ** (len(self.channel_mult) - 1) == 0, "resolution must halve cleanly"
-        assert min(self.channel_mult) * self.model_channels >= 4, "GroupNorm uses C // 4 groups"
+        _require(self.embedding in ("fourier", "positional"), "embedding is fourier or positional")
+        _require(self.encoder in ("residual", "standard"), "encoder is residual or standard")
+        _require(len(self.resample_filter) % 2 == 0, "FIR resampling here needs an even number of taps")
+        _require(self.img_resolution % 2 ** (len(self.channel_mult) - 1) == 0, "resolution must halve cleanly")
+        _require(min(self.channel_mult) * self.model_channels >= 4, "GroupNorm uses C // 4 groups")
 
     @classmethod
     def cifar10(cls, dropout: float = 0.0) -> NCSNppConfig:
@@ -143,10 +149,11 @@ class ADMConfig:
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)                    # lists from asdict() / JSON
         self.attention_resolutions = tuple(self.attention_resolutions)
-        assert self.image_size % 2 ** (len(self.channel_mult) - 1) == 0, "resolution must halve cleanly"
-        assert self.model_channels % 2 == 0, "the sinusoidal embedding needs an even width"
-        assert all(m * self.model_channels % 32 == 0 for m in self.channel_mult), "GroupNorm uses 32 groups"
-        assert all(m * self.model_channels % self.num_head_channels == 0 for m in self.channel_mult)
+        _require(self.image_size % 2 ** (len(self.channel_mult) - 1) == 0, "resolution must halve cleanly")
+        _require(self.model_channels % 2 == 0, "the sinusoidal embedding needs an even width")
+        _require(all(m * self.model_channels % 32 == 0 for m in self.channel_mult), "GroupNorm uses 32 groups")
+        _require(all(m * self.model_channels % self.num_head_channels == 0 for m in self.channel_mult),
+                 "every level's channels must split into heads of num_head_channels")
 
     @classmethod
     def imagenet64(cls, dropout: float = 0.0) -> ADMConfig:

@@ -392,7 +392,7 @@ def apply_override(cfg: RunConfig, item: str) -> RunConfig:
 def _replace_net(net, name: str, value):
     try:
         return dataclasses.replace(net, **{name: value})
-    except AssertionError as e:  # the network configs check themselves with asserts
+    except ValueError as e:  # the network configs' own checks
         raise ConfigError(f"net.{name}={value!r}: {e}") from None
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import zipfile
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -30,10 +29,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from cm import CMError, exit_on, sample_heun, sample_multistep, sample_onestep, ts_to_sigmas
+from cm import CMError, check_levels, exit_on, sample_heun, sample_multistep, sample_onestep, ts_to_sigmas
 from cm import save_grid as cm_save_grid
 from full import checkpoints, dist
 from full.data import uint8_to_unit
+from full.model import image_shape
 from full.presets import CLIParser
 
 
@@ -112,11 +112,10 @@ def levels_from_args(ts: str, sigmas: str, grid_steps: int, cfg) -> list[float]:
         levels = [float(s) for s in sigmas.split(",")] if sigmas else [c.sigma_max]
     except ValueError as e:
         raise CMError(f"--ts/--sigmas: {e}") from None
-    if not all(map(math.isfinite, levels)) or any(a <= b for a, b in zip(levels, levels[1:])) \
-            or levels[-1] <= c.sigma_min or levels[0] > c.sigma_max:
-        raise CMError(f"--sigmas must be finite, descend, and lie in (sigma_min, sigma_max] = "
-                      f"({c.sigma_min}, {c.sigma_max}], got {levels}")
-    return levels
+    try:
+        return check_levels(levels, c.sigma_min, c.sigma_max)
+    except ValueError as e:
+        raise CMError(f"--sigmas: {e}") from None
 
 
 def load_reference(path: str, shape: Sequence[int]) -> torch.Tensor:
@@ -210,8 +209,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                           "--sigmas and --grid-steps are for consistency models (--steps sets the Heun levels)")
         grid_steps = args.grid_steps or cfg.run.ts_grid
         net = cfg.net
-        res = getattr(net, "img_resolution", None) or getattr(net, "image_size")
-        shape = (net.in_channels, res, res)
+        shape = image_shape(net)
         labels = [int(v) for v in args.class_labels.split(",")] if args.class_labels else None
         num_classes = getattr(net, "num_classes", 0)
         if labels is not None and not all(0 <= v < num_classes for v in labels):

@@ -49,10 +49,10 @@ import torch.nn as nn
 import full
 from cm import (METRICS, CMError, RunFolder, SharedDropout, atomic_write, cd_loss, changed_fields, ct_loss,
                 ct_num_steps, ct_target_rate, ect_loss, edm_loss, ema_update, ema_warmup_rate, exit_on,
-                gap_weight, ict_num_steps, karras_sigmas, lognormal_index_probs, ts_to_sigmas)
+                gap_weight, grid_name, ict_num_steps, karras_sigmas, lognormal_index_probs, ts_to_sigmas)
 from full import checkpoints, dist
 from full.data import make_dataset, make_loader
-from full.model import has_dropout, make_model
+from full.model import has_dropout, image_shape, make_model
 from full.presets import CLIParser, RunConfig, resolve, to_json
 
 
@@ -291,13 +291,13 @@ def load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module:
 
 
 def _net_geometry(net) -> tuple[int, int, int]:
-    return getattr(net, "img_resolution", None) or net.image_size, net.in_channels, net.num_classes
+    return image_shape(net)[1], net.in_channels, net.num_classes
 
 
 def check_data(cfg: RunConfig, ds) -> None:
     """The dataset must fit the network: channels, resolution, classes."""
     net = cfg.net
-    res = getattr(net, "img_resolution", None) or getattr(net, "image_size")
+    res = image_shape(net)[1]
     if (ds.channels, ds.resolution) != (net.in_channels, res):
         raise CMError(f"data {cfg.data.name} is {ds.channels}x{ds.resolution}x{ds.resolution} but the "
                       f"network takes {net.in_channels}x{res}x{res}")
@@ -319,7 +319,7 @@ def write_grids(cfg: RunConfig, f: nn.Module, shape: Sequence[int], out: Path, s
     paths = []
     for name, levels in kinds.items():
         x, _ = generate(f, cfg, shape, range(n), levels, seed=cfg.run.seed, heun=levels is None)
-        paths.append(save_grid(x, out / f"grid-{name}-{step:07d}.png"))
+        paths.append(save_grid(x, out / grid_name(name, step)))
     return paths
 
 
@@ -420,7 +420,7 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
         if not state:
             (out / "log.jsonl").write_text("")
     dist.barrier()
-    log = open(out / "log.jsonl", "a") if main else None
+    log = open(out / "log.jsonl", "a") if main else None  # closed in the finally below
     bar = None
     if main:
         from tqdm import tqdm

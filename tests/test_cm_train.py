@@ -29,7 +29,7 @@ def teacher(tmp_path_factory):
 
 @pytest.mark.slow
 def test_edm_then_cd_then_ct_end_to_end(teacher, tmp_path):
-    assert (teacher.parent / "heun_000030.png").is_file()
+    assert (teacher.parent / "grid-heun-0000030.png").is_file()
     state = torch.load(teacher, weights_only=True)
     assert state["step"] == 30 and state["config"]["mode"] == "edm"
     rows = cm.train(cm.Config(mode="cd", teacher=str(teacher), steps=20, out=str(tmp_path / "cd"), **TINY))
@@ -44,7 +44,8 @@ def test_edm_then_cd_then_ct_end_to_end(teacher, tmp_path):
     r = run_cli("--sample", str(tmp_path / "ct" / "ckpt.pt"), "--out", str(tmp_path / "again"))
     assert r.returncode == 0, r.stderr
     for how in ("1-step", "2-step"):
-        assert same_image(tmp_path / "ct" / f"{how}_000020.png", tmp_path / "again" / f"{how}_000020.png")
+        name = cm.grid_name(how, 20)
+        assert same_image(tmp_path / "ct" / name, tmp_path / "again" / name)
     lines = (tmp_path / "ct" / "log.jsonl").read_text().splitlines()
     assert len(lines) >= 4 and all("loss" in ln for ln in lines)
 
@@ -97,7 +98,8 @@ def test_sample_cli_draws_the_training_grid(teacher, tmp_path):
     """The grid of --sample equals the one the run drew at the same step from the same (EMA) weights."""
     r = run_cli("--sample", str(teacher), "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    assert same_image(teacher.parent / "heun_000030.png", tmp_path / "heun_000030.png")
+    name = cm.grid_name("heun", 30)
+    assert same_image(teacher.parent / name, tmp_path / name)
 
 
 def test_import_has_no_side_effects(tmp_path):

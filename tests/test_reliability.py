@@ -100,6 +100,9 @@ def runs(tmp_path_factory):
     full.train.train(resolve("tiny-ct", [f"run.out={str(d / 'full-ct')!r}", "opt.steps=2"]))
     export(d / "edm-export.pt", "tiny-edm")
     export(d / "ct-export.pt", "tiny-ct")
+    rng = np.random.default_rng(0)
+    np.savez(d / "samples.npz", arr_0=rng.integers(0, 256, (4, 8, 8, 1), dtype=np.uint8))
+    full.evaluate.save_stats(d / "ref.npz", np.zeros(4), np.eye(4), 4)
     return d
 
 
@@ -183,9 +186,6 @@ def security_cases(e: Path, runs: Path) -> list[tuple[str, list[str], str]]:
 
 
 def test_no_path_flag_unpickles_code(evil, runs):
-    rng = np.random.default_rng(0)
-    np.savez(runs / "samples.npz", arr_0=rng.integers(0, 256, (4, 8, 8, 1), dtype=np.uint8))
-    full.evaluate.save_stats(runs / "ref.npz", np.zeros(4), np.eye(4), 4)
     before = snapshot(runs / "cm-ct", runs / "full-ct")
     for name, argv, needle in security_cases(evil, runs):
         code, err = run_main(name, argv)
@@ -253,7 +253,7 @@ def bad_input_cases(runs: Path, tmp: Path) -> list[tuple[str, list[str], str]]:
         ("full.train", ["--preset", "tiny-cd", f"run.teacher={str(cm_run / 'ckpt.pt')!r}", o("t2")],
          "cm.py checkpoint"),
         # full.sample
-        ("full.sample", ["--checkpoint", str(ct), "--sigmas", "nan", "--out", str(tmp)], "--sigmas must be finite"),
+        ("full.sample", ["--checkpoint", str(ct), "--sigmas", "nan", "--out", str(tmp)], "must be finite"),
         ("full.sample", ["--checkpoint", str(ct), "--sigmas", "inf,1", "--out", str(tmp)], "finite"),
         ("full.sample", ["--checkpoint", str(ct), "--sigmas", "1e9,1", "--out", str(tmp)], "sigma_max"),
         ("full.sample", ["--checkpoint", str(ct), "--device", "foo"], "unknown device"),
