@@ -961,14 +961,15 @@ def save_grid(x: Tensor, path: Path, nrow: int | None = None) -> None:
         ax = fig.subplots()
         ax.scatter(*x.cpu().T, s=2)
         ax.set(xlim=(-1.2, 1.2), ylim=(-1.2, 1.2), aspect="equal", title=path.stem)
-        fig.savefig(path, dpi=80)
+        atomic_write(path, lambda fh: fig.savefig(fh, dpi=80, format="png"))
         return
     import torchvision
     x = (x.clamp(-1, 1) + 1) / 2
     if x.shape[-1] < 32:
         x = F.interpolate(x, scale_factor=32 // x.shape[-1], mode="nearest")
-    torchvision.utils.save_image(x.float().cpu(), path, nrow=nrow or max(1, int(math.sqrt(len(x)))),
-                                 padding=2, pad_value=1)
+    nrow = nrow or max(1, int(math.sqrt(len(x))))
+    atomic_write(path, lambda fh: torchvision.utils.save_image(x.float().cpu(), fh, format="png", nrow=nrow,
+                                                               padding=2, pad_value=1))
 
 
 # Settings that change what a run computes: a resume with other values is refused (naming them) unless

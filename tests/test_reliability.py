@@ -342,8 +342,8 @@ def _fsize_limit(nbytes: int):
 
 def test_a_full_disk_leaves_one_line_and_no_temporary_file(tmp_path):
     """The checkpoint write fails (file-size limit: EFBIG, as ENOSPC would): one line, no .tmp left."""
-    p = run_cli("cm.py", *TOY, "--mode", "ct", "--steps", "4", "--ckpt-every", "2", "--out", str(tmp_path),
-                preexec_fn=_fsize_limit(8192))
+    p = run_cli("cm.py", *TOY, "--mode", "ct", "--steps", "4", "--ckpt-every", "2", "--sample-every", "4",
+                "--out", str(tmp_path), preexec_fn=_fsize_limit(8192))
     assert_one_line(p.returncode, p.stderr, f"cannot write {tmp_path / 'ckpt.pt'}")
     assert not list(tmp_path.glob("*tmp")) and not (tmp_path / "ckpt.pt").exists()
 
