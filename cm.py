@@ -28,8 +28,10 @@ Notation (code name = paper symbol)
     k, K        training step and total steps; s0, s1, mu0 the curriculum constants [CM App. C]
 
 Sections: 1 config · 2 noise levels · 3 parameterization · 4 networks · 5 ODE steps · 6 losses (6b iCT, ECT) ·
-7 samplers · 8 target & EMA · 9 data · 10 checkpoints · 11 training · 12 command line.
-Importing this module has no side effects; everything runs from main().
+7 samplers · 8 target & EMA · 9 data · 10 checkpoints · 11 training · 12 command line. The plumbing that
+is not the method (errors, atomic files, the checkpoint container, run folders, devices, grids, LPIPS,
+distances) is in full/common.py; its names are imported here too. Importing this module has no side
+effects; everything runs from main().
 """
 from __future__ import annotations
 
@@ -41,9 +43,7 @@ import json
 import math
 import os
 import re
-import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -53,17 +53,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-
-class CMError(RuntimeError):
-    """A user-facing error (bad input, a run that cannot go on): every main() of cm.py and full/ prints its
-    message as one line and exits with status 1 (argparse's usage errors exit with 2). Nothing else is
-    caught, so a programming error still shows its traceback."""
-
-
-def exit_on(e: CMError):
-    """What every main() does with a CMError: `error: <message>` as one line on stderr, exit status 1."""
-    print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
-    raise SystemExit(1) from None
+from full.common import (CKPT_FORMAT, KINDS, LPIPS, SIGMA_MAX_LIMIT, CMError, PiqLPIPS, RunFolder,
+                         atomic_write, changed_fields, check_math, checkpoint_kind, distance_table,
+                         energy_distance, exit_on, fid_score, grid_name, load_checkpoint, pick_device,
+                         read_weights_only, save_checkpoint, save_grid, uint8_to_unit)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,30 +179,6 @@ def resolve(cfg: Config) -> Config:
     except ValueError as e:
         raise CMError(str(e)) from None
     return cfg
-
-
-SIGMA_MAX_LIMIT = 1e4  # far above any paper's T = 80; beyond it float32 images lose their signal
-
-
-def check_math(prefix: str = "", **v) -> None:
-    """Range checks of the math settings shared by cm.py and full/ (a CMError names the first bad one):
-    finite numbers, 0 < sigma_min < sigma_max <= 1e4, sigma_data > 0, rho > 0, N >= 2, 2 <= s0 <= s1,
-    0 <= mu < 1, 0 < mu0 < 1, every EMA rate in [0, 1)."""
-    for k, x in v.items():
-        for y in (x if isinstance(x, (list, tuple)) else [x]):
-            if not isinstance(y, (int, float)) or not math.isfinite(y):
-                raise CMError(f"{prefix}{k} must be a finite number, got {y!r}")
-    if not 0 < v["sigma_min"] < v["sigma_max"] <= SIGMA_MAX_LIMIT:
-        raise CMError(f"need 0 < {prefix}sigma_min < {prefix}sigma_max <= {SIGMA_MAX_LIMIT:g} "
-                      f"(got {v['sigma_min']}, {v['sigma_max']})")
-    if v["sigma_data"] <= 0 or v["rho"] <= 0:
-        raise CMError(f"need {prefix}sigma_data > 0 and {prefix}rho > 0 (got {v['sigma_data']}, {v['rho']})")
-    if v["N"] < 2 or v["s0"] < 2 or v["s1"] < v["s0"]:
-        raise CMError(f"need {prefix}N >= 2 and 2 <= {prefix}s0 <= {prefix}s1 "
-                      f"(got N={v['N']}, s0={v['s0']}, s1={v['s1']})")
-    if not (0 <= v["mu"] < 1 and 0 < v["mu0"] < 1 and v["ema"] and all(0 <= e < 1 for e in v["ema"])):
-        raise CMError(f"need 0 <= {prefix}mu < 1, 0 < {prefix}mu0 < 1 and EMA rates in [0, 1) "
-                      f"(got mu={v['mu']}, mu0={v['mu0']}, ema={v['ema']})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,49 +457,6 @@ def l2_norm(x: Tensor, y: Tensor) -> Tensor:
     return pseudo_huber(x, y, 0.0)
 
 
-class LPIPS(nn.Module):
-    """LPIPS(VGG) with inputs upsampled bilinearly to 224x224, images in [-1, 1].  [CM Sec. 5, App. C]
-
-    The `lpips` package's network (max pooling), as the official CIFAR-10 (JAX) runs used it.
-    `pretrained_backbone=False` gives a randomly initialised VGG (offline tests); the linear
-    calibration layers ship inside the `lpips` package, the VGG16 weights are downloaded once."""
-
-    avg_pool = False  # PiqLPIPS: average pooling, and no resize from 256 pixels up
-
-    def __init__(self, pretrained_backbone: bool = True):
-        super().__init__()
-        try:
-            import lpips
-            with warnings.catch_warnings():  # lpips still uses torchvision's deprecated `pretrained=`
-                warnings.simplefilter("ignore", UserWarning)
-                self.net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained_backbone, verbose=False)
-        except Exception as e:  # no package, or no internet for the VGG16 weights
-            raise CMError(f"LPIPS(VGG) is unavailable ({type(e).__name__}: {str(e)[:80]}); "
-                          "use --metric l2 (or pip install lpips and allow the VGG16 download)") from e
-        for block in self.net.net.children() if self.avg_pool else ():
-            for name, layer in block.named_children():
-                if isinstance(layer, nn.MaxPool2d):
-                    setattr(block, name, nn.AvgPool2d(2, 2))
-        self.net.eval().requires_grad_(False)
-
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        if x.shape[1] == 1:  # grey images: repeat to RGB
-            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
-        if not self.avg_pool or x.shape[-1] < 256:
-            x, y = (F.interpolate(v.float(), size=224, mode="bilinear", align_corners=False) for v in (x, y))
-        return self.net(x.float(), y.float()).flatten(1).mean(1)
-
-
-class PiqLPIPS(LPIPS):
-    """piq's LPIPS(replace_pooling=True), as the official ImageNet-64 / LSUN-256 runs used it.
-
-    The same VGG16 features and calibration with average instead of max pooling, and a resize to 224
-    only for images below 256 pixels. piq standardises (x + 1)/2 by the ImageNet mean and std, which is
-    exactly the `lpips` scaling layer on x in [-1, 1], so the inputs stay in [-1, 1] here."""
-
-    avg_pool = True
-
-
 METRICS = {"l2": l2, "l1": l1, "pseudo_huber": pseudo_huber, "l2_norm": l2_norm, "lpips": LPIPS,
            "lpips_piq": PiqLPIPS}
 
@@ -777,7 +703,7 @@ def load_cifar10(data_dir: str | os.PathLike, download: bool = True) -> Tensor:
         raise CMError(f"CIFAR-10 is not in {root / 'cifar-10-batches-py'} and could not be downloaded "
                       f"({type(e).__name__}); extract https://www.cs.toronto.edu/~kriz/"
                       f"cifar-10-python.tar.gz into {root}") from e
-    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return uint8_to_unit(ds.data).permute(0, 3, 1, 2)
 
 
 def load_data(cfg: Config) -> Tensor | None:
@@ -795,110 +721,8 @@ def make_net(cfg: Config, shape: Sequence[int]) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. Checkpoints: plain state dicts, written atomically, read with weights_only=True
-
-CKPT_FORMAT = 1
-# The two checkpoint kinds carry distinct markers ("kind"); files written before the marker existed
-# are told apart by their config (a full/ config has an "arch").
-KINDS = {"cm": ("a cm.py checkpoint", "python cm.py --sample PATH"),
-         "full": ("a full/ checkpoint", "python -m full.sample --checkpoint PATH")}
-
-
-def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
-    """write(fh) into a temporary file unique to this process, fsync it, then rename it over `path`: a
-    crash (kill -9, power cut) never leaves a half-written file, and a failed write (disk full) leaves
-    neither the file nor its temporary behind, only a one-line CMError."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        tmp.unlink(missing_ok=True)
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
-        raise CMError(f"cannot write {path}: {why}") from None
-    return path
-
-
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """torch.save through atomic_write."""
-    atomic_write(path, lambda fh: torch.save(state, fh))
-
-
-def checkpoint_kind(state) -> str | None:
-    """'cm' or 'full' for a checkpoint dict of this project, None for anything else."""
-    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT or \
-            not isinstance(state.get("config"), dict):
-        return None
-    return state.get("kind") or ("full" if "arch" in state["config"] else "cm")
-
-
-def read_weights_only(path: str | os.PathLike):
-    """torch.load(path, weights_only=True): tensors and Python primitives only, so a pickle that would
-    run code is refused unread. A missing, corrupt or truncated file is a one-line CMError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CMError(f"no checkpoint at {path}")
-    try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the one line below says it all
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, garbage bytes, pickled code
-        raise CMError(f"cannot read checkpoint {path}: corrupt or truncated, or not a weights-only "
-                      f"PyTorch file ({type(e).__name__})") from None
-
-
-def load_checkpoint(path: str | os.PathLike, kind: str = "cm") -> dict:
-    """Read a checkpoint of `kind` with weights_only=True (a pickle that would run code is refused
-    unread); a missing, corrupt or foreign file, or one of the other kind, is a one-line CMError."""
-    state = read_weights_only(path)
-    found = checkpoint_kind(state)
-    if found != kind:
-        what, how = KINDS[found] if found else ("", "")
-        raise CMError(f"{path} is not {KINDS[kind][0]} (format {CKPT_FORMAT})" +
-                      (f"; it is {what}: use {how.replace('PATH', str(path))}" if found else ""))
-    return state
-
-
-class RunFolder:
-    """The run folder, held with an OS lock for the life of the run (released on exit, kill -9 included):
-    a second run in the same folder is refused with one line instead of sharing its files."""
-
-    def __init__(self, out: str | os.PathLike):
-        self.out = Path(out)
-        if self.out.exists() and not self.out.is_dir():
-            raise CMError(f"--out {self.out} is a file, not a folder")
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.fh = open(self.out / ".lock", "a")
-        except OSError as e:
-            raise CMError(f"cannot use {self.out} as the run folder: {e.strerror or e}") from None
-        try:
-            import fcntl  # POSIX; elsewhere runs are not locked
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass
-        except OSError:
-            self.fh.close()
-            raise CMError(f"another process is running in {self.out} (it holds {self.out / '.lock'}); "
-                          "wait for it or use another --out") from None
-
-    def release(self) -> None:
-        self.fh.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-
-def changed_fields(saved: dict, now: dict, fields: Sequence[str]) -> list[str]:
-    """The fields whose saved and current values differ (as 'name saved -> now')."""
-    return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in fields if saved.get(k) != now.get(k)]
+# 10. Checkpoints: a model back from its state dict (the file itself, written atomically and read with
+#     weights_only=True, is full/common.py's)
 
 
 def config_of(state: dict) -> Config:
@@ -925,13 +749,6 @@ def model_from_checkpoint(state: dict, key: str = "ema") -> tuple[ConsistencyFun
 # 11. Training
 
 
-def energy_distance(x: Tensor, y: Tensor) -> float:
-    """Energy distance 2E‖X-Y‖ - E‖X-X'‖ - E‖Y-Y'‖ (zero iff same law; unbiased, so ≈ 0 can dip below)."""
-    x, y = x.flatten(1).double(), y.flatten(1).double()
-    off = lambda d: d.sum() / (d.numel() - d.shape[0])  # mean over i != j
-    return (2 * torch.cdist(x, y).mean() - off(torch.cdist(x, x)) - off(torch.cdist(y, y))).item()
-
-
 def two_step_levels(cfg: Config) -> list[float]:
     """Levels for the two-step grid: --ts, else the official CIFAR-10 CD choice 0,11,17 of 18
     for cd, and 0,8,17 of 18 (τ₂ ≈ 3.3) for ct, whose short runs learn low levels best; T, mid_t for
@@ -951,25 +768,6 @@ def generate(model: Callable, cfg: Config, shape: Sequence[int], n: int, seed: i
         return sample_heun(model, z, 18, cfg.sigma_min, cfg.sigma_max, cfg.rho)
     levels = [cfg.sigma_max] if how == "1-step" else two_step_levels(cfg)
     return sample_multistep(model, z, levels, cfg.sigma_min, generator=g)
-
-
-def save_grid(x: Tensor, path: Path, nrow: int | None = None) -> None:
-    """PNG grid of images in [-1, 1] (tiny ones upscaled to 32 pixels), or a scatter plot of 2-D points."""
-    if x.ndim == 2:
-        from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
-        fig = Figure(figsize=(4, 4))
-        ax = fig.subplots()
-        ax.scatter(*x.cpu().T, s=2)
-        ax.set(xlim=(-1.2, 1.2), ylim=(-1.2, 1.2), aspect="equal", title=path.stem)
-        atomic_write(path, lambda fh: fig.savefig(fh, dpi=80, format="png"))
-        return
-    import torchvision
-    x = (x.clamp(-1, 1) + 1) / 2
-    if x.shape[-1] < 32:
-        x = F.interpolate(x, scale_factor=32 // x.shape[-1], mode="nearest")
-    nrow = nrow or max(1, int(math.sqrt(len(x))))
-    atomic_write(path, lambda fh: torchvision.utils.save_image(x.float().cpu(), fh, format="png", nrow=nrow,
-                                                               padding=2, pad_value=1))
 
 
 # Settings that change what a run computes: a resume with other values is refused (naming them) unless
@@ -1001,20 +799,6 @@ def finished(path: str | os.PathLike, steps: int) -> bool:
         return False
     state = load_checkpoint(path)
     return state["step"] == state["config"]["steps"] == steps
-
-
-def pick_device(name: str = "") -> torch.device:
-    """--device: '' -> cuda if available, else cpu; an unknown name or an absent device -> CMError."""
-    try:
-        dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, ValueError):
-        raise CMError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise CMError(f"device {name!r} is not available: this machine has "
-                      f"{torch.cuda.device_count()} CUDA device(s); use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise CMError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
-    return dev
 
 
 def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
@@ -1094,6 +878,7 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
                mininterval=1.0, disable=None)
     t0 = t_log = t_grid = time.time()
     step_log, fid_cache = step, {}
+    fid_draw = lambda b, i: generate(ema, cfg, shape, b, cfg.seed + 2 + i, "1-step")  # FIDs' one-step samples
     data_dev = None if data is None else data.to(dev)  # the whole set moves to the device once
     bad = torch.zeros((), dtype=torch.long, device=dev)  # first step with a non-finite loss (0: none)
 
@@ -1150,7 +935,8 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
             if ckpt_now:  # before the grids: they may fail
                 checkpoint()
                 saved = ckpt
-            if fid_now and (fid := fid_score(ema, cfg, shape, data, out, fid_cache)) is not None:
+            if fid_now and (fid := fid_score(fid_draw, cfg.fid_samples, cfg.batch_size, data, out, fid_cache,
+                                             dev)) is not None:
                 bar.write(f"step {step}: FID {fid:.2f} ({cfg.fid_samples} one-step samples, training set)")
                 log.write(json.dumps(dict(step=step, fid=fid, sec=time.time() - t0)) + "\n")
             if grid_now or step == cfg.steps:
@@ -1158,36 +944,6 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
                 t_grid = time.time()
     bar.close()
     return report(ema, cfg, data, shape, teacher)
-
-
-def grid_name(how: str, step: int) -> str:
-    """The file name of a sample grid, the same in cm.py and full/: grid-1step-0000800.png, grid-heun-..."""
-    return f"grid-{how.replace('-', '')}-{step:07d}.png"
-
-
-def fid_score(model: nn.Module, cfg: Config, shape, data: Tensor, out: Path, cache: dict) -> float | None:
-    """FID of one-step samples against the training set, through full.evaluate (torch-fidelity's TF
-    Inception, downloaded once). Where that cannot run (offline, no package): one line, None, and no
-    more FIDs this run; training goes on."""
-    if cache.get("off"):
-        return None
-    try:
-        from full import evaluate as ev
-        from full.sample import to_uint8
-        if "ref" not in cache:
-            cache["extractor"] = ev.make_extractor(next(model.parameters()).device)
-            ref = out / "fid_ref.npz"  # the training set's Inception statistics, computed once per run folder
-            if not ref.is_file():
-                st = ev.make_reference(to_uint8(data), cache["extractor"])
-                ev.save_stats(ref, st["mu"], st["sigma"], st["n"])
-            cache["ref"] = ev.load_stats(ref)[:2]
-        x = torch.cat([generate(model, cfg, shape, min(cfg.batch_size, cfg.fid_samples - i), cfg.seed + 2 + i,
-                                "1-step").cpu() for i in range(0, cfg.fid_samples, cfg.batch_size)])
-        return ev.evaluate(to_uint8(x), *cache["ref"], cache["extractor"])["fid"]
-    except (ImportError, ValueError, OSError, RuntimeError) as e:  # EvaluationError is a ValueError
-        cache["off"] = True
-        print(f"note: FID is off for this run: {str(e).splitlines()[0][:300]}", file=sys.stderr)
-        return None
 
 
 def write_grids(model: nn.Module, cfg: Config, shape: Sequence[int], out: Path, step: int) -> None:
@@ -1210,17 +966,8 @@ def report(model: nn.Module, cfg: Config, data: Tensor | None, shape, teacher=No
     if teacher is not None:
         samples["teacher Heun, 18 levels (35 NFE)"] = generate(teacher, cfg, shape, n, cfg.seed + 7,
                                                                "heun").cpu()
-    rows = {k: energy_distance(v, real()) for k, v in samples.items()}
-    fd = {}
-    if cfg.dataset == "digits":
-        from full.evaluate import digits_classifier, digits_feature_distance
-        net = digits_classifier()
-        fd = {k: digits_feature_distance(v, real(), net) for k, v in samples.items()}
-    print(f"\ndistance to fresh data ({n} samples each, {cfg.dataset}, {cfg.mode}): energy"
-          + ", feature Fréchet" * bool(fd))
-    for k, v in rows.items():
-        print(f"  {k:34s} {v:8.4f}" + (f"  {fd[k]:8.2f}" if fd else ""))
-    return rows | {f"{k} [feature FD]": v for k, v in fd.items()}
+    return distance_table(samples, real, f"{n} samples each, {cfg.dataset}, {cfg.mode}",
+                          features=cfg.dataset == "digits")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -266,7 +266,7 @@ def sample_table(s: Setup, f: torch.nn.Module, D: torch.nn.Module, tr: Trainer) 
     call, call_D = tr._amp(f, y), tr._amp(D, y)
     T = torch.full((s.batch,), c.sigma_max, device=s.dev)
     c_in, c_noise = cm.append_dims(cm.boundary_scalings(T, c.sigma_data, c.sigma_min)[2], 4), f.c_noise(T)
-    levels = cm.ts_to_sigmas(run.ts, run.ts_grid, c.sigma_min, c.sigma_max, c.rho)
+    levels = cm.ts_to_sigmas(run.ts, run.grid_steps, c.sigma_min, c.sigma_max, c.rho)
 
     def bare():
         with torch.no_grad():

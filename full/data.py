@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cm import CMError, atomic_write
+from full.common import uint8_to_unit
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -46,14 +47,8 @@ class DatasetError(CMError):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Pixel conversion
+# Pixel conversion (uint8_to_unit itself is in full/common.py, shared with cm.load_cifar10)
 # --------------------------------------------------------------------------------------------------------
-
-def uint8_to_unit(x: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Map uint8 pixels v to float32 v / 127.5 - 1 in [-1, 1] (0 -> -1, 255 -> 1 exactly); shape kept."""
-    t = torch.as_tensor(np.array(x, dtype=np.uint8, copy=True))
-    return t.to(torch.float32) / 127.5 - 1.0
-
 
 def hwc_to_unit(x: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, C) array -> float32 (C, H, W) tensor in [-1, 1]."""

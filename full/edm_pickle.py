@@ -372,7 +372,7 @@ def read_pickle(path: Path, obj, arch: str = "", kind: str = "") -> dict | None:
         base, net=net_cfg,
         cm=dataclasses.replace(base.cm, mode="edm", sigma_min=max(0.002, lo), sigma_max=min(80.0, hi)),
         data=dataclasses.replace(base.data, name=name, class_cond=bool(net_cfg.num_classes)),
-        run=dataclasses.replace(base.run, ts_grid=18))
+        run=dataclasses.replace(base.run, grid_steps=18))
     dist.print0(f"{Path(path).name}: EDM pickle (read without running it); {ema.class_name} around SongUNet "
                 f"({'NCSN++' if net_cfg.embedding == 'fourier' else 'DDPM++'}, {len(weights)} tensors), "
                 f"kind edm (a denoiser D; Heun sigma range {cfg.cm.sigma_min:g}..{cfg.cm.sigma_max:g})")

@@ -119,11 +119,11 @@ def read_state_dict(path: Path, obj, arch: str = "", kind: str = "") -> dict | N
         raise CMError(f"{path}: {e}") from None
     make, preset = ARCHS[name]
     cfg = get_preset(preset)
-    ts, grid = OFFICIAL_TS.get(Path(path).stem, (cfg.run.ts, cfg.run.ts_grid))
+    ts, grid = OFFICIAL_TS.get(Path(path).stem, (cfg.run.ts, cfg.run.grid_steps))
     if mode == "edm":
         grid = HEUN_STEPS
     cfg = dataclasses.replace(cfg, net=make(), cm=dataclasses.replace(cfg.cm, mode=mode, noise_cond="adm"),
-                              run=dataclasses.replace(cfg.run, ts=tuple(ts), ts_grid=grid))
+                              run=dataclasses.replace(cfg.run, ts=tuple(ts), grid_steps=grid))
     how = ("EDM teacher D (eps = 0 scalings), Heun sampler" if mode == "edm" else
            f"consistency model f ({mode.upper()}, boundary-condition scalings), official ts "
            f"{','.join(map(str, ts))} of {grid}")

@@ -126,7 +126,7 @@ class RunSection:
     sample_every: int = 10_000        # steps between PNG grids (0 = only at the end)
     sample_num: int = 64              # images per grid
     ts: tuple[int, ...] = (0, 11, 17)  # two-step grid levels, official index convention (cm.ts_to_sigmas)
-    ts_grid: int = 18                 # the grid size the ts indices refer to
+    grid_steps: int = 18              # the grid size the ts indices refer to (formerly ts_grid)
     sigmas: tuple[float, ...] = ()    # two-step levels as numbers, e.g. (80.0, 0.821) [iCT, ECT]; replaces ts
     teacher: str = ""                 # cd, ect (ct: optional): a full/ checkpoint of an edm run, or a
     #                                   released one: CM's edm_*.pt, EDM's .pkl (checkpoints.import_official)
@@ -181,7 +181,7 @@ def validate(cfg: RunConfig) -> None:
                    P_mean=c.P_mean, P_std=c.P_std, lr=o.lr, betas=list(o.betas), eps=o.eps,
                    weight_decay=o.weight_decay, grad_clip=o.grad_clip)
         if c.mode != "edm":  # the two-step grids fail now, not after the first sample_every steps
-            ts_to_sigmas(list(r.ts), r.ts_grid, c.sigma_min, c.sigma_max, c.rho)
+            ts_to_sigmas(list(r.ts), r.grid_steps, c.sigma_min, c.sigma_max, c.rho)
     except (CMError, ValueError) as e:
         raise ConfigError(f"{e}".replace("ts must", "run.ts must")) from None
     if c.stage_steps < 1 or c.q <= 1:
@@ -212,7 +212,8 @@ def _cifar10(mode: str, lr: float = 4e-4, **cm) -> RunConfig:
     return RunConfig(net=NCSNppConfig.cifar10(), cm=CMSection(mode=mode, **cm),
                      opt=OptSection("radam", lr, batch=512, steps=800_000, precision="fp32"),
                      ema=EMASection((0.9999,), eval_rate=0.9999),
-                     data=DataSection("cifar10", "data/cifar10"), run=RunSection(ts=(0, 11, 17), ts_grid=18))
+                     data=DataSection("cifar10", "data/cifar10"),
+                     run=RunSection(ts=(0, 11, 17), grid_steps=18))
 
 
 # ImageNet-64 / LSUN-256 (ADM). The official scripts keep three eval EMAs; 0.9999432189950708 is
@@ -223,16 +224,16 @@ _EVAL_EMA = 0.9999432189950708
 _ADM_EMAS = (0.999, 0.9999, _EVAL_EMA)
 
 
-def _imagenet64(mode: str, lr: float, steps: int, ts=(0, 22, 39), ts_grid=40, **cm) -> RunConfig:
+def _imagenet64(mode: str, lr: float, steps: int, ts=(0, 22, 39), grid_steps=40, **cm) -> RunConfig:
     """ImageNet-64 (class-conditional), ADM ~296M, batch 2048, c_noise of the ADM code.  [CM Tab. 3]"""
     return RunConfig(net=ADMConfig.imagenet64(), cm=CMSection(mode=mode, noise_cond="adm", **cm),
                      opt=OptSection("radam", lr, batch=2048, steps=steps, precision="fp16"),
                      ema=EMASection(_ADM_EMAS, eval_rate=_EVAL_EMA),
                      data=DataSection("imagenet64", "data/imagenet64", class_cond=True),
-                     run=RunSection(ts=ts, ts_grid=ts_grid))
+                     run=RunSection(ts=ts, grid_steps=grid_steps))
 
 
-def _lsun256(mode: str, steps: int, ts: tuple, ts_grid: int, **cm) -> RunConfig:
+def _lsun256(mode: str, steps: int, ts: tuple, grid_steps: int, **cm) -> RunConfig:
     """LSUN-256 bedroom or cat (the same recipe; point data.root at either), ADM ~526M.  [CM Tab. 3]
 
     Paper: batch 2048, lr 1e-5. The launch scripts use batch 256 (and lr 5e-5 for CT)."""
@@ -240,7 +241,7 @@ def _lsun256(mode: str, steps: int, ts: tuple, ts_grid: int, **cm) -> RunConfig:
                      opt=OptSection("radam", 1e-5, batch=2048, steps=steps, precision="fp16"),
                      ema=EMASection((0.9999, 0.99994, _EVAL_EMA), eval_rate=_EVAL_EMA),
                      data=DataSection("folder", "data/lsun_bedroom", resolution=256),
-                     run=RunSection(ts=ts, ts_grid=ts_grid))
+                     run=RunSection(ts=ts, grid_steps=grid_steps))
 
 
 def _edm_ocm(base: RunConfig, net, batch: int, steps: int) -> RunConfig:
@@ -261,7 +262,7 @@ def _tiny(mode: str, **cm) -> RunConfig:
                      ema=EMASection((0.99, 0.999), warmup=True),
                      data=DataSection("digits", "", random_flip=False, num_workers=0),
                      run=RunSection(ckpt_every=10, keep_last=2, log_every=5, sample_every=0, sample_num=16,
-                                    ts=(0, 8, 17), ts_grid=18))
+                                    ts=(0, 8, 17), grid_steps=18))
 
 
 PRESETS: dict[str, Callable[[], RunConfig]] = {
@@ -289,7 +290,7 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
     # Paper lr 8e-6; the launch script uses 1e-4, and passes a teacher that CT starts from (run.teacher=...).
     # Two-step ts of the launch scripts: CT 0,106,200 of 201, LSUN CD-lpips 0,17,39 and CD-l2 0,18,39 of 40,
     # LSUN bedroom CT 0,67,150 of 151 (cat: 0,62,150).
-    "imagenet64-ct": lambda: _imagenet64("ct", 8e-6, 800_000, ts=(0, 106, 200), ts_grid=201,
+    "imagenet64-ct": lambda: _imagenet64("ct", 8e-6, 800_000, ts=(0, 106, 200), grid_steps=201,
                                          s0=2, s1=200, mu0=0.95, metric="lpips_piq"),
     # LSUN-256 EDM teachers (bedroom, cat) as OCM's launch script trains them: batch 256, no scale-shift norm.
     "lsun256-edm": lambda: _edm_ocm(_lsun256("edm", 600_000, (0, 17, 39), 40),
@@ -365,11 +366,16 @@ def _coerce(value: Any, tp: Any) -> Any:
     return value
 
 
+# Fields renamed since older configs and checkpoints were written: section -> {old name: new name}.
+OLD_NAMES = {"run": {"ts_grid": "grid_steps"}}
+
+
 def apply_override(cfg: RunConfig, item: str) -> RunConfig:
     """Set one `section.field=value` (a leading `--` is allowed); wrong names or types -> ValueError."""
     key, sep, text = item.removeprefix("--").partition("=")
     sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
     sec, _, name = key.partition(".")
+    name = OLD_NAMES.get(sec, {}).get(name, name)
     if not sep or sec not in sections or not name:
         raise ConfigError(f"bad override {item!r}: expected section.field=value with section one of "
                          f"{', '.join(sections)}")
@@ -421,6 +427,8 @@ def config_from_dict(d: dict) -> RunConfig:
             elif name in ("preset", "arch"):
                 kw[name] = value
             elif name in sections:
+                old = OLD_NAMES.get(name, {})
+                value = {old.get(k, k): v for k, v in value.items() if not (k in old and old[k] in value)}
                 kw[name] = _from_dict(type(getattr(RunConfig(), name)), value)
         return RunConfig(**kw)
     except (KeyError, TypeError, ValueError, AssertionError) as e:

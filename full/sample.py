@@ -32,7 +32,7 @@ import torch
 from cm import CMError, check_levels, exit_on, sample_heun, sample_multistep, sample_onestep, ts_to_sigmas
 from cm import save_grid as cm_save_grid
 from full import checkpoints, dist
-from full.data import uint8_to_unit
+from full.common import to_uint8, uint8_to_unit
 from full.model import image_shape
 from full.presets import CLIParser
 
@@ -58,7 +58,7 @@ def generate(f, cfg, shape: Sequence[int], indices: Iterable[int], levels: Seque
     """Samples `indices` (B, C, H, W) on the CPU, and their labels (None if unconditional).
 
     levels: descending τ's for cm.sample_multistep ([T] = one step); heun: EDM's sampler with
-    cfg.run.ts_grid levels (for a denoiser). class_labels: label i is class_labels[i % len].
+    cfg.run.grid_steps levels (for a denoiser). class_labels: label i is class_labels[i % len].
     clip_denoised: every denoised step is clamped to [-1, 1], as the official samplers do."""
     indices = list(indices)
     dev = next(f.parameters()).device
@@ -73,7 +73,7 @@ def generate(f, cfg, shape: Sequence[int], indices: Iterable[int], levels: Seque
         fy = (lambda x, t: f(x, t, y.to(dev))) if y is not None else f
         z = z.to(dev)
         if heun:
-            x = sample_heun(fy, z, cfg.run.ts_grid, c.sigma_min, c.sigma_max, c.rho)
+            x = sample_heun(fy, z, cfg.run.grid_steps, c.sigma_min, c.sigma_max, c.rho)
         elif len(levels) == 1 and levels[0] == c.sigma_max:
             x = sample_onestep(fy, z, c.sigma_max)
             x = x.clamp(-1, 1) if clip_denoised else x
@@ -83,14 +83,6 @@ def generate(f, cfg, shape: Sequence[int], indices: Iterable[int], levels: Seque
         xs.append(x.float().cpu())
         ys.append(y)
     return torch.cat(xs), (torch.cat(ys) if k else None)
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] (B, C, H, W) -> uint8 (B, H, W, C): (v + 1) 127.5 clamped to [0, 255], then truncated.
-
-    Truncation, not rounding, as both official codebases write the samples their FIDs were measured
-    on (every value lands up to one level lower than rounding would put it; FID moves slightly)."""
-    return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
@@ -207,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if cfg.cm.mode == "edm" and (args.ts or args.sigmas or args.grid_steps) and not args.edit:
             raise CMError(f"{args.checkpoint} is an edm denoiser, sampled with EDM's Heun sampler; --ts, "
                           "--sigmas and --grid-steps are for consistency models (--steps sets the Heun levels)")
-        grid_steps = args.grid_steps or cfg.run.ts_grid
+        grid_steps = args.grid_steps or cfg.run.grid_steps
         net = cfg.net
         shape = image_shape(net)
         labels = [int(v) for v in args.class_labels.split(",")] if args.class_labels else None
@@ -226,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.steps < 2 or not heun:
                 raise CMError("--steps N (N >= 2) sets the Heun grid of a denoiser; a consistency model "
                                  "takes --ts/--grid-steps")
-            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, ts_grid=args.steps))
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, grid_steps=args.steps))
         if heun and args.clip_denoised and state.get("official", {}).get("clamp"):
             from full.official import ClampDenoised  # CM's Heun sampler clamps every denoised image too
             f = ClampDenoised(f)
@@ -269,7 +261,7 @@ def run_edit_cli(args, f, cfg, shape, out: Path) -> None:
                       "full.edit.interpolate(f, z0, z1, alphas) with two Gaussian latents")
     ref = load_reference(args.reference, shape).to(next(f.parameters()).device)
     mask = load_mask(args.mask, shape).to(ref.device) if args.mask else None
-    levels = (levels_from_args(args.ts, args.sigmas, args.grid_steps or cfg.run.ts_grid, cfg)
+    levels = (levels_from_args(args.ts, args.sigmas, args.grid_steps or cfg.run.grid_steps, cfg)
               if args.ts or args.sigmas else None)
     g = torch.Generator().manual_seed(args.seed)
     try:

@@ -314,7 +314,7 @@ def write_grids(cfg: RunConfig, f: nn.Module, shape: Sequence[int], out: Path, s
         kinds = {"heun": None}
     else:
         kinds = {"1step": [c.sigma_max],
-                 "2step": list(cfg.run.sigmas) or ts_to_sigmas(cfg.run.ts, cfg.run.ts_grid, c.sigma_min,
+                 "2step": list(cfg.run.sigmas) or ts_to_sigmas(cfg.run.ts, cfg.run.grid_steps, c.sigma_min,
                                                                c.sigma_max, c.rho)}
     paths = []
     for name, levels in kinds.items():

@@ -86,7 +86,7 @@ def test_teacher_heun_sampling_matches_the_official_heun_sampler(expected):
     D, cfg = checkpoints.model_from_state(checkpoints.load(CKPT, kind="edm"))
     z = torch.from_numpy(expected["heun_prior"]).permute(0, 3, 1, 2) / 80.0   # the prior is N(0, 80²)
     with torch.no_grad():
-        x = sample_heun(D, z, cfg.run.ts_grid, cfg.cm.sigma_min, cfg.cm.sigma_max, cfg.cm.rho)
+        x = sample_heun(D, z, cfg.run.grid_steps, cfg.cm.sigma_min, cfg.cm.sigma_max, cfg.cm.rho)
     np.testing.assert_allclose(nhwc(x), expected["heun"], atol=5e-5 * np.abs(expected["heun"]).max(), rtol=0)
 
 

@@ -42,3 +42,21 @@ def test_no_formula_is_rederived_in_full():
         code = re.sub(r'"""[\s\S]*?"""', "", code)  # docstrings may state the formulas
         for pattern in FORBIDDEN:
             assert not re.search(pattern, code), f"{path.name} re-derives a cm.py formula: {pattern}"
+
+
+def test_common_is_plumbing_that_cm_reexports():
+    """full/common.py never imports cm (cm imports it: a cycle otherwise), and each name moved there from
+    cm.py is the same object under both names (so full/, the notebooks and the tests may use either)."""
+    import subprocess
+    import sys
+
+    import full.common
+    code = "import full.common, sys; assert 'cm' not in sys.modules, 'full.common imported cm'"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    moved = ["CMError", "exit_on", "SIGMA_MAX_LIMIT", "check_math", "uint8_to_unit", "LPIPS", "PiqLPIPS",
+             "CKPT_FORMAT", "KINDS", "atomic_write", "save_checkpoint", "checkpoint_kind",
+             "read_weights_only", "load_checkpoint", "RunFolder", "changed_fields", "pick_device",
+             "grid_name", "save_grid", "energy_distance", "fid_score", "distance_table"]
+    for name in moved:
+        assert getattr(cm, name) is getattr(full.common, name), f"cm.{name} is not full.common.{name}"

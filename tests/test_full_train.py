@@ -114,7 +114,8 @@ def test_presets_follow_the_official_runs():
     assert get("cifar10-edm").opt.steps == 400_000
     assert get("cifar10-cd-l1").opt.lr == 2e-4 and get("cifar10-cd-l1").cm.metric == "l1"
     l2 = get("lsun256-cd-l2")
-    assert (l2.run.ts, l2.run.ts_grid, l2.cm.metric, l2.cm.N, l2.cm.mu) == ((0, 18, 39), 40, "l2", 40, 0.95)
+    assert (l2.run.ts, l2.run.grid_steps, l2.cm.metric, l2.cm.N, l2.cm.mu) == \
+        ((0, 18, 39), 40, "l2", 40, 0.95)
     for name, batch in (("imagenet64-edm-ocm", 4096), ("lsun256-edm", 256)):
         o = get(name)
         got = (o.opt.optimizer, o.opt.lr, o.opt.warmup, o.opt.batch, o.net.dropout)
@@ -250,3 +251,13 @@ def test_teacher_of_other_data_is_refused(teacher, tmp_path, capsys):
     msg = _main_error(capsys, "--preset", "tiny-cd", f"run.out={str(tmp_path / 'cd')!r}",
                       f"run.teacher={str(tmp_path / 'teacher16.pt')!r}")
     assert "run.teacher was trained with data.resolution=16" in msg, msg
+
+
+def test_old_name_ts_grid_still_reads():
+    """run.grid_steps was run.ts_grid: an override or a stored config with the old name still works."""
+    from full.presets import config_from_dict
+    assert resolve("tiny-ct", ["run.ts_grid=40"]).run.grid_steps == 40
+    stored = dataclasses.asdict(resolve("tiny-ct"))
+    stored["run"]["ts_grid"] = 30
+    del stored["run"]["grid_steps"]
+    assert config_from_dict(stored).run.grid_steps == 30

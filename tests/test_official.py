@@ -98,7 +98,7 @@ def test_loaded_model_equals_hand_built(tiny_archs, tmp_path):
     sd = random_state_dict(tiny_cond())
     torch.save(sd, tmp_path / "cd_imagenet64_lpips.pt")
     f, cfg = checkpoints.model_from_state(checkpoints.load(tmp_path / "cd_imagenet64_lpips.pt"))
-    assert cfg.cm.mode == "cd" and cfg.run.ts == (0, 22, 39) and cfg.run.ts_grid == 40
+    assert cfg.cm.mode == "cd" and cfg.run.ts == (0, 22, 39) and cfg.run.grid_steps == 40
     net = ADMUNet(tiny_cond()).eval()
     net.load_state_dict(sd)
     x, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 4, 9])
@@ -114,7 +114,7 @@ def test_loaded_model_equals_hand_built(tiny_archs, tmp_path):
     # The EDM teacher: the same network with eps = 0 (EDM's denoiser)
     torch.save(sd, tmp_path / "edm_imagenet64_ema.pt")
     D, tcfg = checkpoints.model_from_state(checkpoints.load(tmp_path / "edm_imagenet64_ema.pt"))
-    assert tcfg.cm.mode == "edm" and tcfg.run.ts_grid == 40
+    assert tcfg.cm.mode == "edm" and tcfg.run.grid_steps == 40
     c_skip, c_out = sd_ ** 2 / (t ** 2 + sd_ ** 2), sd_ * t / (sd_ ** 2 + t ** 2).sqrt()
     want = c_skip[:, None, None, None] * x + c_out[:, None, None, None] * net(
         c_in[:, None, None, None] * x, 1000 * 0.25 * torch.log(t + 1e-44), y)
