@@ -28,21 +28,18 @@ Notation (code name = paper symbol)
     k, K        training step and total steps; s0, s1, mu0 the curriculum constants [CM App. C]
 
 Sections: 1 config · 2 noise levels · 3 parameterization · 4 networks · 5 ODE steps · 6 losses (6b iCT, ECT) ·
-7 samplers · 8 target & EMA · 9 data · 10 checkpoints · 11 training · 12 command line. The plumbing that
-is not the method (errors, atomic files, the checkpoint container, run folders, devices, grids, LPIPS,
-distances) is in full/common.py; its names are imported here too. Importing this module has no side
-effects; everything runs from main().
+7 samplers · 8 target & EMA · 9 data · 10 checkpoints · 11 training · 12 command line. What is not the method
+(errors, files, the checkpoint container, devices, grids, LPIPS, distances) comes from full/common.py.
+Importing this module has no side effects; everything runs from main().
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import dataclasses
-import inspect
 import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,14 +51,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from full.common import (CKPT_FORMAT, KINDS, LPIPS, SIGMA_MAX_LIMIT, CMError, PiqLPIPS, RunFolder,
-                         atomic_write, changed_fields, check_math, checkpoint_kind, distance_table,
-                         energy_distance, exit_on, fid_score, grid_name, load_checkpoint, pick_device,
-                         read_weights_only, save_checkpoint, save_grid, uint8_to_unit)
+                         add_field_flags, atomic_write, changed_fields, check_levels, check_math,
+                         checkpoint_kind, distance_table, energy_distance, exit_on, fid_score, finished,
+                         grid_name, load_checkpoint, pick_device, read_weights_only, restore, save_checkpoint,
+                         save_grid, uint8_to_unit)
 
 
 # ----------------------------------------------------------------------------------------------
 # 1. Config
-
 
 @dataclass
 class Config:
@@ -143,23 +140,18 @@ def resolve(cfg: Config) -> Config:
     """Fill the per-dataset defaults and check every field; bad values raise CMError."""
     if cfg.dataset not in DEFAULTS:
         raise CMError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DEFAULTS)}")
-    if cfg.mode not in MODES:
-        raise CMError(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     cfg = dataclasses.replace(cfg)
     for k, v in DEFAULTS[cfg.dataset].items():
         if getattr(cfg, k) in ((-1,) if k == "dropout" else (0, "")):
             setattr(cfg, k, v.get(cfg.mode, v.get("*")) if isinstance(v, dict) else v)
+    for k, ok in dict(mode=MODES, metric=METRICS, mu_rule=MU_RULES, precision=("fp32", "bf16")).items():
+        if getattr(cfg, k) not in ok:
+            raise CMError(f"unknown {k.replace('_', '-')} {getattr(cfg, k)!r}; choose one of {', '.join(ok)}")
     cfg.out = cfg.out or f"runs/{cfg.dataset}-{cfg.mode}"
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise CMError(f"--out {cfg.out} is a file, not a folder")
     cfg.sample_every = cfg.sample_every or max(cfg.steps // 4, 1)
     cfg.stage_steps = cfg.stage_steps or max(cfg.steps // 8, 1)
-    if cfg.metric not in METRICS:
-        raise CMError(f"unknown metric {cfg.metric!r}; choose one of {', '.join(METRICS)}")
-    if cfg.mu_rule not in MU_RULES:
-        raise CMError(f"unknown mu-rule {cfg.mu_rule!r}; choose {' or '.join(MU_RULES)}")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise CMError(f"unknown precision {cfg.precision!r}; choose fp32 or bf16")
     if min(cfg.steps, cfg.batch_size, cfg.channels, cfg.log_every, cfg.ckpt_every, cfg.sample_every) < 1:
         raise CMError("steps, batch-size, channels, log-every, ckpt-every and sample-every must be >= 1")
     if cfg.fid_every and (cfg.dataset == "toy" or cfg.fid_every < 0 or cfg.fid_samples < 2):
@@ -184,11 +176,9 @@ def resolve(cfg: Config) -> Config:
 # ----------------------------------------------------------------------------------------------
 # 2. Noise levels
 
-
 def karras_sigmas(N: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
     """Ascending grid t_i = (ε^(1/ρ) + (i-1)/(N-1)·(T^(1/ρ) - ε^(1/ρ)))^ρ, i = 1..N.  [CM Sec. 4, EDM Eq. 5]
-
-    Returned in float64 (N up to ~1300 for iCT: neighbouring levels differ in the 4th digit)."""
+    In float64: for iCT's N up to ~1300, neighbouring levels differ in the 4th digit."""
     if N < 2:
         raise ValueError(f"the grid needs N >= 2 points, got N={N}")
     if rho <= 0:
@@ -208,10 +198,8 @@ def ct_num_steps(k: int, K: int, s0: int, s1: int) -> int:
 
 def ct_target_rate(k: int, K: int, s0: int, s1: int, mu0: float, rule: str = "code") -> float:
     """μ(k) = exp(s0·ln μ0 / (N(k) - 1)) ('code'), or exp(s0·ln μ0 / N(k)) ('paper').  [CM App. C]
-
-    Our choice is 'code': both official codebases compute μ from the step count before its +1, and
-    every CT number in the paper came from them (μ(0) = μ0^(s0/(s0-1)) = 0.81 for μ0 = 0.9, s0 = 2).
-    The paper's text divides by N(k), so that μ(0) = μ0; rule='paper' gives that. Both rise to 1."""
+    'code' is what both official codebases compute, so every CT number of the paper used it (μ(0) = 0.81
+    for μ0 = 0.9, s0 = 2); 'paper' is the paper's text, with μ(0) = μ0. Both rise to 1."""
     if rule not in MU_RULES:
         raise ValueError(f"unknown mu rule {rule!r}; choose {' or '.join(MU_RULES)}")
     return math.exp(s0 * math.log(mu0) / (ct_num_steps(k, K, s0, s1) - MU_RULES[rule]))
@@ -222,13 +210,10 @@ MU_RULES = {"code": 1, "paper": 0}  # what ct_target_rate subtracts from N(k)
 
 def ts_to_sigmas(ts: Sequence[int], N: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
                  rho: float = 7.0) -> list[float]:
-    """Official `ts` indices -> descending noise levels for sample_multistep.
-
-    The official samplers index a grid of N points from the top: index 0 is T and index N-1 is ε
-    (e.g. ts = 0,11,17 of 18 for two-step CIFAR-10 CD). The last index N-1 is only an end marker: a
-    step at ε adds √(ε² - ε²) = 0 noise and f(x, ε) = x, so it is dropped here without changing
-    the result. (Should ts not end at N-1, the official sampler returns its last denoised sample
-    re-noised to that level; here every index is a denoising level, so the result is clean.)"""
+    """Official `ts` indices -> descending noise levels for sample_multistep: index 0 of the N-point grid
+    is T, index N-1 is ε (e.g. ts = 0,11,17 of 18 for two-step CIFAR-10 CD). N-1 only marks the end (a step
+    at ε adds √(ε² - ε²) = 0 noise and f(x, ε) = x), so it is dropped. (Should ts not end at N-1, the
+    official sampler returns its last sample re-noised to that level; here every index denoises.)"""
     if list(ts) != sorted(set(ts)) or not ts or ts[0] < 0 or ts[-1] > N - 1:
         raise ValueError(f"ts must be strictly increasing indices in [0, {N - 1}], got {list(ts)}")
     desc = karras_sigmas(N, sigma_min, sigma_max, rho).flip(0)
@@ -238,7 +223,6 @@ def ts_to_sigmas(ts: Sequence[int], N: int, sigma_min: float = 0.002, sigma_max:
 # ----------------------------------------------------------------------------------------------
 # 3. Parameterization: f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t))  [CM Eq. 7]
 
-
 def append_dims(v: Tensor, ndim: int) -> Tensor:
     """(B,) -> (B, 1, ..., 1) with ndim dimensions, to broadcast per-sample scalars over x."""
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
@@ -246,9 +230,8 @@ def append_dims(v: Tensor, ndim: int) -> Tensor:
 
 def boundary_scalings(sigma: Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002):
     """c_skip = σd² / ((t-ε)² + σd²),  c_out = σd (t-ε) / √(σd² + t²),  c_in = 1 / √(t² + σd²).  [CM App. C]
-
-    At t = ε: c_skip = 1 and c_out = 0 exactly, so f(x, ε) = x for any network (the boundary
-    condition). With ε = 0 these are the scalings of EDM's denoiser [EDM Tab. 1]."""
+    At t = ε, c_skip = 1 and c_out = 0 exactly: f(x, ε) = x for any network (the boundary condition).
+    With ε = 0 these are the scalings of EDM's denoiser [EDM Tab. 1]."""
     c_skip = sigma_data ** 2 / ((sigma - sigma_min) ** 2 + sigma_data ** 2)
     c_out = sigma_data * (sigma - sigma_min) / (sigma_data ** 2 + sigma ** 2).sqrt()
     c_in = 1 / (sigma ** 2 + sigma_data ** 2).sqrt()
@@ -257,21 +240,15 @@ def boundary_scalings(sigma: Tensor, sigma_data: float = 0.5, sigma_min: float =
 
 # c_noise(t): EDM and NCSN++ use ln(t)/4 [EDM Tab. 1]; the released ADM checkpoints were trained
 # with 1000·ln(t + 1e-44)/4 (a DDPM-style timestep range; 1e-44 keeps t = 0 finite).
-NOISE_CONDITIONING = {
-    "edm": lambda sigma: sigma.log() / 4,
-    "adm": lambda sigma: 1000 * 0.25 * (sigma + 1e-44).log(),
-}
+NOISE_CONDITIONING = {"edm": lambda sigma: sigma.log() / 4, "adm": lambda sigma: 1000 * 0.25 * (sigma + 1e-44).log()}
 
 
 class ConsistencyFunction(nn.Module):
     """f_θ(x, t) = c_skip(t) x + c_out(t) F_θ(c_in(t) x, c_noise(t)).  [CM Eq. 7]
+    With sigma_min = 0 it is EDM's preconditioned denoiser D(x, t) [EDM Tab. 1]. Only F runs under autocast
+    (its output is cast to fp32 before the skip), so f(x, ε) = x holds exactly in mixed precision too."""
 
-    With sigma_min = 0 the same module is EDM's preconditioned denoiser D(x, t) [EDM Tab. 1].
-    Only F runs under autocast; its output is cast to fp32 before the skip connection, so the
-    boundary condition f(x, ε) = x holds exactly in mixed precision too."""
-
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002,
-                 noise_cond: str = "edm"):
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002, noise_cond: str = "edm"):
         super().__init__()
         self.net, self.sigma_data, self.sigma_min = net, sigma_data, sigma_min
         self.c_noise = NOISE_CONDITIONING[noise_cond]
@@ -287,7 +264,6 @@ class ConsistencyFunction(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # 4. Networks F(x, c_noise, class_labels) -> same shape as x. Small on purpose; full/ has NCSN++/ADM.
-
 
 def timestep_embedding(c_noise: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
     """Sinusoidal embedding of the scalar c_noise, (B,) -> (B, dim). c_noise = ln(t)/4 only spans
@@ -315,8 +291,7 @@ class Embedding(nn.Module):
 class MLP(nn.Module):
     """Residual MLP for 2-D data; the embedding is added at the input of every block."""
 
-    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, num_classes: int = 0,
-                 dropout: float = 0.0):
+    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, num_classes: int = 0, dropout: float = 0.0):
         super().__init__()
         self.emb, self.inp = Embedding(hidden, num_classes), nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
@@ -338,8 +313,7 @@ class Block(nn.Module):
         super().__init__()
         norm = lambda c: nn.GroupNorm(min(32, c // 4), c)
         self.res = nn.Sequential(norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
-        self.out = nn.Sequential(norm(cout), nn.SiLU(), nn.Dropout(dropout),
-                                 nn.Conv2d(cout, cout, 3, padding=1))
+        self.out = nn.Sequential(norm(cout), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1))
         self.emb = nn.Linear(emb_dim, cout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         self.attn = nn.ModuleList([norm(cout), nn.Conv2d(cout, 3 * cout, 1), nn.Conv2d(cout, cout, 1)]
@@ -394,8 +368,7 @@ class UNet(nn.Module):
             if level:
                 self.dec.append(Resample(c, up=True))
                 res *= 2
-        self.out = nn.Sequential(nn.GroupNorm(min(32, c // 4), c), nn.SiLU(),
-                                 nn.Conv2d(c, in_ch, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(min(32, c // 4), c), nn.SiLU(), nn.Conv2d(c, in_ch, 3, padding=1))
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
         emb, h = self.emb(c_noise, class_labels), self.inp(x)  # (B, 4ch), (B, ch, H, W)
@@ -411,7 +384,6 @@ class UNet(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # 5. ODE steps for the probability-flow ODE dx/dt = (x - D(x, t)) / t  [EDM Eq. 3 with σ(t) = t]
-
 
 def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
     """dx/dt = (x - D(x, t)) / t."""
@@ -434,7 +406,6 @@ def heun_step(denoiser: Callable, x: Tensor, sigma: Tensor, sigma_next: Tensor) 
 # ----------------------------------------------------------------------------------------------
 # 6. Losses. Each returns a scalar; randomness (indices n, noise z) can be passed in.
 
-
 def l2(x: Tensor, y: Tensor) -> Tensor:
     """Squared L2 distance, averaged over all but the batch dimension: (B, ...) -> (B,)."""
     return (x - y).pow(2).flatten(1).mean(1)
@@ -446,7 +417,6 @@ def l1(x: Tensor, y: Tensor) -> Tensor:
 
 def pseudo_huber(x: Tensor, y: Tensor, c: float | None = None) -> Tensor:
     """√(‖x - y‖² + c²) - c, by default c = 0.00054·√dim (0.03 for CIFAR-10).  [iCT Sec. 3.3]
-
     ≈ ‖x - y‖²/(2c) for ‖x - y‖ ≪ c and ≈ ‖x - y‖ - c for ‖x - y‖ ≫ c; c = 0 is the L2 norm."""
     c = 0.00054 * math.sqrt(x[0].numel()) if c is None else c
     return ((x - y).pow(2).flatten(1).sum(1) + c ** 2).sqrt() - c
@@ -457,8 +427,7 @@ def l2_norm(x: Tensor, y: Tensor) -> Tensor:
     return pseudo_huber(x, y, 0.0)
 
 
-METRICS = {"l2": l2, "l1": l1, "pseudo_huber": pseudo_huber, "l2_norm": l2_norm, "lpips": LPIPS,
-           "lpips_piq": PiqLPIPS}
+METRICS = {"l2": l2, "l1": l1, "pseudo_huber": pseudo_huber, "l2_norm": l2_norm, "lpips": LPIPS, "lpips_piq": PiqLPIPS}
 
 
 def _draw(x: Tensor, N: int, n: Tensor | None, z: Tensor | None, index_probs: Tensor | None = None):
@@ -472,11 +441,9 @@ def _draw(x: Tensor, N: int, n: Tensor | None, z: Tensor | None, index_probs: Te
 def consistency_loss(f: Callable, f_target: Callable, x: Tensor, t: Tensor, r: Tensor, z: Tensor,
                      metric: Callable = l2, weight: Callable | None = None) -> Tensor:
     """E[λ(r, t) d(f_θ(x + t z, t), f_θ⁻(x + r z, r))], r < t, the same z in both; f(·, 0) := x.
-
-    The data point x stands in for the denoiser: one Euler step of the PF ODE from x + t z with
-    D = x lands on x + r z [CM Thm. 2]. Every consistency-training recipe here is this loss with its
-    own draw of (t, r), its weighting λ (≡ 1 unless given) and its metric d. At r = 0 the target is
-    x itself (the boundary condition of [ECT Sec. 3], where the net is EDM's denoiser)."""
+    x stands in for the denoiser: an Euler step of the PF ODE from x + t z with D = x lands on x + r z
+    [CM Thm. 2]. Every consistency-training recipe here is this loss with its own draw of (t, r), weighting
+    λ (≡ 1 unless given) and metric d. At r = 0 the target is x itself (the boundary condition, [ECT Sec. 3])."""
     online = f(x + append_dims(t, x.ndim) * z, t)
     with torch.no_grad():
         live = append_dims(r > 0, x.ndim)
@@ -489,7 +456,6 @@ def ct_loss(f: Callable, f_target: Callable, x: Tensor, sigmas: Tensor, metric: 
             n: Tensor | None = None, z: Tensor | None = None, weight: Callable | None = None,
             index_probs: Tensor | None = None) -> Tensor:
     """E[λ(t_n, t_{n+1}) d(f_θ(x + t_{n+1} z, t_{n+1}), f_θ⁻(x + t_n z, t_n))].  [CM Alg. 3]
-
     n ~ U{1..N-1} as in [CM], or from `index_probs` (iCT's lognormal_index_probs)."""
     n, z = _draw(x, len(sigmas), n, z, index_probs)
     sigmas = sigmas.to(x.device, x.dtype)
@@ -525,11 +491,9 @@ def edm_loss(D: Callable, x: Tensor, sigma: Tensor | None = None, z: Tensor | No
 # 6b. Improved recipes: iCT (from data, no teacher) and ECT (tuning a diffusion model). Each piece is
 #     one function; both recipes are consistency_loss with their own (t, r), λ and d, and μ = 0.
 
-
 def ict_num_steps(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
-    """N(k) = min(s0·2^⌊k/K'⌋, s1) + 1, K' = ⌊K / (log₂⌊s1/s0⌋ + 1)⌋: N doubles every K' steps.
-
-    [iCT Sec. 3.4]; with s0 10, s1 1280: N = 11, 21, ..., 1281, eight stages of K' steps."""
+    """N(k) = min(s0·2^⌊k/K'⌋, s1) + 1, K' = ⌊K / (log₂⌊s1/s0⌋ + 1)⌋: N doubles every K' steps.  [iCT Sec. 3.4]
+    With s0 10, s1 1280: N = 11, 21, ..., 1281, eight stages of K' steps."""
     K_ = max(K // (math.floor(math.log2(s1 // s0)) + 1), 1)
     return min(s0 * 2 ** min(max(k, 0) // K_, 62), s1) + 1
 
@@ -549,7 +513,6 @@ def gap_weight(r: Tensor, t: Tensor) -> Tensor:
 
 def ect_r(t: Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> Tensor:
     """r(t) = max(t·(1 - q^(-a)·n(t)), 0), n(t) = 1 + k·sigmoid(-b t), a the stage.  [ECT Sec. 3]
-
     r < t, and the gap t - r = t·min(1, q^(-a) n(t)) shrinks by q per stage. At a = 0, n ≥ 1 gives
     r = 0: the diffusion objective. The official code (training/loss.py: q 2, k 8, b 1) starts
     tuning at its stage 0, which is our a = 1 (it raises q to the stage + 1)."""
@@ -560,7 +523,6 @@ def ect_loss(f: Callable, f_target: Callable, x: Tensor, stage: int, metric: Cal
              t: Tensor | None = None, z: Tensor | None = None, P_mean: float = -1.1, P_std: float = 2.0,
              q: float = 2.0) -> Tensor:
     """ln t ~ N(P_mean, P_std²) in continuous time, r = r(t), λ = 1/(t - r).  [ECT Sec. 3]
-
     f is EDM's denoiser D (ε = 0) initialised from the teacher; f_target is f under stop-gradient."""
     if t is None:
         t = (P_mean + P_std * torch.randn(x.shape[0])).exp().to(x.device, x.dtype)
@@ -607,7 +569,6 @@ def improved_loss(cfg: Config, k: int, f: Callable, f_target: Callable, x: Tenso
 # ----------------------------------------------------------------------------------------------
 # 7. Samplers
 
-
 @torch.no_grad()
 def sample_onestep(f: Callable, z: Tensor, sigma_max: float = 80.0) -> Tensor:
     """x = f(T z, T): one network evaluation.  [CM Alg. 1 with one step]"""
@@ -619,29 +580,15 @@ def sample_multistep(f: Callable, z: Tensor, sigmas: Sequence[float], sigma_min:
                      noises: Sequence[Tensor] | None = None, generator: torch.Generator | None = None,
                      clip_denoised: bool = True) -> Tensor:
     """x ← f(τ_1 z, τ_1); then for τ_2 > τ_3 > ...: x ← f(x + √(τ² - ε²) z', τ).  [CM Alg. 1]
-
-    `sigmas` are the descending levels τ_1 > τ_2 > ... (τ_1 = T for the paper's sampler; see
-    ts_to_sigmas for the official index form). clip_denoised clamps every f(·) to [-1, 1] before
-    it is re-noised, as both official codebases sample (`clip_denoised=True`): images live in
-    [-1, 1], and an overshoot would otherwise be carried into the next level. Without it, a single
-    level is exactly sample_onestep."""
+    `sigmas` descend, τ_1 = T in the paper (ts_to_sigmas: the official index form). clip_denoised clamps
+    every f(·) to [-1, 1] before it is re-noised, as both official samplers do; without it, one level
+    is exactly sample_onestep."""
     denoise = (lambda x, t: f(x, t).clamp(-1, 1)) if clip_denoised else f
     x = denoise(sigmas[0] * z, sigmas[0])
     for i, tau in enumerate(sigmas[1:]):
         zi = noises[i] if noises is not None else torch.randn(x.shape, generator=generator).to(x.device)
         x = denoise(x + math.sqrt(tau ** 2 - sigma_min ** 2) * zi, tau)
     return x
-
-
-def check_levels(levels: Sequence[float], sigma_min: float, sigma_max: float = math.inf) -> list[float]:
-    """Multistep levels τ_1 > τ_2 > ...: finite, strictly decreasing, within [ε, T] (a level at ε only
-    re-noises by √(ε² - ε²) = 0); anything else is a ValueError. The one check of sampling and editing."""
-    levels = [float(t) for t in levels]
-    if not levels or not all(map(math.isfinite, levels)) or any(a <= b for a, b in zip(levels, levels[1:])) \
-            or levels[-1] < sigma_min or levels[0] > sigma_max:
-        raise ValueError(f"levels must be finite, strictly decreasing and within [sigma_min, sigma_max] = "
-                         f"[{sigma_min}, {sigma_max}], got {levels}")
-    return levels
 
 
 @torch.no_grad()
@@ -659,10 +606,9 @@ def sample_heun(D: Callable, z: Tensor, N: int = 18, sigma_min: float = 0.002, s
 # ----------------------------------------------------------------------------------------------
 # 8. Target network and evaluation EMA: both are θ_avg ← μ θ_avg + (1 - μ) θ
 
-
 def ema_warmup_rate(rate: float, k: int) -> float:
-    """The evaluation EMA's rate at step k with a warm-up, min(rate, (1 + k) / (10 + k)): early averages
-    forget the random initialisation fast (the warm-up of the official EMA of many codebases)."""
+    """The evaluation EMA's rate at step k, min(rate, (1 + k) / (10 + k)): a warm-up that forgets the
+    random initialisation fast (as the EMA of many codebases)."""
     return min(rate, (1 + k) / (10 + k))
 
 
@@ -677,7 +623,6 @@ def ema_update(avg: nn.Module, model: nn.Module, mu: float) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # 9. Data: everything as one in-memory tensor in [-1, 1] (toy data is drawn fresh each batch)
-
 
 def toy_ring(n: int, generator: torch.Generator | None = None) -> Tensor:
     """8 Gaussians (std 0.05) on a circle of radius 0.7: per-coordinate std ≈ 0.5 = σd. (n, 2)"""
@@ -708,8 +653,7 @@ def load_cifar10(data_dir: str | os.PathLike, download: bool = True) -> Tensor:
 
 def load_data(cfg: Config) -> Tensor | None:
     """The training set as a tensor, or None for the toy data (infinite, drawn per batch)."""
-    return {"toy": lambda: None, "digits": load_digits,
-            "cifar10": lambda: load_cifar10(cfg.data_dir)}[cfg.dataset]()
+    return {"toy": lambda: None, "digits": load_digits, "cifar10": lambda: load_cifar10(cfg.data_dir)}[cfg.dataset]()
 
 
 def make_net(cfg: Config, shape: Sequence[int]) -> nn.Module:
@@ -723,7 +667,6 @@ def make_net(cfg: Config, shape: Sequence[int]) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 # 10. Checkpoints: a model back from its state dict (the file itself, written atomically and read with
 #     weights_only=True, is full/common.py's)
-
 
 def config_of(state: dict) -> Config:
     """The Config stored in a checkpoint (older files named grid_steps ts_grid)."""
@@ -748,11 +691,9 @@ def model_from_checkpoint(state: dict, key: str = "ema") -> tuple[ConsistencyFun
 # ----------------------------------------------------------------------------------------------
 # 11. Training
 
-
 def two_step_levels(cfg: Config) -> list[float]:
-    """Levels for the two-step grid: --ts, else the official CIFAR-10 CD choice 0,11,17 of 18
-    for cd, and 0,8,17 of 18 (τ₂ ≈ 3.3) for ct, whose short runs learn low levels best; T, mid_t for
-    ict and ect (0.821 on CIFAR-10 in both papers' two-step samplers)."""
+    """Two-step levels: --ts, else the official CIFAR-10 CD choice 0,11,17 of 18 for cd, 0,8,17 (τ₂ ≈ 3.3) for
+    ct, whose short runs learn low levels best; T, mid_t for ict and ect (0.821 in both papers on CIFAR-10)."""
     if cfg.mode in ("ict", "ect") and not cfg.ts:
         return [cfg.sigma_max, cfg.mid_t]
     ts = [int(i) for i in cfg.ts.split(",")] if cfg.ts else ([0, 11, 17] if cfg.mode == "cd" else [0, 8, 17])
@@ -774,7 +715,9 @@ def generate(model: Callable, cfg: Config, shape: Sequence[int], n: int, seed: i
 # --allow-config-change; the others (folders, intervals, device) may differ freely.
 RUN_FIELDS = dict(common=("mode", "dataset", "channels", "steps", "batch_size", "lr", "sigma_min", "sigma_max",
                           "sigma_data", "rho", "dropout", "precision", "ema", "seed"),
-                  edm=(), ct=("s0", "s1", "mu0", "metric"), cd=("N", "mu", "metric", "init_from_teacher"))
+                  edm=(), ct=("s0", "s1", "mu0", "metric"), cd=("N", "mu", "metric", "init_from_teacher"),
+                  ict=("s0", "s1", "mu", "metric", "P_mean", "P_std", "ablate"),
+                  ect=("mu", "metric", "P_mean", "P_std", "q", "stage_steps"))
 
 
 def train(cfg: Config) -> dict:
@@ -783,8 +726,7 @@ def train(cfg: Config) -> dict:
     dev = pick_device(cfg.device)
     if cfg.mode in ("cd", "ect") and not cfg.teacher:  # a teacher first, or reuse a finished one
         tcfg = resolve(dataclasses.replace(asked, mode="edm", out=f"{cfg.out}/teacher",  # not ect's lr etc.
-                                           steps=cfg.teacher_steps,
-                                           sample_every=0, resume=True))
+                                           steps=cfg.teacher_steps, sample_every=0, resume=True))
         cfg.teacher = f"{tcfg.out}/ckpt.pt"
         if not finished(cfg.teacher, tcfg.steps):
             print(f"no --teacher given: training an EDM teacher in {tcfg.out} first")
@@ -793,18 +735,9 @@ def train(cfg: Config) -> dict:
         return _train(cfg, dev, folder.out)
 
 
-def finished(path: str | os.PathLike, steps: int) -> bool:
-    """A checkpoint of a run of `steps` steps that reached its end."""
-    if not Path(path).is_file():
-        return False
-    state = load_checkpoint(path)
-    return state["step"] == state["config"]["steps"] == steps
-
-
 def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
-    step, ckpt = 0, out / "ckpt.pt"
-    state = None
+    step, ckpt, state = 0, out / "ckpt.pt", None
     if ckpt.is_file() or (out / "log.jsonl").is_file():
         if cfg.resume and ckpt.is_file():
             state = load_checkpoint(ckpt)
@@ -814,8 +747,7 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
                 raise CMError(f"{ckpt} was trained with other {', '.join(changed)}; use another --out, or "
                               "--allow-config-change to continue it with the new settings")
         elif not cfg.overwrite and not cfg.resume:
-            raise CMError(f"{out} already holds a run; pass --resume to continue it or --overwrite to "
-                          "start afresh")
+            raise CMError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start afresh")
     data = load_data(cfg)
     shape = (2,) if data is None else tuple(data.shape[1:])
     teacher = None
@@ -829,26 +761,16 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
                                 0.0 if cfg.mode in ("edm", "ect") else cfg.sigma_min).to(dev)
     if teacher is not None and (cfg.init_from_teacher or cfg.mode == "ect"):
         model.net.load_state_dict(teacher.net.state_dict())
-    # θ⁻ and the evaluation EMA run in eval mode: with --dropout the target sees no dropout (the official
-    # code shares the online net's masks instead, as full/train.py does)
+    # θ⁻ and the evaluation EMA run in eval mode (no dropout), but iCT and ECT's θ⁻ shares the online masks
     target = copy.deepcopy(model).requires_grad_(False).eval()  # θ⁻ (unused by edm)
     target.train(cfg.mode in ("ict", "ect") and cfg.dropout > 0)  # iCT, ECT: replays the online masks
     ema = copy.deepcopy(model).requires_grad_(False).eval()     # evaluation EMA
     opt = (torch.optim.Adam if cfg.mode == "edm" else torch.optim.RAdam)(model.parameters(), lr=cfg.lr)
-    metric = METRICS[cfg.metric]() if cfg.metric.startswith("lpips") else METRICS[cfg.metric]
-    metric = metric.to(dev) if isinstance(metric, nn.Module) else metric
+    metric = METRICS[cfg.metric]().to(dev) if cfg.metric.startswith("lpips") else METRICS[cfg.metric]
     if state is not None:
-        for name, m in (("model", model), ("target", target), ("ema", ema), ("opt", opt)):
-            try:
-                m.load_state_dict(state[name])
-            except (RuntimeError, KeyError, ValueError) as e:
-                raise CMError(f"{ckpt}: the {name} state does not fit this run ({type(e).__name__})") from None
+        step = restore(state, ckpt, dev, model=model, target=target, ema=ema, opt=opt)
         for g in opt.param_groups:  # the lr of this command, also when --allow-config-change changed it
             g["lr"] = cfg.lr
-        step = state["step"]
-        torch.set_rng_state(state["rng"])
-        if dev.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], dev)
         print(f"resumed from {ckpt} at step {step}")
     def low_precision(fn: Callable) -> Callable:
         """fn under bf16 autocast when asked: only the networks, never the metric or the ODE arithmetic."""
@@ -874,8 +796,7 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
         return f"the last good checkpoint is {saved}" if saved else "no checkpoint was written yet"
 
     from tqdm import tqdm
-    bar = tqdm(initial=step, total=cfg.steps, desc=f"{cfg.mode} {cfg.dataset}",
-               mininterval=1.0, disable=None)
+    bar = tqdm(initial=step, total=cfg.steps, desc=f"{cfg.mode} {cfg.dataset}", mininterval=1.0, disable=None)
     t0 = t_log = t_grid = time.time()
     step_log, fid_cache = step, {}
     fid_draw = lambda b, i: generate(ema, cfg, shape, b, cfg.seed + 2 + i, "1-step")  # FIDs' one-step samples
@@ -929,8 +850,7 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
                 now = time.time()
                 ips, t_log, step_log = cfg.batch_size * (step - step_log) / max(now - t_log, 1e-9), now, step
                 bar.set_postfix(loss=f"{loss.item():.4g}", N=N, mu=f"{mu:.4f}", img_s=f"{ips:.0f}")
-                log.write(json.dumps(dict(step=step, loss=loss.item(), N=N, mu=mu, sec=now - t0,
-                                          img_per_s=ips)) + "\n")
+                log.write(json.dumps(dict(step=step, loss=loss.item(), N=N, mu=mu, sec=now - t0, img_per_s=ips)) + "\n")
                 log.flush()
             if ckpt_now:  # before the grids: they may fail
                 checkpoint()
@@ -964,8 +884,7 @@ def report(model: nn.Module, cfg: Config, data: Tensor | None, shape, teacher=No
         name = {"heun": "EDM Heun, 18 levels (35 NFE)"}.get(how, how)
         samples[name] = generate(model, cfg, shape, n, cfg.seed + 7, how).cpu()
     if teacher is not None:
-        samples["teacher Heun, 18 levels (35 NFE)"] = generate(teacher, cfg, shape, n, cfg.seed + 7,
-                                                               "heun").cpu()
+        samples["teacher Heun, 18 levels (35 NFE)"] = generate(teacher, cfg, shape, n, cfg.seed + 7, "heun").cpu()
     return distance_table(samples, real, f"{n} samples each, {cfg.dataset}, {cfg.mode}",
                           features=cfg.dataset == "digits")
 
@@ -973,27 +892,16 @@ def report(model: nn.Module, cfg: Config, data: Tensor | None, shape, teacher=No
 # ----------------------------------------------------------------------------------------------
 # 12. Command line: every Config field is a flag (--batch-size 64, --no-init-from-teacher, ...)
 
-
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Consistency models: train (ct, cd, edm) or sample.",
                                 argument_default=argparse.SUPPRESS)  # unset flags keep Config's defaults
-    # each flag's help is the comment on its Config field
-    notes = dict(re.findall(r"^ +(\w+): \w+ = .*?# *(.*)$", inspect.getsource(Config), re.M))
-    for f in dataclasses.fields(Config):
-        flag, help = "--" + f.name.replace("_", "-"), notes.get(f.name, "").replace("%", "%%")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
-        else:
-            p.add_argument(flag, type=type(f.default), help=f"{help} (default: {f.default!r})")
+    add_field_flags(p, Config)  # each flag's help is the comment on its Config field
     p.add_argument("--ts-grid", dest="grid_steps", type=int, help=argparse.SUPPRESS)  # the old name
     p.add_argument("--checkpoint", "--sample", metavar="CKPT", dest="checkpoint",
                    help="write sample grids from a cm.py checkpoint and exit")
     args = vars(p.parse_args(argv))
     try:
-        if "checkpoint" in args:
-            sample_grids(args.pop("checkpoint"), args)
-            return
-        train(Config(**args))
+        sample_grids(args.pop("checkpoint"), args) if "checkpoint" in args else train(Config(**args))
     except CMError as e:
         exit_on(e)
 
@@ -1003,8 +911,8 @@ def sample_grids(path: str, flags: dict) -> None:
     the checkpoint's own settings, and nothing else changes (so the grids equal the training-time ones)."""
     state = load_checkpoint(path)
     model, cfg = model_from_checkpoint(state)
-    cfg = resolve(dataclasses.replace(cfg, **{k: v for k, v in flags.items()
-                                               if k in ("ts", "grid_steps", "seed", "device")}))
+    keep = ("ts", "grid_steps", "seed", "device")  # the flags that may override the checkpoint's settings
+    cfg = resolve(dataclasses.replace(cfg, **{k: v for k, v in flags.items() if k in keep}))
     out = Path(flags.get("out") or Path(path).parent)
     if out.exists() and not out.is_dir():
         raise CMError(f"--out {out} is a file, not a folder")

@@ -6,8 +6,12 @@ Nothing here is the method (that is cm.py, read top to bottom); cm.py imports th
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import inspect
 import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -222,6 +226,28 @@ def changed_fields(saved: dict, now: dict, fields: Sequence[str]) -> list[str]:
     """The fields whose saved and current values differ (as 'name saved -> now')."""
     return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in fields if saved.get(k) != now.get(k)]
 
+
+def finished(path: str | os.PathLike, steps: int) -> bool:
+    """A checkpoint of a run of `steps` steps that reached its end."""
+    if not Path(path).is_file():
+        return False
+    state = load_checkpoint(path)
+    return state["step"] == state["config"]["steps"] == steps
+
+
+def restore(state: dict, path: str | os.PathLike, device: torch.device, **modules) -> int:
+    """Load a checkpoint's module and optimiser states (one that does not fit is a one-line CMError naming
+    it) and its RNG states; returns its step."""
+    for name, m in modules.items():
+        try:
+            m.load_state_dict(state[name])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CMError(f"{path}: the {name} state does not fit this run ({type(e).__name__})") from None
+    torch.set_rng_state(state["rng"])
+    if device.type == "cuda" and "rng_cuda" in state:
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+    return state["step"]
+
 # ----------------------------------------------------------------------------------------------
 # Devices, sample grids, and the distances a run reports
 
@@ -237,6 +263,17 @@ def pick_device(name: str = "") -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise CMError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
     return dev
+
+
+def check_levels(levels: Sequence[float], sigma_min: float, sigma_max: float = math.inf) -> list[float]:
+    """Multistep levels τ_1 > τ_2 > ...: finite, strictly decreasing, within [ε, T] (a level at ε only
+    re-noises by √(ε² - ε²) = 0); anything else is a ValueError. The one check of sampling and editing."""
+    levels = [float(t) for t in levels]
+    if not levels or not all(map(math.isfinite, levels)) or any(a <= b for a, b in zip(levels, levels[1:])) \
+            or levels[-1] < sigma_min or levels[0] > sigma_max:
+        raise ValueError(f"levels must be finite, strictly decreasing and within [sigma_min, sigma_max] = "
+                         f"[{sigma_min}, {sigma_max}], got {levels}")
+    return levels
 
 
 def grid_name(how: str, step: int) -> str:
@@ -308,3 +345,18 @@ def distance_table(samples: dict[str, Tensor], real: Callable[[], Tensor], title
     for k, v in rows.items():
         print(f"  {k:34s} {v:8.4f}" + (f"  {fd[k]:8.2f}" if fd else ""))
     return rows | {f"{k} [feature FD]": v for k, v in fd.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+def add_field_flags(p: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of the dataclass `cls` (--batch-size for batch_size; --x / --no-x for a bool), its
+    help the comment on that field in the source."""
+    notes = dict(re.findall(r"^ +(\w+): \w+ = .*?# *(.*)$", inspect.getsource(cls), re.M))
+    for f in dataclasses.fields(cls):
+        flag, help = "--" + f.name.replace("_", "-"), notes.get(f.name, "").replace("%", "%%")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        else:
+            p.add_argument(flag, type=type(f.default), help=f"{help} (default: {f.default!r})")

@@ -50,6 +50,17 @@ def test_edm_then_cd_then_ct_end_to_end(teacher, tmp_path):
     assert len(lines) >= 4 and all("loss" in ln for ln in lines)
 
 
+@pytest.mark.parametrize("mode", ["ict", "ect"])
+def test_improved_recipes_resume_and_refuse_changed_settings(mode, teacher, tmp_path):
+    """--resume continues an iCT or ECT run; a resume with another setting of its recipe is refused, naming it."""
+    cfg = dict(mode=mode, steps=4, out=str(tmp_path), teacher=str(teacher) if mode == "ect" else "", **TINY)
+    cm.train(cm.Config(**cfg))
+    cm.train(cm.Config(**{**cfg, "steps": 6}, resume=True, allow_config_change=True))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 6
+    with pytest.raises(cm.CMError, match=r"P_std 2\.0 -> 3\.0"):
+        cm.train(cm.Config(**{**cfg, "steps": 6}, resume=True, P_std=3.0))
+
+
 @pytest.mark.slow
 def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     cfg = dict(mode="ct", steps=20, **TINY)
