@@ -15,7 +15,8 @@ measured within one round, stay fair. Each timed call ends with a CUDA synchroni
        F  forward pass without grad           B  forward + backward of a mean square (grad of F)
        O  optimiser step                       U  one EMA update (the target θ⁻ or an evaluation EMA)
        EDM = B + O + U        CT = B + F + O + 2U        CD = B + 3F + O + 2U (a Heun step: 2 teacher calls)
-       iCT/ECT = B + F + O + U (their target is θ under stop-grad: no θ⁻ to update)
+       iCT/ECT = B + F + O + U, and CD with μ = 0 = B + 3F + O + U: their target is θ under stop-grad,
+       the online net itself evaluated without grad (full.train keeps no θ⁻ copy then)
    Where backward costs twice a forward (B = 3F) and O, U are small (a GPU at a large batch) the
    floors are 4/3 = 1.33 for CT and 6/3 = 2 for CD: the "nominal" column.
 2. sample: a bare forward pass of F (the limit of any sampler), one-step and two-step consistency
@@ -69,16 +70,17 @@ NETS = {  # --net -> the preset whose network (and data shape) it uses
     "adm-imagenet64": "imagenet64-ct",  # ADM ~296M, 3x64x64 (a large GPU)
 }
 PRECISIONS = ("fp32", "bf16", "fp16")
-# recipe -> (forwards without grad beside the one forward+backward, EMA updates per step)
-FLOORS = {"edm": (0, 1), "ct": (1, 2), "cd": (3, 2), "ict": (1, 1), "ect": (1, 1)}
+# recipe -> forwards without grad beside the one forward+backward (EMA updates: see floor)
+FLOORS = {"edm": 0, "ct": 1, "cd": 3, "ict": 1, "ect": 1}
 RECIPES = [r for r in ("edm", "cd", "ct", "ict", "ect") if r in CHOICES[("cm", "mode")]]
 NOT_YET = [r for r in FLOORS if r not in RECIPES]  # a row appears once full.train accepts cm.mode=<it>
 
 
-def floor(recipe: str, F: float, B: float, O: float = 0.0, U: float = 0.0) -> float:
-    """The recipe's unavoidable work over an EDM step's: (B + n_F·F + O + n_U·U) / (B + O + U)."""
-    n_f, n_u = FLOORS[recipe]
-    return (B + n_f * F + O + n_u * U) / (B + O + U)
+def floor(recipe: str, F: float, B: float, O: float = 0.0, U: float = 0.0, target: bool | None = None) -> float:
+    """The recipe's unavoidable work over an EDM step's: (B + n_F·F + O + n_U·U) / (B + O + U), n_U = 2
+    with a target θ⁻ to update (CT; CD with μ > 0), else 1 (the evaluation EMA; θ⁻ = stopgrad θ at μ = 0)."""
+    target = recipe in ("ct", "cd") if target is None else target
+    return (B + FLOORS[recipe] * F + O + (1 + target) * U) / (B + O + U)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +239,7 @@ def train_table(s: Setup, trainers: dict[str, Trainer]) -> list[dict]:
         sec = statistics.median(t[f"step {r}"])
         peak = state_bytes(tr.model, tr.target, tr.teacher, tr.opt, *tr.emas.values()) + step_bytes(
             lambda: tr.step(x, y), s.dev)
-        floors = [floor(r, *p) for p in zip(F, B, O, U)]
+        floors = [floor(r, *p, target=tr.target is not None) for p in zip(F, B, O, U)]
         out.append(dict(recipe=r, sec=sec, ips=s.batch / sec, mem_gib=peak / 2 ** 30,
                         x_edm=median_ratio(t[f"step {r}"], t["step edm"]),
                         floor=statistics.median(floors), nominal=floor(r, 1.0, 3.0)))

@@ -125,8 +125,11 @@ class Trainer:
         if teacher is not None and (cfg.run.init_from_teacher or cfg.cm.mode == "ect"):
             checkpoints.load_weights(self.model.net, teacher.net.state_dict(), "teacher", cfg.run.teacher)
         self.shared_dropout = cfg.cm.mode != "edm" and has_dropout(self.model)
+        # θ⁻: a copy of θ kept as an EMA, in train mode only when it must replay the online dropout masks.
+        # With μ = 0 throughout (iCT, ECT, CIFAR-10 CD) θ⁻ = stopgrad(θ): the online net itself, evaluated
+        # without grad (cm.consistency_loss), so no copy is kept or refreshed each step.
         self.target = None
-        if cfg.cm.mode != "edm":  # θ⁻: in train mode only when it must replay the online dropout masks
+        if cfg.cm.mode == "ct" or (cfg.cm.mode != "edm" and cfg.cm.mu > 0):
             self.target = copy.deepcopy(self.model).requires_grad_(False).train(self.shared_dropout)
         self.emas = {r: copy.deepcopy(self.model).requires_grad_(False).eval() for r in cfg.ema.rates}
         self.ddp = self.model
@@ -162,7 +165,7 @@ class Trainer:
         if c.mode == "edm":
             return edm_loss(online, x, sigma=sigma, z=z, sigma_data=c.sigma_data, P_mean=c.P_mean,
                             P_std=c.P_std)
-        target = self._amp(self.target, labels)
+        target = self._amp(self.model if self.target is None else self.target, labels)
         if self.shared_dropout:
             share = SharedDropout(self.device)
             online, target = share.wrap(online), share.wrap(target)

@@ -23,6 +23,40 @@ def test_floor_is_the_extra_work_over_an_edm_step(F, B, O, U):
     assert bench.floor("edm", F, B, O, U) == pytest.approx(1.0)
     assert bench.floor("ct", F, B, O, U) == pytest.approx(1 + (F + U) / edm)
     assert bench.floor("cd", F, B, O, U) == pytest.approx(1 + (3 * F + U) / edm)
+    assert bench.floor("cd", F, B, O, U, target=False) == pytest.approx(1 + 3 * F / edm)  # μ = 0
+    assert bench.floor("ict", F, B, O, U) == bench.floor("ect", F, B, O, U) == pytest.approx(1 + F / edm)
+
+
+@pytest.mark.parametrize("recipe", ["ict", "ect", "cd"])
+def test_mu_zero_keeps_no_target_copy_and_gives_the_same_loss(recipe):
+    """With μ = 0, θ⁻ = stopgrad(θ): the trainer keeps no copy, and its loss equals the loss with a
+    separate frozen copy of θ as the target (same draws), gradient included; with μ > 0 there is a copy."""
+    import copy
+
+    import cm
+    s = bench.Setup("ncsnpp-tiny", 4, torch.device("cpu"))
+    tr = bench.make_trainer(s, recipe)
+    if recipe == "cd":
+        assert tr.cfg.cm.mu == 0
+    assert tr.target is None
+    x, y = bench.batch_for(tr, 4, s.dev)
+    with torch.no_grad():
+        for p in tr.model.parameters():  # a zero output layer would make f ignore the network
+            p.add_(0.05 * torch.randn_like(p))
+    torch.manual_seed(1)
+    n, z, t = torch.randint(0, 17, (4,)), torch.randn_like(x), torch.rand(4) * 5 + 0.1
+    draws = dict(sigma=t) if recipe == "ect" else dict(n=n)
+    N = 3 if recipe == "ect" else 18
+    loss = tr.loss(x, y, N, z=z, **draws)
+    grads = torch.autograd.grad(loss, list(tr.model.parameters()), allow_unused=True)
+    tr.target = copy.deepcopy(tr.model).requires_grad_(False)  # the copy the trainer no longer keeps
+    ref = tr.loss(x, y, N, z=z, **draws)
+    ref_grads = torch.autograd.grad(ref, list(tr.model.parameters()), allow_unused=True)
+    assert torch.equal(loss, ref)
+    for a, b in zip(grads, ref_grads):
+        assert (a is None and b is None) or torch.equal(a, b)
+    with_mu = bench.resolve(bench.NETS[s.net], ["cm.mode='cd'", "cm.metric='l2'", "cm.mu=0.5"])
+    assert bench.Trainer(with_mu, s.dev, tr.teacher).target is not None
 
 
 @pytest.mark.parametrize("recipe, grad_calls, no_grad_calls",
