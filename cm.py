@@ -1,11 +1,8 @@
 """Consistency Models in one file: the method top to bottom, and a trainer that runs on a laptop.
 
     python cm.py                                  # CD on 8x8 digits (EDM teacher, then CD), CPU, minutes
-    python cm.py --mode ct                        # CT on the digits: no teacher at all
-    python cm.py --mode ict                       # improved CT [iCT]; --mode ect tunes the teacher [ECT]
-    python cm.py --dataset toy --mode edm         # EDM teacher on a 2-D ring, then:
-    python cm.py --dataset toy --mode cd --teacher runs/toy-edm/ckpt.pt
-    python cm.py --mode ct --dataset cifar10      # the real thing (use a GPU)
+    python cm.py --mode ct                        # CT: no teacher at all; --mode ict, ect: [iCT], [ECT]
+    python cm.py --dataset toy --mode edm         # a 2-D ring (--dataset cifar10: the real thing, on a GPU)
     python cm.py --sample runs/digits-cd/ckpt.pt  # a grid from a checkpoint
 
 References
@@ -54,7 +51,7 @@ from full.common import (CKPT_FORMAT, KINDS, LPIPS, SIGMA_MAX_LIMIT, CMError, Pi
                          add_field_flags, atomic_write, changed_fields, check_levels, check_math,
                          checkpoint_kind, distance_table, energy_distance, exit_on, fid_score, finished,
                          grid_name, load_checkpoint, pick_device, read_weights_only, restore, save_checkpoint,
-                         save_grid, uint8_to_unit)
+                         save_grid, uint8_to_unit, under_autocast)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,8 +195,8 @@ def ct_num_steps(k: int, K: int, s0: int, s1: int) -> int:
 
 def ct_target_rate(k: int, K: int, s0: int, s1: int, mu0: float, rule: str = "code") -> float:
     """μ(k) = exp(s0·ln μ0 / (N(k) - 1)) ('code'), or exp(s0·ln μ0 / N(k)) ('paper').  [CM App. C]
-    'code' is what both official codebases compute, so every CT number of the paper used it (μ(0) = 0.81
-    for μ0 = 0.9, s0 = 2); 'paper' is the paper's text, with μ(0) = μ0. Both rise to 1."""
+    'code' is what both official codebases compute, so every CT number of the paper used it (μ(0) =
+    μ0^(s0/(s0-1)) = 0.81 for μ0 = 0.9, s0 = 2); 'paper' is the paper's text, μ(0) = μ0. Both rise to 1."""
     if rule not in MU_RULES:
         raise ValueError(f"unknown mu rule {rule!r}; choose {' or '.join(MU_RULES)}")
     return math.exp(s0 * math.log(mu0) / (ct_num_steps(k, K, s0, s1) - MU_RULES[rule]))
@@ -240,7 +237,10 @@ def boundary_scalings(sigma: Tensor, sigma_data: float = 0.5, sigma_min: float =
 
 # c_noise(t): EDM and NCSN++ use ln(t)/4 [EDM Tab. 1]; the released ADM checkpoints were trained
 # with 1000·ln(t + 1e-44)/4 (a DDPM-style timestep range; 1e-44 keeps t = 0 finite).
-NOISE_CONDITIONING = {"edm": lambda sigma: sigma.log() / 4, "adm": lambda sigma: 1000 * 0.25 * (sigma + 1e-44).log()}
+NOISE_CONDITIONING = {
+    "edm": lambda sigma: sigma.log() / 4,
+    "adm": lambda sigma: 1000 * 0.25 * (sigma + 1e-44).log(),
+}
 
 
 class ConsistencyFunction(nn.Module):
@@ -294,9 +294,8 @@ class MLP(nn.Module):
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, num_classes: int = 0, dropout: float = 0.0):
         super().__init__()
         self.emb, self.inp = Embedding(hidden, num_classes), nn.Linear(dim, hidden)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                                  nn.Dropout(dropout), nn.Linear(hidden, hidden))
-                                    for _ in range(depth))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Dropout(dropout),
+                                                  nn.Linear(hidden, hidden)) for _ in range(depth))
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
@@ -772,14 +771,8 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
         for g in opt.param_groups:  # the lr of this command, also when --allow-config-change changed it
             g["lr"] = cfg.lr
         print(f"resumed from {ckpt} at step {step}")
-    def low_precision(fn: Callable) -> Callable:
-        """fn under bf16 autocast when asked: only the networks, never the metric or the ODE arithmetic."""
-        def call(x, sigma):
-            with torch.autocast(dev.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
-                return fn(x, sigma)
-        return call
-
-    f, f_target, D = low_precision(model), low_precision(target), teacher and low_precision(teacher)
+    # only the networks run under autocast (--precision bf16), never the metric or the ODE arithmetic
+    f, f_target, D = (m and under_autocast(m, cfg.precision, dev) for m in (model, target, teacher))
     atomic_write(out / "config.json", lambda fh: fh.write(json.dumps(dataclasses.asdict(cfg), indent=1).encode()))
     saved = ckpt if state is not None else None  # the last good checkpoint of this run, if any
 

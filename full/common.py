@@ -265,6 +265,20 @@ def pick_device(name: str = "") -> torch.device:
     return dev
 
 
+def autocast_ctx(precision: str, device: torch.device):
+    """torch.autocast for bf16/fp16, a no-op for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def under_autocast(fn: Callable, precision: str, device: torch.device) -> Callable:
+    """fn under autocast_ctx: for the networks only, never the metric or the ODE arithmetic."""
+    def call(*args, **kwargs):
+        with autocast_ctx(precision, device):
+            return fn(*args, **kwargs)
+    return call
+
+
 def check_levels(levels: Sequence[float], sigma_min: float, sigma_max: float = math.inf) -> list[float]:
     """Multistep levels τ_1 > τ_2 > ...: finite, strictly decreasing, within [ε, T] (a level at ε only
     re-noises by √(ε² - ε²) = 0); anything else is a ValueError. The one check of sampling and editing."""

@@ -51,6 +51,7 @@ from cm import (METRICS, CMError, RunFolder, SharedDropout, atomic_write, cd_los
                 ct_num_steps, ct_target_rate, ect_loss, edm_loss, ema_update, ema_warmup_rate, exit_on,
                 gap_weight, grid_name, ict_num_steps, karras_sigmas, lognormal_index_probs, ts_to_sigmas)
 from full import checkpoints, dist
+from full.common import autocast_ctx
 from full.data import make_dataset, make_loader
 from full.model import has_dropout, image_shape, make_model
 from full.presets import CLIParser, RunConfig, resolve, to_json
@@ -95,12 +96,6 @@ def make_metric(cfg: RunConfig, device: torch.device) -> Callable:
     if cfg.cm.metric in ("lpips", "lpips_piq"):
         return METRICS[cfg.cm.metric](pretrained_backbone=cfg.cm.lpips_pretrained).to(device)
     return METRICS[cfg.cm.metric]
-
-
-def autocast_ctx(precision: str, device: torch.device):
-    """torch.autocast for bf16/fp16, a no-op for fp32."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def rng_state(device: torch.device) -> dict:
