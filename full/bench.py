@@ -21,7 +21,7 @@ measured within one round, stay fair. Each timed call ends with a CUDA synchroni
    floors are 4/3 = 1.33 for CT and 6/3 = 2 for CD: the "nominal" column.
 2. sample: a bare forward pass of F (the limit of any sampler), one-step and two-step consistency
    sampling and the teacher's Heun sampler (18 levels, 35 evaluations); img/s and the ratio to F.
-3. options: a CT step and one-step sampling under fp32, bf16 and fp16 autocast, channels_last,
+3. options: a CT step and one-step sampling under fp32, bf16 and fp16 (not on a CPU) autocast, channels_last,
    a foreach or fused optimiser, and torch.compile (of F in the online and target nets; opt-in on a CPU
    with --compile, where compiling NCSN++ takes minutes), with the largest difference of a one-step
    sample from the fp32 one (same weights and noise): 0 or float round-off means the option leaves
@@ -313,6 +313,8 @@ def options_table(s: Setup, tr: Trainer, compile_net: bool) -> list[dict]:
     compiled = {m: torch.compile(n) for m, n in raw.items()} if compile_net else {}
     options = {"fp32": {}, "bf16": dict(precision="bf16"), "fp16": dict(precision="fp16"),
                "channels_last": dict(channels_last=True)}
+    if s.dev.type == "cpu":  # CPU fp16 convolutions run several times slower, and full.train refuses fp16 there
+        del options["fp16"]
     if compile_net:
         options["compile"] = dict(compile=True)
     fmt = {True: torch.channels_last, False: torch.contiguous_format}
@@ -356,7 +358,8 @@ def options_table(s: Setup, tr: Trainer, compile_net: bool) -> list[dict]:
         print(f"  {k:14} {st * 1e3:9.1f} {sx:7.2f} {fm(sm and sm * 1e3, '10.1f'):>10} {fm(smx, '7.2f'):>7} "
               f"{fm(delta, '14.2e'):>14} {ts['_first'][k]:10.1f}")
     print("  (x fp32 > 1 is faster; the optimiser rows time the optimiser step alone, against RAdam's\n"
-          "   for-loop step; '1st call s' includes compilation for the compile row)", flush=True)
+          "   for-loop step; '1st call s' includes compilation for the compile row" +
+          ("; no fp16 row on a CPU, where full.train refuses fp16)" if "fp16" not in options else ")"), flush=True)
     return out
 
 

@@ -1,0 +1,104 @@
+"""python -m full.compare: CD, CT, iCT and ECT side by side on one data set, each at cm.py's defaults.
+
+    python -m full.compare --dataset digits          # ~25 min on 2 CPU cores: the README's table
+    python -m full.compare --dataset toy             # ~10 min
+    python -m full.compare --dataset digits --modes ct,ict --out runs/compare-digits
+
+One command per data set trains, in this order and each with its cm.py defaults: the EDM teacher, CD
+and ECT from that one teacher, then CT and iCT (no teacher). Every run prints its distances to fresh
+data (cm.report); this collects them into one markdown table with the wall clock of each run. A row's
+time includes its teacher where it needs one (CD, ECT), since the defaults give each row about the same
+wall-clock budget: the runs of `python cm.py --mode X` from a fresh clone, which train their own teacher.
+On the digits the distance is the classifier-feature Fréchet distance (energy distance in brackets); on
+the toy ring it is the energy distance. Each run's folder (<out>/<mode>) keeps its grids and checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import cm
+
+ROWS = {"cd": "CD", "ct": "CT", "ict": "iCT", "ect": "ECT"}
+FLOOR, TEACHER = "data vs data (floor)", "teacher Heun, 18 levels (35 NFE)"
+
+
+def run(cfg: cm.Config) -> tuple[dict, float, cm.Config]:
+    """cm.train(cfg) -> (its distances, its wall clock in seconds, the resolved config)."""
+    t0 = time.time()
+    result = cm.train(cfg)
+    return result, time.time() - t0, cm.resolve(cfg)
+
+
+def cell(result: dict, key: str, digits: bool) -> str:
+    if key not in result:
+        return ""
+    if digits:
+        return f"{result[key + ' [feature FD]']:.1f} ({result[key]:.4f})"
+    return f"{result[key]:.4f}"
+
+
+def compare(dataset: str, modes: list[str], out: Path, **settings) -> list[dict]:
+    """Train the teacher (if a mode needs one) and each mode; returns one row per mode. `settings` are
+    Config fields set for every run (device; steps etc. for a quick look), the rest are cm.py's defaults."""
+    base = cm.Config(dataset=dataset, overwrite=True, **settings)
+    rows, teacher_s, teacher = [], 0.0, ""
+    if {"cd", "ect"} & set(modes):
+        _, teacher_s, tcfg = run(dataclasses.replace(base, mode="edm", out=str(out / "teacher")))
+        teacher = str(out / "teacher" / "ckpt.pt")
+        print(f"teacher: {tcfg.steps} steps in {teacher_s:.0f} s")
+    for mode in modes:
+        result, sec, rcfg = run(dataclasses.replace(base, mode=mode, out=str(out / mode),
+                                                    teacher=teacher if mode in ("cd", "ect") else ""))
+        uses_teacher = mode in ("cd", "ect")
+        rows.append(dict(mode=mode, steps=rcfg.steps, teacher_steps=uses_teacher and
+                         cm.resolve(dataclasses.replace(base, mode="edm")).steps,
+                         sec=sec + teacher_s * uses_teacher, own_sec=sec, result=result))
+        print(f"{mode}: {rcfg.steps} steps in {sec:.0f} s")
+    return rows
+
+
+def table(rows: list[dict], dataset: str) -> str:
+    digits = dataset == "digits"
+    what = "feature FD (energy distance)" if digits else "energy distance"
+    lines = [f"| {dataset} | steps | wall clock | 1 step | 2 steps | teacher Heun (35 NFE) | floor |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: list(ROWS).index(r["mode"])):
+        steps = f"teacher {r['teacher_steps']:,} + {r['steps']:,}" if r["teacher_steps"] else f"{r['steps']:,}"
+        wall = f"{r['sec']:.0f} s" + (f" ({r['own_sec']:.0f} s after the teacher)" if r["teacher_steps"] else "")
+        res = r["result"]
+        lines.append(f"| {ROWS[r['mode']]} | {steps} | {wall} | {cell(res, '1-step', digits)} | "
+                     f"{cell(res, '2-step', digits)} | {cell(res, TEACHER, digits)} | {cell(res, FLOOR, digits)} |")
+    return "\n".join(lines) + f"\n\nDistances: {what} to fresh data; lower is better.\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="digits", choices=["toy", "digits"])
+    p.add_argument("--modes", default="cd,ect,ct,ict", help="comma-separated, any of cd, ect, ct, ict")
+    p.add_argument("--out", default="", help="folder of the runs (default runs/compare-<dataset>)")
+    p.add_argument("--device", default="", help="default: cuda if available, else cpu")
+    p.add_argument("--steps", type=int, default=0, help="steps of every run, teacher included, for a quick "
+                   "look (default 0: each mode's cm.py default, as in README)")
+    args = p.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    try:
+        if not modes or set(modes) - set(ROWS):
+            raise cm.CMError(f"--modes takes a comma-separated subset of {', '.join(ROWS)}, got {args.modes!r}")
+        out = Path(args.out or f"runs/compare-{args.dataset}")
+        t0 = time.time()
+        rows = compare(args.dataset, modes, out, device=args.device, steps=args.steps)
+        text = table(rows, args.dataset)
+        print("\n" + text + f"In all {time.time() - t0:.0f} s.")
+        (out / "table.md").write_text(text)
+        (out / "rows.json").write_text(json.dumps(rows, indent=1))
+    except cm.CMError as e:
+        cm.exit_on(e)
+
+
+if __name__ == "__main__":
+    main()

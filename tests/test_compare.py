@@ -1,0 +1,31 @@
+"""full.compare: one command trains the teacher once, CD and ECT from it, CT and iCT, and tabulates them."""
+import json
+
+import pytest
+
+from full import compare
+
+
+def test_compare_tabulates_every_mode_from_one_teacher(tmp_path, capsys):
+    tiny = ["--dataset", "toy", "--out", str(tmp_path), "--steps", "3", "--device", "cpu"]
+    compare.main(tiny)
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["mode"] for r in rows] == ["cd", "ect", "ct", "ict"]
+    assert all(r["steps"] == 3 for r in rows)
+    teacher_s = rows[0]["sec"] - rows[0]["own_sec"]
+    assert teacher_s > 0  # CD and ECT are charged the one teacher's time, CT and iCT nothing
+    for r in rows:
+        assert r["sec"] == pytest.approx(r["own_sec"] + teacher_s * (r["mode"] in ("cd", "ect")))
+        assert {"1-step", "2-step", compare.FLOOR} <= set(r["result"])
+    assert ("teacher Heun, 18 levels (35 NFE)" in rows[0]["result"]) and not rows[2]["result"].keys() & {
+        compare.TEACHER}
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:6]] == ["CD", "CT", "iCT", "ECT"]  # the paper order
+    assert (tmp_path / "teacher" / "ckpt.pt").is_file() and (tmp_path / "ect" / "ckpt.pt").is_file()
+    assert "In all" in capsys.readouterr().out
+
+
+def test_compare_refuses_unknown_modes(capsys):
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--modes", "cd,edm"])
+    assert e.value.code == 1 and "--modes" in capsys.readouterr().err
