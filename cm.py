@@ -50,8 +50,8 @@ from torch import Tensor
 from full.common import (CKPT_FORMAT, KINDS, LPIPS, SIGMA_MAX_LIMIT, CMError, PiqLPIPS, RunFolder,
                          add_field_flags, atomic_write, changed_fields, check_levels, check_math,
                          checkpoint_kind, distance_table, energy_distance, exit_on, fid_score, finished,
-                         grid_name, load_checkpoint, pick_device, read_weights_only, restore, save_checkpoint,
-                         save_grid, uint8_to_unit, under_autocast)
+                         grid_name, load_checkpoint, out_folder, pick_device, read_weights_only, restore,
+                         save_checkpoint, save_grid, uint8_to_unit, under_autocast)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,8 +145,7 @@ def resolve(cfg: Config) -> Config:
         if getattr(cfg, k) not in ok:
             raise CMError(f"unknown {k.replace('_', '-')} {getattr(cfg, k)!r}; choose one of {', '.join(ok)}")
     cfg.out = cfg.out or f"runs/{cfg.dataset}-{cfg.mode}"
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise CMError(f"--out {cfg.out} is a file, not a folder")
+    out_folder(cfg.out)
     cfg.sample_every = cfg.sample_every or max(cfg.steps // 4, 1)
     cfg.stage_steps = cfg.stage_steps or max(cfg.steps // 8, 1)
     if min(cfg.steps, cfg.batch_size, cfg.channels, cfg.log_every, cfg.ckpt_every, cfg.sample_every) < 1:
@@ -906,10 +905,7 @@ def sample_grids(path: str, flags: dict) -> None:
     model, cfg = model_from_checkpoint(state)
     keep = ("ts", "grid_steps", "seed", "device")  # the flags that may override the checkpoint's settings
     cfg = resolve(dataclasses.replace(cfg, **{k: v for k, v in flags.items() if k in keep}))
-    out = Path(flags.get("out") or Path(path).parent)
-    if out.exists() and not out.is_dir():
-        raise CMError(f"--out {out} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_folder(flags.get("out") or Path(path).parent, make=True)
     write_grids(model.to(pick_device(cfg.device)), cfg, state["shape"], out, state["step"])
     print(f"wrote sample grids to {out}")
 

@@ -1,5 +1,6 @@
-"""The plumbing shared by cm.py and full/: errors, atomic files, the checkpoint container, run folders,
-device choice, grids and plots, the LPIPS wrappers, the energy distance and the FID of a run.
+"""The plumbing shared by cm.py and full/: errors and range checks, pixel conversion, the LPIPS wrappers,
+atomic files, the checkpoint container and resume, run folders, device choice, autocast, sample grids,
+the distances a run reports (energy, FID), and a dataclass as command-line flags.
 
 Nothing here is the method (that is cm.py, read top to bottom); cm.py imports these names back, so
 `cm.X` and `full.common.X` are the same object. This module never imports cm (cm imports it).
@@ -23,6 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+
+# ----------------------------------------------------------------------------------------------
+# Errors and range checks
 
 class CMError(RuntimeError):
     """A user-facing error (bad input, a run that cannot go on): every main() of cm.py and full/ prints its
@@ -189,16 +193,27 @@ def load_checkpoint(path: str | os.PathLike, kind: str = "cm") -> dict:
     return state
 
 
+def out_folder(path: str | os.PathLike, make: bool = False) -> Path:
+    """--out as a folder: a file there is a one-line CMError; with `make` the folder is created (a one-line
+    CMError if it cannot be)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CMError(f"--out {out} is a file, not a folder")
+    if make:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CMError(f"cannot use {out} as the run folder: {e.strerror or e}") from None
+    return out
+
+
 class RunFolder:
     """The run folder, held with an OS lock for the life of the run (released on exit, kill -9 included):
     a second run in the same folder is refused with one line instead of sharing its files."""
 
     def __init__(self, out: str | os.PathLike):
-        self.out = Path(out)
-        if self.out.exists() and not self.out.is_dir():
-            raise CMError(f"--out {self.out} is a file, not a folder")
+        self.out = out_folder(out, make=True)
         try:
-            self.out.mkdir(parents=True, exist_ok=True)
             self.fh = open(self.out / ".lock", "a")
         except OSError as e:
             raise CMError(f"cannot use {self.out} as the run folder: {e.strerror or e}") from None
@@ -249,7 +264,7 @@ def restore(state: dict, path: str | os.PathLike, device: torch.device, **module
     return state["step"]
 
 # ----------------------------------------------------------------------------------------------
-# Devices, sample grids, and the distances a run reports
+# Devices, autocast, sample grids, and the distances a run reports
 
 def pick_device(name: str = "") -> torch.device:
     """--device: '' -> cuda if available, else cpu; an unknown name or an absent device -> CMError."""

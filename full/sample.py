@@ -32,7 +32,7 @@ import torch
 from cm import CMError, check_levels, exit_on, sample_heun, sample_multistep, sample_onestep, ts_to_sigmas
 from cm import save_grid as cm_save_grid
 from full import checkpoints, dist
-from full.common import to_uint8, uint8_to_unit
+from full.common import out_folder, to_uint8, uint8_to_unit
 from full.model import image_shape
 from full.presets import CLIParser
 
@@ -189,9 +189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.num < 1 or args.batch < 1 or (args.grid_steps is not None and args.grid_steps < 2):
             raise CMError("need --num-samples >= 1, --batch-size >= 1 and --grid-steps >= 2")
-        out = Path(args.out or Path(args.checkpoint).parent)
-        if out.exists() and not out.is_dir():
-            raise CMError(f"--out {out} is a file, not a folder")
+        out = out_folder(args.out or Path(args.checkpoint).parent)
         dev = dist.init(args.device)
         state = checkpoints.load(args.checkpoint, args.arch, args.kind)
         f, cfg = checkpoints.model_from_state(state, args.ema, args.checkpoint)

@@ -58,6 +58,7 @@ def test_common_is_plumbing_that_cm_reexports():
              "CKPT_FORMAT", "KINDS", "atomic_write", "save_checkpoint", "checkpoint_kind",
              "read_weights_only", "load_checkpoint", "RunFolder", "changed_fields", "pick_device",
              "grid_name", "save_grid", "energy_distance", "fid_score", "distance_table", "check_levels",
-             "finished", "restore", "add_field_flags", "under_autocast"]
+             "finished", "restore", "add_field_flags", "under_autocast",
+             "out_folder"]
     for name in moved:
         assert getattr(cm, name) is getattr(full.common, name), f"cm.{name} is not full.common.{name}"
