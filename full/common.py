@@ -63,6 +63,7 @@ def check_math(prefix: str = "", **v) -> None:
         raise CMError(f"need 0 <= {prefix}mu < 1, 0 < {prefix}mu0 < 1 and EMA rates in [0, 1) "
                       f"(got mu={v['mu']}, mu0={v['mu0']}, ema={v['ema']})")
 
+
 # ----------------------------------------------------------------------------------------------
 # Pixels: uint8 [0, 255] <-> [-1, 1]
 
@@ -78,6 +79,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     Truncation, not rounding, as both official codebases write the samples their FIDs were measured
     on (every value lands up to one level lower than rounding would put it; FID moves slightly)."""
     return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
 
 # ----------------------------------------------------------------------------------------------
 # The LPIPS metrics d of [CM Sec. 5] (cm.METRICS holds them beside l2, l1, ...)
@@ -123,6 +125,7 @@ class PiqLPIPS(LPIPS):
     exactly the `lpips` scaling layer on x in [-1, 1], so the inputs stay in [-1, 1] here."""
 
     avg_pool = True
+
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: plain state dicts, written atomically, read with weights_only=True; run folders
@@ -262,6 +265,7 @@ def restore(state: dict, path: str | os.PathLike, device: torch.device, **module
     if device.type == "cuda" and "rng_cuda" in state:
         torch.cuda.set_rng_state(state["rng_cuda"], device)
     return state["step"]
+
 
 # ----------------------------------------------------------------------------------------------
 # Devices, autocast, sample grids, and the distances a run reports
