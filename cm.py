@@ -759,9 +759,8 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
                                 0.0 if cfg.mode in ("edm", "ect") else cfg.sigma_min).to(dev)
     if teacher is not None and (cfg.init_from_teacher or cfg.mode == "ect"):
         model.net.load_state_dict(teacher.net.state_dict())
-    # θ⁻ and the evaluation EMA run in eval mode (no dropout), but iCT and ECT's θ⁻ shares the online masks
-    target = copy.deepcopy(model).requires_grad_(False).eval()  # θ⁻ (unused by edm)
-    target.train(cfg.mode in ("ict", "ect") and cfg.dropout > 0)  # iCT, ECT: replays the online masks
+    target = copy.deepcopy(model).requires_grad_(False).eval()  # θ⁻ (unused by edm), eval mode: no dropout...
+    target.train(cfg.mode in ("ict", "ect") and cfg.dropout > 0)  # ...but iCT, ECT replay the online masks
     ema = copy.deepcopy(model).requires_grad_(False).eval()     # evaluation EMA
     opt = (torch.optim.Adam if cfg.mode == "edm" else torch.optim.RAdam)(model.parameters(), lr=cfg.lr)
     metric = METRICS[cfg.metric]().to(dev) if cfg.metric.startswith("lpips") else METRICS[cfg.metric]
