@@ -4,6 +4,7 @@
     python -m full.bench --batch-size 128                    # the same on a GPU (default device: cuda)
     python -m full.bench --gpu-check                         # the prepared GPU check, <= 8 min, one report
     python -m full.bench --gpu-check --dry-run               # the same pipeline on the CPU, tiny, < 1 min
+    python -m full.bench --gpu-check --parts bench           # one part: test_gpu, bench, cm-ct or tiny-ct
 
 Every table is measured in interleaved rounds: each round times every row once, in turn, and a row's
 number is the median over rounds, so a shared or warming machine slows all rows alike and the ratios,
@@ -128,6 +129,13 @@ def rounds(rows: dict[str, Callable], dev: torch.device, n_rounds: int, reps: in
             times[k].append(timed(rows[k], dev, reps))
     times["_first"] = first  # type: ignore[assignment]
     return times
+
+
+def one_line(e: BaseException, width: int = 200) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    msg = next((v.strip() for v in str(e).splitlines() if v.strip()), "")
+    text = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def median_ratio(a: list[float], b: list[float]) -> float:
@@ -310,13 +318,11 @@ def options_table(s: Setup, tr: Trainer, compile_net: bool) -> list[dict]:
             "adam fused": torch.optim.Adam(params, fused=True)}
     scalers = {p: torch.amp.GradScaler(s.dev.type, enabled=p == "fp16") for p in PRECISIONS}
     raw = {m: m.net for m in (tr.model, tr.target, f)}
-    compiled = {m: torch.compile(n) for m, n in raw.items()} if compile_net else {}
+    compiled = {}
     options = {"fp32": {}, "bf16": dict(precision="bf16"), "fp16": dict(precision="fp16"),
                "channels_last": dict(channels_last=True)}
     if s.dev.type == "cpu":  # CPU fp16 convolutions run several times slower, and full.train refuses fp16 there
         del options["fp16"]
-    if compile_net:
-        options["compile"] = dict(compile=True)
     fmt = {True: torch.channels_last, False: torch.contiguous_format}
 
     def switch(precision="fp32", channels_last=False, opt="radam", compile=False):
@@ -326,6 +332,18 @@ def options_table(s: Setup, tr: Trainer, compile_net: bool) -> list[dict]:
             m.to(memory_format=fmt[channels_last])
             m.net = compiled[m] if compile else n
     xs = {True: x.to(memory_format=torch.channels_last), False: x}
+    compile_failed, t_compile = "", 0.0
+    if compile_net:  # compiled on a first step and sample here, so that a failure costs only its row
+        try:
+            compiled.update({m: torch.compile(n) for m, n in raw.items()})
+            switch(compile=True)
+            t_compile = timed(lambda: (tr.step(x, y), cm.sample_onestep(tr._amp(f, y), x)), s.dev)
+            options["compile"] = dict(compile=True)
+        except Exception as e:  # no C compiler for Triton, an unsupported op, ...: report it, go on
+            compile_failed = one_line(e)
+            torch.compiler.reset()
+        finally:
+            switch()
     step_rows = {k: (lambda o=o: tr.step(xs[o.get("channels_last", False)], y)) for k, o in options.items()}
     # the optimisers: their step alone (the rest of a training step does not depend on them)
     step_rows.update({k: (lambda o=o: o.step()) for k, o in opts.items()})
@@ -335,6 +353,8 @@ def options_table(s: Setup, tr: Trainer, compile_net: bool) -> list[dict]:
     before.update({k: switch for k in opts})
     t0 = time.perf_counter()
     ts = rounds(step_rows, s.dev, s.rounds, s.reps, max(s.warmup, 1), before)
+    if "compile" in options:  # its first call was the one above, which compiled
+        ts["_first"]["compile"] = t_compile
     tsamp = rounds(samp_rows, s.dev, s.rounds, s.reps, max(s.warmup, 1), before)
     wall = time.perf_counter() - t0
     samples = {}
@@ -357,6 +377,10 @@ def options_table(s: Setup, tr: Trainer, compile_net: bool) -> list[dict]:
         fm = lambda v, f_: "-" if v is None else format(v, f_)
         print(f"  {k:14} {st * 1e3:9.1f} {sx:7.2f} {fm(sm and sm * 1e3, '10.1f'):>10} {fm(smx, '7.2f'):>7} "
               f"{fm(delta, '14.2e'):>14} {ts['_first'][k]:10.1f}")
+    if compile_failed:
+        print(f"  compile: failed ({compile_failed})")
+        out.append(dict(option="compile", failed=compile_failed, step_sec=None, step_x=None, sample_sec=None,
+                        sample_x=None, max_delta=None, first_call_sec=None, helps=False))
     print("  (x fp32 > 1 is faster; the optimiser rows time the optimiser step alone, against RAdam's\n"
           "   for-loop step; '1st call s' includes compilation for the compile row" +
           ("; no fp16 row on a CPU, where full.train refuses fp16)" if "fp16" not in options else ")"), flush=True)
@@ -386,11 +410,19 @@ def bench(s: Setup, tables=("train", "sample", "options"), compile_net: bool = F
     return result
 
 
-def gpu_check(out: Path, dry_run: bool, budget: float = 480.0) -> int:
-    """tests/test_gpu.py, the bench in fp32/bf16/fp16, a minute each of cm.py and full.train: one report.
+GPU_CHECK_PARTS = ("test_gpu", "bench", "cm-ct", "tiny-ct")
+
+
+def gpu_check(out: Path, dry_run: bool, budget: float = 480.0, parts=GPU_CHECK_PARTS) -> int:
+    """tests/test_gpu.py, the bench in fp32/bf16/fp16, a minute each of cm.py and full.train: one report,
+    <out>/report.md, beside each part's whole output in <out>/<part>.log and the bench's numbers in
+    <out>/bench.json. `parts` (names in GPU_CHECK_PARTS) runs only some, e.g. the ones that failed.
 
     Each part runs in its own process with a time limit, so a hang or crash is reported and the rest
-    still runs; the limits keep the whole within `budget` seconds."""
+    still runs; the limits keep the whole within `budget` seconds. A rerun in the same `out` starts
+    afresh (the two training runs are overwritten)."""
+    if bad := [v for v in parts if v not in GPU_CHECK_PARTS]:
+        raise cm.CMError(f"unknown --parts {bad[0]!r}; choose from {', '.join(GPU_CHECK_PARTS)}")
     dev = torch.device("cpu" if dry_run else "cuda")
     if not dry_run and not torch.cuda.is_available():
         raise cm.CMError("--gpu-check needs a CUDA device (torch.cuda.is_available() is False); "
@@ -405,45 +437,58 @@ def gpu_check(out: Path, dry_run: bool, budget: float = 480.0) -> int:
     # seconds of training for each of cm.py and full.train (the dry run's few steps end well before)
     train_s = 120 if dry_run else 60
 
-    def shell(title: str, cmd: list[str], limit: float, reserve: float, ok_on_timeout: bool = False):
-        """Run cmd for at most `limit` s, leaving `reserve` s of the budget to the parts after it."""
+    def shell(title: str, name: str, cmd: list[str], limit: float, reserve: float, ok_on_timeout=False,
+              full=False):
+        """Run cmd for at most `limit` s, leaving `reserve` s of the budget to the parts after it. Its whole
+        stdout and stderr go to <out>/<name>.log; the report keeps all of stdout with `full` (the bench's
+        tables), else the last lines of each."""
+        if name not in parts:
+            return
         limit = max(min(limit, deadline - time.perf_counter() - reserve), 1.0)
         t0 = time.perf_counter()
         try:
             r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
-            rc, text = r.returncode, r.stdout + r.stderr
+            rc, stdout, stderr = r.returncode, r.stdout, r.stderr
         except subprocess.TimeoutExpired as e:
             rc = 0 if ok_on_timeout else "timeout"
-            text = "".join(v.decode() if isinstance(v, bytes) else (v or "") for v in (e.stdout, e.stderr))
-            text += f"\n(stopped after {limit:.0f} s, as planned)" if ok_on_timeout else ""
+            stdout, stderr = (v.decode(errors="replace") if isinstance(v, bytes) else (v or "")
+                              for v in (e.stdout, e.stderr))
+            stderr += f"\n(stopped after {limit:.0f} s{', as planned' if ok_on_timeout else ''})"
         if rc != 0:
             failed.append(title)
-        tail = "\n".join(text.replace("\r", "\n").strip().splitlines()[-60:])
+        log = out / f"{name}.log"
+        log.write_text(f"$ {' '.join(cmd)}\n{stdout}\n--- stderr ---\n{stderr}")
+        keep = lambda text, n: "\n".join(text.replace("\r", "\n").strip().splitlines()[-n:])
+        text = keep(stdout, 10 ** 6 if full else 40)
+        if err := keep(stderr, 20 if full or rc == 0 else 40):
+            text += f"\n--- stderr (last lines; all of it in {log.name}) ---\n{err}"
         status = "ok" if rc == 0 else f"FAILED ({rc})"
-        lines.append(f"## {title}: {status}, {time.perf_counter() - t0:.0f} s\n$ {' '.join(cmd)}\n"
-                     f"```\n{tail}\n```\n")
+        lines.append(f"## {title}: {status}, {time.perf_counter() - t0:.0f} s, log {log.name}\n"
+                     f"$ {' '.join(cmd)}\n```\n{text}\n```\n")
         print(lines[-1], flush=True)
 
     py, tmp = sys.executable, out / "runs"
-    shell("tests/test_gpu.py", [py, "-m", "pytest", "-q", "tests/test_gpu.py", "-p", "no:cacheprovider"],
-          300 if dry_run else 150, 2 * train_s + 180)
+    shell("tests/test_gpu.py", "test_gpu", [py, "-m", "pytest", "-q", "tests/test_gpu.py", "-p",
+                                            "no:cacheprovider"], 300 if dry_run else 150, 2 * train_s + 180)
     net, batch = ("ncsnpp-tiny", 4) if dry_run else ("ncsnpp-cifar10", 128)
     precisions = "fp32,bf16" if dry_run else ",".join(PRECISIONS)  # fp16 autocast is a CUDA setting
-    shell(f"bench {precisions} + options", [
+    shell(f"bench {precisions} + options", "bench", [
         py, "-m", "full.bench", "--net", net, "--batch-size", str(batch), "--precision", precisions,
         "--rounds", "1" if dry_run else "3", "--reps", "1" if dry_run else "3", "--warmup", "1",
-        "--device", dev.type, *([] if dry_run else ["--compile"])], 300, 2 * train_s)
+        "--device", dev.type, "--json", str(out / "bench.json"), *([] if dry_run else ["--compile"])],
+          300, 2 * train_s, full=True)
+    # --overwrite: a rerun in the same --out starts these two runs afresh instead of being refused
     cm_args = (["--dataset", "toy", "--channels", "32", "--batch-size", "64", "--steps", "10"] if dry_run
                else ["--steps", "100000", "--log-every", "200"])
-    shell("cm.py --mode ct", [py, "cm.py", "--mode", "ct", "--device", dev.type, "--out", str(tmp / "cm-ct"),
-                              *cm_args], train_s, train_s, ok_on_timeout=True)
-    shell("full.train --preset tiny-ct", [py, "-m", "full.train", "--preset", "tiny-ct",
-                                          f"run.out={str(tmp / 'tiny-ct')!r}", f"run.device={dev.type!r}",
-                                          f"opt.steps={10 if dry_run else 100000}", "run.log_every=100",
-                                          "run.ckpt_every=1000", "run.resume=False"],
-          train_s, 0, ok_on_timeout=True)
-    for log in sorted(tmp.glob("*/log.jsonl")):
-        rows = [json.loads(v) for v in log.read_text().splitlines() if v.strip()]
+    shell("cm.py --mode ct", "cm-ct", [py, "cm.py", "--mode", "ct", "--device", dev.type, "--out",
+                                       str(tmp / "cm-ct"), "--overwrite", *cm_args],
+          train_s, train_s, ok_on_timeout=True)
+    shell("full.train --preset tiny-ct", "tiny-ct", [
+        py, "-m", "full.train", "--preset", "tiny-ct", "--overwrite", f"run.out={str(tmp / 'tiny-ct')!r}",
+        f"run.device={dev.type!r}", f"opt.steps={10 if dry_run else 100000}", "run.log_every=100",
+        "run.ckpt_every=1000", "run.resume=False"], train_s, 0, ok_on_timeout=True)
+    for log in sorted(tmp / v / "log.jsonl" for v in ("cm-ct", "tiny-ct") if v in parts):
+        rows = [json.loads(v) for v in log.read_text().splitlines() if v.strip()] if log.is_file() else []
         if rows:
             lines.append(f"{log.parent.name}: last log line {json.dumps(rows[-1])}\n")
     lines.append(f"\nresult: {'all ok' if not failed else 'FAILED: ' + ', '.join(failed)}\n")
@@ -541,6 +586,8 @@ def main(argv=None) -> dict | int:
     p.add_argument("--gpu-check", action="store_true", help="the prepared GPU check (see the module doc)")
     p.add_argument("--dry-run", action="store_true", help="with --gpu-check: the same on the CPU, tiny")
     p.add_argument("--out", default="runs/gpu-check", help="with --gpu-check: folder of report.md")
+    p.add_argument("--parts", default=",".join(GPU_CHECK_PARTS),
+                   help="with --gpu-check: the parts to run (default: all), e.g. to rerun one that failed")
     p.add_argument("--loss-error", action="store_true",
                    help="the change of the CT/CD loss and gradient under --precision against fp32 (see above)")
     p.add_argument("--grids", default="18,150,201", help="with --loss-error: grid sizes N")
@@ -549,7 +596,7 @@ def main(argv=None) -> dict | int:
     args = p.parse_args(argv)
     try:
         if args.gpu_check:
-            return gpu_check(Path(args.out), args.dry_run)
+            return gpu_check(Path(args.out), args.dry_run, parts=args.parts.split(","))
         tables, precisions = args.tables.split(","), args.precision.split(",")
         if bad := [t for t in tables if t not in ("train", "sample", "options")]:
             raise cm.CMError(f"unknown table {bad[0]!r}; choose from train, sample, options")

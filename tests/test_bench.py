@@ -1,5 +1,7 @@
 """full.bench: the floors' closed forms, no extra network pass in any recipe's step, the three tables
 and the GPU check's dry run end to end on the CPU (timings are reported, never asserted)."""
+import json
+
 import pytest
 import torch
 from hypothesis import given
@@ -100,13 +102,55 @@ def test_bench_rejects_bad_arguments_in_one_line(capsys, argv, needle):
 
 def test_gpu_check_dry_run(tmp_path, capsys):
     """The GPU check's whole pipeline, on the CPU with tiny sizes: tests/test_gpu.py, the bench per
-    precision, cm.py and full.train; one report file that says all went well."""
+    precision, cm.py and full.train; one report file that says all went well and keeps every train
+    table, each part's whole output in its log; a rerun in the same --out passes too (~40 s in all)."""
     assert bench.main(["--gpu-check", "--dry-run", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
     assert "result: all ok" in report and "FAILED" not in report
-    for part in ("tests/test_gpu.py: ok", "4 passed", "bench fp32,bf16 + options: ok", "\ntrain:", "\nsample",
-                 "\noptions:", "cm.py --mode ct: ok", "full.train --preset tiny-ct: ok", "tiny-ct: last log line"):
+    for part in ("tests/test_gpu.py: ok", "passed", "bench fp32,bf16 + options: ok", "\nsample",
+                 "\noptions:", "cm.py --mode ct: ok", "full.train --preset tiny-ct: ok", "tiny-ct: last log line",
+                 *(f"\ntrain: one optimiser step per recipe (ncsnpp-tiny, batch 4, {q}," for q in ("fp32", "bf16"))):
         assert part in report, part
+    for name in bench.GPU_CHECK_PARTS:
+        assert (tmp_path / f"{name}.log").stat().st_size > 0, name
+    assert [r["precision"] for r in json.loads((tmp_path / "bench.json").read_text())] == ["fp32", "bf16"]
+    # a rerun of the parts that keep state in --out (the training runs) starts them afresh
+    assert bench.main(["--gpu-check", "--dry-run", "--out", str(tmp_path), "--parts", "cm-ct,tiny-ct"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "result: all ok" in report and "cm.py --mode ct: ok" in report and "tiny-ct: ok" in report, report
+
+
+def test_gpu_check_rejects_an_unknown_part(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--gpu-check", "--dry-run", "--parts", "bench,speed"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "unknown --parts 'speed'" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("where", ["torch.compile", "first call"])
+def test_a_failing_compile_costs_only_its_row(monkeypatch, capsys, where):
+    """torch.compile raising (no C compiler for Triton, an unsupported op) at compile time or at the first
+    call of the compiled net: the options table reports it in one line and keeps its other rows."""
+    class Broken(torch.nn.Module):
+        def forward(self, *args):
+            raise RuntimeError("no C compiler found for Triton\n  (a long traceback)")
+
+    def fake_compile(module, *args, **kwargs):
+        if where == "torch.compile":
+            raise RuntimeError("Dynamo is not supported here\n  details")
+        return Broken()
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    r = bench.main(["--net", "ncsnpp-tiny", "--batch", "2", "--rounds", "1", "--warmup", "0", "--device", "cpu",
+                    "--tables", "options", "--compile"])
+    reason = "Dynamo is not supported here" if where == "torch.compile" else "no C compiler found for Triton"
+    out = capsys.readouterr().out
+    assert [v for v in out.splitlines() if "compile" in v and "failed" in v] == \
+        [f"  compile: failed (RuntimeError: {reason})"]
+    rows = {row["option"]: row for row in r["options"]}
+    assert set(rows) == {"fp32", "bf16", "channels_last", "radam", "radam foreach", "adam", "adam fused",
+                         "compile"}
+    assert rows["compile"]["failed"] == f"RuntimeError: {reason}" and rows["compile"]["step_sec"] is None
+    assert rows["fp32"]["max_delta"] == 0 and rows["channels_last"]["max_delta"] < 1e-4
 
 
 def test_loss_error_compares_each_precision_with_fp32(capsys):
