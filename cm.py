@@ -77,7 +77,7 @@ class Config:
     mu0: float = 0.9                # ct: initial target EMA rate mu(0)
     mu_rule: str = ""               # ct: mu(k) divides by N(k)-1 'code' (official runs) | N(k) 'paper'
     mu: float = 0.0                 # cd, ict, ect: constant target EMA rate (0 for CIFAR-10 in [CM Tab. 3])
-    P_mean: float = -1.1            # ict, ect: ln t ~ N(P_mean, P_std²) [iCT Sec. 3.5; ECT code defaults]
+    P_mean: float = math.nan        # ict, ect: ln t ~ N(P_mean, P_std²) (nan -> per-dataset default)
     P_std: float = 2.0
     q: float = 2.0                  # ect: the gap t - r shrinks by q per stage [ECT code default]
     stage_steps: int = 0            # ect: steps per stage (0 -> steps/8: 25k of 200k in ECT's CIFAR-10 run)
@@ -109,16 +109,16 @@ class Config:
     allow_config_change: bool = False  # resume with other settings (e.g. more --steps, another --lr)
 
 
-# Per-dataset defaults for the fields left at 0 / '' / -1; a dict gives one value per mode ("*": the rest).
+# Per-dataset defaults for the fields left at 0 / '' / -1 / nan; a dict gives one value per mode ("*": the rest).
 # Chosen so `python cm.py` ends in minutes on a CPU; cifar10 keeps the papers' values. mu_rule: cifar10
 # follows the official runs; the short CPU runs keep the paper's text (README's numbers).
 DEFAULTS = {
     "toy":     dict(steps=dict(edm=4000, cd=4000, ct=6000, ict=6000, ect=4000), batch_size=512, channels=256,
                     lr=1e-3, metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "l2"}), mu_rule="paper",
-                    s0=dict(ict=10, **{"*": 2}), s1=80, mid_t=1.0, dropout=0.0),
+                    s0=dict(ict=10, **{"*": 2}), s1=80, mid_t=1.0, dropout=0.0, P_mean=-1.1),
     "digits":  dict(steps=dict(edm=1500, cd=800, ct=3000, ict=3000, ect=1500), batch_size=128, channels=32,
                     lr=2e-4, metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "l2"}), mu_rule="paper",
-                    s0=dict(ict=10, **{"*": 2}), s1=dict(ict=160, **{"*": 40}), mid_t=1.0, dropout=0.0),
+                    s0=dict(ict=10, **{"*": 2}), s1=dict(ict=160, **{"*": 40}), mid_t=1.0, dropout=0.0, P_mean=-1.1),
     # [CM Tab. 3] for cd/ct; edm: EDM's 200M images at batch 512. ict [iCT Sec. 3-5]: batch 1024, lr 1e-4,
     # s0 10, s1 1280, pseudo-Huber, dropout 0.3, two steps at 0.821 (400k steps: iCT App., not re-checked
     # here). ect (locuslab/ect run_ecm.sh): batch 128, lr 1e-4, dropout 0.2, 25.6M images = 200k steps,
@@ -128,9 +128,14 @@ DEFAULTS = {
                     lr=dict(ict=1e-4, ect=1e-4, **{"*": 4e-4}),
                     metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "lpips"}),
                     s0=dict(ict=10, **{"*": 2}), s1=dict(ict=1280, **{"*": 150}), mid_t=0.821,
-                    dropout=dict(ict=0.3, ect=0.2, **{"*": 0.0})),
+                    dropout=dict(ict=0.3, ect=0.2, **{"*": 0.0}), P_mean=-1.1),
 }
 MODES = ("cd", "ct", "ict", "ect", "edm")
+
+
+def unset(name: str, value) -> bool:
+    """A field left for DEFAULTS to fill: 0 or '' (dropout: -1; P_mean: nan, as 0 is a valid P_mean)."""
+    return value != value if name == "P_mean" else value in ((-1,) if name == "dropout" else (0, ""))
 
 
 def resolve(cfg: Config) -> Config:
@@ -139,7 +144,7 @@ def resolve(cfg: Config) -> Config:
         raise CMError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DEFAULTS)}")
     cfg = dataclasses.replace(cfg)
     for k, v in DEFAULTS[cfg.dataset].items():
-        if getattr(cfg, k) in ((-1,) if k == "dropout" else (0, "")):
+        if unset(k, getattr(cfg, k)):
             setattr(cfg, k, v.get(cfg.mode, v.get("*")) if isinstance(v, dict) else v)
     for k, ok in dict(mode=MODES, metric=METRICS, mu_rule=MU_RULES, precision=("fp32", "bf16")).items():
         if getattr(cfg, k) not in ok:
@@ -147,7 +152,7 @@ def resolve(cfg: Config) -> Config:
     cfg.out = cfg.out or f"runs/{cfg.dataset}-{cfg.mode}"
     out_folder(cfg.out)
     cfg.sample_every = cfg.sample_every or max(cfg.steps // 4, 1)
-    cfg.stage_steps = cfg.stage_steps or max(cfg.steps // 8, 1)
+    cfg.stage_steps = cfg.stage_steps or max(-(-cfg.steps // 8), 1)  # ⌈K/8⌉: eight stages, never a ninth
     if min(cfg.steps, cfg.batch_size, cfg.channels, cfg.log_every, cfg.ckpt_every, cfg.sample_every) < 1:
         raise CMError("steps, batch-size, channels, log-every, ckpt-every and sample-every must be >= 1")
     if cfg.fid_every and (cfg.dataset == "toy" or cfg.fid_every < 0 or cfg.fid_samples < 2):
@@ -158,8 +163,8 @@ def resolve(cfg: Config) -> Config:
                sigma_data=cfg.sigma_data, rho=cfg.rho, mu=cfg.mu, mu0=cfg.mu0, ema=[cfg.ema])
     if not (math.isfinite(cfg.lr) and cfg.lr > 0 and 0 <= cfg.dropout < 1):
         raise CMError(f"need a finite lr > 0 and 0 <= dropout < 1 (got lr={cfg.lr}, dropout={cfg.dropout})")
-    if cfg.stage_steps < 1 or cfg.q <= 1 or cfg.P_std <= 0 or cfg.mid_t <= 0:
-        raise CMError("need stage-steps >= 1, q > 1, P-std > 0 and mid-t > 0")
+    if cfg.stage_steps < 1 or cfg.q <= 1 or cfg.P_std <= 0 or cfg.mid_t <= 0 or not math.isfinite(cfg.P_mean):
+        raise CMError("need stage-steps >= 1, q > 1, a finite P-mean, P-std > 0 and mid-t > 0")
     if set(filter(None, cfg.ablate.split(","))) - {"weight", "lognormal", "doubling"}:
         raise CMError(f"unknown --ablate {cfg.ablate!r}; choose from weight, lognormal, doubling")
     try:
@@ -492,7 +497,7 @@ def edm_loss(D: Callable, x: Tensor, sigma: Tensor | None = None, z: Tensor | No
 def ict_num_steps(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
     """N(k) = min(s0·2^⌊k/K'⌋, s1) + 1, K' = ⌊K / (log₂⌊s1/s0⌋ + 1)⌋: N doubles every K' steps.  [iCT Sec. 3.4]
     With s0 10, s1 1280: N = 11, 21, ..., 1281, eight stages of K' steps."""
-    K_ = max(K // (math.floor(math.log2(s1 // s0)) + 1), 1)
+    K_ = max(math.floor(K / (math.log2(s1 // s0) + 1)), 1)  # the log is not floored: s1/s0 need not be 2^m
     return min(s0 * 2 ** min(max(k, 0) // K_, 62), s1) + 1
 
 
@@ -713,9 +718,9 @@ def generate(model: Callable, cfg: Config, shape: Sequence[int], n: int, seed: i
 # --allow-config-change; the others (folders, intervals, device) may differ freely.
 RUN_FIELDS = dict(common=("mode", "dataset", "channels", "steps", "batch_size", "lr", "sigma_min", "sigma_max",
                           "sigma_data", "rho", "dropout", "precision", "ema", "seed"),
-                  edm=(), ct=("s0", "s1", "mu0", "metric"), cd=("N", "mu", "metric", "init_from_teacher"),
+                  edm=(), ct=("s0", "s1", "mu0", "metric"), cd=("N", "mu", "metric", "init_from_teacher", "teacher"),
                   ict=("s0", "s1", "mu", "metric", "P_mean", "P_std", "ablate"),
-                  ect=("mu", "metric", "P_mean", "P_std", "q", "stage_steps"))
+                  ect=("mu", "metric", "P_mean", "P_std", "q", "stage_steps", "teacher"))
 
 
 def train(cfg: Config) -> dict:
@@ -735,7 +740,13 @@ def train(cfg: Config) -> dict:
 
 def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
-    step, ckpt, state = 0, out / "ckpt.pt", None
+    step, ckpt, state, teacher = 0, out / "ckpt.pt", None, None
+    if cfg.mode in ("cd", "ect"):  # first: the network's width is the teacher's, also for the resume check
+        teacher, tcfg = model_from_checkpoint(load_checkpoint(cfg.teacher))
+        if tcfg.mode != "edm" or tcfg.dataset != cfg.dataset:
+            raise CMError(f"--teacher must be an edm checkpoint of {cfg.dataset} "
+                          f"(got mode {tcfg.mode}, dataset {tcfg.dataset})")
+        cfg.channels, teacher = tcfg.channels, teacher.to(dev)
     if ckpt.is_file() or (out / "log.jsonl").is_file():
         if cfg.resume and ckpt.is_file():
             state = load_checkpoint(ckpt)
@@ -748,13 +759,6 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
             raise CMError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start afresh")
     data = load_data(cfg)
     shape = (2,) if data is None else tuple(data.shape[1:])
-    teacher = None
-    if cfg.mode in ("cd", "ect"):
-        teacher, tcfg = model_from_checkpoint(load_checkpoint(cfg.teacher))
-        if tcfg.mode != "edm" or tcfg.dataset != cfg.dataset:
-            raise CMError(f"--teacher must be an edm checkpoint of {cfg.dataset} "
-                          f"(got mode {tcfg.mode}, dataset {tcfg.dataset})")
-        cfg.channels, teacher = tcfg.channels, teacher.to(dev)
     model = ConsistencyFunction(make_net(cfg, shape), cfg.sigma_data,  # ECT tunes EDM's D: ε = 0
                                 0.0 if cfg.mode in ("edm", "ect") else cfg.sigma_min).to(dev)
     if teacher is not None and (cfg.init_from_teacher or cfg.mode == "ect"):
@@ -806,23 +810,19 @@ def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
             if cfg.dataset == "cifar10":  # random horizontal flips
                 x = torch.where(torch.rand(len(x), 1, 1, 1).to(dev) < 0.5, x.flip(3), x)
             z = torch.randn(x.shape, device=dev)
-            if cfg.mode == "ct":  # N(k), μ(k) [CM App. C]
-                N = ct_num_steps(step, cfg.steps, cfg.s0, cfg.s1)
-                mu = ct_target_rate(step, cfg.steps, cfg.s0, cfg.s1, cfg.mu0, cfg.mu_rule)
-            else:
-                N, mu = cfg.N, cfg.mu
-            n = torch.randint(0, N - 1, (len(x),)).to(dev)
-            sigmas = karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)  # t_1 < ... < t_N at this k
             if cfg.mode in ("ict", "ect"):  # section 6b
                 share = SharedDropout(dev)
                 loss, N, mu = improved_loss(cfg, step, share.wrap(f), share.wrap(f_target), x, z, metric)
             elif cfg.mode == "edm":
-                sigma = (EDM_P_MEAN + EDM_P_STD * torch.randn(len(x))).exp().to(dev)
+                N, mu, sigma = 0, 0.0, (EDM_P_MEAN + EDM_P_STD * torch.randn(len(x))).exp().to(dev)
                 loss = edm_loss(f, x, sigma=sigma, z=z, sigma_data=cfg.sigma_data)
-            elif cfg.mode == "ct":
-                loss = ct_loss(f, f_target, x, sigmas, metric, n=n, z=z)
-            else:
-                loss = cd_loss(f, f_target, D, x, sigmas, metric, n=n, z=z)
+            else:  # ct: N(k), μ(k) [CM App. C]; cd: fixed N and μ
+                N, mu = (ct_num_steps(step, cfg.steps, cfg.s0, cfg.s1), ct_target_rate(
+                    step, cfg.steps, cfg.s0, cfg.s1, cfg.mu0, cfg.mu_rule)) if cfg.mode == "ct" else (cfg.N, cfg.mu)
+                n = torch.randint(0, N - 1, (len(x),)).to(dev)
+                sigmas = karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)  # t_1 < ... < t_N at this k
+                loss = (ct_loss(f, f_target, x, sigmas, metric, n=n, z=z) if cfg.mode == "ct" else
+                        cd_loss(f, f_target, D, x, sigmas, metric, n=n, z=z))
             bad = torch.where((bad == 0) & ~torch.isfinite(loss.detach()), step + 1, bad)
             opt.zero_grad(set_to_none=True)
             loss.backward()

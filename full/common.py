@@ -149,6 +149,12 @@ def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
             fh.flush()
             os.fsync(fh.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
         os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):  # and the rename itself on disk (POSIX: fsync the folder)
+            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         tmp.unlink(missing_ok=True)
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]

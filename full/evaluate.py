@@ -285,7 +285,8 @@ def digits_classifier(seed: int = 0, epochs: int = 30, verbose: bool = True) -> 
     """The classifier, trained once (seed 0, 1,437 training digits, Adam) and cached; test accuracy
     on the 360 held-out digits is printed when it is trained and stored beside the weights."""
     path = digits_cache_dir() / f"digits_classifier_s{seed}_e{epochs}.pt"
-    net = DigitsClassifier()
+    with torch.random.fork_rng():  # building it draws initial weights: leave the caller's RNG alone
+        net = DigitsClassifier()
     if path.is_file():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -61,6 +61,20 @@ def test_improved_recipes_resume_and_refuse_changed_settings(mode, teacher, tmp_
         cm.train(cm.Config(**{**cfg, "steps": 6}, resume=True, P_std=3.0))
 
 
+def test_distillation_resume_takes_the_teachers_width_and_refuses_another_teacher(teacher, tmp_path):
+    """CD's network is as wide as its teacher (32 here, not toy's default 256): a plain --resume without
+    --channels continues; a resume with another --teacher file (other targets) is refused, naming it."""
+    cfg = dict(TINY, channels=0, mode="cd", steps=2, out=str(tmp_path / "cd"), teacher=str(teacher))
+    cm.train(cm.Config(**cfg))
+    cm.train(cm.Config(**{**cfg, "steps": 3}, resume=True, allow_config_change=True))
+    assert torch.load(tmp_path / "cd" / "ckpt.pt", weights_only=True)["step"] == 3
+    cm.train(cm.Config(**{**cfg, "steps": 3}, resume=True))  # nothing changed: nothing refused
+    other = tmp_path / "other.pt"
+    other.write_bytes(teacher.read_bytes())
+    with pytest.raises(cm.CMError, match="teacher"):
+        cm.train(cm.Config(**{**cfg, "steps": 3, "teacher": str(other)}, resume=True))
+
+
 @pytest.mark.slow
 def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     cfg = dict(mode="ct", steps=20, **TINY)

@@ -70,6 +70,17 @@ def test_doubling_curriculum_boundaries(log_s0, doublings, per_stage):
     assert cm.ict_num_steps(10 * K, K, s0, s1) == s1 + 1
 
 
+@pytest.mark.parametrize("s0, s1, K", [(10, 150, 1000), (10, 200, 4000), (3, 50, 777)])
+def test_doubling_curriculum_reaches_s1_when_the_ratio_is_not_a_power_of_two(s0, s1, K):
+    """K' = ⌊K / (log₂⌊s1/s0⌋ + 1)⌋ with the log unfloored: s0 = 10, s1 = 150, K = 1000 give
+    K' = ⌊1000 / 4.907⌋ = 203, so N = 10·2^4 capped at 150, + 1 = 151 from k = 4K' = 812 on."""
+    Kp = math.floor(K / (math.log2(s1 // s0) + 1))
+    stages = math.ceil(math.log2(s1 / s0))  # doublings until s0·2^j >= s1
+    assert cm.ict_num_steps(stages * Kp - 1, K, s0, s1) == s0 * 2 ** (stages - 1) + 1 < s1 + 1
+    assert cm.ict_num_steps(stages * Kp, K, s0, s1) == s1 + 1
+    assert cm.ict_num_steps(K - 1, K, s0, s1) == s1 + 1
+
+
 def test_doubling_curriculum_paper_values():
     """CIFAR-10, K = 400k, s0 = 10, s1 = 1280: K' = ⌊400000/8⌋ = 50000, N = 11, 21, ..., 1281."""
     assert [cm.ict_num_steps(k, 400_000) for k in (0, 49_999, 50_000, 100_000, 349_999, 350_000)] == \
@@ -249,3 +260,14 @@ def test_full_train_ict_and_ect(tmp_path):
         assert state["target"] is None  # μ = 0: θ⁻ is θ under stop-grad, no copy kept
         assert (out / "grid-2step-0000004.png").is_file()
     assert [full.train.curriculum(cfg, k)[0] for k in (0, 1, 2, 5)] == [1, 1, 2, 3]  # ECT's stage a
+
+
+def test_digits_classifier_leaves_the_callers_rng_alone():
+    """Loading the cached classifier (or training it) draws no number from the global RNG, so a run's
+    report, which loads it, does not shift anything drawn after it."""
+    ev.digits_classifier(verbose=False)  # cached from here on
+    torch.manual_seed(3)
+    a = torch.rand(4)
+    torch.manual_seed(3)
+    ev.digits_classifier(verbose=False)
+    assert torch.equal(torch.rand(4), a)
