@@ -107,9 +107,9 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert bench.main(["--gpu-check", "--dry-run", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
     assert "result: all ok" in report and "FAILED" not in report
-    for part in ("tests/test_gpu.py: ok", "passed", "bench fp32,bf16 + options: ok", "\nsample",
-                 "\noptions:", "cm.py --mode ct: ok", "full.train --preset tiny-ct: ok", "tiny-ct: last log line",
-                 *(f"\ntrain: one optimiser step per recipe (ncsnpp-tiny, batch 4, {q}," for q in ("fp32", "bf16"))):
+    trains = [f"\ntrain: one optimiser step per recipe (ncsnpp-tiny, batch 4, {q}," for q in ("fp32", "bf16")]
+    for part in ("tests/test_gpu.py: ok", "passed", "bench fp32,bf16 + options: ok", "\nsample", "\noptions:",
+                 "cm.py --mode ct: ok", "full.train --preset tiny-ct: ok", "tiny-ct: last log line", *trains):
         assert part in report, part
     for name in bench.GPU_CHECK_PARTS:
         assert (tmp_path / f"{name}.log").stat().st_size > 0, name
@@ -140,8 +140,8 @@ def test_a_failing_compile_costs_only_its_row(monkeypatch, capsys, where):
             raise RuntimeError("Dynamo is not supported here\n  details")
         return Broken()
     monkeypatch.setattr(torch, "compile", fake_compile)
-    r = bench.main(["--net", "ncsnpp-tiny", "--batch", "2", "--rounds", "1", "--warmup", "0", "--device", "cpu",
-                    "--tables", "options", "--compile"])
+    r = bench.main(["--net", "ncsnpp-tiny", "--batch", "2", "--rounds", "1", "--warmup", "0",
+                    "--device", "cpu", "--tables", "options", "--compile"])
     reason = "Dynamo is not supported here" if where == "torch.compile" else "no C compiler found for Triton"
     out = capsys.readouterr().out
     assert [v for v in out.splitlines() if "compile" in v and "failed" in v] == \
