@@ -8,6 +8,7 @@ about the process itself (exit status, stderr, kill -9, locks, file-size limits)
 import contextlib
 import hashlib
 import io
+import json
 import math
 import os
 import pickle
@@ -395,32 +396,63 @@ def test_kill_9_of_torchrun_leaves_no_worker(tmp_path):
 # 4. Any numeric setting: a clean refusal or finite training
 
 
-NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
-                    st.sampled_from([0.0, -1.0, 1e-12, 0.5, 1.0, 80.0, 1e4, 1e9]))
+# The valid region, as cm.resolve documents it (full/common.py check_math and cm.resolve): each field
+# drawn over its whole range, the ends included where they are allowed.
+VALID = dict(mode=st.sampled_from(["ct", "ict", "ect", "cd"]), sigma_min=st.floats(1e-4, 0.5),
+             sigma_max=st.floats(1.0, 1e4), sigma_data=st.floats(0.05, 5.0), rho=st.floats(0.5, 20.0),
+             lr=st.floats(1e-6, 1e-2), mu0=st.floats(0.01, 0.99), mu=st.floats(0.0, 0.99),
+             ema=st.floats(0.0, 0.9999), dropout=st.floats(0.0, 0.5), N=st.integers(2, 40),
+             s0=st.integers(2, 8), ds=st.integers(0, 30), P_mean=st.floats(-3.0, 2.0),
+             P_std=st.floats(0.1, 3.0), q=st.floats(1.1, 4.0), stage_steps=st.integers(1, 3), steps=st.integers(1, 3))
 
 
-@settings(max_examples=20)
-@given(sigma_min=NUMBERS, sigma_max=NUMBERS, sigma_data=NUMBERS, rho=NUMBERS, lr=NUMBERS, mu0=NUMBERS,
-       ema=NUMBERS, dropout=NUMBERS, ints=st.tuples(*[st.integers(-3, 40)] * 4))
-def test_numeric_settings_refuse_cleanly_or_train_finitely(tmp_path_factory, monkeypatch, sigma_min,
-                                                           sigma_max, sigma_data, rho, lr, mu0, ema, dropout,
-                                                           ints):
+def _toy_config(out: Path, mode, ds, s0, **v) -> cm.Config:
+    """A tiny toy run (8 channels, batch 16, a checkpoint every step; cd, ect: a 2-step teacher first)."""
+    return cm.Config(mode=mode, dataset="toy", channels=8, batch_size=16, device="cpu", out=str(out), s0=s0,
+                     s1=s0 + ds, ckpt_every=1, teacher_steps=2, **v)
+
+
+@settings(max_examples=25)
+@given(**VALID)
+def test_valid_numeric_settings_train_finitely(tmp_path_factory, monkeypatch, **v):
+    """Any setting inside the valid region trains: every logged loss is finite and so is every tensor
+    of the checkpoint (cm.train refuses non-finite losses and weights; this checks the result itself)."""
     monkeypatch.setattr(cm, "write_grids", lambda *a, **k: None)  # the property is about training
     monkeypatch.setattr(cm, "report", lambda *a, **k: {})
-    out = tmp_path_factory.mktemp("h")
-    N, s0, s1, steps = ints
-    cfg = cm.Config(mode="ct", dataset="toy", channels=8, batch_size=16, device="cpu", out=str(out),
-                    sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data, rho=rho, lr=lr, mu0=mu0,
-                    ema=ema, dropout=dropout, N=N, s0=s0, s1=s1, steps=min(steps, 3), ckpt_every=1)
-    try:
-        cm.train(cfg)
-    except cm.CMError as e:
-        assert "\n" not in str(e)
-        if "loss is" in str(e) or "non-finite" in str(e):  # refused mid-run: what was saved is finite
-            assert not (out / "ckpt.pt").exists() or _finite(out / "ckpt.pt")
-        return
-    assert all(math.isfinite(v) for v in (sigma_min, sigma_max, sigma_data, rho, lr, mu0, ema, dropout))
-    assert _finite(out / "ckpt.pt")
+    out = tmp_path_factory.mktemp("valid")
+    cm.train(_toy_config(out, **v))
+    losses = [json.loads(r)["loss"] for r in (out / "log.jsonl").read_text().splitlines()]
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert _finite(out / "ckpt.pt") and torch.load(out / "ckpt.pt", weights_only=True)["step"] == v["steps"]
+
+
+BAD = {  # flag -> values outside the valid region
+    "sigma-min": [0.0, -1.0, math.nan, math.inf, 2e4], "sigma-max": [math.nan, math.inf, -1.0, 1e-5, 2e4],
+    "sigma-data": [0.0, -0.5, math.nan], "rho": [0.0, -2.0, math.nan, math.inf],
+    "lr": [-1e-3, math.nan, math.inf],
+    "mu0": [0.0, 1.0, 1.5, math.nan], "mu": [1.0, -0.1, math.nan], "ema": [1.0, -0.1, 2.0, math.nan],
+    "dropout": [1.0, 1.5, -0.5, math.nan], "N": [1, -3], "s0": [1, -2], "steps": [-1, -5],
+    "P-std": [0.0, -1.0], "q": [1.0, 0.5], "stage-steps": [-1], "P-mean": [math.inf, -math.inf],
+}
+
+
+@pytest.mark.parametrize("flag, value", [(k, x) for k, xs in BAD.items() for x in xs])
+@settings(max_examples=3)
+@given(v=st.fixed_dictionaries(VALID))
+def test_invalid_numeric_settings_are_refused_in_one_line(tmp_path_factory, flag, value, v):
+    """Each value outside the valid region, the rest drawn valid: exit 1 with one line on stderr, before
+    any training (no checkpoint, no log)."""
+    out = tmp_path_factory.mktemp("invalid")
+    argv = ["--mode", v["mode"], *TOY[:4], "--batch-size", "16", "--device", "cpu", "--out", str(out),
+            "--teacher-steps", "2", "--ckpt-every", "1"]
+    for k in ("sigma_min", "sigma_max", "sigma_data", "rho", "lr", "mu0", "mu", "ema", "dropout", "N", "s0",
+              "P_mean", "P_std", "q", "stage_steps", "steps"):
+        argv.append(f"--{k.replace('_', '-')}={v[k]!r}")  # '=': argparse takes "-2e-05" for a flag
+    argv += [f"--s1={v['s0'] + v['ds']}", f"--{flag}={value!r}"]  # the last of a repeated flag wins
+    code, err = run_main("cm.py", argv)
+    assert code == 1, err
+    assert_one_line(code, err)
+    assert not (out / "ckpt.pt").exists() and not (out / "log.jsonl").exists()
 
 
 def _finite(path: Path) -> bool:
