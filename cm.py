@@ -118,7 +118,8 @@ DEFAULTS = {
                     s0=dict(ict=10, **{"*": 2}), s1=80, mid_t=1.0, dropout=0.0, P_mean=-1.1),
     "digits":  dict(steps=dict(edm=1500, cd=800, ct=3000, ict=3000, ect=1500), batch_size=128, channels=32,
                     lr=2e-4, metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "l2"}), mu_rule="paper",
-                    s0=dict(ict=10, **{"*": 2}), s1=dict(ict=160, **{"*": 40}), mid_t=1.0, dropout=0.0, P_mean=-1.1),
+                    s0=dict(ict=10, **{"*": 2}), s1=dict(ict=160, **{"*": 40}), mid_t=1.0, dropout=0.0,
+                    P_mean=0.0),  # not -1.1: more high-noise draws halve the 1-step distance here (README)
     # [CM Tab. 3] for cd/ct; edm: EDM's 200M images at batch 512. ict [iCT Sec. 3-5]: batch 1024, lr 1e-4,
     # s0 10, s1 1280, pseudo-Huber, dropout 0.3, two steps at 0.821 (400k steps: iCT App., not re-checked
     # here). ect (locuslab/ect run_ecm.sh): batch 128, lr 1e-4, dropout 0.2, 25.6M images = 200k steps,

@@ -310,12 +310,14 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
         ema=EMASection((0.99993,)), run=RunSection(sigmas=(80.0, 0.821))),
     # ECT (locuslab/ect run_ecm.sh, ct_train.py defaults): tune the EDM teacher (run.teacher), RAdam lr 1e-4,
     # batch 128, dropout 0.2, 25.6 Mimg = 200k steps, a stage every 250 ticks x 12.8 kimg = 25k steps,
-    # q 2, ln t ~ N(-1.1, 2.0²), ‖·‖₂ (c = 0), eval EMA 0.9999, two steps at (80, 0.821).
+    # q 2, ln t ~ N(-1.1, 2.0²), ‖·‖₂ (c = 0), eval EMA 0.9999, two steps at (80, 0.821), no flips
+    # (--augment 0, --xflip False). The network is the teacher's: NCSN++ as cifar10-edm trains it (the
+    # official run tuned EDM's released DDPM++ VP model; README, "Differences from the official runs").
     "cifar10-ect": lambda: dataclasses.replace(
         _cifar10("ect", metric="l2_norm", P_mean=-1.1, P_std=2.0, q=2.0, stage_steps=25_000),
         net=NCSNppConfig.cifar10(dropout=0.2), opt=OptSection("radam", 1e-4, batch=128, steps=200_000,
                                                               precision="fp32"),
-        run=RunSection(sigmas=(80.0, 0.821))),
+        data=DataSection("cifar10", "data/cifar10", random_flip=False), run=RunSection(sigmas=(80.0, 0.821))),
     "tiny-edm": lambda: _tiny("edm"),
     "tiny-cd": lambda: _tiny("cd", N=18, mu=0.0),
     "tiny-ct": lambda: _tiny("ct", s0=2, s1=20, mu0=0.9),

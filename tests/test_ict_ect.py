@@ -242,6 +242,7 @@ def test_cifar10_presets_carry_the_papers_values():
     assert (ect.cm.mode, ect.cm.metric, ect.cm.q, ect.cm.stage_steps, ect.net.dropout) == \
         ("ect", "l2_norm", 2.0, 25_000, 0.2)
     assert (ect.opt.lr, ect.opt.batch, ect.opt.steps, ect.run.sigmas) == (1e-4, 128, 200_000, (80.0, 0.821))
+    assert ict.data.random_flip and not ect.data.random_flip  # run_ecm.sh: --augment 0, --xflip off
 
 
 @pytest.mark.slow
