@@ -403,7 +403,8 @@ VALID = dict(mode=st.sampled_from(["ct", "ict", "ect", "cd"]), sigma_min=st.floa
              lr=st.floats(1e-6, 1e-2), mu0=st.floats(0.01, 0.99), mu=st.floats(0.0, 0.99),
              ema=st.floats(0.0, 0.9999), dropout=st.floats(0.0, 0.5), N=st.integers(2, 40),
              s0=st.integers(2, 8), ds=st.integers(0, 30), P_mean=st.floats(-3.0, 2.0),
-             P_std=st.floats(0.1, 3.0), q=st.floats(1.1, 4.0), stage_steps=st.integers(1, 3), steps=st.integers(1, 3))
+             P_std=st.floats(0.1, 3.0), q=st.floats(1.1, 4.0), stage_steps=st.integers(1, 3),
+             steps=st.integers(1, 3))
 
 
 def _toy_config(out: Path, mode, ds, s0, **v) -> cm.Config:
