@@ -49,6 +49,7 @@ import copy
 import dataclasses
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -446,13 +447,17 @@ def gpu_check(out: Path, dry_run: bool, budget: float = 480.0, parts=GPU_CHECK_P
             return
         limit = max(min(limit, deadline - time.perf_counter() - reserve), 1.0)
         t0 = time.perf_counter()
+        # its own process group: a timeout stops its children too (compile and data workers), so that
+        # nothing is left holding the GPU or the output pipes for the next part or a rerun
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, errors="replace", start_new_session=True)
         try:
-            r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
-            rc, stdout, stderr = r.returncode, r.stdout, r.stderr
-        except subprocess.TimeoutExpired as e:
+            stdout, stderr = proc.communicate(timeout=limit)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
             rc = 0 if ok_on_timeout else "timeout"
-            stdout, stderr = (v.decode(errors="replace") if isinstance(v, bytes) else (v or "")
-                              for v in (e.stdout, e.stderr))
             stderr += f"\n(stopped after {limit:.0f} s{', as planned' if ok_on_timeout else ''})"
         if rc != 0:
             failed.append(title)

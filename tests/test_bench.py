@@ -1,6 +1,7 @@
 """full.bench: the floors' closed forms, no extra network pass in any recipe's step, the three tables
 and the GPU check's dry run end to end on the CPU (timings are reported, never asserted)."""
 import json
+import time
 
 import pytest
 import torch
@@ -118,6 +119,18 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert bench.main(["--gpu-check", "--dry-run", "--out", str(tmp_path), "--parts", "cm-ct,tiny-ct"]) == 0
     report = (tmp_path / "report.md").read_text()
     assert "result: all ok" in report and "cm.py --mode ct: ok" in report and "tiny-ct: ok" in report, report
+
+
+def test_gpu_check_stops_a_part_at_its_time_limit(tmp_path, capsys):
+    """A part past its limit is stopped (here cm.py after 1 s, as a planned stop of a training run) and
+    reported; the check goes on and writes its report and the part's log."""
+    t0 = time.perf_counter()
+    assert bench.gpu_check(tmp_path, dry_run=True, budget=1.0, parts=["cm-ct"]) == 0
+    assert time.perf_counter() - t0 < 20
+    report = (tmp_path / "report.md").read_text()
+    assert "cm.py --mode ct: ok" in report and "stopped after 1 s, as planned" in report, report
+    assert "stopped after 1 s" in (tmp_path / "cm-ct.log").read_text()
+    assert not (tmp_path / "runs" / "cm-ct" / "ckpt.pt").exists()  # killed, not waited for (it needs ~5 s)
 
 
 def test_gpu_check_rejects_an_unknown_part(capsys):
