@@ -80,7 +80,7 @@ class Config:
     P_mean: float = math.nan        # ict, ect: ln t ~ N(P_mean, P_std²) (nan -> per-dataset default)
     P_std: float = 2.0
     q: float = 2.0                  # ect: the gap t - r shrinks by q per stage [ECT code default]
-    stage_steps: int = 0            # ect: steps per stage (0 -> steps/8: 25k of 200k in ECT's CIFAR-10 run)
+    stage_steps: int = 0            # ect: steps per stage (0 -> per-dataset, else ⌈steps/8⌉: 25k of 200k on CIFAR-10)
     ablate: str = ""                # ict: pieces switched back to CT's, any of weight,lognormal,doubling
     metric: str = ""                # l2 | l1 | lpips | lpips_piq | pseudo_huber | l2_norm ('' -> per-dataset)
     # optimisation
@@ -115,7 +115,8 @@ class Config:
 DEFAULTS = {
     "toy":     dict(steps=dict(edm=4000, cd=4000, ct=6000, ict=6000, ect=4000), batch_size=512, channels=256,
                     lr=1e-3, metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "l2"}), mu_rule="paper",
-                    s0=dict(ict=10, **{"*": 2}), s1=80, mid_t=1.0, dropout=0.0, P_mean=-1.1),
+                    s0=dict(ict=10, **{"*": 2}), s1=80, mid_t=1.0, dropout=0.0, P_mean=-1.1,
+                    stage_steps=1000),  # ECT: 4 stages here (8 of 500 left one step at CT's level, README)
     "digits":  dict(steps=dict(edm=1500, cd=800, ct=3000, ict=3000, ect=1500), batch_size=128, channels=32,
                     lr=2e-4, metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "l2"}), mu_rule="paper",
                     s0=dict(ict=10, **{"*": 2}), s1=dict(ict=160, **{"*": 40}), mid_t=1.0, dropout=0.0,
