@@ -1,6 +1,6 @@
 """python -m full.bench: what a training step and a sample cost, measured side by side in one run.
 
-    python -m full.bench                                     # CIFAR-10 NCSN++, batch 2: ~5 min on a CPU
+    python -m full.bench                                     # CIFAR-10 NCSN++, batch 2: ~2 min on 2 CPU cores
     python -m full.bench --batch-size 128                    # the same on a GPU (default device: cuda)
     python -m full.bench --gpu-check                         # the prepared GPU check, <= 8 min, one report
     python -m full.bench --gpu-check --dry-run               # the same pipeline on the CPU, tiny, < 1 min
