@@ -45,17 +45,16 @@ def compare(dataset: str, modes: list[str], out: Path, **settings) -> list[dict]
     """Train the teacher (if a mode needs one) and each mode; returns one row per mode. `settings` are
     Config fields set for every run (device; steps etc. for a quick look), the rest are cm.py's defaults."""
     base = cm.Config(dataset=dataset, overwrite=True, **settings)
-    rows, teacher_s, teacher = [], 0.0, ""
+    rows, teacher, teacher_s, teacher_steps = [], "", 0.0, 0
     if {"cd", "ect"} & set(modes):
         _, teacher_s, tcfg = run(dataclasses.replace(base, mode="edm", out=str(out / "teacher")))
-        teacher = str(out / "teacher" / "ckpt.pt")
+        teacher, teacher_steps = str(out / "teacher" / "ckpt.pt"), tcfg.steps
         print(f"teacher: {tcfg.steps} steps in {teacher_s:.0f} s")
     for mode in modes:
-        result, sec, rcfg = run(dataclasses.replace(base, mode=mode, out=str(out / mode),
-                                                    teacher=teacher if mode in ("cd", "ect") else ""))
         uses_teacher = mode in ("cd", "ect")
-        rows.append(dict(mode=mode, steps=rcfg.steps, teacher_steps=uses_teacher and
-                         cm.resolve(dataclasses.replace(base, mode="edm")).steps,
+        result, sec, rcfg = run(dataclasses.replace(base, mode=mode, out=str(out / mode),
+                                                    teacher=teacher if uses_teacher else ""))
+        rows.append(dict(mode=mode, steps=rcfg.steps, teacher_steps=teacher_steps * uses_teacher,
                          sec=sec + teacher_s * uses_teacher, own_sec=sec, result=result))
         print(f"{mode}: {rcfg.steps} steps in {sec:.0f} s")
     return rows

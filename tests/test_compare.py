@@ -12,6 +12,7 @@ def test_compare_tabulates_every_mode_from_one_teacher(tmp_path, capsys):
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["mode"] for r in rows] == ["cd", "ect", "ct", "ict"]
     assert all(r["steps"] == 3 for r in rows)
+    assert [r["teacher_steps"] for r in rows] == [3, 3, 0, 0]  # the one teacher's steps, for CD and ECT only
     teacher_s = rows[0]["sec"] - rows[0]["own_sec"]
     assert teacher_s > 0  # CD and ECT are charged the one teacher's time, CT and iCT nothing
     for r in rows:
