@@ -3,7 +3,11 @@
     python cm.py                                  # CD on 8x8 digits (EDM teacher, then CD), CPU, minutes
     python cm.py --mode ct                        # CT: no teacher at all; --mode ict, ect: [iCT], [ECT]
     python cm.py --dataset toy --mode edm         # a 2-D ring (--dataset cifar10: the real thing, on a GPU)
-    python cm.py --sample runs/digits-cd/ckpt.pt  # a grid from a checkpoint
+    python cm.py --checkpoint runs/digits-cd/ckpt.pt  # sample grids from a checkpoint
+
+This file stands alone: it needs torch, and optionally tqdm (progress bars), scikit-learn (the digits),
+torchvision (CIFAR-10, PNG grids), matplotlib (the toy scatter plot) and lpips (the LPIPS metric), each
+imported only where it is used. Copy it anywhere; full/ builds the paper-scale runs on top of it.
 
 References
     [CM]  Song, Dhariwal, Chen, Sutskever. Consistency Models. ICML 2023, arXiv:2303.01469v2.
@@ -24,160 +28,41 @@ Notation (code name = paper symbol)
     ema         the evaluation EMA (a separate average used for sampling), never the target
     k, K        training step and total steps; s0, s1, mu0 the curriculum constants [CM App. C]
 
-Sections: 1 config · 2 noise levels · 3 parameterization · 4 networks · 5 ODE steps · 6 losses (6b iCT, ECT) ·
-7 samplers · 8 target & EMA · 9 data · 10 checkpoints · 11 training · 12 command line. What is not the method
-(errors, files, the checkpoint container, devices, grids, LPIPS, distances) comes from full/common.py.
-Importing this module has no side effects; everything runs from main().
+Sections: the method 1 noise levels · 2 parameterization · 3 ODE steps · 4 losses · 5 iCT and ECT ·
+6 recipes (one dispatch: a mode's schedule and loss; CMConfig, the math settings) · 7 samplers · 8 target
+and EMA; then what runs it: 9 networks · 10 data · 11 files, devices, grids, distances · 12 the
+trainer's settings · 13 the trainer · 14 command line. Importing this module has no side effects.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
+import sys
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from full.common import (CKPT_FORMAT, KINDS, LPIPS, SIGMA_MAX_LIMIT, CMError, PiqLPIPS, RunFolder,
-                         add_field_flags, atomic_write, changed_fields, check_levels, check_math,
-                         checkpoint_kind, distance_table, energy_distance, exit_on, fid_score, finished,
-                         grid_name, load_checkpoint, out_folder, pick_device, read_weights_only, restore,
-                         save_checkpoint, save_grid, uint8_to_unit, under_autocast)
+
+class CMError(RuntimeError):
+    """The one user-facing error of cm.py and full/ (bad input, a run that cannot go on): every main()
+    prints its message as one line and exits with status 1. A programming error keeps its traceback."""
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Config
-
-@dataclass
-class Config:
-    # what to train
-    mode: str = "cd"                # cd (distillation) | ct (consistency training) | ict | ect | edm
-    dataset: str = "digits"         # toy (2-D ring) | digits (8x8, scikit-learn) | cifar10 (torchvision)
-    data_dir: str = "data"          # where cifar10 lives / is downloaded to
-    teacher: str = ""               # cd, ect: an edm checkpoint ('' -> train one into <out>/teacher first)
-    teacher_steps: int = 0          # cd, ect without --teacher: the teacher's steps (0 -> the edm default)
-    out: str = ""                   # run folder; default runs/<dataset>-<mode>
-    # the math [CM Sec. 4, App. C]
-    sigma_min: float = 0.002        # epsilon
-    sigma_max: float = 80.0         # T
-    sigma_data: float = 0.5         # data std used by the scalings
-    rho: float = 7.0                # Karras grid exponent
-    N: int = 18                     # cd: number of grid points (N = 18 for CIFAR-10, Heun teacher)
-    s0: int = 0                     # ct, ict: initial discretization steps (0 -> per-dataset default)
-    s1: int = 0                     # ct, ict: final discretization steps (0 -> per-dataset default)
-    mu0: float = 0.9                # ct: initial target EMA rate mu(0)
-    mu_rule: str = ""               # ct: mu(k) divides by N(k)-1 'code' (official runs) | N(k) 'paper'
-    mu: float = 0.0                 # cd, ict, ect: constant target EMA rate (0 for CIFAR-10 in [CM Tab. 3])
-    P_mean: float = math.nan        # ict, ect: ln t ~ N(P_mean, P_std²) (nan -> per-dataset default)
-    P_std: float = 2.0
-    q: float = 2.0                  # ect: the gap t - r shrinks by q per stage [ECT code default]
-    stage_steps: int = 0            # ect: steps per stage (0 -> per-dataset, else ⌈steps/8⌉: 25k of 200k on CIFAR-10)
-    ablate: str = ""                # ict: pieces switched back to CT's, any of weight,lognormal,doubling
-    metric: str = ""                # l2 | l1 | lpips | lpips_piq | pseudo_huber | l2_norm ('' -> per-dataset)
-    # optimisation
-    steps: int = 0                  # training steps K (0 -> per-dataset and per-mode default)
-    batch_size: int = 0             # (0 -> per-dataset default)
-    lr: float = 0.0                 # RAdam (cm) / Adam (edm) learning rate (0 -> per-dataset default)
-    ema: float = 0.999              # evaluation EMA rate (with a (1+k)/(10+k) warm-up)
-    channels: int = 0               # network width (0 -> per-dataset default)
-    dropout: float = -1.0           # dropout in the network (-1 -> per-dataset default)
-    precision: str = "fp32"         # fp32 | bf16 (autocast of F only; c_skip x stays in fp32)
-    init_from_teacher: bool = True  # cd: start f_theta from the teacher's weights (as the official runs)
-    # output
-    seed: int = 0                   # everything random derives from it
-    log_every: int = 50             # steps between lines in log.jsonl
-    sample_every: int = 0           # steps between sample grids (0 -> 4 grids per run)
-    grid_minutes: float = 10.0      # also a grid every this many minutes of training (0: only by steps)
-    fid_every: int = 0              # steps between FIDs of one-step samples (full.evaluate; 0: off)
-    fid_samples: int = 5000         # samples per FID (the paper's FIDs use 50,000)
-    ckpt_every: int = 500           # steps between checkpoints
-    ts: str = ""                    # two-step sampling levels, official index convention ('' -> default)
-    grid_steps: int = 18            # the grid size N the ts indices refer to
-    mid_t: float = 0.0              # ict, ect: two-step level without --ts (0 -> per-dataset default)
-    device: str = ""                # '' -> cuda if available, else cpu
-    resume: bool = False            # continue from <out>/ckpt.pt if it exists
-    overwrite: bool = False         # start afresh in a folder that holds a run (its ckpt.pt is replaced)
-    allow_config_change: bool = False  # resume with other settings (e.g. more --steps, another --lr)
-
-
-# Per-dataset defaults for the fields left at 0 / '' / -1 / nan; a dict gives one value per mode ("*": the rest).
-# Chosen so `python cm.py` ends in minutes on a CPU; cifar10 keeps the papers' values. mu_rule: cifar10
-# follows the official runs; the short CPU runs keep the paper's text (README's numbers).
-DEFAULTS = {
-    "toy":     dict(steps=dict(edm=4000, cd=4000, ct=6000, ict=6000, ect=4000), batch_size=512, channels=256,
-                    lr=1e-3, metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "l2"}), mu_rule="paper",
-                    s0=dict(ict=10, **{"*": 2}), s1=80, mid_t=1.0, dropout=0.0, P_mean=-1.1,
-                    stage_steps=1000),  # ECT: 4 stages here (8 of 500 left one step at CT's level, README)
-    "digits":  dict(steps=dict(edm=1500, cd=800, ct=3000, ict=3000, ect=1500), batch_size=128, channels=32,
-                    lr=2e-4, metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "l2"}), mu_rule="paper",
-                    s0=dict(ict=10, **{"*": 2}), s1=dict(ict=160, **{"*": 40}), mid_t=1.0, dropout=0.0,
-                    P_mean=0.0),  # not -1.1: more high-noise draws halve the 1-step distance here (README)
-    # [CM Tab. 3] for cd/ct; edm: EDM's 200M images at batch 512. ict [iCT Sec. 3-5]: batch 1024, lr 1e-4,
-    # s0 10, s1 1280, pseudo-Huber, dropout 0.3, two steps at 0.821 (400k steps: iCT App., not re-checked
-    # here). ect (locuslab/ect run_ecm.sh): batch 128, lr 1e-4, dropout 0.2, 25.6M images = 200k steps,
-    # a stage every 250 ticks of 12.8k images = 25k steps, ‖·‖₂ (c = 0), mid_t 0.821 (ct_train.py).
-    "cifar10": dict(steps=dict(edm=390_625, cd=800_000, ct=800_000, ict=400_000, ect=200_000),
-                    batch_size=dict(ict=1024, ect=128, **{"*": 512}), channels=128, mu_rule="code",
-                    lr=dict(ict=1e-4, ect=1e-4, **{"*": 4e-4}),
-                    metric=dict(ict="pseudo_huber", ect="l2_norm", **{"*": "lpips"}),
-                    s0=dict(ict=10, **{"*": 2}), s1=dict(ict=1280, **{"*": 150}), mid_t=0.821,
-                    dropout=dict(ict=0.3, ect=0.2, **{"*": 0.0}), P_mean=-1.1),
-}
-MODES = ("cd", "ct", "ict", "ect", "edm")
-
-
-def unset(name: str, value) -> bool:
-    """A field left for DEFAULTS to fill: 0 or '' (dropout: -1; P_mean: nan, as 0 is a valid P_mean)."""
-    return value != value if name == "P_mean" else value in ((-1,) if name == "dropout" else (0, ""))
-
-
-def resolve(cfg: Config) -> Config:
-    """Fill the per-dataset defaults and check every field; bad values raise CMError."""
-    if cfg.dataset not in DEFAULTS:
-        raise CMError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DEFAULTS)}")
-    cfg = dataclasses.replace(cfg)
-    for k, v in DEFAULTS[cfg.dataset].items():
-        if unset(k, getattr(cfg, k)):
-            setattr(cfg, k, v.get(cfg.mode, v.get("*")) if isinstance(v, dict) else v)
-    for k, ok in dict(mode=MODES, metric=METRICS, mu_rule=MU_RULES, precision=("fp32", "bf16")).items():
-        if getattr(cfg, k) not in ok:
-            raise CMError(f"unknown {k.replace('_', '-')} {getattr(cfg, k)!r}; choose one of {', '.join(ok)}")
-    cfg.out = cfg.out or f"runs/{cfg.dataset}-{cfg.mode}"
-    out_folder(cfg.out)
-    cfg.sample_every = cfg.sample_every or max(cfg.steps // 4, 1)
-    cfg.stage_steps = cfg.stage_steps or max(-(-cfg.steps // 8), 1)  # ⌈K/8⌉: eight stages, never a ninth
-    if min(cfg.steps, cfg.batch_size, cfg.channels, cfg.log_every, cfg.ckpt_every, cfg.sample_every) < 1:
-        raise CMError("steps, batch-size, channels, log-every, ckpt-every and sample-every must be >= 1")
-    if cfg.fid_every and (cfg.dataset == "toy" or cfg.fid_every < 0 or cfg.fid_samples < 2):
-        raise CMError("--fid-every needs image data (digits, cifar10) and --fid-samples >= 2")
-    if cfg.teacher_steps < 0:
-        raise CMError(f"teacher-steps must be >= 0, got {cfg.teacher_steps}")
-    check_math(N=cfg.N, s0=cfg.s0, s1=cfg.s1, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
-               sigma_data=cfg.sigma_data, rho=cfg.rho, mu=cfg.mu, mu0=cfg.mu0, ema=[cfg.ema])
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0 and 0 <= cfg.dropout < 1):
-        raise CMError(f"need a finite lr > 0 and 0 <= dropout < 1 (got lr={cfg.lr}, dropout={cfg.dropout})")
-    if cfg.stage_steps < 1 or cfg.q <= 1 or cfg.P_std <= 0 or cfg.mid_t <= 0 or not math.isfinite(cfg.P_mean):
-        raise CMError("need stage-steps >= 1, q > 1, a finite P-mean, P-std > 0 and mid-t > 0")
-    if set(filter(None, cfg.ablate.split(","))) - {"weight", "lognormal", "doubling"}:
-        raise CMError(f"unknown --ablate {cfg.ablate!r}; choose from weight, lognormal, doubling")
-    try:
-        two_step_levels(cfg)  # a bad --ts fails now, not after the first sample_every steps
-    except ValueError as e:
-        raise CMError(str(e)) from None
-    return cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Noise levels
+# 1. Noise levels: the grid, the curricula N(k), μ(k), and sampling levels
 
 def karras_sigmas(N: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
     """Ascending grid t_i = (ε^(1/ρ) + (i-1)/(N-1)·(T^(1/ρ) - ε^(1/ρ)))^ρ, i = 1..N.  [CM Sec. 4, EDM Eq. 5]
@@ -223,8 +108,19 @@ def ts_to_sigmas(ts: Sequence[int], N: int, sigma_min: float = 0.002, sigma_max:
     return [desc[i].item() for i in ts if i != N - 1]
 
 
+def check_levels(levels: Sequence[float], sigma_min: float, sigma_max: float = math.inf) -> list[float]:
+    """Multistep levels τ_1 > τ_2 > ...: finite, strictly decreasing, within [ε, T] (a level at ε only
+    re-noises by √(ε² - ε²) = 0); anything else is a ValueError. The one check of sampling and editing."""
+    levels = [float(t) for t in levels]
+    if not levels or not all(map(math.isfinite, levels)) or any(a <= b for a, b in zip(levels, levels[1:])) \
+            or levels[-1] < sigma_min or levels[0] > sigma_max:
+        raise ValueError(f"levels must be finite, strictly decreasing and within [sigma_min, sigma_max] = "
+                         f"[{sigma_min}, {sigma_max}], got {levels}")
+    return levels
+
+
 # ----------------------------------------------------------------------------------------------
-# 3. Parameterization: f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t))  [CM Eq. 7]
+# 2. Parameterization: f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t))  [CM Eq. 7]
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:
     """(B,) -> (B, 1, ..., 1) with ndim dimensions, to broadcast per-sample scalars over x."""
@@ -269,7 +165,475 @@ class ConsistencyFunction(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Networks F(x, c_noise, class_labels) -> same shape as x. Small on purpose; full/ has NCSN++/ADM.
+# 3. ODE steps for the probability-flow ODE dx/dt = (x - D(x, t)) / t  [EDM Eq. 3 with σ(t) = t]
+
+def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
+    """dx/dt = (x - D(x, t)) / t."""
+    return (x - denoised) / append_dims(sigma, x.ndim)
+
+
+def euler_step(denoiser: Callable, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    """x + (t' - t) d(x, t): one Euler step of the PF ODE (the last step to t = 0 of EDM's sampler)."""
+    return x + append_dims(sigma_next - sigma, x.ndim) * to_d(x, sigma, denoiser(x, sigma))
+
+
+def heun_step(denoiser: Callable, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    """One Heun step from t to t' > 0: Euler, then the average of the two slopes.  [EDM Alg. 1, CM Eq. 6]"""
+    d = to_d(x, sigma, denoiser(x, sigma))
+    x_euler = x + append_dims(sigma_next - sigma, x.ndim) * d
+    d_next = to_d(x_euler, sigma_next, denoiser(x_euler, sigma_next))
+    return x + append_dims(sigma_next - sigma, x.ndim) * (d + d_next) / 2
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Losses. Each returns a scalar; randomness (indices n, noise z) can be passed in.
+
+def l2(x: Tensor, y: Tensor) -> Tensor:
+    """Squared L2 distance, averaged over all but the batch dimension: (B, ...) -> (B,)."""
+    return (x - y).pow(2).flatten(1).mean(1)
+
+
+def l1(x: Tensor, y: Tensor) -> Tensor:
+    return (x - y).abs().flatten(1).mean(1)
+
+
+def pseudo_huber(x: Tensor, y: Tensor, c: float | None = None) -> Tensor:
+    """√(‖x - y‖² + c²) - c, by default c = 0.00054·√dim (0.03 for CIFAR-10).  [iCT Sec. 3.3]
+    ≈ ‖x - y‖²/(2c) for ‖x - y‖ ≪ c and ≈ ‖x - y‖ - c for ‖x - y‖ ≫ c; c = 0 is the L2 norm."""
+    c = 0.00054 * math.sqrt(x[0].numel()) if c is None else c
+    return ((x - y).pow(2).flatten(1).sum(1) + c ** 2).sqrt() - c
+
+
+def l2_norm(x: Tensor, y: Tensor) -> Tensor:
+    """‖x - y‖₂, pseudo-Huber with c = 0: ECT's CIFAR-10 metric (its code's default c = 0).  [ECT Sec. 3]"""
+    return pseudo_huber(x, y, 0.0)
+
+
+class LPIPS(nn.Module):
+    """LPIPS(VGG) with inputs upsampled bilinearly to 224x224, images in [-1, 1].  [CM Sec. 5, App. C]
+    The `lpips` package's network (max pooling), as the official CIFAR-10 (JAX) runs used it;
+    `avg_pool=True` is piq's LPIPS(replace_pooling=True) of the official ImageNet-64 / LSUN-256 runs: the
+    same features and calibration with average pooling, resized to 224 only below 256 pixels (piq's
+    standardisation of (x + 1)/2 equals lpips' scaling layer on x in [-1, 1]). pretrained_backbone=False:
+    a random VGG (offline tests); the calibration ships inside `lpips`, the VGG16 weights download once."""
+
+    def __init__(self, pretrained_backbone: bool = True, avg_pool: bool = False):
+        super().__init__()
+        try:
+            import lpips
+            with warnings.catch_warnings():  # lpips still uses torchvision's deprecated `pretrained=`
+                warnings.simplefilter("ignore", UserWarning)
+                self.net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained_backbone, verbose=False)
+        except Exception as e:  # no package, or no internet for the VGG16 weights
+            raise CMError(f"LPIPS(VGG) is unavailable ({type(e).__name__}: {str(e)[:80]}); "
+                          "use --metric l2 (or pip install lpips and allow the VGG16 download)") from e
+        self.avg_pool = avg_pool
+        for block in self.net.net.children() if avg_pool else ():
+            for name, layer in block.named_children():
+                if isinstance(layer, nn.MaxPool2d):
+                    setattr(block, name, nn.AvgPool2d(2, 2))
+        self.net.eval().requires_grad_(False)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if x.shape[1] == 1:  # grey images: repeat to RGB
+            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+        if not self.avg_pool or x.shape[-1] < 256:
+            x, y = (F.interpolate(v.float(), size=224, mode="bilinear", align_corners=False) for v in (x, y))
+        return self.net(x.float(), y.float()).flatten(1).mean(1)
+
+
+class PiqLPIPS(LPIPS):
+    """piq's LPIPS(replace_pooling=True): LPIPS with average pooling (the ADM presets' metric)."""
+
+    def __init__(self, pretrained_backbone: bool = True):
+        super().__init__(pretrained_backbone, avg_pool=True)
+
+
+METRICS = {"l2": l2, "l1": l1, "pseudo_huber": pseudo_huber, "l2_norm": l2_norm, "lpips": LPIPS,
+           "lpips_piq": PiqLPIPS}  # the LPIPS entries are modules: make_metric builds them
+
+
+def _draw(x: Tensor, N: int, n: Tensor | None, z: Tensor | None, index_probs: Tensor | None = None):
+    """n ~ U{1, ..., N-1} or index_probs (0-based: t_n = sigmas[n], t_{n+1} = sigmas[n+1]); z ~ N(0, I)."""
+    if n is None:
+        n = (torch.randint(0, N - 1, (x.shape[0],)) if index_probs is None else
+             torch.multinomial(index_probs.float().cpu(), x.shape[0], replacement=True)).to(x.device)
+    return n, torch.randn_like(x) if z is None else z
+
+
+def consistency_loss(f: Callable, f_target: Callable, x: Tensor, t: Tensor, r: Tensor, z: Tensor,
+                     metric: Callable = l2, weight: Callable | None = None) -> Tensor:
+    """E[λ(r, t) d(f_θ(x + t z, t), f_θ⁻(x + r z, r))], r < t, the same z in both; f(·, 0) := x.
+    x stands in for the denoiser: an Euler step of the PF ODE from x + t z with D = x lands on x + r z
+    [CM Thm. 2]. Every consistency-training recipe here is this loss with its own draw of (t, r), weighting
+    λ (≡ 1 unless given) and metric d. At r = 0 the target is x itself (the boundary condition, [ECT Sec. 3])."""
+    online = f(x + append_dims(t, x.ndim) * z, t)
+    with torch.no_grad():
+        live = append_dims(r > 0, x.ndim)
+        target = torch.where(live, f_target(x + append_dims(r, x.ndim) * z, torch.where(r > 0, r, t)), x)
+    lam = 1.0 if weight is None else weight(r, t)
+    return (lam * metric(online, target)).mean()
+
+
+def ct_loss(f: Callable, f_target: Callable, x: Tensor, sigmas: Tensor, metric: Callable = l2,
+            n: Tensor | None = None, z: Tensor | None = None, weight: Callable | None = None,
+            index_probs: Tensor | None = None) -> Tensor:
+    """E[λ(t_n, t_{n+1}) d(f_θ(x + t_{n+1} z, t_{n+1}), f_θ⁻(x + t_n z, t_n))].  [CM Alg. 3]
+    n ~ U{1..N-1} as in [CM], or from `index_probs` (iCT's lognormal_index_probs)."""
+    n, z = _draw(x, len(sigmas), n, z, index_probs)
+    sigmas = sigmas.to(x.device, x.dtype)
+    return consistency_loss(f, f_target, x, sigmas[n + 1], sigmas[n], z, metric, weight)
+
+
+def cd_loss(f: Callable, f_target: Callable, teacher: Callable, x: Tensor, sigmas: Tensor,
+            metric: Callable = l2, n: Tensor | None = None, z: Tensor | None = None) -> Tensor:
+    """E[d(f_θ(x_{t_{n+1}}, t_{n+1}), f_θ⁻(x̂_{t_n}, t_n))], x̂_{t_n} one teacher Heun step.  [CM Alg. 2]"""
+    n, z = _draw(x, len(sigmas), n, z)
+    sigmas = sigmas.to(x.device, x.dtype)
+    t, t_next = sigmas[n], sigmas[n + 1]
+    x_next = x + append_dims(t_next, x.ndim) * z
+    with torch.no_grad():
+        target = f_target(heun_step(teacher, x_next, t_next, t), t)
+    return metric(f(x_next, t_next), target).mean()
+
+
+EDM_P_MEAN, EDM_P_STD = -1.2, 1.2  # ln t ~ N(P_mean, P_std²) of EDM's training  [EDM Tab. 1]
+
+
+def edm_loss(D: Callable, x: Tensor, sigma: Tensor | None = None, z: Tensor | None = None,
+             sigma_data: float = 0.5, P_mean: float = EDM_P_MEAN, P_std: float = EDM_P_STD) -> Tensor:
+    """E[λ(t) ‖D(x + t z, t) - x‖²], ln t ~ N(P_mean, P_std²), λ = (t² + σd²)/(t σd)².  [EDM Sec. 5]"""
+    if sigma is None:
+        sigma = (P_mean + P_std * torch.randn(x.shape[0], device=x.device)).exp()
+    z = torch.randn_like(x) if z is None else z
+    lam = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    return (lam * l2(D(x + append_dims(sigma, x.ndim) * z, sigma), x)).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Improved recipes: iCT (from data, no teacher) and ECT (tuning a diffusion model). Each piece is
+#     one function; both recipes are consistency_loss with their own (t, r), λ and d, and μ = 0.
+
+def ict_num_steps(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
+    """N(k) = min(s0·2^⌊k/K'⌋, s1) + 1, K' = ⌊K / (log₂⌊s1/s0⌋ + 1)⌋: N doubles every K' steps.  [iCT Sec. 3.4]
+    With s0 10, s1 1280: N = 11, 21, ..., 1281, eight stages of K' steps."""
+    K_ = max(math.floor(K / (math.log2(s1 // s0) + 1)), 1)  # the log is not floored: s1/s0 need not be 2^m
+    return min(s0 * 2 ** min(max(k, 0) // K_, 62), s1) + 1
+
+
+def lognormal_index_probs(sigmas: Tensor, P_mean: float = -1.1, P_std: float = 2.0) -> Tensor:
+    """p(n) ∝ erf((ln t_{n+1} - P_mean)/(√2 P_std)) - erf((ln t_n - P_mean)/(√2 P_std)), n = 1..N-1:
+    the lognormal mass between neighbouring levels (P_mean -1.1, P_std 2.0).  [iCT Sec. 3.5]"""
+    cdf = torch.erf((sigmas.double().log() - P_mean) / (math.sqrt(2) * P_std))
+    p = cdf[1:] - cdf[:-1]
+    return p / p.sum()
+
+
+def gap_weight(r: Tensor, t: Tensor) -> Tensor:
+    """λ = 1 / (t - r): iCT's 1/(t_{n+1} - t_n) [iCT Sec. 3.1] and ECT's 1/(t - r) [ECT Sec. 3]."""
+    return 1 / (t - r)
+
+
+def ect_r(t: Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> Tensor:
+    """r(t) = max(t·(1 - q^(-a)·n(t)), 0), n(t) = 1 + k·sigmoid(-b t), a the stage.  [ECT Sec. 3]
+    r < t, and the gap t - r = t·min(1, q^(-a) n(t)) shrinks by q per stage. At a = 0, n ≥ 1 gives
+    r = 0: the diffusion objective. The official code (training/loss.py: q 2, k 8, b 1) starts
+    tuning at its stage 0, which is our a = 1 (it raises q to the stage + 1)."""
+    return (t * (1 - q ** -stage * (1 + k * torch.sigmoid(-b * t)))).clamp(min=0)
+
+
+def ect_loss(f: Callable, f_target: Callable, x: Tensor, stage: int, metric: Callable = l2_norm,
+             t: Tensor | None = None, z: Tensor | None = None, P_mean: float = -1.1, P_std: float = 2.0,
+             q: float = 2.0) -> Tensor:
+    """ln t ~ N(P_mean, P_std²) in continuous time, r = r(t), λ = 1/(t - r).  [ECT Sec. 3]
+    f is EDM's denoiser D (ε = 0) initialised from the teacher; f_target is f under stop-gradient."""
+    if t is None:
+        t = (P_mean + P_std * torch.randn(x.shape[0])).exp().to(x.device, x.dtype)
+    z = torch.randn_like(x) if z is None else z
+    return consistency_loss(f, f_target, x, t, ect_r(t, stage, q), z, metric, gap_weight)
+
+
+class SharedDropout:
+    """Wrap the online pass, then the target pass: the second replays the RNG state (CPU and CUDA) the
+    first saw, so both draw the same dropout masks.  [iCT Sec. 3.1; ECT training/loss.py]"""
+
+    def __init__(self, device: torch.device):
+        self.devices, self.state = ([device] if device.type == "cuda" else []), None
+
+    def wrap(self, fn: Callable) -> Callable:
+        def call(*args, **kwargs):
+            if self.state is None:
+                self.state = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.devices])
+                return fn(*args, **kwargs)
+            with torch.random.fork_rng(devices=self.devices):
+                torch.set_rng_state(self.state[0])
+                for d, s in zip(self.devices, self.state[1]):
+                    torch.cuda.set_rng_state(s, d)
+                return fn(*args, **kwargs)
+        return call
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Recipes. CMConfig holds the math settings (cm.py's runs and full/'s `cm` section alike); RECIPES
+#    turns a mode into its schedule (N, μ, stage at step k) and its loss: the one dispatch of both
+#    trainers. A new recipe is one entry here (plus, for full/, a preset).
+
+SIGMA_MAX_LIMIT = 1e4  # far above any paper's T = 80; beyond it float32 images lose their signal
+
+
+@dataclass
+class CMConfig:
+    """The math of a run [CM Sec. 4-5, App. C; iCT; ECT]. Defaults: [CM Tab. 3]'s CIFAR-10 values."""
+
+    mode: str = "cd"                  # cd | ct | ict | ect | edm (the teacher's denoising score matching)
+    sigma_min: float = 0.002          # ε
+    sigma_max: float = 80.0           # T
+    sigma_data: float = 0.5           # σ_data of the scalings
+    rho: float = 7.0                  # Karras grid exponent
+    noise_cond: str = "edm"           # c_noise: edm = ln(t)/4 (NCSN++) | adm = 1000 ln(t + 1e-44)/4 (ADM)
+    N: int = 18                       # cd: grid points (one Heun teacher step between neighbours)
+    mu: float = 0.0                   # cd, ict, ect: constant target EMA rate μ (0 for CIFAR-10)
+    s0: int = 2                       # ct, ict: N(0) = s0 (ict: 10)
+    s1: int = 150                     # ct: N(K) = s1 + 1; ict: the doubling stops at s1 (1280)
+    mu0: float = 0.9                  # ct: μ(0) = μ0
+    mu_rule: str = "code"             # ct: μ(k) divides by N(k)-1 'code' (official runs) | N(k) 'paper'
+    metric: str = "l2"                # l2 | l1 | pseudo_huber | l2_norm | lpips | lpips_piq
+    lpips_pretrained: bool = True     # False: a random VGG for LPIPS (offline tests only, never real runs)
+    P_mean: float = -1.1              # ict, ect: ln t ~ N(P_mean, P_std²) (edm: EDM's -1.2, 1.2 always)
+    P_std: float = 2.0
+    q: float = 2.0                    # ect: the gap t - r shrinks by q per stage (ect_r)
+    stage_steps: int = 25_000         # ect: steps per stage (locuslab/ect: 25k of 200k on CIFAR-10)
+    ablate: str = ""                  # ict: pieces switched back to CT's, any of weight,lognormal,doubling
+
+    def check(self, prefix: str = "") -> CMConfig:
+        """Every range and choice, before step 0: the first bad one is a one-line CMError naming it."""
+        for name, ok in dict(mode=RECIPES, metric=METRICS, mu_rule=MU_RULES, noise_cond=NOISE_CONDITIONING).items():
+            if getattr(self, name) not in ok:
+                raise CMError(f"unknown {prefix}{name} {getattr(self, name)!r}; choose one of {', '.join(ok)}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("float", "int") and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                              or not math.isfinite(v)):
+                raise CMError(f"{prefix}{f.name} must be a finite number, got {v!r}")
+        if not 0 < self.sigma_min < self.sigma_max <= SIGMA_MAX_LIMIT:
+            raise CMError(f"need 0 < {prefix}sigma_min < {prefix}sigma_max <= {SIGMA_MAX_LIMIT:g} "
+                          f"(got {self.sigma_min}, {self.sigma_max})")
+        if self.sigma_data <= 0 or self.rho <= 0:
+            raise CMError(f"need {prefix}sigma_data > 0 and {prefix}rho > 0 (got {self.sigma_data}, {self.rho})")
+        if self.N < 2 or self.s0 < 2 or self.s1 < self.s0:
+            raise CMError(f"need {prefix}N >= 2 and 2 <= {prefix}s0 <= {prefix}s1 "
+                          f"(got N={self.N}, s0={self.s0}, s1={self.s1})")
+        if not (0 <= self.mu < 1 and 0 < self.mu0 < 1):
+            raise CMError(f"need 0 <= {prefix}mu < 1 and 0 < {prefix}mu0 < 1 (got mu={self.mu}, mu0={self.mu0})")
+        if self.stage_steps < 1 or self.q <= 1 or self.P_std <= 0:
+            raise CMError(f"need {prefix}stage_steps >= 1, {prefix}q > 1 and {prefix}P_std > 0 "
+                          f"(got {self.stage_steps}, {self.q}, {self.P_std})")
+        if set(filter(None, self.ablate.split(","))) - {"weight", "lognormal", "doubling"}:
+            raise CMError(f"unknown {prefix}ablate {self.ablate!r}; choose from weight, lognormal, doubling")
+        return self
+
+    def run_fields(self) -> tuple[str, ...]:
+        """The fields this mode computes with: a resume may not change them (the others it ignores)."""
+        return ("mode", "sigma_min", "sigma_max", "sigma_data", "rho", "noise_cond") + RECIPES[self.mode].fields
+
+
+class Schedule(NamedTuple):
+    """What a recipe uses at step k: N grid points (0: none), the target rate μ, ECT's stage a (0: none)."""
+    N: int
+    mu: float
+    stage: int = 0
+
+
+def _ct_schedule(c: CMConfig, k: int, K: int) -> Schedule:
+    """N(k), μ(k) of [CM App. C]."""
+    return Schedule(ct_num_steps(k, K, c.s0, c.s1), ct_target_rate(k, K, c.s0, c.s1, c.mu0, c.mu_rule))
+
+
+def _ict_schedule(c: CMConfig, k: int, K: int) -> Schedule:
+    """N doubles every K' steps, μ = 0 [iCT Sec. 3.2, 3.4] (ablate 'doubling': CT's N(k))."""
+    return Schedule((ct_num_steps if "doubling" in c.ablate else ict_num_steps)(k, K, c.s0, c.s1), c.mu)
+
+
+def _ect_schedule(c: CMConfig, k: int, K: int) -> Schedule:
+    """The stage a = 1 + ⌊k / stage_steps⌋ [ECT Sec. 3] (no grid: t is continuous)."""
+    return Schedule(0, c.mu, 1 + k // c.stage_steps)
+
+
+def _grid(c: CMConfig, s: Schedule) -> Tensor:
+    return karras_sigmas(s.N, c.sigma_min, c.sigma_max, c.rho)  # t_1 < ... < t_N at this k
+
+
+def _ct(c, s, f, f_target, D, x, z, metric, n=None, t=None):
+    return ct_loss(f, f_target, x, _grid(c, s), metric, n=n, z=z)
+
+
+def _cd(c, s, f, f_target, D, x, z, metric, n=None, t=None):
+    return cd_loss(f, f_target, D, x, _grid(c, s), metric, n=n, z=z)
+
+
+def _ict(c, s, f, f_target, D, x, z, metric, n=None, t=None):
+    sigmas = _grid(c, s)
+    probs = None if "lognormal" in c.ablate else lognormal_index_probs(sigmas, c.P_mean, c.P_std)
+    weight = None if "weight" in c.ablate else gap_weight
+    return ct_loss(f, f_target, x, sigmas, metric, n=n, z=z, weight=weight, index_probs=probs)
+
+
+def _ect(c, s, f, f_target, D, x, z, metric, n=None, t=None):
+    return ect_loss(f, f_target, x, s.stage, metric, t=t, z=z, P_mean=c.P_mean, P_std=c.P_std, q=c.q)
+
+
+def _edm(c, s, f, f_target, D, x, z, metric, n=None, t=None):
+    return edm_loss(f, x, sigma=t, z=z, sigma_data=c.sigma_data)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    schedule: Callable[[CMConfig, int, int], Schedule]  # (c, k, K) -> Schedule
+    loss: Callable                    # (c, schedule, f, f_target, D, x, z, metric, n=, t=) -> scalar
+    fields: tuple[str, ...]           # the CMConfig fields it reads
+    teacher: str = ""                 # 'loss': D_φ inside the loss (cd) | 'init': starts from D_φ (ect)
+    denoiser: bool = False            # trains EDM's D (ε = 0 scalings) rather than f_θ
+
+
+RECIPES = {
+    "cd": Recipe(lambda c, k, K: Schedule(c.N, c.mu), _cd, ("N", "mu", "metric"), teacher="loss"),  # [CM Alg. 2]
+    "ct": Recipe(_ct_schedule, _ct, ("s0", "s1", "mu0", "mu_rule", "metric")),                       # [CM Alg. 3]
+    "ict": Recipe(_ict_schedule, _ict, ("s0", "s1", "mu", "metric", "P_mean", "P_std", "ablate")),   # [iCT]
+    "ect": Recipe(_ect_schedule, _ect, ("mu", "metric", "P_mean", "P_std", "q", "stage_steps"),      # [ECT]
+                  teacher="init", denoiser=True),
+    "edm": Recipe(lambda c, k, K: Schedule(0, 0.0), _edm, (), denoiser=True),                        # [EDM]
+}
+
+
+def schedule(c: CMConfig, k: int, K: int) -> Schedule:
+    """The recipe's (N, μ, stage) at step k of K."""
+    return RECIPES[c.mode].schedule(c, k, K)
+
+
+def recipe_loss(c: CMConfig, s: Schedule, f: Callable, f_target: Callable | None, D: Callable | None,
+                x: Tensor, z: Tensor | None, metric: Callable, n: Tensor | None = None,
+                t: Tensor | None = None) -> Tensor:
+    """The mode's loss at schedule s; n (grid indices) or t (ect: t, edm: σ) may be given, else drawn."""
+    return RECIPES[c.mode].loss(c, s, f, f_target, D, x, z, metric, n=n, t=t)
+
+
+def keeps_target_copy(c: CMConfig) -> bool:
+    """θ⁻ needs its own copy only when μ can be > 0 (ct, or a constant μ > 0). With μ = 0 throughout
+    (iCT, ECT, CIFAR-10 CD) θ⁻ = stopgrad(θ): the online net under no_grad is the target."""
+    return c.mode == "ct" or (c.mode != "edm" and c.mu > 0)
+
+
+def make_metric(c: CMConfig, device: torch.device | str = "cpu") -> Callable:
+    """d(x, y) of METRICS; LPIPS is a module (VGG), built once."""
+    m = METRICS[c.metric]
+    return m(pretrained_backbone=c.lpips_pretrained).to(device) if c.metric.startswith("lpips") else m
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Samplers
+
+@torch.no_grad()
+def sample_onestep(f: Callable, z: Tensor, sigma_max: float = 80.0) -> Tensor:
+    """x = f(T z, T): one network evaluation.  [CM Alg. 1 with one step]"""
+    return f(sigma_max * z, sigma_max)
+
+
+@torch.no_grad()
+def sample_multistep(f: Callable, z: Tensor, sigmas: Sequence[float], sigma_min: float = 0.002,
+                     noises: Sequence[Tensor] | None = None, generator: torch.Generator | None = None,
+                     clip_denoised: bool = True) -> Tensor:
+    """x ← f(τ_1 z, τ_1); then for τ_2 > τ_3 > ...: x ← f(x + √(τ² - ε²) z', τ).  [CM Alg. 1]
+    `sigmas` descend, τ_1 = T in the paper (ts_to_sigmas: the official index form). clip_denoised clamps
+    every f(·) to [-1, 1] before it is re-noised, as both official samplers do; without it, one level
+    is exactly sample_onestep."""
+    denoise = (lambda x, t: f(x, t).clamp(-1, 1)) if clip_denoised else f
+    x = denoise(sigmas[0] * z, sigmas[0])
+    for i, tau in enumerate(sigmas[1:]):
+        zi = noises[i] if noises is not None else torch.randn(x.shape, generator=generator).to(x.device)
+        x = denoise(x + math.sqrt(tau ** 2 - sigma_min ** 2) * zi, tau)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(D: Callable, z: Tensor, N: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                rho: float = 7.0) -> Tensor:
+    """Deterministic EDM sampler: Heun steps down the grid, a final Euler step to 0.  [EDM Alg. 1]"""
+    sigmas = karras_sigmas(N, sigma_min, sigma_max, rho).flip(0).tolist() + [0.0]
+    x = sigmas[0] * z
+    for t, t_next in zip(sigmas[:-1], sigmas[1:]):
+        t, t_next = (torch.full((x.shape[0],), s, device=x.device) for s in (t, t_next))
+        x = (heun_step if t_next[0] > 0 else euler_step)(D, x, t, t_next)
+    return x
+
+
+
+
+def per_sample_noise(indices: Sequence[int], shape: Sequence[int], levels: int, seed: int,
+                     num_classes: int = 0) -> tuple[Tensor, list[Tensor], Tensor | None]:
+    """z (B, *shape), the re-noising z' of each later level, and labels, all from seed + i for sample i
+    (on the CPU): a sample does not depend on the batch size, the device or the number of processes."""
+    zs, extra, labels = [], [], []
+    for i in indices:
+        g = torch.Generator().manual_seed(seed + int(i))
+        if num_classes:
+            labels.append(torch.randint(num_classes, (1,), generator=g))
+        zs.append(torch.randn(*shape, generator=g))
+        extra.append([torch.randn(*shape, generator=g) for _ in range(levels - 1)])
+    noises = [torch.stack([e[j] for e in extra]) for j in range(levels - 1)]
+    return torch.stack(zs), noises, (torch.cat(labels) if num_classes else None)
+
+
+@torch.no_grad()
+def generate(f: nn.Module, c: CMConfig, shape: Sequence[int], indices: Sequence[int],
+             levels: Sequence[float] | None, seed: int = 0, heun_steps: int = 18, num_classes: int = 0,
+             class_labels: Sequence[int] | None = None, batch: int = 256,
+             clip_denoised: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Samples `indices` (on the CPU) and their labels (None if unconditional), per-sample seeds.
+    levels: descending τ's of sample_multistep ([T]: one step); None: EDM's Heun sampler with heun_steps
+    levels (f is a denoiser D). class_labels: label i is class_labels[i % len]. clip_denoised clamps every
+    denoised image to [-1, 1], as the official samplers do."""
+    indices, dev = list(indices), next(f.parameters()).device
+    xs, ys = [], []
+    for s in range(0, len(indices), batch):
+        idx = indices[s:s + batch]
+        z, noises, y = per_sample_noise(idx, shape, 1 if levels is None else len(levels), seed, num_classes)
+        if num_classes and class_labels:
+            y = torch.tensor([class_labels[i % len(class_labels)] for i in idx])
+        fy = (lambda x, t: f(x, t, y.to(dev))) if y is not None else f
+        z = z.to(dev)
+        if levels is None:
+            x = sample_heun(fy, z, heun_steps, c.sigma_min, c.sigma_max, c.rho)
+        elif len(levels) == 1 and levels[0] == c.sigma_max:
+            x = sample_onestep(fy, z, c.sigma_max)
+            x = x.clamp(-1, 1) if clip_denoised else x
+        else:
+            x = sample_multistep(fy, z, levels, c.sigma_min, noises=[n.to(dev) for n in noises],
+                                 clip_denoised=clip_denoised)
+        xs.append(x.float().cpu())
+        ys.append(y)
+    return torch.cat(xs), (torch.cat(ys) if num_classes else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Target network and evaluation EMA: both are θ_avg ← μ θ_avg + (1 - μ) θ
+
+def ema_warmup_rate(rate: float, k: int) -> float:
+    """The evaluation EMA's rate at step k, min(rate, (1 + k) / (10 + k)): a warm-up that forgets the
+    random initialisation fast (as the EMA of many codebases)."""
+    return min(rate, (1 + k) / (10 + k))
+
+
+@torch.no_grad()
+def ema_update(avg: nn.Module, model: nn.Module, mu: float) -> None:
+    """θ⁻ ← stopgrad(μ θ⁻ + (1 - μ) θ) [CM Alg. 2/3]; also the evaluation EMA. Buffers are copied."""
+    for p_avg, p in zip(avg.parameters(), model.parameters()):
+        p_avg.lerp_(p.detach(), 1 - mu)
+    for b_avg, b in zip(avg.buffers(), model.buffers()):
+        b_avg.copy_(b)
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Networks F(x, c_noise, class_labels) -> same shape as x. Small on purpose; full/ has NCSN++/ADM.
 
 def timestep_embedding(c_noise: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
     """Sinusoidal embedding of the scalar c_noise, (B,) -> (B, dim). c_noise = ln(t)/4 only spans
@@ -388,246 +752,7 @@ class UNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. ODE steps for the probability-flow ODE dx/dt = (x - D(x, t)) / t  [EDM Eq. 3 with σ(t) = t]
-
-def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
-    """dx/dt = (x - D(x, t)) / t."""
-    return (x - denoised) / append_dims(sigma, x.ndim)
-
-
-def euler_step(denoiser: Callable, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
-    """x + (t' - t) d(x, t): one Euler step of the PF ODE (the last step to t = 0 of EDM's sampler)."""
-    return x + append_dims(sigma_next - sigma, x.ndim) * to_d(x, sigma, denoiser(x, sigma))
-
-
-def heun_step(denoiser: Callable, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
-    """One Heun step from t to t' > 0: Euler, then the average of the two slopes.  [EDM Alg. 1, CM Eq. 6]"""
-    d = to_d(x, sigma, denoiser(x, sigma))
-    x_euler = x + append_dims(sigma_next - sigma, x.ndim) * d
-    d_next = to_d(x_euler, sigma_next, denoiser(x_euler, sigma_next))
-    return x + append_dims(sigma_next - sigma, x.ndim) * (d + d_next) / 2
-
-
-# ----------------------------------------------------------------------------------------------
-# 6. Losses. Each returns a scalar; randomness (indices n, noise z) can be passed in.
-
-def l2(x: Tensor, y: Tensor) -> Tensor:
-    """Squared L2 distance, averaged over all but the batch dimension: (B, ...) -> (B,)."""
-    return (x - y).pow(2).flatten(1).mean(1)
-
-
-def l1(x: Tensor, y: Tensor) -> Tensor:
-    return (x - y).abs().flatten(1).mean(1)
-
-
-def pseudo_huber(x: Tensor, y: Tensor, c: float | None = None) -> Tensor:
-    """√(‖x - y‖² + c²) - c, by default c = 0.00054·√dim (0.03 for CIFAR-10).  [iCT Sec. 3.3]
-    ≈ ‖x - y‖²/(2c) for ‖x - y‖ ≪ c and ≈ ‖x - y‖ - c for ‖x - y‖ ≫ c; c = 0 is the L2 norm."""
-    c = 0.00054 * math.sqrt(x[0].numel()) if c is None else c
-    return ((x - y).pow(2).flatten(1).sum(1) + c ** 2).sqrt() - c
-
-
-def l2_norm(x: Tensor, y: Tensor) -> Tensor:
-    """‖x - y‖₂, pseudo-Huber with c = 0: ECT's CIFAR-10 metric (its code's default c = 0).  [ECT Sec. 3]"""
-    return pseudo_huber(x, y, 0.0)
-
-
-METRICS = {"l2": l2, "l1": l1, "pseudo_huber": pseudo_huber, "l2_norm": l2_norm, "lpips": LPIPS, "lpips_piq": PiqLPIPS}
-
-
-def _draw(x: Tensor, N: int, n: Tensor | None, z: Tensor | None, index_probs: Tensor | None = None):
-    """n ~ U{1, ..., N-1} or index_probs (0-based: t_n = sigmas[n], t_{n+1} = sigmas[n+1]); z ~ N(0, I)."""
-    if n is None:
-        n = (torch.randint(0, N - 1, (x.shape[0],)) if index_probs is None else
-             torch.multinomial(index_probs.float().cpu(), x.shape[0], replacement=True)).to(x.device)
-    return n, torch.randn_like(x) if z is None else z
-
-
-def consistency_loss(f: Callable, f_target: Callable, x: Tensor, t: Tensor, r: Tensor, z: Tensor,
-                     metric: Callable = l2, weight: Callable | None = None) -> Tensor:
-    """E[λ(r, t) d(f_θ(x + t z, t), f_θ⁻(x + r z, r))], r < t, the same z in both; f(·, 0) := x.
-    x stands in for the denoiser: an Euler step of the PF ODE from x + t z with D = x lands on x + r z
-    [CM Thm. 2]. Every consistency-training recipe here is this loss with its own draw of (t, r), weighting
-    λ (≡ 1 unless given) and metric d. At r = 0 the target is x itself (the boundary condition, [ECT Sec. 3])."""
-    online = f(x + append_dims(t, x.ndim) * z, t)
-    with torch.no_grad():
-        live = append_dims(r > 0, x.ndim)
-        target = torch.where(live, f_target(x + append_dims(r, x.ndim) * z, torch.where(r > 0, r, t)), x)
-    lam = 1.0 if weight is None else weight(r, t)
-    return (lam * metric(online, target)).mean()
-
-
-def ct_loss(f: Callable, f_target: Callable, x: Tensor, sigmas: Tensor, metric: Callable = l2,
-            n: Tensor | None = None, z: Tensor | None = None, weight: Callable | None = None,
-            index_probs: Tensor | None = None) -> Tensor:
-    """E[λ(t_n, t_{n+1}) d(f_θ(x + t_{n+1} z, t_{n+1}), f_θ⁻(x + t_n z, t_n))].  [CM Alg. 3]
-    n ~ U{1..N-1} as in [CM], or from `index_probs` (iCT's lognormal_index_probs)."""
-    n, z = _draw(x, len(sigmas), n, z, index_probs)
-    sigmas = sigmas.to(x.device, x.dtype)
-    return consistency_loss(f, f_target, x, sigmas[n + 1], sigmas[n], z, metric, weight)
-
-
-def cd_loss(f: Callable, f_target: Callable, teacher: Callable, x: Tensor, sigmas: Tensor,
-            metric: Callable = l2, n: Tensor | None = None, z: Tensor | None = None) -> Tensor:
-    """E[d(f_θ(x_{t_{n+1}}, t_{n+1}), f_θ⁻(x̂_{t_n}, t_n))], x̂_{t_n} one teacher Heun step.  [CM Alg. 2]"""
-    n, z = _draw(x, len(sigmas), n, z)
-    sigmas = sigmas.to(x.device, x.dtype)
-    t, t_next = sigmas[n], sigmas[n + 1]
-    x_next = x + append_dims(t_next, x.ndim) * z
-    with torch.no_grad():
-        target = f_target(heun_step(teacher, x_next, t_next, t), t)
-    return metric(f(x_next, t_next), target).mean()
-
-
-EDM_P_MEAN, EDM_P_STD = -1.2, 1.2  # ln t ~ N(P_mean, P_std²) of EDM's training  [EDM Tab. 1]
-
-
-def edm_loss(D: Callable, x: Tensor, sigma: Tensor | None = None, z: Tensor | None = None,
-             sigma_data: float = 0.5, P_mean: float = EDM_P_MEAN, P_std: float = EDM_P_STD) -> Tensor:
-    """E[λ(t) ‖D(x + t z, t) - x‖²], ln t ~ N(P_mean, P_std²), λ = (t² + σd²)/(t σd)².  [EDM Sec. 5]"""
-    if sigma is None:
-        sigma = (P_mean + P_std * torch.randn(x.shape[0], device=x.device)).exp()
-    z = torch.randn_like(x) if z is None else z
-    lam = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
-    return (lam * l2(D(x + append_dims(sigma, x.ndim) * z, sigma), x)).mean()
-
-
-# ----------------------------------------------------------------------------------------------
-# 6b. Improved recipes: iCT (from data, no teacher) and ECT (tuning a diffusion model). Each piece is
-#     one function; both recipes are consistency_loss with their own (t, r), λ and d, and μ = 0.
-
-def ict_num_steps(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
-    """N(k) = min(s0·2^⌊k/K'⌋, s1) + 1, K' = ⌊K / (log₂⌊s1/s0⌋ + 1)⌋: N doubles every K' steps.  [iCT Sec. 3.4]
-    With s0 10, s1 1280: N = 11, 21, ..., 1281, eight stages of K' steps."""
-    K_ = max(math.floor(K / (math.log2(s1 // s0) + 1)), 1)  # the log is not floored: s1/s0 need not be 2^m
-    return min(s0 * 2 ** min(max(k, 0) // K_, 62), s1) + 1
-
-
-def lognormal_index_probs(sigmas: Tensor, P_mean: float = -1.1, P_std: float = 2.0) -> Tensor:
-    """p(n) ∝ erf((ln t_{n+1} - P_mean)/(√2 P_std)) - erf((ln t_n - P_mean)/(√2 P_std)), n = 1..N-1:
-    the lognormal mass between neighbouring levels (P_mean -1.1, P_std 2.0).  [iCT Sec. 3.5]"""
-    cdf = torch.erf((sigmas.double().log() - P_mean) / (math.sqrt(2) * P_std))
-    p = cdf[1:] - cdf[:-1]
-    return p / p.sum()
-
-
-def gap_weight(r: Tensor, t: Tensor) -> Tensor:
-    """λ = 1 / (t - r): iCT's 1/(t_{n+1} - t_n) [iCT Sec. 3.1] and ECT's 1/(t - r) [ECT Sec. 3]."""
-    return 1 / (t - r)
-
-
-def ect_r(t: Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> Tensor:
-    """r(t) = max(t·(1 - q^(-a)·n(t)), 0), n(t) = 1 + k·sigmoid(-b t), a the stage.  [ECT Sec. 3]
-    r < t, and the gap t - r = t·min(1, q^(-a) n(t)) shrinks by q per stage. At a = 0, n ≥ 1 gives
-    r = 0: the diffusion objective. The official code (training/loss.py: q 2, k 8, b 1) starts
-    tuning at its stage 0, which is our a = 1 (it raises q to the stage + 1)."""
-    return (t * (1 - q ** -stage * (1 + k * torch.sigmoid(-b * t)))).clamp(min=0)
-
-
-def ect_loss(f: Callable, f_target: Callable, x: Tensor, stage: int, metric: Callable = l2_norm,
-             t: Tensor | None = None, z: Tensor | None = None, P_mean: float = -1.1, P_std: float = 2.0,
-             q: float = 2.0) -> Tensor:
-    """ln t ~ N(P_mean, P_std²) in continuous time, r = r(t), λ = 1/(t - r).  [ECT Sec. 3]
-    f is EDM's denoiser D (ε = 0) initialised from the teacher; f_target is f under stop-gradient."""
-    if t is None:
-        t = (P_mean + P_std * torch.randn(x.shape[0])).exp().to(x.device, x.dtype)
-    z = torch.randn_like(x) if z is None else z
-    return consistency_loss(f, f_target, x, t, ect_r(t, stage, q), z, metric, gap_weight)
-
-
-class SharedDropout:
-    """Wrap the online pass, then the target pass: the second replays the RNG state (CPU and CUDA) the
-    first saw, so both draw the same dropout masks.  [iCT Sec. 3.1; ECT training/loss.py]"""
-
-    def __init__(self, device: torch.device):
-        self.devices, self.state = ([device] if device.type == "cuda" else []), None
-
-    def wrap(self, fn: Callable) -> Callable:
-        def call(*args, **kwargs):
-            if self.state is None:
-                self.state = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.devices])
-                return fn(*args, **kwargs)
-            with torch.random.fork_rng(devices=self.devices):
-                torch.set_rng_state(self.state[0])
-                for d, s in zip(self.devices, self.state[1]):
-                    torch.cuda.set_rng_state(s, d)
-                return fn(*args, **kwargs)
-        return call
-
-
-def improved_loss(cfg: Config, k: int, f: Callable, f_target: Callable, x: Tensor, z: Tensor,
-                  metric: Callable) -> tuple[Tensor, int, float]:
-    """(loss, N, μ) of --mode ict or ect at step k (N is the stage a = 1 + ⌊k / stage_steps⌋ for ECT).
-    μ = cfg.mu = 0 [iCT Sec. 3.2]; --ablate switches iCT pieces back to CT's (for ablations)."""
-    if cfg.mode == "ect":
-        a = 1 + k // cfg.stage_steps
-        loss = ect_loss(f, f_target, x, a, metric, z=z, P_mean=cfg.P_mean, P_std=cfg.P_std, q=cfg.q)
-        return loss, a, cfg.mu
-    off = cfg.ablate.split(",")
-    N = (ct_num_steps if "doubling" in off else ict_num_steps)(k, cfg.steps, cfg.s0, cfg.s1)
-    sigmas = karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)
-    probs = None if "lognormal" in off else lognormal_index_probs(sigmas, cfg.P_mean, cfg.P_std)
-    weight = None if "weight" in off else gap_weight
-    return ct_loss(f, f_target, x, sigmas, metric, z=z, weight=weight, index_probs=probs), N, cfg.mu
-
-
-# ----------------------------------------------------------------------------------------------
-# 7. Samplers
-
-@torch.no_grad()
-def sample_onestep(f: Callable, z: Tensor, sigma_max: float = 80.0) -> Tensor:
-    """x = f(T z, T): one network evaluation.  [CM Alg. 1 with one step]"""
-    return f(sigma_max * z, sigma_max)
-
-
-@torch.no_grad()
-def sample_multistep(f: Callable, z: Tensor, sigmas: Sequence[float], sigma_min: float = 0.002,
-                     noises: Sequence[Tensor] | None = None, generator: torch.Generator | None = None,
-                     clip_denoised: bool = True) -> Tensor:
-    """x ← f(τ_1 z, τ_1); then for τ_2 > τ_3 > ...: x ← f(x + √(τ² - ε²) z', τ).  [CM Alg. 1]
-    `sigmas` descend, τ_1 = T in the paper (ts_to_sigmas: the official index form). clip_denoised clamps
-    every f(·) to [-1, 1] before it is re-noised, as both official samplers do; without it, one level
-    is exactly sample_onestep."""
-    denoise = (lambda x, t: f(x, t).clamp(-1, 1)) if clip_denoised else f
-    x = denoise(sigmas[0] * z, sigmas[0])
-    for i, tau in enumerate(sigmas[1:]):
-        zi = noises[i] if noises is not None else torch.randn(x.shape, generator=generator).to(x.device)
-        x = denoise(x + math.sqrt(tau ** 2 - sigma_min ** 2) * zi, tau)
-    return x
-
-
-@torch.no_grad()
-def sample_heun(D: Callable, z: Tensor, N: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                rho: float = 7.0) -> Tensor:
-    """Deterministic EDM sampler: Heun steps down the grid, a final Euler step to 0.  [EDM Alg. 1]"""
-    sigmas = karras_sigmas(N, sigma_min, sigma_max, rho).flip(0).tolist() + [0.0]
-    x = sigmas[0] * z
-    for t, t_next in zip(sigmas[:-1], sigmas[1:]):
-        t, t_next = (torch.full((x.shape[0],), s, device=x.device) for s in (t, t_next))
-        x = (heun_step if t_next[0] > 0 else euler_step)(D, x, t, t_next)
-    return x
-
-
-# ----------------------------------------------------------------------------------------------
-# 8. Target network and evaluation EMA: both are θ_avg ← μ θ_avg + (1 - μ) θ
-
-def ema_warmup_rate(rate: float, k: int) -> float:
-    """The evaluation EMA's rate at step k, min(rate, (1 + k) / (10 + k)): a warm-up that forgets the
-    random initialisation fast (as the EMA of many codebases)."""
-    return min(rate, (1 + k) / (10 + k))
-
-
-@torch.no_grad()
-def ema_update(avg: nn.Module, model: nn.Module, mu: float) -> None:
-    """θ⁻ ← stopgrad(μ θ⁻ + (1 - μ) θ) [CM Alg. 2/3]; also the evaluation EMA. Buffers are copied."""
-    for p_avg, p in zip(avg.parameters(), model.parameters()):
-        p_avg.lerp_(p.detach(), 1 - mu)
-    for b_avg, b in zip(avg.buffers(), model.buffers()):
-        b_avg.copy_(b)
-
-
-# ----------------------------------------------------------------------------------------------
-# 9. Data: everything as one in-memory tensor in [-1, 1] (toy data is drawn fresh each batch)
+# 10. Data: everything as one in-memory tensor in [-1, 1] (toy data is drawn fresh each batch)
 
 def toy_ring(n: int, generator: torch.Generator | None = None) -> Tensor:
     """8 Gaussians (std 0.05) on a circle of radius 0.7: per-coordinate std ≈ 0.5 = σd. (n, 2)"""
@@ -636,32 +761,51 @@ def toy_ring(n: int, generator: torch.Generator | None = None) -> Tensor:
     return centers + 0.05 * torch.randn(n, 2, generator=generator)
 
 
-def load_digits() -> Tensor:
+def load_digits(labels: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """scikit-learn's 1,797 handwritten 8x8 digits (values 0..16) -> (1797, 1, 8, 8) in [-1, 1]."""
-    from sklearn.datasets import load_digits as sk_digits
-    return torch.tensor(sk_digits().images, dtype=torch.float32)[:, None] / 8 - 1
-
-
-def load_cifar10(data_dir: str | os.PathLike, download: bool = True) -> Tensor:
-    """CIFAR-10 training set through torchvision -> (50000, 3, 32, 32) in [-1, 1]."""
-    import torchvision
-    root = Path(data_dir)
     try:
-        ds = torchvision.datasets.CIFAR10(root, train=True, download=download and not
-                                          (root / "cifar-10-batches-py").is_dir())
-    except Exception as e:
-        raise CMError(f"CIFAR-10 is not in {root / 'cifar-10-batches-py'} and could not be downloaded "
-                      f"({type(e).__name__}); extract https://www.cs.toronto.edu/~kriz/"
-                      f"cifar-10-python.tar.gz into {root}") from e
-    return uint8_to_unit(ds.data).permute(0, 3, 1, 2)
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError:
+        raise CMError("the digits need scikit-learn (pip install scikit-learn), or use --dataset toy") from None
+    d = sk_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8 - 1
+    return (x, torch.as_tensor(d.target)) if labels else x
 
 
-def load_data(cfg: Config) -> Tensor | None:
+def uint8_to_unit(x) -> Tensor:
+    """uint8 pixels v (array or tensor, any shape) -> float32 v / 127.5 - 1 in [-1, 1] (0 -> -1, 255 -> 1)."""
+    t = x if isinstance(x, Tensor) else torch.tensor(x)  # a copy of an array: never a view of read-only memory
+    return t.to(torch.uint8).to(torch.float32) / 127.5 - 1.0
+
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+def load_cifar10(root: str | os.PathLike, train: bool = True, download: bool = False):
+    """torchvision's CIFAR-10 (`.data` uint8 (N, 32, 32, 3), `.targets`); a failure is a one-line CMError.
+    Without `download` the check is local (an offline machine never waits on the network)."""
+    where = Path(root) / "cifar-10-batches-py"
+    missing = (f"CIFAR-10 not found or corrupted: put the extracted files in {where}/ (from {CIFAR10_URL}), "
+               "or let it download (needs internet)")
+    if not download and not where.is_dir():
+        raise CMError(missing)
+    try:
+        from torchvision.datasets import CIFAR10
+        return CIFAR10(str(root), train=train, download=download and not where.is_dir())
+    except (ImportError, RuntimeError, OSError) as e:  # "not found or corrupted", or a failed download
+        raise CMError(f"{missing} [{type(e).__name__}: {e}]".replace("\n", " ")) from None
+
+
+def load_data(cfg: TrainConfig) -> Tensor | None:
     """The training set as a tensor, or None for the toy data (infinite, drawn per batch)."""
-    return {"toy": lambda: None, "digits": load_digits, "cifar10": lambda: load_cifar10(cfg.data_dir)}[cfg.dataset]()
+    if cfg.dataset == "toy":
+        return None
+    if cfg.dataset == "digits":
+        return load_digits()
+    return uint8_to_unit(load_cifar10(cfg.data_dir, download=True).data).permute(0, 3, 1, 2)
 
 
-def make_net(cfg: Config, shape: Sequence[int]) -> nn.Module:
+def make_net(cfg: TrainConfig, shape: Sequence[int]) -> nn.Module:
     if len(shape) == 1:
         return MLP(shape[0], cfg.channels, dropout=cfg.dropout)
     small = shape[-1] <= 8  # 8x8 digits: one block per level keeps a CPU step near 0.1 s
@@ -670,242 +814,675 @@ def make_net(cfg: Config, shape: Sequence[int]) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. Checkpoints: a model back from its state dict (the file itself, written atomically and read with
-#     weights_only=True, is full/common.py's)
+# 11. Files, devices, grids and distances: what the trainer needs that is not the method
 
-def config_of(state: dict) -> Config:
-    """The Config stored in a checkpoint (older files named grid_steps ts_grid)."""
+FORMAT = 1  # the checkpoint container of cm.py and full/: {"format": 1, "kind": "cm" | "full", "config": ...}
+KINDS = {"cm": ("a cm.py checkpoint", "python cm.py --checkpoint PATH"),
+         "full": ("a full/ checkpoint", "python -m full.sample --checkpoint PATH")}
+
+
+def exit_on(e: CMError):
+    """What every main() does with a CMError: `error: <message>` as one line on stderr, exit status 1."""
+    print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
+
+
+def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
+    """write(fh) into a temporary file, fsync, rename over `path` (and fsync the folder): a crash never
+    leaves a half-written file, a failed write (disk full) leaves nothing behind but a one-line CMError."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):  # POSIX: the rename itself reaches the disk with its folder
+            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
+        raise CMError(f"cannot write {path}: {why}") from None
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """torch.save through atomic_write (tensors and Python primitives only, so weights_only reads it)."""
+    atomic_write(path, lambda fh: torch.save(state, fh))
+
+
+def read_weights_only(path: str | os.PathLike):
+    """torch.load(weights_only=True): a pickle that would run code is refused unread; a missing, corrupt
+    or truncated file is a one-line CMError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CMError(f"no checkpoint at {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, garbage bytes, pickled code
+        raise CMError(f"cannot read checkpoint {path}: corrupt or truncated, or not a weights-only "
+                      f"PyTorch file ({type(e).__name__})") from None
+
+
+def checkpoint_kind(state) -> str | None:
+    """'cm' or 'full' for a checkpoint dict of this project, None for anything else."""
+    if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("config"), dict):
+        return None
+    return state.get("kind") or ("full" if "arch" in state["config"] else "cm")
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str = "cm") -> dict:
+    """A checkpoint of `kind`, read weights-only; a foreign file or one of the other kind: one line."""
+    state = read_weights_only(path)
+    found = checkpoint_kind(state)
+    if found != kind:
+        what, how = KINDS[found] if found else ("", "")
+        raise CMError(f"{path} is not {KINDS[kind][0]} (format {FORMAT})" +
+                      (f"; it is {what}: use {how.replace('PATH', str(path))}" if found else ""))
+    return state
+
+
+def out_folder(path: str | os.PathLike, make: bool = False) -> Path:
+    """--out as a folder (a file there is a one-line CMError), created with `make`."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CMError(f"--out {out} is a file, not a folder")
+    if make:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CMError(f"cannot use {out} as the run folder: {e.strerror or e}") from None
+    return out
+
+
+class RunFolder:
+    """The run folder, held with an OS lock (fcntl; released on exit, kill -9 included) for the life of
+    the run: a second run in the same folder is refused with one line instead of sharing its files."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = out_folder(out, make=True)
+        try:
+            self.fh = open(self.out / ".lock", "a")
+        except OSError as e:
+            raise CMError(f"cannot use {self.out} as the run folder: {e.strerror or e}") from None
+        try:
+            import fcntl  # POSIX; elsewhere runs are not locked
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
+        except OSError:
+            self.fh.close()
+            raise CMError(f"another process is running in {self.out} (it holds {self.out / '.lock'}); "
+                          "wait for it or use another --out") from None
+
+    def release(self) -> None:
+        self.fh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def changed_fields(saved: dict, now: dict, fields: Sequence[str]) -> list[str]:
+    """The fields whose saved and current values differ, as 'name saved -> now'."""
+    return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in fields if saved.get(k) != now.get(k)]
+
+
+def pick_device(name: str = "") -> torch.device:
+    """--device: '' -> cuda if available, else cpu; an unknown name or an absent device -> CMError."""
+    try:
+        dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, ValueError):
+        raise CMError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise CMError(f"device {name!r} is not available: this machine has "
+                      f"{torch.cuda.device_count()} CUDA device(s); use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise CMError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
+def autocast(precision: str, device: torch.device):
+    """torch.autocast for bf16/fp16, a no-op for fp32: for the networks only, never the metric or the
+    ODE arithmetic (ConsistencyFunction casts F's output back to fp32 before the skip)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def under_autocast(fn: Callable | None, precision: str, device: torch.device) -> Callable | None:
+    """fn(*args) under autocast(precision)."""
+    if fn is None:
+        return None
+
+    def call(*args, **kwargs):
+        with autocast(precision, device):
+            return fn(*args, **kwargs)
+    return call
+
+
+def grid_name(how: str, step: int) -> str:
+    """The file name of a sample grid, the same in cm.py and full/: grid-1step-0000800.png, grid-heun-..."""
+    return f"grid-{how.replace('-', '')}-{step:07d}.png"
+
+
+def save_grid(x: Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
+    """PNG grid of images in [-1, 1] (tiny ones upscaled to 32 pixels), or a scatter plot of 2-D points,
+    written atomically into a folder it creates."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if x.ndim == 2:
+        from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
+        fig = Figure(figsize=(4, 4))
+        ax = fig.subplots()
+        ax.scatter(*x.cpu().T, s=2)
+        ax.set(xlim=(-1.2, 1.2), ylim=(-1.2, 1.2), aspect="equal", title=path.stem)
+        return atomic_write(path, lambda fh: fig.savefig(fh, dpi=80, format="png"))
+    import torchvision
+    x = (x.clamp(-1, 1) + 1) / 2
+    if x.shape[-1] < 32:
+        x = F.interpolate(x, scale_factor=32 // x.shape[-1], mode="nearest")
+    nrow = nrow or max(1, int(math.sqrt(len(x))))
+    return atomic_write(path, lambda fh: torchvision.utils.save_image(x.float().cpu(), fh, format="png",
+                                                                      nrow=nrow, padding=2, pad_value=1))
+
+
+def energy_distance(x: Tensor, y: Tensor) -> float:
+    """Energy distance 2E‖X-Y‖ - E‖X-X'‖ - E‖Y-Y'‖ (zero iff same law; unbiased, so ≈ 0 can dip below)."""
+    x, y = x.flatten(1).double(), y.flatten(1).double()
+    off = lambda d: d.sum() / (d.numel() - d.shape[0])  # noqa: E731  (mean over i != j)
+    return (2 * torch.cdist(x, y).mean() - off(torch.cdist(x, x)) - off(torch.cdist(y, y))).item()
+
+
+def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
+    """‖μ₁ - μ₂‖² + tr(Σ₁ + Σ₂ - 2 (Σ₁Σ₂)^½) (FID's formula), in float64. tr (Σ₁Σ₂)^½ is the sum of the
+    square roots of the eigenvalues of Σ₁^½ Σ₂ Σ₁^½ (symmetric, so torch.linalg.eigh suffices)."""
+    mu1, sigma1, mu2, sigma2 = (v.double() for v in (mu1, sigma1, mu2, sigma2))
+    w, V = torch.linalg.eigh(sigma1)
+    root1 = V @ torch.diag(w.clamp(min=0).sqrt()) @ V.T
+    cross = torch.linalg.eigvalsh(root1 @ sigma2 @ root1).clamp(min=0).sqrt().sum()
+    return ((mu1 - mu2).pow(2).sum() + sigma1.trace() + sigma2.trace() - 2 * cross).item()
+
+
+class DigitsClassifier(nn.Module):
+    """A small CNN for 8x8 digits in [-1, 1]; `features` is its 64-d penultimate layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(),
+                                      nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),  # (B, 64, 4, 4)
+                                      nn.Flatten(), nn.Linear(64 * 16, 64), nn.SiLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+def cache_dir() -> Path:
+    """$CM_CACHE, else ~/.cache/consistency-models."""
+    return Path(os.environ.get("CM_CACHE") or Path.home() / ".cache" / "consistency-models")
+
+
+def digits_classifier(seed: int = 0, epochs: int = 30, verbose: bool = True) -> DigitsClassifier:
+    """The digits classifier, trained once (1,437 training digits, Adam, seconds on a CPU) and cached in
+    cache_dir(); its accuracy on the 360 held-out digits is printed when it is trained. The caller's RNG
+    is left alone; a corrupt cache is rebuilt, never trusted."""
+    path = cache_dir() / f"digits_classifier_s{seed}_e{epochs}.pt"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = DigitsClassifier()
+        if path.is_file():
+            try:
+                net.load_state_dict(read_weights_only(path)["model"])
+                return net.eval().requires_grad_(False)
+            except (CMError, KeyError, RuntimeError):
+                net = DigitsClassifier()
+        x, y = load_digits(labels=True)
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(len(x), generator=g)
+        train, test = perm[:1437], perm[1437:]
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        for _ in range(epochs):
+            for idx in train[torch.randperm(len(train), generator=g)].split(64):
+                loss = F.cross_entropy(net(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    net.eval().requires_grad_(False)
+    acc = (net(x[test]).argmax(1) == y[test]).float().mean().item()
+    if verbose:
+        print(f"digits feature classifier: test accuracy {acc:.3f} on {len(test)} held-out digits (cached in {path})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, {"model": net.state_dict(), "test_accuracy": acc})
+    except (OSError, CMError):  # a read-only home: retrained next time, nothing else lost
+        pass
+    return net
+
+
+def digits_feature_distance(x: Tensor, y: Tensor, net: DigitsClassifier | None = None) -> float:
+    """Fréchet distance between the classifier features of two sets of 8x8 digits (N, 1, 8, 8) in
+    [-1, 1]: FID's formula on a download-free feature space. Real against real is its floor."""
+    net = net or digits_classifier()
+    with torch.no_grad():
+        fx, fy = (net.features(v.float().cpu()).double() for v in (x, y))
+    return frechet_distance(fx.mean(0), torch.cov(fx.T), fy.mean(0), torch.cov(fy.T))
+
+
+def distance_table(samples: dict[str, Tensor], real: Callable[[], Tensor], title: str, features: bool) -> dict:
+    """Print and return each sample set's energy distance to fresh data (each real() call draws a fresh
+    set); with `features` (the digits), also the feature Fréchet distance, which judges the digits' shapes
+    where the energy distance of raw pixels is dominated by per-pixel brightness."""
+    rows = {k: energy_distance(v, real()) for k, v in samples.items()}
+    fd = {}
+    if features:
+        net = digits_classifier()
+        fd = {k: digits_feature_distance(v, real(), net) for k, v in samples.items()}
+    print(f"\ndistance to fresh data ({title}): energy" + ", feature Fréchet" * bool(fd))
+    for k, v in rows.items():
+        print(f"  {k:34s} {v:8.4f}" + (f"  {fd[k]:8.2f}" if fd else ""))
+    return rows | {f"{k} [feature FD]": v for k, v in fd.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. The trainer's settings: every field is a flag (--batch-size 64, --no-init-from-teacher, ...)
+
+@dataclass
+class TrainConfig:
+    # what to train
+    dataset: str = "digits"         # toy (2-D ring) | digits (8x8, scikit-learn) | cifar10 (torchvision)
+    data_dir: str = "data"          # where cifar10 lives / is downloaded to
+    teacher: str = ""               # cd, ect: an edm checkpoint ('' -> train one into <out>/teacher first)
+    teacher_steps: int = 0          # cd, ect without --teacher: the teacher's steps (0 -> the edm default)
+    out: str = ""                   # run folder ('' -> runs/<dataset>-<mode>)
+    cm: CMConfig = field(default_factory=CMConfig)  # the math (section 6); its fields are flags too
+    # optimisation
+    steps: int = 800                # training steps K
+    batch_size: int = 128
+    lr: float = 2e-4                # RAdam (cm) / Adam (edm) learning rate
+    ema: float = 0.999              # evaluation EMA rate (with a (1+k)/(10+k) warm-up)
+    channels: int = 32              # network width
+    dropout: float = 0.0            # dropout in the network
+    precision: str = "fp32"         # fp32 | bf16 (autocast of F only; c_skip x stays in fp32)
+    init_from_teacher: bool = True  # cd: start f_theta from the teacher's weights (as the official runs)
+    # output
+    seed: int = 0                   # everything random derives from it
+    log_every: int = 50             # steps between lines in log.jsonl
+    sample_every: int = 0           # steps between sample grids (0 -> 4 grids per run)
+    grid_minutes: float = 10.0      # also a grid every this many minutes of training (0: only by steps)
+    ckpt_every: int = 500           # steps between checkpoints
+    report: bool = True             # end with the distance table (a teacher trained for cd skips its own)
+    ts: str = ""                    # two-step sampling levels, official index convention ('' -> default)
+    grid_steps: int = 18            # the grid size N the ts indices refer to
+    mid_t: float = 1.0              # ict, ect: the second level of two-step sampling without --ts
+    device: str = ""                # '' -> cuda if available, else cpu
+    resume: bool = False            # continue from <out>/ckpt.pt if it exists
+    overwrite: bool = False         # start afresh in a folder that holds a run (its ckpt.pt is replaced)
+    allow_config_change: bool = False  # resume with other settings (e.g. more --steps, another --lr)
+
+
+DATASETS = ("toy", "digits", "cifar10")
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"cm"}
+MATH_FIELDS = {f.name for f in dataclasses.fields(CMConfig)}
+
+
+def config(dataset: str = "digits", mode: str = "cd", **flags) -> TrainConfig:
+    """A run's settings: the defaults of `dataset` and `mode` below, then `flags` (any field of
+    TrainConfig or CMConfig, by name), checked. The defaults make `python cm.py` end in minutes on a
+    CPU; cifar10 takes the papers' values [CM Tab. 3, iCT Sec. 3-5, locuslab/ect run_ecm.sh]."""
+    if dataset not in DATASETS:
+        raise CMError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if mode not in RECIPES:
+        raise CMError(f"unknown mode {mode!r}; choose one of {', '.join(RECIPES)}")
+    unknown = set(flags) - TRAIN_FIELDS - MATH_FIELDS
+    if unknown:
+        raise CMError(f"unknown setting(s) {', '.join(sorted(unknown))}")
+    metric = {"ict": "pseudo_huber", "ect": "l2_norm"}.get(mode, "l2")  # [iCT Sec. 3.3], [ECT Sec. 3]
+    c = dict(mode=mode, metric=metric, s0=10 if mode == "ict" else 2, mu_rule="paper", P_mean=-1.1)
+    if dataset == "toy":
+        t = dict(steps=dict(edm=4000, cd=4000, ct=6000, ict=6000, ect=4000)[mode], batch_size=512,
+                 channels=256, lr=1e-3)
+        c.update(s1=80, stage_steps=1000)  # ECT: 4 stages (8 of 500 left one-step samples at CT's level)
+    elif dataset == "digits":
+        t = dict(steps=dict(edm=1500, cd=800, ct=3000, ict=3000, ect=1500)[mode], batch_size=128,
+                 channels=32, lr=2e-4)
+        c.update(s1=160 if mode == "ict" else 40, P_mean=0.0)  # not -1.1: more high-noise draws halve the
+        #                                                        digits' one-step distance (docs/results.md)
+    else:  # cifar10 [CM Tab. 3]; edm: EDM's 200M images at batch 512; ict [iCT]; ect (locuslab/ect)
+        t = dict(steps=dict(edm=390_625, cd=800_000, ct=800_000, ict=400_000, ect=200_000)[mode],
+                 batch_size=dict(ict=1024, ect=128).get(mode, 512), channels=128,
+                 lr=1e-4 if mode in ("ict", "ect") else 4e-4, mid_t=0.821,
+                 dropout=dict(ict=0.3, ect=0.2).get(mode, 0.0))
+        c.update(mu_rule="code", metric=metric if mode in ("ict", "ect") else "lpips",
+                 s1=1280 if mode == "ict" else 150)
+    t.update({k: v for k, v in flags.items() if k in TRAIN_FIELDS})
+    c.update({k: v for k, v in flags.items() if k in MATH_FIELDS})
+    c.setdefault("stage_steps", max(-(-t["steps"] // 8), 1))  # ⌈K/8⌉: eight stages, never a ninth
+    t.setdefault("sample_every", max(t["steps"] // 4, 1))
+    t.setdefault("out", f"runs/{dataset}-{mode}")
+    cfg = TrainConfig(dataset=dataset, cm=CMConfig(**c), **t)
+    return check(cfg)
+
+
+def check(cfg: TrainConfig) -> TrainConfig:
+    """The range checks of the trainer's settings and of the math (CMConfig.check): one-line CMErrors."""
+    cfg.cm.check()
+    if cfg.precision not in ("fp32", "bf16"):
+        raise CMError(f"unknown precision {cfg.precision!r}; choose one of fp32, bf16")
+    if min(cfg.steps, cfg.batch_size, cfg.channels, cfg.log_every, cfg.ckpt_every, cfg.sample_every) < 1:
+        raise CMError("steps, batch-size, channels, log-every, ckpt-every and sample-every must be >= 1")
+    if cfg.teacher_steps < 0:
+        raise CMError(f"teacher-steps must be >= 0, got {cfg.teacher_steps}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0 and 0 <= cfg.dropout < 1 and 0 <= cfg.ema < 1):
+        raise CMError(f"need a finite lr > 0, 0 <= dropout < 1 and 0 <= ema < 1 "
+                      f"(got lr={cfg.lr}, dropout={cfg.dropout}, ema={cfg.ema})")
+    out_folder(cfg.out)
+    try:
+        two_step_levels(cfg)  # a bad --ts or --mid-t fails now, not after the first sample_every steps
+    except ValueError as e:
+        raise CMError(str(e)) from None
+    return cfg
+
+
+def two_step_levels(cfg: TrainConfig) -> list[float]:
+    """Two-step levels: --ts, else the official CIFAR-10 CD choice 0,11,17 of 18 for cd, 0,8,17 (τ₂ ≈ 3.3)
+    for ct, whose short runs learn low levels best; T, mid_t for ict and ect (0.821 in both papers)."""
+    c = cfg.cm
+    if c.mode in ("ict", "ect") and not cfg.ts:
+        return check_levels([c.sigma_max, cfg.mid_t], c.sigma_min, c.sigma_max)
+    ts = [int(i) for i in cfg.ts.split(",")] if cfg.ts else ([0, 11, 17] if c.mode == "cd" else [0, 8, 17])
+    return ts_to_sigmas(ts, cfg.grid_steps, c.sigma_min, c.sigma_max, c.rho)
+
+
+# Settings that change what a run computes (with CMConfig.run_fields): a resume with other values is
+# refused, naming them, unless --allow-config-change; folders, intervals and the device may differ.
+RUN_FIELDS = ("dataset", "channels", "steps", "batch_size", "lr", "dropout", "precision", "ema", "seed",
+              "init_from_teacher", "teacher")
+
+
+def config_of(state: dict) -> TrainConfig:
+    """The TrainConfig stored in a checkpoint (also the flat one of older files)."""
     saved = dict(state["config"])
     saved.setdefault("grid_steps", saved.pop("ts_grid", 18))
-    names = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in saved.items() if k in names})
+    math_ = dict(saved.pop("cm", None) or {k: saved[k] for k in MATH_FIELDS if k in saved})
+    if not isinstance(math_.get("P_mean", 0.0), float) or math_.get("P_mean") != math_.get("P_mean"):
+        math_.pop("P_mean", None)  # an older file's "unset"
+    return TrainConfig(cm=CMConfig(**{k: v for k, v in math_.items() if k in MATH_FIELDS}),
+                       **{k: v for k, v in saved.items() if k in TRAIN_FIELDS})
 
 
-def model_from_checkpoint(state: dict, key: str = "ema") -> tuple[ConsistencyFunction, Config]:
-    """Rebuild f (or D, for an edm checkpoint) with the weights under `key`."""
+def model_from_checkpoint(state: dict, key: str = "ema") -> tuple[ConsistencyFunction, TrainConfig]:
+    """Rebuild f (or D, for an edm or ect checkpoint) with the weights under `key`."""
     try:
         cfg = config_of(state)
-        net = make_net(cfg, state["shape"])
-        model = ConsistencyFunction(net, cfg.sigma_data, 0.0 if cfg.mode in ("edm", "ect") else cfg.sigma_min)
+        model = ConsistencyFunction(make_net(cfg, state["shape"]), cfg.cm.sigma_data,
+                                    0.0 if RECIPES[cfg.cm.mode].denoiser else cfg.cm.sigma_min)
         model.load_state_dict(state[key])
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise CMError(f"checkpoint weights do not match its network ({type(e).__name__})") from e
     return model.eval().requires_grad_(False), cfg
 
 
+def finished(path: str | os.PathLike, steps: int) -> bool:
+    """A checkpoint of a run of `steps` steps that reached its end."""
+    if not Path(path).is_file():
+        return False
+    state = load_checkpoint(path)
+    return state["step"] == state["config"]["steps"] == steps
+
+
 # ----------------------------------------------------------------------------------------------
-# 11. Training
+# 13. The trainer: set up (teacher, resume), then the loop; each step is one recipe_loss
 
-def two_step_levels(cfg: Config) -> list[float]:
-    """Two-step levels: --ts, else the official CIFAR-10 CD choice 0,11,17 of 18 for cd, 0,8,17 (τ₂ ≈ 3.3) for
-    ct, whose short runs learn low levels best; T, mid_t for ict and ect (0.821 in both papers on CIFAR-10)."""
-    if cfg.mode in ("ict", "ect") and not cfg.ts:
-        return [cfg.sigma_max, cfg.mid_t]
-    ts = [int(i) for i in cfg.ts.split(",")] if cfg.ts else ([0, 11, 17] if cfg.mode == "cd" else [0, 8, 17])
-    return ts_to_sigmas(ts, cfg.grid_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
-
-
-def generate(model: Callable, cfg: Config, shape: Sequence[int], n: int, seed: int, how: str) -> Tensor:
-    """n samples from fixed noise (drawn on the CPU, so any device gives the same samples)."""
-    g = torch.Generator().manual_seed(seed)
-    dev = next(model.parameters()).device
-    z = torch.randn(n, *shape, generator=g).to(dev)
-    if how == "heun":
-        return sample_heun(model, z, 18, cfg.sigma_min, cfg.sigma_max, cfg.rho)
-    levels = [cfg.sigma_max] if how == "1-step" else two_step_levels(cfg)
-    return sample_multistep(model, z, levels, cfg.sigma_min, generator=g)
-
-
-# Settings that change what a run computes: a resume with other values is refused (naming them) unless
-# --allow-config-change; the others (folders, intervals, device) may differ freely.
-RUN_FIELDS = dict(common=("mode", "dataset", "channels", "steps", "batch_size", "lr", "sigma_min", "sigma_max",
-                          "sigma_data", "rho", "dropout", "precision", "ema", "seed"),
-                  edm=(), ct=("s0", "s1", "mu0", "metric"), cd=("N", "mu", "metric", "init_from_teacher", "teacher"),
-                  ict=("s0", "s1", "mu", "metric", "P_mean", "P_std", "ablate"),
-                  ect=("mu", "metric", "P_mean", "P_std", "q", "stage_steps", "teacher"))
-
-
-def train(cfg: Config) -> dict:
-    """Train one mode; returns the final two-sample distances. Resumes from out/ckpt.pt if asked."""
-    cfg, asked = resolve(cfg), cfg
-    dev = pick_device(cfg.device)
-    if cfg.mode in ("cd", "ect") and not cfg.teacher:  # a teacher first, or reuse a finished one
-        tcfg = resolve(dataclasses.replace(asked, mode="edm", out=f"{cfg.out}/teacher",  # not ect's lr etc.
-                                           steps=cfg.teacher_steps, sample_every=0, resume=True))
-        cfg.teacher = f"{tcfg.out}/ckpt.pt"
+def train(cfg: TrainConfig) -> dict:
+    """Train one mode; returns the final distances (empty with report=False). Resumes if asked."""
+    check(cfg)
+    if RECIPES[cfg.cm.mode].teacher and not cfg.teacher:  # a teacher first, or reuse a finished one
+        flags = {k: getattr(cfg, k) for k in ("data_dir", "seed", "device", "precision", "log_every",
+                                               "ckpt_every", "grid_minutes", "overwrite")}
+        flags.update(sigma_min=cfg.cm.sigma_min, sigma_max=cfg.cm.sigma_max, sigma_data=cfg.cm.sigma_data,
+                     rho=cfg.cm.rho, channels=cfg.channels, out=f"{cfg.out}/teacher", resume=True, report=False)
+        if cfg.teacher_steps:
+            flags["steps"] = cfg.teacher_steps
+        tcfg = config(cfg.dataset, "edm", **flags)
+        cfg = dataclasses.replace(cfg, teacher=f"{tcfg.out}/ckpt.pt")
         if not finished(cfg.teacher, tcfg.steps):
             print(f"no --teacher given: training an EDM teacher in {tcfg.out} first")
             train(tcfg)
     with RunFolder(cfg.out) as folder:
-        return _train(cfg, dev, folder.out)
+        return Run(cfg, pick_device(cfg.device), folder.out).loop()
 
 
-def _train(cfg: Config, dev: torch.device, out: Path) -> dict:
-    torch.manual_seed(cfg.seed)
-    step, ckpt, state, teacher = 0, out / "ckpt.pt", None, None
-    if cfg.mode in ("cd", "ect"):  # first: the network's width is the teacher's, also for the resume check
-        teacher, tcfg = model_from_checkpoint(load_checkpoint(cfg.teacher))
-        if tcfg.mode != "edm" or tcfg.dataset != cfg.dataset:
-            raise CMError(f"--teacher must be an edm checkpoint of {cfg.dataset} "
-                          f"(got mode {tcfg.mode}, dataset {tcfg.dataset})")
-        cfg.channels, teacher = tcfg.channels, teacher.to(dev)
-    if ckpt.is_file() or (out / "log.jsonl").is_file():
-        if cfg.resume and ckpt.is_file():
-            state = load_checkpoint(ckpt)
-            fields = RUN_FIELDS["common"] + RUN_FIELDS[cfg.mode]
-            changed = changed_fields(state["config"], dataclasses.asdict(cfg), fields)
-            if changed and not cfg.allow_config_change:
-                raise CMError(f"{ckpt} was trained with other {', '.join(changed)}; use another --out, or "
-                              "--allow-config-change to continue it with the new settings")
-        elif not cfg.overwrite and not cfg.resume:
-            raise CMError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start afresh")
-    data = load_data(cfg)
-    shape = (2,) if data is None else tuple(data.shape[1:])
-    model = ConsistencyFunction(make_net(cfg, shape), cfg.sigma_data,  # ECT tunes EDM's D: ε = 0
-                                0.0 if cfg.mode in ("edm", "ect") else cfg.sigma_min).to(dev)
-    if teacher is not None and (cfg.init_from_teacher or cfg.mode == "ect"):
-        model.net.load_state_dict(teacher.net.state_dict())
-    target = copy.deepcopy(model).requires_grad_(False).eval()  # θ⁻ (unused by edm), eval mode: no dropout...
-    target.train(cfg.mode in ("ict", "ect") and cfg.dropout > 0)  # ...but iCT, ECT replay the online masks
-    ema = copy.deepcopy(model).requires_grad_(False).eval()     # evaluation EMA
-    opt = (torch.optim.Adam if cfg.mode == "edm" else torch.optim.RAdam)(model.parameters(), lr=cfg.lr)
-    metric = METRICS[cfg.metric]().to(dev) if cfg.metric.startswith("lpips") else METRICS[cfg.metric]
-    if state is not None:
-        step = restore(state, ckpt, dev, model=model, target=target, ema=ema, opt=opt)
-        for g in opt.param_groups:  # the lr of this command, also when --allow-config-change changed it
-            g["lr"] = cfg.lr
-        print(f"resumed from {ckpt} at step {step}")
-    # only the networks run under autocast (--precision bf16), never the metric or the ODE arithmetic
-    f, f_target, D = (m and under_autocast(m, cfg.precision, dev) for m in (model, target, teacher))
-    atomic_write(out / "config.json", lambda fh: fh.write(json.dumps(dataclasses.asdict(cfg), indent=1).encode()))
-    saved = ckpt if state is not None else None  # the last good checkpoint of this run, if any
+class Run:
+    """One training run: the networks (θ, θ⁻ where kept, evaluation EMA, teacher), optimiser and files."""
 
-    def checkpoint():
-        rng_cuda = dict(rng_cuda=torch.cuda.get_rng_state(dev)) if dev.type == "cuda" else {}
-        if not all(torch.isfinite(p).all() for p in model.parameters()):  # never save broken weights
-            raise CMError(f"non-finite weights at step {step}; " + last_good())
-        save_checkpoint(ckpt, dict(model=model.state_dict(), target=target.state_dict(), ema=ema.state_dict(),
-                                   opt=opt.state_dict(), step=step, rng=torch.get_rng_state(),
-                                   **rng_cuda, config=dataclasses.asdict(cfg), shape=list(shape),
-                                   format=CKPT_FORMAT, kind="cm"))
+    def __init__(self, cfg: TrainConfig, dev: torch.device, out: Path):
+        torch.manual_seed(cfg.seed)
+        c, recipe = cfg.cm, RECIPES[cfg.cm.mode]
+        self.ckpt, self.teacher, state = out / "ckpt.pt", None, None
+        if recipe.teacher:  # first: the network's width is the teacher's, also for the resume check
+            teacher, tcfg = model_from_checkpoint(load_checkpoint(cfg.teacher))
+            if tcfg.cm.mode != "edm" or tcfg.dataset != cfg.dataset:
+                raise CMError(f"--teacher must be an edm checkpoint of {cfg.dataset} "
+                              f"(got mode {tcfg.cm.mode}, dataset {tcfg.dataset})")
+            cfg = dataclasses.replace(cfg, channels=tcfg.channels)
+            self.teacher = teacher.to(dev)
+        if self.ckpt.is_file() or (out / "log.jsonl").is_file():
+            if cfg.resume and self.ckpt.is_file():
+                state = load_checkpoint(self.ckpt)
+                saved = config_of(state)
+                changed = changed_fields(dataclasses.asdict(saved), dataclasses.asdict(cfg), RUN_FIELDS) + \
+                    changed_fields(dataclasses.asdict(saved.cm), dataclasses.asdict(c), c.run_fields())
+                if changed and not cfg.allow_config_change:
+                    raise CMError(f"{self.ckpt} was trained with other {', '.join(changed)}; use another --out, "
+                                  "or --allow-config-change to continue it with the new settings")
+            elif not cfg.overwrite and not cfg.resume:
+                raise CMError(f"{out} already holds a run; pass --resume to continue it or --overwrite to "
+                              "start afresh")
+        self.cfg, self.dev, self.out = cfg, dev, out
+        self.data = load_data(cfg)
+        self.shape = (2,) if self.data is None else tuple(self.data.shape[1:])
+        self.model = ConsistencyFunction(make_net(cfg, self.shape), c.sigma_data,  # ECT tunes EDM's D: ε = 0
+                                         0.0 if recipe.denoiser else c.sigma_min).to(dev)
+        if self.teacher is not None and (cfg.init_from_teacher or recipe.teacher == "init"):
+            self.model.net.load_state_dict(self.teacher.net.state_dict())
+        # θ⁻ (section 6: only where μ can be > 0), in train mode when it replays the online dropout masks
+        self.shared_dropout = c.mode != "edm" and cfg.dropout > 0
+        self.target = (copy.deepcopy(self.model).requires_grad_(False).train(self.shared_dropout)
+                       if keeps_target_copy(c) else None)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()  # evaluation EMA
+        self.opt = (torch.optim.Adam if c.mode == "edm" else torch.optim.RAdam)(self.model.parameters(), lr=cfg.lr)
+        self.metric = make_metric(c, dev)
+        self.step, self.saved = 0, None  # saved: the last good checkpoint of this run
+        if state is not None:
+            self.restore(state)
+        atomic_write(out / "config.json", lambda fh: fh.write(json.dumps(dataclasses.asdict(cfg), indent=1).encode()))
+        self.resumed = state is not None
 
-    def last_good() -> str:
-        return f"the last good checkpoint is {saved}" if saved else "no checkpoint was written yet"
+    def restore(self, state: dict) -> None:
+        for name in ("model", "target", "ema", "opt"):
+            m = getattr(self, name)
+            if m is not None:
+                try:
+                    m.load_state_dict(state[name])
+                except (RuntimeError, KeyError, ValueError, TypeError) as e:
+                    raise CMError(f"{self.ckpt}: the {name} state does not fit this run ({type(e).__name__})") from None
+        for g in self.opt.param_groups:  # the lr of this command, also when --allow-config-change changed it
+            g["lr"] = self.cfg.lr
+        torch.set_rng_state(state["rng"])
+        if self.dev.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], self.dev)
+        self.step = state["step"]
+        self.saved = self.ckpt
+        print(f"resumed from {self.ckpt} at step {self.step}")
 
-    from tqdm import tqdm
-    bar = tqdm(initial=step, total=cfg.steps, desc=f"{cfg.mode} {cfg.dataset}", mininterval=1.0, disable=None)
-    t0 = t_log = t_grid = time.time()
-    step_log, fid_cache = step, {}
-    fid_draw = lambda b, i: generate(ema, cfg, shape, b, cfg.seed + 2 + i, "1-step")  # FIDs' one-step samples
-    data_dev = None if data is None else data.to(dev)  # the whole set moves to the device once
-    bad = torch.zeros((), dtype=torch.long, device=dev)  # first step with a non-finite loss (0: none)
+    def save(self) -> None:
+        """The resume checkpoint; never of non-finite weights."""
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise CMError(f"non-finite weights at step {self.step}; " + self.last_good())
+        rng_cuda = dict(rng_cuda=torch.cuda.get_rng_state(self.dev)) if self.dev.type == "cuda" else {}
+        save_checkpoint(self.ckpt, dict(
+            model=self.model.state_dict(), target=None if self.target is None else self.target.state_dict(),
+            ema=self.ema.state_dict(), opt=self.opt.state_dict(), step=self.step, rng=torch.get_rng_state(),
+            **rng_cuda, config=dataclasses.asdict(self.cfg), shape=list(self.shape), format=FORMAT, kind="cm"))
+        self.saved = self.ckpt
 
-    def check_finite():  # one host read before anything is logged or saved (every step would stall a GPU)
-        if first := int(bad):
-            raise CMError(f"loss is not finite at step {first}; " + last_good())
+    def last_good(self) -> str:
+        return f"the last good checkpoint is {self.saved}" if self.saved else "no checkpoint was written yet"
 
-    with open(out / "log.jsonl", "a" if state is not None else "w") as log:
-        while step < cfg.steps:
-            # a batch: fresh toy points, or a random subset of the images (indices: the checkpointed CPU RNG)
-            x = (toy_ring(cfg.batch_size).to(dev) if data is None else
-                 data_dev[torch.randint(0, len(data), (cfg.batch_size,)).to(dev)])
-            if cfg.dataset == "cifar10":  # random horizontal flips
-                x = torch.where(torch.rand(len(x), 1, 1, 1).to(dev) < 0.5, x.flip(3), x)
-            z = torch.randn(x.shape, device=dev)
-            if cfg.mode in ("ict", "ect"):  # section 6b
-                share = SharedDropout(dev)
-                loss, N, mu = improved_loss(cfg, step, share.wrap(f), share.wrap(f_target), x, z, metric)
-            elif cfg.mode == "edm":
-                N, mu, sigma = 0, 0.0, (EDM_P_MEAN + EDM_P_STD * torch.randn(len(x))).exp().to(dev)
-                loss = edm_loss(f, x, sigma=sigma, z=z, sigma_data=cfg.sigma_data)
-            else:  # ct: N(k), μ(k) [CM App. C]; cd: fixed N and μ
-                N, mu = (ct_num_steps(step, cfg.steps, cfg.s0, cfg.s1), ct_target_rate(
-                    step, cfg.steps, cfg.s0, cfg.s1, cfg.mu0, cfg.mu_rule)) if cfg.mode == "ct" else (cfg.N, cfg.mu)
-                n = torch.randint(0, N - 1, (len(x),)).to(dev)
-                sigmas = karras_sigmas(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)  # t_1 < ... < t_N at this k
-                loss = (ct_loss(f, f_target, x, sigmas, metric, n=n, z=z) if cfg.mode == "ct" else
-                        cd_loss(f, f_target, D, x, sigmas, metric, n=n, z=z))
-            bad = torch.where((bad == 0) & ~torch.isfinite(loss.detach()), step + 1, bad)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ema_update(target, model, mu)  # θ⁻ (with mu = 0 it is a copy of θ)
-            ema_update(ema, model, ema_warmup_rate(cfg.ema, step))
-            step += 1
-            bar.update(1)
-            log_now = step % cfg.log_every == 0 or step == 1
-            ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.steps
-            grid_now = step % cfg.sample_every == 0 or 0 < cfg.grid_minutes * 60 <= time.time() - t_grid
-            fid_now = cfg.fid_every and step % cfg.fid_every == 0
-            if log_now or grid_now or ckpt_now or fid_now:
-                check_finite()
-            if log_now:
-                now = time.time()
-                ips, t_log, step_log = cfg.batch_size * (step - step_log) / max(now - t_log, 1e-9), now, step
-                bar.set_postfix(loss=f"{loss.item():.4g}", N=N, mu=f"{mu:.4f}", img_s=f"{ips:.0f}")
-                log.write(json.dumps(dict(step=step, loss=loss.item(), N=N, mu=mu, sec=now - t0, img_per_s=ips)) + "\n")
-                log.flush()
-            if ckpt_now:  # before the grids: they may fail
-                checkpoint()
-                saved = ckpt
-            if fid_now and (fid := fid_score(fid_draw, cfg.fid_samples, cfg.batch_size, data, out, fid_cache,
-                                             dev)) is not None:
-                bar.write(f"step {step}: FID {fid:.2f} ({cfg.fid_samples} one-step samples, training set)")
-                log.write(json.dumps(dict(step=step, fid=fid, sec=time.time() - t0)) + "\n")
-            if grid_now or step == cfg.steps:
-                write_grids(ema, cfg, shape, out, step)
-                t_grid = time.time()
-    bar.close()
-    return report(ema, cfg, data, shape, teacher)
+    def batch(self) -> Tensor:
+        """Fresh toy points, or a random subset of the images (indices from the checkpointed CPU RNG)."""
+        cfg, dev = self.cfg, self.dev
+        if self.data is None:
+            return toy_ring(cfg.batch_size).to(dev)
+        x = self.data_dev[torch.randint(0, len(self.data), (cfg.batch_size,)).to(dev)]
+        if cfg.dataset == "cifar10":  # random horizontal flips
+            x = torch.where(torch.rand(len(x), 1, 1, 1).to(dev) < 0.5, x.flip(3), x)
+        return x
+
+    def train_step(self) -> tuple[Tensor, Schedule]:
+        """One optimiser step of the mode's loss at its schedule, then θ⁻ and the evaluation EMA."""
+        cfg, c = self.cfg, self.cfg.cm
+        s = schedule(c, self.step, cfg.steps)
+        x = self.batch()
+        z = torch.randn(x.shape, device=self.dev)
+        # only the networks run under autocast (--precision bf16), never the metric or the ODE arithmetic
+        f, f_target, D = (under_autocast(m, cfg.precision, self.dev) for m in
+                          (self.model, self.model if self.target is None else self.target, self.teacher))
+        if self.shared_dropout:  # θ and θ⁻ draw the same dropout masks [iCT Sec. 3.1]
+            share = SharedDropout(self.dev)
+            f, f_target = share.wrap(f), share.wrap(f_target)
+        loss = recipe_loss(c, s, f, f_target, D, x, z, self.metric)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.target is not None:
+            ema_update(self.target, self.model, s.mu)  # θ⁻ ← μ θ⁻ + (1 - μ) θ
+        ema_update(self.ema, self.model, ema_warmup_rate(cfg.ema, self.step))
+        self.step += 1
+        return loss.detach(), s
+
+    def loop(self) -> dict:
+        cfg = self.cfg
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        bar = tqdm(initial=self.step, total=cfg.steps, desc=f"{cfg.cm.mode} {cfg.dataset}", mininterval=1.0,
+                   disable=None) if tqdm else None
+        self.data_dev = None if self.data is None else self.data.to(self.dev)  # the whole set, moved once
+        bad = torch.zeros((), dtype=torch.long, device=self.dev)  # first step with a non-finite loss (0: none)
+        t0 = t_log = t_grid = time.time()
+        step_log = self.step
+        with open(self.out / "log.jsonl", "a" if self.resumed else "w") as log:
+            while self.step < cfg.steps:
+                loss, s = self.train_step()
+                bad = torch.where((bad == 0) & ~torch.isfinite(loss), self.step, bad)
+                k = self.step
+                if bar is not None:
+                    bar.update(1)
+                log_now = k % cfg.log_every == 0 or k == 1
+                ckpt_now = k % cfg.ckpt_every == 0 or k == cfg.steps
+                grid_now = k % cfg.sample_every == 0 or 0 < cfg.grid_minutes * 60 <= time.time() - t_grid
+                if (log_now or grid_now or ckpt_now) and (first := int(bad)):  # one host read, not every step
+                    raise CMError(f"loss is not finite at step {first}; " + self.last_good())
+                if log_now:
+                    now = time.time()
+                    ips, t_log, step_log = cfg.batch_size * (k - step_log) / max(now - t_log, 1e-9), now, k
+                    rec = dict(step=k, loss=loss.item(), N=s.N, mu=s.mu, stage=s.stage, sec=now - t0, img_per_s=ips)
+                    if bar is not None:
+                        bar.set_postfix({n: rec[n] for n in ("N", "stage") if rec[n]}, loss=f"{rec['loss']:.4g}",
+                                        mu=f"{s.mu:.4f}", img_s=f"{ips:.0f}")
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                if ckpt_now:  # before the grids: they may fail
+                    self.save()
+                if grid_now or k == cfg.steps:
+                    write_grids(self.ema, cfg, self.shape, self.out, k)
+                    t_grid = time.time()
+        if bar is not None:
+            bar.close()
+        return report(self.ema, cfg, self.data, self.shape, self.teacher) if cfg.report else {}
 
 
-def write_grids(model: nn.Module, cfg: Config, shape: Sequence[int], out: Path, step: int) -> None:
+def write_grids(model: nn.Module, cfg: TrainConfig, shape: Sequence[int], out: Path, step: int) -> None:
     n = 512 if len(shape) == 1 else 64
-    for how in ("heun",) if cfg.mode == "edm" else ("1-step", "2-step"):
-        save_grid(generate(model, cfg, shape, n, cfg.seed + 1, how), out / grid_name(how, step))
+    for how in ("heun",) if cfg.cm.mode == "edm" else ("1-step", "2-step"):
+        save_grid(sample(model, cfg, shape, n, cfg.seed, how), out / grid_name(how, step))
 
 
-def report(model: nn.Module, cfg: Config, data: Tensor | None, shape, teacher=None) -> dict:
+def sample(model: nn.Module, cfg: TrainConfig, shape: Sequence[int], n: int, seed: int, how: str) -> Tensor:
+    """n samples (seeds seed + i): 'heun' (a denoiser, 18 levels), '1-step' or '2-step'."""
+    levels = None if how == "heun" else [cfg.cm.sigma_max] if how == "1-step" else two_step_levels(cfg)
+    return generate(model, cfg.cm, shape, range(n), levels, seed)[0]
+
+
+def report(model: nn.Module, cfg: TrainConfig, data: Tensor | None, shape, teacher=None) -> dict:
     """Energy distance to fresh data of each sampler, beside data against data (the floor); on the
-    digits also the Fréchet distance of a small classifier's features (full/evaluate.py, no download)."""
+    digits also the Fréchet distance of a small classifier's features (section 11, no download)."""
     n = 2000 if data is None else min(1000, len(data) // 2)
     g = torch.Generator().manual_seed(cfg.seed + 123)
+
     def real():
         return toy_ring(n, g) if data is None else data[torch.randperm(len(data), generator=g)[:n]]
     samples = {"data vs data (floor)": real()}
-    for how in ["heun"] if cfg.mode == "edm" else ["1-step", "2-step"]:
+    seed = cfg.seed + 1_000_000  # other seeds than the grids'
+    for how in ["heun"] if cfg.cm.mode == "edm" else ["1-step", "2-step"]:
         name = {"heun": "EDM Heun, 18 levels (35 NFE)"}.get(how, how)
-        samples[name] = generate(model, cfg, shape, n, cfg.seed + 7, how).cpu()
+        samples[name] = sample(model, cfg, shape, n, seed, how)
     if teacher is not None:
-        samples["teacher Heun, 18 levels (35 NFE)"] = generate(teacher, cfg, shape, n, cfg.seed + 7, "heun").cpu()
-    return distance_table(samples, real, f"{n} samples each, {cfg.dataset}, {cfg.mode}",
+        samples["teacher Heun, 18 levels (35 NFE)"] = sample(teacher, cfg, shape, n, seed, "heun")
+    return distance_table(samples, real, f"{n} samples each, {cfg.dataset}, {cfg.cm.mode}",
                           features=cfg.dataset == "digits")
 
 
 # ----------------------------------------------------------------------------------------------
-# 12. Command line: every Config field is a flag (--batch-size 64, --no-init-from-teacher, ...)
+# 14. Command line: every field of TrainConfig and CMConfig is a flag
+
+def add_field_flags(p: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """One flag per field of the dataclass `cls` (--batch-size for batch_size; --x / --no-x for a bool),
+    its help the comment on that field in the source."""
+    notes = dict(re.findall(r"^ +(\w+): \w+ = .*?# *(.*)$", inspect.getsource(cls), re.M))
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag, help = "--" + f.name.replace("_", "-"), notes.get(f.name, "").replace("%", "%%")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        else:
+            p.add_argument(flag, type=type(f.default), help=help)
+
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Consistency models: train (ct, cd, edm) or sample.",
-                                argument_default=argparse.SUPPRESS)  # unset flags keep Config's defaults
-    add_field_flags(p, Config)  # each flag's help is the comment on its Config field
-    p.add_argument("--ts-grid", dest="grid_steps", type=int, help=argparse.SUPPRESS)  # the old name
+    p = argparse.ArgumentParser(description="Consistency models: train (cd, ct, ict, ect, edm) or sample.",
+                                argument_default=argparse.SUPPRESS)  # unset flags keep the defaults
+    add_field_flags(p, TrainConfig, skip=("cm",))
+    add_field_flags(p, CMConfig, skip=("lpips_pretrained",))
     p.add_argument("--checkpoint", "--sample", metavar="CKPT", dest="checkpoint",
                    help="write sample grids from a cm.py checkpoint and exit")
     args = vars(p.parse_args(argv))
     try:
-        sample_grids(args.pop("checkpoint"), args) if "checkpoint" in args else train(Config(**args))
+        sample_grids(args.pop("checkpoint"), args) if "checkpoint" in args else train(config(**args))
     except CMError as e:
         exit_on(e)
 
 
 def sample_grids(path: str, flags: dict) -> None:
-    """--checkpoint: the grids of a checkpoint's EMA; --ts, --grid-steps, --seed, --device, --out override
-    the checkpoint's own settings, and nothing else changes (so the grids equal the training-time ones)."""
+    """--checkpoint: the grids of a checkpoint's EMA; --ts, --grid-steps, --mid-t, --seed, --device and
+    --out override its settings, nothing else (so the grids equal the training-time ones)."""
     state = load_checkpoint(path)
     model, cfg = model_from_checkpoint(state)
-    keep = ("ts", "grid_steps", "seed", "device")  # the flags that may override the checkpoint's settings
-    cfg = resolve(dataclasses.replace(cfg, **{k: v for k, v in flags.items() if k in keep}))
+    keep = ("ts", "grid_steps", "mid_t", "seed", "device")
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if k in keep}, out=str(Path(path).parent))
+    check(cfg)
     out = out_folder(flags.get("out") or Path(path).parent, make=True)
     write_grids(model.to(pick_device(cfg.device)), cfg, state["shape"], out, state["step"])
     print(f"wrote sample grids to {out}")

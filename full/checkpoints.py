@@ -11,9 +11,9 @@ hold only tensors and Python primitives, so `torch.load(p, weights_only=True)` a
 
 Released checkpoints of the official code bases are converted in memory into an export dict by
 `import_official` (one reader per format, tried in order; each answers None for a file that is not its
-format): CM's raw guided-diffusion state dicts (full/official.py), the paper's CIFAR-10 Flax checkpoints
-(full/flax_ckpt.py; a run folder means its newest checkpoint_<N>) and EDM's .pkl snapshots, read without
-running them (full/edm_pickle.py). The export dict then has an "official" entry saying what was inferred.
+format): CM's raw guided-diffusion state dicts (full/released/guided_diffusion.py), the paper's CIFAR-10 Flax checkpoints
+(full/released/flax.py; a run folder means its newest checkpoint_<N>) and EDM's .pkl snapshots, read without
+running them (full/released/edm_pickle.py). The export dict then has an "official" entry saying what was inferred.
 """
 from __future__ import annotations
 
@@ -24,11 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cm import CMError, ConsistencyFunction, checkpoint_kind, read_weights_only, save_checkpoint
+from cm import FORMAT, CMError, ConsistencyFunction, checkpoint_kind, read_weights_only, save_checkpoint
+from full.config import RunConfig, config_from_dict, export_dict
 from full.model import make_model
-from full.presets import RunConfig, config_from_dict
-
-FORMAT = 1
+from full.released import edm_pickle, flax, guided_diffusion
 _NAME = re.compile(r"^ckpt-(\d{7,})\.pt$")
 
 
@@ -76,9 +75,8 @@ def load(path: str | os.PathLike, arch: str = "", kind: str = "") -> dict:
     Files are read with weights_only (pickles never run); a missing, corrupt or foreign file -> one-line
     CMError. arch / kind override what import_official infers for an official file (ignored otherwise)."""
     path = Path(path)
-    if path.is_dir():  # a Flax run folder (full/flax_ckpt.py): its newest checkpoint_<N>
-        from full import flax_ckpt
-        path = flax_ckpt.find_checkpoint(path)
+    if path.is_dir():  # a Flax run folder (full/released/flax.py): its newest checkpoint_<N>
+        path = flax.find_checkpoint(path)
     if not path.is_file():
         raise CMError(f"no checkpoint at {path}")
     with open(path, "rb") as fh:
@@ -102,9 +100,8 @@ def import_official(path: str | os.PathLike, obj=None, arch: str = "", kind: str
 
     obj: what torch.load(weights_only=True) returned for a torch file, None for any other file. A reader
     `read(path, obj, arch, kind)` returns None when the file is not its format; add a format with one line."""
-    from full import edm_pickle, flax_ckpt, official
-    readers = (official.read_state_dict,   # CM .pt: a raw guided-diffusion state dict
-               flax_ckpt.read_checkpoint,  # the paper's CIFAR-10 Flax (msgpack) checkpoints
+    readers = (guided_diffusion.read_state_dict,  # CM .pt: a raw guided-diffusion state dict
+               flax.read_checkpoint,  # the paper's CIFAR-10 Flax (msgpack) checkpoints
                edm_pickle.read_pickle)     # EDM .pkl: persistence pickles, read without running them
     for read in readers:
         state = read(Path(path), obj, arch, kind)
@@ -148,16 +145,12 @@ def model_from_state(state: dict, rate: float | None = None, path: str | os.Path
     f = make_model(cfg, denoiser)
     load_weights(f, state["ema"][key], f"EMA {rate}", path)
     if "precond" in state.get("official", {}):  # an EDM pickle keeps its own preconditioning (VE, VP, EDM)
-        from full.edm_pickle import denoiser_from_state
-        f = denoiser_from_state(state, f.net)
+        f = edm_pickle.denoiser_from_state(state, f.net)
     return f.eval().requires_grad_(False), cfg
 
 
 def export(path: str | os.PathLike, emas: dict[float, nn.Module], cfg: RunConfig, step: int) -> Path:
     """Write an export file: EMA weights + config only (a tenth of a resume file with Adam states)."""
-    import dataclasses
     path = Path(path)
-    save_checkpoint(path, {"ema": {float(r): unwrap(m).state_dict() for r, m in emas.items()},
-                           "config": dataclasses.asdict(cfg), "step": int(step), "format": FORMAT,
-                           "kind": "full", "export": True})
+    save_checkpoint(path, export_dict(cfg, {r: unwrap(m).state_dict() for r, m in emas.items()}, step))
     return path

@@ -4,7 +4,7 @@
     python -m full.convert edm_cifar10_ema --out edm_cifar10.pt                 # the CD teacher
     python -m full.convert ct-lpips/checkpoints --kind ct --out ct_cifar10_lpips.pt
 
-The paper's CIFAR-10 Flax checkpoints (full/flax_ckpt.py) are converted once, so that sampling, editing,
+The paper's CIFAR-10 Flax checkpoints (full/released/flax.py) are converted once, so that sampling, editing,
 FID and CD training read a plain torch file afterwards. `--kind` (edm | cd | ct) overrides the kind read off
 the file; `--resolution` / `--attn` place the attention layers of a non-CIFAR-10 NCSN++ (they are not
 visible in the weights). The export holds one EMA (the file's params_ema at its EMA rate), the config of
@@ -17,16 +17,16 @@ from typing import Sequence
 
 from cm import CMError, exit_on, save_checkpoint
 from full import checkpoints
-from full.presets import CLIParser
+from full.released import flax
+from full.config import CLIParser
 
 
 def convert(src: str | Path, out: str | Path, kind: str = "", resolution: int = 32,
             attn: Sequence[int] = (16,)) -> dict:
     """Read `src` (full/ file, Flax checkpoint file or folder) and write it to `out` as an export dict."""
-    from full import flax_ckpt
     src = Path(src)
-    if flax_ckpt.is_flax(src):  # direct, for --resolution / --attn
-        state = flax_ckpt.import_flax(src, kind, resolution, tuple(attn))
+    if flax.is_flax(src):  # direct, for --resolution / --attn
+        state = flax.import_flax(src, kind, resolution, tuple(attn))
     else:
         state = checkpoints.load(src, kind=kind)
     f, _ = checkpoints.model_from_state(state, path=src)  # the weights must load before anything is written

@@ -34,25 +34,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from cm import CMError, atomic_write
-from full.common import uint8_to_unit
+from cm import CMError, atomic_write, load_cifar10
+from full.files import IMAGE_EXTENSIONS, hwc_to_unit, open_image, uint8_to_unit
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 _FLIP_STREAM = 0xF11F  # separates the flip stream from any other use of (seed, epoch)
-
-
-class DatasetError(CMError):
-    """A dataset cannot be built (missing files, bad name, bad options); the message is one line for a CLI."""
-
-
-# --------------------------------------------------------------------------------------------------------
-# Pixel conversion (uint8_to_unit itself is in full/common.py, shared with cm.load_cifar10)
-# --------------------------------------------------------------------------------------------------------
-
-def hwc_to_unit(x: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, C) array -> float32 (C, H, W) tensor in [-1, 1]."""
-    return uint8_to_unit(np.ascontiguousarray(np.asarray(x).transpose(2, 0, 1)))
 
 
 def center_crop_resize(img, resolution: int):
@@ -115,29 +100,6 @@ class CIFAR10Dataset(ImageDataset):
         return hwc_to_unit(self.data[index]), self.label(self.targets[index])
 
 
-def cifar10_missing_message(root: str | os.PathLike) -> str:
-    """One line telling the user where CIFAR-10 must be and how to get it."""
-    where = Path(root) / "cifar-10-batches-py"
-    return (f"CIFAR-10 not found or corrupted: put the extracted files in {where}/ (from {CIFAR10_URL}), "
-            "or pass download=True (needs internet)")
-
-
-def load_cifar10(root: str | os.PathLike, train: bool = True, download: bool = False):
-    """Build `torchvision.datasets.CIFAR10(root, train, download)`; any failure -> a one-line DatasetError.
-
-    Without `download` the check is local and takes milliseconds (torchvision md5-checks the six batch
-    files); downloading is opt-in, so an offline machine never waits on the network.
-    """
-    from torchvision.datasets import CIFAR10
-
-    if not download and not (Path(root) / "cifar-10-batches-py").is_dir():
-        raise DatasetError(cifar10_missing_message(root))
-    try:
-        return CIFAR10(str(root), train=train, download=download)
-    except (RuntimeError, OSError) as e:  # torchvision's "not found or corrupted", or a failed download
-        raise DatasetError(f"{cifar10_missing_message(root)} [{type(e).__name__}: {e}]".replace("\n", " "))
-
-
 def find_images(root: str | os.PathLike) -> list[Path]:
     """All files under `root` (recursive, links followed) whose suffix is in IMAGE_EXTENSIONS, sorted."""
     root = Path(root)
@@ -167,13 +129,13 @@ class ImageFolderDataset(ImageDataset):
     def __init__(self, root: str | os.PathLike, resolution: int, class_cond: bool = False):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise DatasetError(f"image folder {self.root} does not exist")
+            raise CMError(f"image folder {self.root} does not exist")
         self.paths = find_images(self.root)
         if not self.paths:
-            raise DatasetError(f"no {'/'.join(IMAGE_EXTENSIONS)} images found under {self.root}")
+            raise CMError(f"no {'/'.join(IMAGE_EXTENSIONS)} images found under {self.root}")
         self.classes = folder_classes(self.root, self.paths)
         if class_cond and self.classes is None:
-            raise DatasetError(f"class_cond needs every image of {self.root} inside a class subfolder")
+            raise CMError(f"class_cond needs every image of {self.root} inside a class subfolder")
         ids = {c: i for i, c in enumerate(self.classes or [])}
         self.targets = [ids[p.relative_to(self.root).parts[0]] if ids else 0 for p in self.paths]
         self.resolution, self.channels, self.class_cond = int(resolution), 3, class_cond
@@ -183,11 +145,8 @@ class ImageFolderDataset(ImageDataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
-        with Image.open(self.paths[index]) as img:
-            img = center_crop_resize(img.convert("RGB"), self.resolution)
-            arr = np.array(img, dtype=np.uint8)  # (H, W, 3)
+        img = center_crop_resize(open_image(self.paths[index], "RGB"), self.resolution)
+        arr = np.array(img, dtype=np.uint8)  # (H, W, 3)
         return hwc_to_unit(arr), self.label(self.targets[index])
 
 
@@ -201,7 +160,7 @@ def imagenet64_files(root: str | os.PathLike, train: bool = True) -> list[Path]:
         files = [f for f in [root / "val_data.npz"] if f.is_file()]
     if not files:
         want = "train_data_batch_{1..10}.npz" if train else "val_data.npz"
-        raise DatasetError(f"downsampled ImageNet not found: put {want} (Imagenet64x64 from image-net.org, "
+        raise CMError(f"downsampled ImageNet not found: put {want} (Imagenet64x64 from image-net.org, "
                            f"Chrabaszcz et al. 2017) in {root}/")
     return files
 
@@ -217,7 +176,7 @@ def load_imagenet64_arrays(files: Sequence[Path]) -> tuple[np.ndarray, np.ndarra
             with np.load(f, allow_pickle=False) as z:  # object arrays (pickles) are refused unread
                 return np.asarray(z[key], dtype=dtype)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-            raise DatasetError(f"cannot read {key!r} of {f} as a downsampled-ImageNet npz "
+            raise CMError(f"cannot read {key!r} of {f} as a downsampled-ImageNet npz "
                                f"({type(e).__name__})") from None
 
     labels = [read(f, "labels", np.int64).reshape(-1) for f in files]
@@ -228,12 +187,12 @@ def load_imagenet64_arrays(files: Sequence[Path]) -> tuple[np.ndarray, np.ndarra
         if data is None:
             data = np.empty((n, x.shape[1]), dtype=np.uint8)
         if x.shape != (len(y), data.shape[1]):
-            raise DatasetError(f"{f}: data has shape {x.shape}, expected ({len(y)}, {data.shape[1]})")
+            raise CMError(f"{f}: data has shape {x.shape}, expected ({len(y)}, {data.shape[1]})")
         data[start:start + len(y)] = x
         start += len(y)
     y = np.concatenate(labels) - 1
     if y.size and (y.min() < 0 or y.max() > 999):
-        raise DatasetError(f"labels outside 1..1000 in {files[0].parent} (expected the 1-based npz format)")
+        raise CMError(f"labels outside 1..1000 in {files[0].parent} (expected the 1-based npz format)")
     return data, y
 
 
@@ -268,7 +227,7 @@ class ImageNet64Dataset(ImageDataset):
             self.data, self.targets = load_imagenet64_arrays(imagenet64_files(root, train))
         side = int(round((self.data.shape[1] / 3) ** 0.5))
         if 3 * side * side != self.data.shape[1]:
-            raise DatasetError(f"ImageNet rows have {self.data.shape[1]} values, not 3 * r * r")
+            raise CMError(f"ImageNet rows have {self.data.shape[1]} values, not 3 * r * r")
         self.resolution, self.channels, self.class_cond = side, 3, class_cond
         self.num_classes = 1000 if class_cond else 0
 
@@ -296,7 +255,7 @@ class DigitsDataset(ImageDataset):
         r = 8 if resolution is None else int(resolution)
         if r != 8:
             if interpolation not in ("bilinear", "nearest"):
-                raise DatasetError(f"digits interpolation: 'bilinear' or 'nearest', not {interpolation!r}")
+                raise CMError(f"digits interpolation: 'bilinear' or 'nearest', not {interpolation!r}")
             extra = {"align_corners": False} if interpolation == "bilinear" else {}
             x = torch.nn.functional.interpolate(x, size=(r, r), mode=interpolation, **extra).clamp(-1, 1)
         self.images, self.targets = x.contiguous(), [int(t) for t in digits.target]
@@ -317,7 +276,7 @@ class DigitsDataset(ImageDataset):
 def _check_native(name: str, ds: ImageDataset, resolution: int | None) -> ImageDataset:
     """Refuse a resolution that the stored files do not have (no silent rescaling of benchmark data)."""
     if resolution is not None and int(resolution) != ds.resolution:
-        raise DatasetError(f"{name} images are {ds.resolution}x{ds.resolution}; resolution={resolution} "
+        raise CMError(f"{name} images are {ds.resolution}x{ds.resolution}; resolution={resolution} "
                            "is not supported (use 'folder' for other sizes)")
     return ds
 
@@ -334,7 +293,7 @@ def _build_imagenet64(root, resolution, class_cond, train, download) -> ImageDat
 
 def _build_folder(root, resolution, class_cond, train, download) -> ImageDataset:
     if resolution is None:
-        raise DatasetError("the 'folder' dataset needs a resolution")
+        raise CMError("the 'folder' dataset needs a resolution")
     return ImageFolderDataset(_need_root("folder", root), resolution, class_cond)
 
 
@@ -344,7 +303,7 @@ def _build_digits(root, resolution, class_cond, train, download) -> ImageDataset
 
 def _need_root(name: str, root) -> str | os.PathLike:
     if root is None:
-        raise DatasetError(f"the '{name}' dataset needs a root directory")
+        raise CMError(f"the '{name}' dataset needs a root directory")
     return root
 
 
@@ -365,7 +324,7 @@ def make_dataset(name: str, root: str | os.PathLike | None = None, resolution: i
     `train` picks the split (cifar10, imagenet64); `download` lets torchvision fetch CIFAR-10.
     """
     if name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
+        raise CMError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
     ds = DATASETS[name](root, resolution, class_cond, train, download)
     ds.random_flip = bool(random_flip)
     return ds
@@ -399,9 +358,9 @@ class ResumableBatchSampler:
         self.random_flip, self.start_step = bool(random_flip), int(start_step)
         self.batches_per_epoch = len(sampler) // self.batch_size
         if self.batches_per_epoch < 1:
-            raise DatasetError(f"{len(sampler)} samples per rank cannot fill one batch of {batch_size}")
+            raise CMError(f"{len(sampler)} samples per rank cannot fill one batch of {batch_size}")
         if self.start_step < 0:
-            raise DatasetError(f"start_step must be >= 0, got {start_step}")
+            raise CMError(f"start_step must be >= 0, got {start_step}")
 
     def epoch_keys(self, epoch: int) -> list[tuple[int, bool]]:
         """This rank's `(index, flip)` keys for `epoch`, truncated to full batches."""

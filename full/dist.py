@@ -10,6 +10,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+import full
+from cm import pick_device
+
 
 def launched() -> bool:
     """True when started by torchrun (or anything else that sets RANK and WORLD_SIZE)."""
@@ -19,14 +22,12 @@ def launched() -> bool:
 def init(device: str = "") -> torch.device:
     """Pick the device (`device`, else cuda:LOCAL_RANK if CUDA is present, else cpu) and, under torchrun,
     join the process group. Returns the device this rank computes on."""
-    from cm import pick_device
     local = int(os.environ.get("LOCAL_RANK", 0))
     dev = pick_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", dev.index if dev.index is not None else local)
         torch.cuda.set_device(dev)
     if launched() and not dist.is_initialized():
-        import full
         full.die_with_parent()
         # one node: a peer that has not joined in 10 minutes is gone (a standalone run waits no longer);
         # several nodes may start minutes apart, and slow shared file systems stall barriers

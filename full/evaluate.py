@@ -55,18 +55,14 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from cm import CMError, atomic_write, exit_on, pick_device
-from full.data import IMAGE_EXTENSIONS, find_images
+from cm import CMError, atomic_write, exit_on, generate, load_cifar10, pick_device
+from full.data import find_images
+from full.files import IMAGE_EXTENSIONS, as_nhwc_uint8, open_image, read_npz_images, to_uint8
 
-IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # what trains can be evaluated: png, jpg, jpeg, webp
 PAPER_NUM_SAMPLES = 50_000  # [CM Sec. 6]: FID/IS of 50k samples
 
 # An extractor maps a uint8 (B, 3, H, W) batch to (pool features (B, D), logits (B, K)).
 Extractor = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
-
-
-class EvaluationError(CMError, ValueError):
-    """A problem with the user's inputs or environment; the CLI prints it as one line and exits 1."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -77,9 +73,9 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean μ (D,) and unbiased covariance Σ (D, D) of features (N, D), in float64."""
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2:
-        raise EvaluationError(f"features must be (N, D), got shape {x.shape}")
+        raise CMError(f"features must be (N, D), got shape {x.shape}")
     if x.shape[0] < 2:
-        raise EvaluationError(f"need at least 2 samples for a covariance, got {x.shape[0]}")
+        raise CMError(f"need at least 2 samples for a covariance, got {x.shape[0]}")
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
@@ -88,14 +84,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 
     If the product Σ₁Σ₂ is singular and sqrtm returns non-finite values, ε·I is added to both
     covariances (the pytorch-fid / TTUR fallback). Tiny imaginary parts from numerical error are
-    dropped; large ones mean the inputs are not covariances and raise EvaluationError.
+    dropped; large ones mean the inputs are not covariances and raise CMError.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
     sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise EvaluationError(
+        raise CMError(
             f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
         )
     diff = mu1 - mu2
@@ -106,7 +102,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if np.iscomplexobj(covmean):
         imag = np.abs(np.diagonal(covmean).imag).max()
         if imag > 1e-3 * max(1.0, np.abs(np.trace(covmean.real))):
-            raise EvaluationError(f"sqrt(sigma1 sigma2) has a large imaginary part ({imag:.3g}); "
+            raise CMError(f"sqrt(sigma1 sigma2) has a large imaginary part ({imag:.3g}); "
                                   "are both sigmas symmetric positive semi-definite?")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
@@ -121,10 +117,10 @@ def inception_score(logits_or_probs, splits: int = 10, probs: bool | None = None
     """
     x = np.asarray(logits_or_probs, dtype=np.float64)
     if x.ndim != 2:
-        raise EvaluationError(f"logits must be (N, K), got shape {x.shape}")
+        raise CMError(f"logits must be (N, K), got shape {x.shape}")
     n = x.shape[0]
     if not 1 <= splits <= n:
-        raise EvaluationError(f"need 1 <= splits <= number of samples, got splits={splits}, n={n}")
+        raise CMError(f"need 1 <= splits <= number of samples, got splits={splits}, n={n}")
     if probs is None:
         probs = bool((x >= 0).all() and np.allclose(x.sum(axis=1), 1.0, atol=1e-4))
     if probs:
@@ -150,59 +146,12 @@ def inception_score(logits_or_probs, splits: int = 10, probs: bool | None = None
 # Images in: folders, .npz, CIFAR-10
 
 
-def as_nhwc_uint8(images: np.ndarray, name: str = "images") -> np.ndarray:
-    """Check uint8, return (N, H, W, 3): NHWC as is, NCHW transposed, 1 channel or (N, H, W) made RGB."""
-    x = np.asarray(images)
-    if x.dtype != np.uint8:
-        raise EvaluationError(f"{name}: expected uint8 images in [0, 255], got dtype {x.dtype}")
-    if x.ndim == 3:  # (N, H, W) grayscale
-        x = x[..., None]
-    if x.ndim != 4:
-        raise EvaluationError(f"{name}: expected (N, H, W, C) or (N, C, H, W) images, got shape {x.shape}")
-    # NCHW only when the last axis cannot be channels: NHWC wins a tie (guided-diffusion writes NHWC)
-    if x.shape[-1] not in (1, 3) and x.shape[1] in (1, 3):
-        x = x.transpose(0, 2, 3, 1)
-    if x.shape[-1] not in (1, 3):
-        raise EvaluationError(f"{name}: expected 1 or 3 channels (NHWC or NCHW), got shape {x.shape}")
-    if x.shape[-1] == 1:
-        x = np.repeat(x, 3, axis=-1)
-    return x
-
-
 def _npz_images(path: Path) -> np.ndarray:
-    try:
-        if path.suffix == ".npy":
-            return as_nhwc_uint8(np.load(path, allow_pickle=False), str(path))
-        with np.load(path, allow_pickle=False) as f:
-            keys = list(f.keys())
-            if "images" in keys:
-                key = "images"
-            elif "arr_0" in keys:
-                key = "arr_0"
-            elif {"mu", "sigma"} <= set(keys):
-                raise EvaluationError(f"{path} holds reference statistics (mu, sigma), not images")
-            else:
-                raise EvaluationError(f"{path}: no 'images' or 'arr_0' array (keys: {keys})")
-            arr = f[key]
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        if isinstance(e, EvaluationError):
-            raise
-        raise EvaluationError(f"cannot read {path} as .npz: {e}") from None
-    return as_nhwc_uint8(arr, f"{path}[{key}]")
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return find_images(folder)  # the same discovery as training (full.data)
+    return as_nhwc_uint8(read_npz_images(path), str(path))
 
 
 def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
-    except OSError as e:
-        raise EvaluationError(f"cannot read image {path}: {e}") from None
+    return np.asarray(open_image(path, "RGB"), dtype=np.uint8)  # (H, W, 3)
 
 
 def iter_images(path, batch_size: int = 250) -> tuple[int, Iterator[np.ndarray]]:
@@ -212,11 +161,11 @@ def iter_images(path, batch_size: int = 250) -> tuple[int, Iterator[np.ndarray]]
     """
     path = Path(path)
     if not path.exists():
-        raise EvaluationError(f"samples not found: {path}")
+        raise CMError(f"samples not found: {path}")
     if path.is_dir():
-        files = _image_files(path)
+        files = find_images(path)  # the same discovery as training (full.data)
         if not files:
-            raise EvaluationError(f"no {'/'.join(IMAGE_SUFFIXES)} images under {path}")
+            raise CMError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {path}")
         shape = _read_image(files[0]).shape
 
         def folder_batches() -> Iterator[np.ndarray]:
@@ -224,7 +173,7 @@ def iter_images(path, batch_size: int = 250) -> tuple[int, Iterator[np.ndarray]]
                 batch = [_read_image(p) for p in files[i : i + batch_size]]
                 for p, im in zip(files[i : i + batch_size], batch):
                     if im.shape != shape:
-                        raise EvaluationError(f"{p} is {im.shape} but {files[0]} is {shape}: sizes differ")
+                        raise CMError(f"{p} is {im.shape} but {files[0]} is {shape}: sizes differ")
                 yield np.stack(batch)
 
         return len(files), folder_batches()
@@ -240,12 +189,7 @@ def load_images(path) -> np.ndarray:
 
 def cifar10_train_images(data_dir, download: bool = False) -> np.ndarray:
     """The 50k CIFAR-10 training images, uint8 (50000, 32, 32, 3), via torchvision (CM's FID reference)."""
-    from full.data import DatasetError, load_cifar10
-
-    try:
-        ds = load_cifar10(data_dir, train=True, download=download)
-    except DatasetError as e:  # its message already says where the files go and how to download them
-        raise EvaluationError(str(e)) from None
+    ds = load_cifar10(data_dir, train=True, download=download)  # its error says where the files go
     return as_nhwc_uint8(np.asarray(ds.data), "CIFAR-10")
 
 
@@ -255,79 +199,6 @@ def iter_reference_images(source: str, data_dir="data", download: bool = False, 
         arr = cifar10_train_images(data_dir, download)
         return len(arr), (arr[i : i + batch_size] for i in range(0, len(arr), batch_size))
     return iter_images(source, batch_size)
-
-
-# ----------------------------------------------------------------------------------------------------
-# A download-free Fréchet distance for the 8x8 digits: the features of a small classifier
-
-
-class DigitsClassifier(torch.nn.Module):
-    """A small CNN for 8x8 digits in [-1, 1]; `features` is its 64-d penultimate layer."""
-
-    def __init__(self):
-        super().__init__()
-        nn = torch.nn
-        self.features = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(),
-                                      nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),  # (B, 64, 4, 4)
-                                      nn.Flatten(), nn.Linear(64 * 16, 64), nn.SiLU())
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-def digits_cache_dir() -> Path:
-    """$CM_CACHE, else .cache/ beside full/ (gitignored)."""
-    return Path(os.environ.get("CM_CACHE") or Path(__file__).resolve().parents[1] / ".cache")
-
-
-def digits_classifier(seed: int = 0, epochs: int = 30, verbose: bool = True) -> DigitsClassifier:
-    """The classifier, trained once (seed 0, 1,437 training digits, Adam) and cached; test accuracy
-    on the 360 held-out digits is printed when it is trained and stored beside the weights."""
-    path = digits_cache_dir() / f"digits_classifier_s{seed}_e{epochs}.pt"
-    with torch.random.fork_rng():  # building it draws initial weights: leave the caller's RNG alone
-        net = DigitsClassifier()
-    if path.is_file():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            net.load_state_dict(state["model"])
-            return net.eval().requires_grad_(False)
-        except Exception:  # a corrupt cache is rebuilt, never trusted
-            pass
-    import cm
-    x = cm.load_digits()
-    from sklearn.datasets import load_digits
-    y = torch.as_tensor(load_digits().target)
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(x), generator=g)
-    train, test = perm[:1437], perm[1437:]
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        net = DigitsClassifier()
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-        for _ in range(epochs):
-            for idx in train[torch.randperm(len(train), generator=g)].split(64):
-                loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    net.eval().requires_grad_(False)
-    acc = (net(x[test]).argmax(1) == y[test]).float().mean().item()
-    if verbose:
-        print(f"digits feature classifier: test accuracy {acc:.3f} on {len(test)} held-out digits "
-              f"(cached in {path})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cm.save_checkpoint(path, {"model": net.state_dict(), "test_accuracy": acc})
-    return net
-
-
-def digits_feature_distance(x: torch.Tensor, y: torch.Tensor, net: DigitsClassifier | None = None) -> float:
-    """Fréchet distance between the classifier features of two sets of 8x8 digits (N, 1, 8, 8) in
-    [-1, 1]: FID's formula on a download-free feature space. Real against real is its floor."""
-    net = net or digits_classifier()
-    with torch.no_grad():
-        fx, fy = (net.features(v.float().cpu()).double().numpy() for v in (x, y))
-    return frechet_distance(*feature_stats(fx), *feature_stats(fy))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -362,13 +233,13 @@ def load_inception_weights(weights_path=None) -> dict:
     if weights_path is not None:
         path = Path(weights_path)
         if not path.is_file():
-            raise EvaluationError(f"cannot load Inception weights {path}: no such file")
+            raise CMError(f"cannot load Inception weights {path}: no such file")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickled code, a text file, a truncated zip
-            raise EvaluationError(f"cannot load Inception weights {path}: not a weights-only PyTorch file "
+            raise CMError(f"cannot load Inception weights {path}: not a weights-only PyTorch file "
                                   f"({type(e).__name__})") from None
     else:
         log = io.StringIO()  # torch.hub's download messages, shown only if the download works
@@ -380,16 +251,16 @@ def load_inception_weights(weights_path=None) -> dict:
             # Offline, torch.hub's download raises urllib.error.URLError ("Name or service not known");
             # HTTPError, TimeoutError and ConnectionError are OSErrors too.
             cache = inception_weights_cache_path()
-            raise EvaluationError(
+            raise CMError(
                 f"Inception weights {cache.name} not available ({e}): download {URL_INCEPTION_V3} "
                 f"to {cache}, or pass --inception-weights PATH") from None
         except Exception as e:
-            raise EvaluationError(f"cannot load Inception weights {inception_weights_cache_path()}: "
+            raise CMError(f"cannot load Inception weights {inception_weights_cache_path()}: "
                                   f"not a weights-only PyTorch file ({type(e).__name__})") from None
         sys.stderr.write(log.getvalue())
         path = inception_weights_cache_path()
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise EvaluationError(f"Inception weights {path}: not a state dict of tensors")
+        raise CMError(f"Inception weights {path}: not a state dict of tensors")
     return state
 
 
@@ -409,7 +280,7 @@ class InceptionExtractor:
         try:
             net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
         except RuntimeError as e:  # load_state_dict: missing or unexpected keys, other shapes
-            raise EvaluationError(f"Inception weights {weights_path or inception_weights_cache_path()} "
+            raise CMError(f"Inception weights {weights_path or inception_weights_cache_path()} "
                                   f"do not fit torch-fidelity's Inception "
                                   f"({str(e).splitlines()[0][:100]})") from None
         finally:
@@ -441,12 +312,12 @@ def extract(images, extractor: Extractor, batch_size: int = 250) -> tuple[np.nda
             x = torch.from_numpy(np.ascontiguousarray(chunk))
             f, l = extractor(x)
             if f.ndim != 2 or l.ndim != 2 or len(f) != len(x) or len(l) != len(x):
-                raise EvaluationError(
+                raise CMError(
                     f"extractor returned {tuple(f.shape)}, {tuple(l.shape)} for a batch of {len(x)}")
             feats.append(f.detach().float().cpu().numpy())
             logits.append(l.detach().float().cpu().numpy())
     if not feats:
-        raise EvaluationError("no images to evaluate")
+        raise CMError("no images to evaluate")
     return np.concatenate(feats), np.concatenate(logits)
 
 
@@ -458,11 +329,11 @@ def save_stats(path, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
     """Write {mu, sigma, n} to an .npz atomically (tmp file + os.replace)."""
     path = Path(path)
     if path.is_dir():
-        raise EvaluationError(f"--out {path} is a folder; give a file name such as {path / 'ref.npz'}")
+        raise CMError(f"--out {path} is a folder; give a file name such as {path / 'ref.npz'}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise EvaluationError(f"cannot write {path}: {e.strerror or e}") from None
+        raise CMError(f"cannot write {path}: {e.strerror or e}") from None
     atomic_write(path, lambda f: np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
                                           n=np.int64(n)))
 
@@ -471,19 +342,19 @@ def load_stats(path) -> tuple[np.ndarray, np.ndarray, int | None]:
     """(mu, sigma, n) from a reference .npz; n is None if the file does not record it (pytorch-fid's)."""
     path = Path(path)
     if not path.is_file():
-        raise EvaluationError(f"reference statistics not found: {path} (make them with --make-ref)")
+        raise CMError(f"reference statistics not found: {path} (make them with --make-ref)")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("mu", "sigma") if k not in f]
             if missing:
-                raise EvaluationError(f"reference file {path} lacks {missing} (keys: {list(f.keys())}); "
+                raise CMError(f"reference file {path} lacks {missing} (keys: {list(f.keys())}); "
                                       "make one with --make-ref")
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
             n = int(f["n"]) if "n" in f else None
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-        if isinstance(e, EvaluationError):
+        if isinstance(e, CMError):
             raise
-        raise EvaluationError(f"cannot read reference statistics {path}: {e}") from None
+        raise CMError(f"cannot read reference statistics {path}: {e}") from None
     check_stats(mu, sigma, f"reference file {path}")
     return mu, sigma, n
 
@@ -492,12 +363,12 @@ def check_stats(mu: np.ndarray, sigma: np.ndarray, what: str) -> None:
     """mu (D,) and sigma (D, D) finite, sigma symmetric with a non-negative diagonal (a covariance);
     otherwise FID would be NaN or sqrtm would spin for minutes."""
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise EvaluationError(f"{what}: bad shapes mu {mu.shape}, sigma {sigma.shape}")
+        raise CMError(f"{what}: bad shapes mu {mu.shape}, sigma {sigma.shape}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise EvaluationError(f"{what}: mu or sigma holds NaN or inf")
+        raise CMError(f"{what}: mu or sigma holds NaN or inf")
     scale = max(1.0, float(np.abs(sigma).max(initial=0.0)))
     if not np.allclose(sigma, sigma.T, rtol=0, atol=1e-6 * scale) or (np.diagonal(sigma) < 0).any():
-        raise EvaluationError(f"{what}: sigma is not a covariance (not symmetric, or a negative variance)")
+        raise CMError(f"{what}: sigma is not a covariance (not symmetric, or a negative variance)")
 
 
 def evaluate(images, ref_mu: np.ndarray, ref_sigma: np.ndarray, extractor: Extractor,
@@ -506,10 +377,10 @@ def evaluate(images, ref_mu: np.ndarray, ref_sigma: np.ndarray, extractor: Extra
     features, logits = extract(images, extractor, batch_size)
     n = len(features)
     if n < 2:
-        raise EvaluationError(f"need at least 2 samples, got {n}")
+        raise CMError(f"need at least 2 samples, got {n}")
     mu, sigma = feature_stats(features)
     if mu.shape != ref_mu.shape:
-        raise EvaluationError(f"sample features are {mu.shape[0]}-d but the reference is {ref_mu.shape[0]}-d")
+        raise CMError(f"sample features are {mu.shape[0]}-d but the reference is {ref_mu.shape[0]}-d")
     is_mean, is_std = inception_score(logits, splits=min(splits, n), probs=False)
     fid = frechet_distance(mu, sigma, ref_mu, ref_sigma)
     return {"fid": fid, "is_mean": is_mean, "is_std": is_std, "n": n}
@@ -561,15 +432,15 @@ def main(argv=None) -> dict:
     try:
         pick_device(args.device or "")  # a bad --device fails before any work
         if args.batch_size < 1 or args.splits < 1:
-            raise EvaluationError(f"need --batch-size >= 1 and --splits >= 1 (got {args.batch_size}, "
+            raise CMError(f"need --batch-size >= 1 and --splits >= 1 (got {args.batch_size}, "
                                   f"{args.splits})")
         if args.make_ref is not None and Path(args.out).is_dir():
-            raise EvaluationError(f"--out {args.out} is a folder; give a file name such as "
+            raise CMError(f"--out {args.out} is a folder; give a file name such as "
                                   f"{Path(args.out) / 'ref.npz'}")
         if args.make_ref is not None:
             n, batches = iter_reference_images(args.make_ref, args.data_dir, args.download, args.batch_size)
             if n < 2:
-                raise EvaluationError(f"need at least 2 reference images, got {n}")
+                raise CMError(f"need at least 2 reference images, got {n}")
             extractor = make_extractor(args.device, args.inception_weights)
             stats = make_reference(batches, extractor, args.batch_size)
             save_stats(args.out, stats["mu"], stats["sigma"], stats["n"])
@@ -578,7 +449,7 @@ def main(argv=None) -> dict:
         ref_mu, ref_sigma, ref_n = load_stats(args.ref)
         n, batches = iter_images(args.samples, args.batch_size)
         if n < 2:
-            raise EvaluationError(f"need at least 2 samples, got {n}")
+            raise CMError(f"need at least 2 samples, got {n}")
         result = evaluate(batches, ref_mu, ref_sigma, make_extractor(args.device, args.inception_weights),
                           args.batch_size, args.splits)
     except CMError as e:
@@ -594,3 +465,41 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------------------------------
+# FID during training (full.train's run.fid_every)
+
+
+def training_images(ds) -> np.ndarray:
+    """The training set as uint8 (N, H, W, C): the raw pixels where the dataset keeps them (CIFAR-10), so
+    the reference is exact; else its [-1, 1] images converted back (exact for uint8 sources)."""
+    raw = getattr(ds, "data", None)
+    if isinstance(raw, np.ndarray) and raw.dtype == np.uint8 and raw.ndim == 4:
+        return raw
+    return np.concatenate([to_uint8(torch.stack([ds[i][0] for i in range(s, min(s + 500, len(ds)))]))
+                           for s in range(0, len(ds), 500)])
+
+
+def fid_during_training(f, cfg, shape, ds, out: Path, cache: dict, device) -> float | None:
+    """FID of cfg.run.fid_samples one-step samples of f against the training set; the reference
+    statistics are computed once per run folder (fid_ref.npz). Where FID cannot run (offline, no
+    torch-fidelity): one note, None, and no more FIDs this run; training goes on."""
+    if cache.get("off"):
+        return None
+    try:
+        if "ref" not in cache:
+            cache["extractor"] = make_extractor(device)
+            ref = out / "fid_ref.npz"
+            if not ref.is_file():
+                st = make_reference(training_images(ds), cache["extractor"])
+                save_stats(ref, st["mu"], st["sigma"], st["n"])
+            cache["ref"] = load_stats(ref)[:2]
+        k = cfg.net.num_classes if cfg.data.class_cond else 0
+        x, _ = generate(f, cfg.cm, shape, range(cfg.run.fid_samples), [cfg.cm.sigma_max], cfg.run.seed + 2,
+                        num_classes=k)
+        return evaluate(to_uint8(x), *cache["ref"], cache["extractor"])["fid"]
+    except (ImportError, CMError, OSError, RuntimeError) as e:
+        cache["off"] = True
+        print(f"note: FID is off for this run: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+        return None

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from cm import ConsistencyFunction
+from cm import RECIPES, ConsistencyFunction
 from full.networks import build_network
 
 
 def make_model(cfg, denoiser: bool | None = None) -> ConsistencyFunction:
     """f_θ for a RunConfig (D_θ when `denoiser`, by default for edm and for ect, which tunes EDM's D)."""
-    denoiser = cfg.cm.mode in ("edm", "ect") if denoiser is None else denoiser
+    denoiser = RECIPES[cfg.cm.mode].denoiser if denoiser is None else denoiser
     return ConsistencyFunction(build_network(cfg.net), cfg.cm.sigma_data,
                                0.0 if denoiser else cfg.cm.sigma_min, cfg.cm.noise_cond)
 

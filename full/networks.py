@@ -33,7 +33,7 @@ encoder after every res block. The Fourier frequencies are a fixed random buffer
 in stop_gradient), so they are saved in the state_dict but not counted as parameters.
 DDPM++ (EDM's VP CIFAR-10 networks, `NCSNppConfig.ddpmpp_cifar10`) is the same network with sinusoidal
 noise features of width nf (`embedding='positional'`), no input pyramid (`encoder='standard'`) and the
-[1, 1] resampling filter; `label_input=True` adds classes the way EDM's SongUNet does (full/edm_pickle.py).
+[1, 1] resampling filter; `label_input=True` adds classes the way EDM's SongUNet does (full/released/edm_pickle.py).
 
 ADM [ADM] with guided-diffusion / CM key names, so `ADMUNet.load_state_dict(released_state_dict)` works:
     time_embed.{0,2}   label_emb   input_blocks.i.j   middle_block.{0,1,2}   output_blocks.i.j   out.{0,2}

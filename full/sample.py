@@ -9,8 +9,8 @@ Samplers [CM Alg. 1]. One step: x = f(T z, T) (cm.sample_onestep). Multistep: th
 τ_1 > τ_2 > ... of cm.sample_multistep; `--ts` takes them in the official index convention (ascending
 indices into a `--grid-steps`-point grid counted from T, e.g. 0,11,17 of 18; cm.ts_to_sigmas), `--sigmas`
 as numbers. An edm checkpoint is a denoiser; it samples with EDM's Heun sampler (cm.sample_heun,
-`--sampler heun --steps N`). Released files (CM's .pt, EDM's .pkl) load directly: full/official.py,
-full/edm_pickle.py.
+`--sampler heun --steps N`). Released files (CM's .pt, EDM's .pkl) load directly: full/released/guided_diffusion.py,
+full/released/edm_pickle.py.
 
 Seeds. Sample i draws everything (its class label, z, and the re-noising z' of every multistep level)
 from torch.Generator().manual_seed(seed + i) on the CPU, so images do not depend on the batch size, the
@@ -22,75 +22,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import zipfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from cm import CMError, check_levels, exit_on, sample_heun, sample_multistep, sample_onestep, ts_to_sigmas
-from cm import save_grid as cm_save_grid
+from cm import CMError, atomic_write, check_levels, exit_on, generate, out_folder, save_grid, ts_to_sigmas
 from full import checkpoints, dist
-from full.common import out_folder, to_uint8, uint8_to_unit
+from full.edit import run_edit
+from full.config import CLIParser
+from full.files import open_image, read_npz_images, to_uint8, uint8_to_unit
 from full.model import image_shape
-from full.presets import CLIParser
-
-
-def per_sample_noise(indices: Iterable[int], shape: Sequence[int], levels: int, seed: int,
-                     num_classes: int = 0) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
-    """z (B, *shape), the re-noising z' of each later level, and labels, all from seed + i per sample i."""
-    zs, extra, labels = [], [], []
-    for i in indices:
-        g = torch.Generator().manual_seed(seed + int(i))
-        if num_classes:
-            labels.append(torch.randint(num_classes, (1,), generator=g))
-        zs.append(torch.randn(*shape, generator=g))
-        extra.append([torch.randn(*shape, generator=g) for _ in range(levels - 1)])
-    noises = [torch.stack([e[j] for e in extra]) for j in range(levels - 1)]
-    return torch.stack(zs), noises, (torch.cat(labels) if num_classes else None)
-
-
-@torch.no_grad()
-def generate(f, cfg, shape: Sequence[int], indices: Iterable[int], levels: Sequence[float] | None,
-             seed: int = 0, heun: bool = False, class_labels: Sequence[int] | None = None,
-             batch: int = 256, clip_denoised: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Samples `indices` (B, C, H, W) on the CPU, and their labels (None if unconditional).
-
-    levels: descending τ's for cm.sample_multistep ([T] = one step); heun: EDM's sampler with
-    cfg.run.grid_steps levels (for a denoiser). class_labels: label i is class_labels[i % len].
-    clip_denoised: every denoised step is clamped to [-1, 1], as the official samplers do."""
-    indices = list(indices)
-    dev = next(f.parameters()).device
-    k = cfg.net.num_classes if cfg.data.class_cond else 0
-    c = cfg.cm
-    xs, ys = [], []
-    for s in range(0, len(indices), batch):
-        idx = indices[s:s + batch]
-        z, noises, y = per_sample_noise(idx, shape, 1 if heun else len(levels), seed, k)
-        if k and class_labels:
-            y = torch.tensor([class_labels[i % len(class_labels)] for i in idx])
-        fy = (lambda x, t: f(x, t, y.to(dev))) if y is not None else f
-        z = z.to(dev)
-        if heun:
-            x = sample_heun(fy, z, cfg.run.grid_steps, c.sigma_min, c.sigma_max, c.rho)
-        elif len(levels) == 1 and levels[0] == c.sigma_max:
-            x = sample_onestep(fy, z, c.sigma_max)
-            x = x.clamp(-1, 1) if clip_denoised else x
-        else:
-            x = sample_multistep(fy, z, levels, c.sigma_min, noises=[n.to(dev) for n in noises],
-                                 clip_denoised=clip_denoised)
-        xs.append(x.float().cpu())
-        ys.append(y)
-    return torch.cat(xs), (torch.cat(ys) if k else None)
-
-
-def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """cm.save_grid into a folder it creates; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cm_save_grid(x, path, nrow)
-    return path
 
 
 def levels_from_args(ts: str, sigmas: str, grid_steps: int, cfg) -> list[float]:
@@ -111,28 +54,15 @@ def levels_from_args(ts: str, sigmas: str, grid_steps: int, cfg) -> list[float]:
 
 
 def load_reference(path: str, shape: Sequence[int]) -> torch.Tensor:
-    """An image (PNG/JPG) or an .npz (arr_0 uint8 NHWC) -> (B, C, H, W) in [-1, 1]."""
+    """An image (PNG/JPG/WebP) or an .npz (arr_0 uint8 NHWC) -> (B, C, H, W) in [-1, 1]."""
     p = Path(path)
     if not p.is_file():
         raise CMError(f"no reference at {p}")
-    if p.suffix == ".npz":
-        try:
-            with np.load(p, allow_pickle=False) as z:  # an object array (a pickle) is refused unread
-                key = next((k for k in ("arr_0", "images") if k in z.files), None)
-                if key is None:
-                    raise CMError(f"reference {p} has no 'arr_0' or 'images' array (keys: {z.files})")
-                arr = z[key]
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise CMError(f"cannot read the reference {p} as .npz ({type(e).__name__})") from None
-        if arr.dtype != np.uint8:  # a cast would wrap 256 to 0 and read floats in [-1, 1] as black
-            raise CMError(f"reference {p}[{key}] must hold uint8 images in [0, 255], got {arr.dtype}")
+    if p.suffix in (".npz", ".npy"):
+        arr = read_npz_images(p)
     else:
-        from PIL import Image
-        try:
-            with Image.open(p) as img:
-                arr = np.asarray(img.convert("L" if shape[0] == 1 else "RGB").resize(shape[1:][::-1]))[None]
-        except OSError as e:  # PIL's UnidentifiedImageError is an OSError
-            raise CMError(f"cannot read the reference {p} as an image or .npz ({type(e).__name__})") from None
+        img = open_image(p, "L" if shape[0] == 1 else "RGB")
+        arr = np.asarray(img.resize(shape[1:][::-1]))[None]
     arr = arr[..., None] if arr.ndim == 3 else arr
     if tuple(arr.shape[1:]) != (shape[1], shape[2], shape[0]):
         raise CMError(f"reference images are {tuple(arr.shape[1:])} (H, W, C); the model takes "
@@ -145,13 +75,19 @@ def load_mask(path: str, shape: Sequence[int]) -> torch.Tensor:
     from PIL import Image
     if not Path(path).is_file():
         raise CMError(f"no mask at {path}")
-    try:
-        img = Image.open(path)
-    except OSError as e:  # UnidentifiedImageError is one
-        raise CMError(f"cannot read the mask {path} as an image") from e
-    with img:
-        m = np.asarray(img.convert("L").resize(shape[1:][::-1], Image.NEAREST)) > 127
+    m = np.asarray(open_image(path, "L").resize(shape[1:][::-1], Image.NEAREST)) > 127
     return torch.from_numpy(m)[None, None].float()
+
+
+class ClampDenoised(torch.nn.Module):
+    """f (or D) with its output clamped to [-1, 1], as the official sampler's `clip_denoised=True`."""
+
+    def __init__(self, f: torch.nn.Module):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.f(x, sigma, class_labels).clamp(-1, 1)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -218,11 +154,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                                  "takes --ts/--grid-steps")
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, grid_steps=args.steps))
         if heun and args.clip_denoised and state.get("official", {}).get("clamp"):
-            from full.official import ClampDenoised  # CM's Heun sampler clamps every denoised image too
-            f = ClampDenoised(f)
+            f = ClampDenoised(f)  # CM's Heun sampler clamps every denoised image too
         levels = None if heun else levels_from_args(args.ts, args.sigmas, grid_steps, cfg)
         mine = range(dist.rank(), args.num, dist.world())
-        x, y = generate(f, cfg, shape, mine, levels, args.seed, heun, labels, args.batch, args.clip_denoised)
+        k = num_classes if cfg.data.class_cond else 0
+        x, y = generate(f, cfg.cm, shape, mine, levels, args.seed, cfg.run.grid_steps, k, labels, args.batch,
+                        args.clip_denoised)
         parts = dist.all_gather_object((list(mine), to_uint8(x), None if y is None else y.numpy()))
         if dist.rank() == 0:
             imgs = np.empty((args.num, *to_uint8(x[:1]).shape[1:]), dtype=np.uint8)
@@ -233,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     labs[idx] = lab
             out.mkdir(parents=True, exist_ok=True)
             extra = {"arr_1": labs} if y is not None else {}
-            np.savez(out / "samples.npz", arr_0=imgs, **extra)
+            atomic_write(out / "samples.npz", lambda fh: np.savez(fh, arr_0=imgs, **extra))
             grid = uint8_to_unit(imgs[:64]).permute(0, 3, 1, 2)
             save_grid(grid, out / "samples.png")
             how = "heun" if heun else f"{len(levels)}-step {[round(t, 4) for t in levels]}"
@@ -246,10 +183,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run_edit_cli(args, f, cfg, shape, out: Path) -> None:
     """--edit TASK: full.edit.run_edit on the reference, per [CM Alg. 4]; writes edit-<task>.png/.npz."""
-    try:
-        from full.edit import run_edit
-    except ImportError as e:
-        raise CMError(f"--edit needs full/edit.py with run_edit ({e})") from None
     if not args.reference:
         raise CMError("--edit needs --reference IMG_OR_NPZ")
     if args.edit == "colorize" and shape[0] != 3:
@@ -269,7 +202,7 @@ def run_edit_cli(args, f, cfg, shape, out: Path) -> None:
         raise CMError(f"--edit {args.edit}: {e}") from None
     if dist.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        np.savez(out / f"edit-{args.edit}.npz", arr_0=to_uint8(x))
+        atomic_write(out / f"edit-{args.edit}.npz", lambda fh: np.savez(fh, arr_0=to_uint8(x)))
         pair = torch.cat([ref.cpu(), x]) if len(ref) == len(x) else x  # references above, edits below
         save_grid(pair, out / f"edit-{args.edit}.png", nrow=len(x))
         print(f"wrote {out / f'edit-{args.edit}.png'}")

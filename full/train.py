@@ -47,18 +47,14 @@ import torch
 import torch.nn as nn
 
 import full
-from cm import (METRICS, CMError, RunFolder, SharedDropout, atomic_write, cd_loss, changed_fields, ct_loss,
-                ct_num_steps, ct_target_rate, ect_loss, edm_loss, ema_update, ema_warmup_rate, exit_on,
-                gap_weight, grid_name, ict_num_steps, karras_sigmas, lognormal_index_probs, ts_to_sigmas)
-from full import checkpoints, dist
-from full.common import autocast_ctx
+from cm import (RECIPES, CMError, RunFolder, SharedDropout, atomic_write, autocast, changed_fields, ema_update,
+                ema_warmup_rate, exit_on, generate, grid_name, keeps_target_copy, make_metric, recipe_loss,
+                save_grid, schedule)
+from full import checkpoints, dist, evaluate
+from full.config import CLIParser, RunConfig, to_json, two_step_levels
 from full.data import make_dataset, make_loader
 from full.model import has_dropout, image_shape, make_model
-from full.presets import CLIParser, RunConfig, resolve, to_json
-
-
-class NonFiniteLoss(CMError):
-    """The loss became NaN or inf; training stops without saving."""
+from full.presets import resolve
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,27 +71,6 @@ def split_batch(batch: int, world: int, microbatch: int = 0) -> tuple[int, int, 
         raise CMError(f"opt.microbatch={micro} does not divide the per-process batch {per_rank} "
                       f"(opt.batch={batch} over {world} processes)")
     return per_rank, micro, per_rank // micro
-
-
-def curriculum(cfg: RunConfig, k: int) -> tuple[int, float]:
-    """(N, μ) at step k: CT's schedules N(k), μ(k) [CM App. C], fixed for CD, unused (0, 0) for EDM;
-    iCT's doubling N(k) with μ = cm.mu [iCT Sec. 3.2, 3.4]; ECT: N is the stage a = 1 + ⌊k/stage_steps⌋."""
-    c = cfg.cm
-    if c.mode == "ict":
-        return ict_num_steps(k, cfg.opt.steps, c.s0, c.s1), c.mu
-    if c.mode == "ect":
-        return 1 + k // c.stage_steps, c.mu
-    if c.mode == "ct":
-        return (ct_num_steps(k, cfg.opt.steps, c.s0, c.s1),
-                ct_target_rate(k, cfg.opt.steps, c.s0, c.s1, c.mu0, c.mu_rule))
-    return (c.N, c.mu) if c.mode == "cd" else (0, 0.0)
-
-
-def make_metric(cfg: RunConfig, device: torch.device) -> Callable:
-    """d(x, y) from cm.METRICS; LPIPS is a module (VGG) built once."""
-    if cfg.cm.metric in ("lpips", "lpips_piq"):
-        return METRICS[cfg.cm.metric](pretrained_backbone=cfg.cm.lpips_pretrained).to(device)
-    return METRICS[cfg.cm.metric]
 
 
 def rng_state(device: torch.device) -> dict:
@@ -116,15 +91,15 @@ class Trainer:
         self.per_rank, self.micro, self.accum = split_batch(cfg.opt.batch, self.world, cfg.opt.microbatch)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         self.model = make_model(cfg).to(device)             # θ (f_θ, or D_θ for edm)
-        self.teacher = teacher if cfg.cm.mode == "cd" else None  # ct and ect only start from it
-        if teacher is not None and (cfg.run.init_from_teacher or cfg.cm.mode == "ect"):
+        recipe = RECIPES[cfg.cm.mode]
+        self.teacher = teacher if recipe.teacher == "loss" else None  # ct and ect only start from it
+        if teacher is not None and (cfg.run.init_from_teacher or recipe.teacher == "init"):
             checkpoints.load_weights(self.model.net, teacher.net.state_dict(), "teacher", cfg.run.teacher)
         self.shared_dropout = cfg.cm.mode != "edm" and has_dropout(self.model)
-        # θ⁻: a copy of θ kept as an EMA, in train mode only when it must replay the online dropout masks.
-        # With μ = 0 throughout (iCT, ECT, CIFAR-10 CD) θ⁻ = stopgrad(θ): the online net itself, evaluated
-        # without grad (cm.consistency_loss), so no copy is kept or refreshed each step.
+        # θ⁻: a copy of θ kept as an EMA, in train mode only when it must replay the online dropout masks;
+        # none where μ = 0 throughout (cm.keeps_target_copy: the online net under no_grad is θ⁻).
         self.target = None
-        if cfg.cm.mode == "ct" or (cfg.cm.mode != "edm" and cfg.cm.mu > 0):
+        if keeps_target_copy(cfg.cm):
             self.target = copy.deepcopy(self.model).requires_grad_(False).train(self.shared_dropout)
         self.emas = {r: copy.deepcopy(self.model).requires_grad_(False).eval() for r in cfg.ema.rates}
         self.ddp = self.model
@@ -137,7 +112,7 @@ class Trainer:
         self.opt = opt_cls(self.model.parameters(), lr=cfg.opt.lr, betas=tuple(cfg.opt.betas),
                            eps=cfg.opt.eps, weight_decay=cfg.opt.weight_decay, **fast)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.opt.precision == "fp16")
-        self.metric = make_metric(cfg, device) if cfg.cm.mode != "edm" else None
+        self.metric = make_metric(cfg.cm, device) if cfg.cm.mode != "edm" else None
         self.step_k = 0
         self.bad_step = torch.zeros((), dtype=torch.long, device=device)  # first non-finite loss (0: none)
         self.bad_loss = torch.zeros((), device=device)
@@ -146,40 +121,31 @@ class Trainer:
 
     # -- one optimiser step ------------------------------------------------------------------
 
-    def _amp(self, fn: Callable, labels: torch.Tensor | None) -> Callable:
+    def _amp(self, fn: Callable | None, labels: torch.Tensor | None) -> Callable | None:
         """fn under autocast (only the networks; metric and ODE arithmetic stay fp32), labels bound."""
+        if fn is None:
+            return None
+
         def call(x, sigma):
-            with autocast_ctx(self.cfg.opt.precision, self.device):
+            with autocast(self.cfg.opt.precision, self.device):
                 return fn(x, sigma, labels)
         return call
 
-    def loss(self, x: torch.Tensor, labels: torch.Tensor | None, N: int, n=None, z=None, sigma=None):
-        """The mode's loss on one microbatch; n, z, sigma (edm) may be given, else cm.py draws them."""
-        c = self.cfg.cm
+    def loss(self, x: torch.Tensor, labels: torch.Tensor | None, s, n=None, z=None, sigma=None):
+        """The mode's loss (cm.recipe_loss) at schedule s on one microbatch; n (grid indices), z and sigma
+        (ect's t, edm's σ) may be given, else cm.py draws them."""
         online = self._amp(self.ddp, labels)
-        if c.mode == "edm":
-            return edm_loss(online, x, sigma=sigma, z=z, sigma_data=c.sigma_data, P_mean=c.P_mean,
-                            P_std=c.P_std)
         target = self._amp(self.model if self.target is None else self.target, labels)
         if self.shared_dropout:
             share = SharedDropout(self.device)
             online, target = share.wrap(online), share.wrap(target)
-        if c.mode == "ect":  # N is the stage; sigma, if given, is ECT's t
-            return ect_loss(online, target, x, N, self.metric, t=sigma, z=z, P_mean=c.P_mean, P_std=c.P_std,
-                            q=c.q)
-        sigmas = karras_sigmas(N, c.sigma_min, c.sigma_max, c.rho)
-        if c.mode == "ict":
-            return ct_loss(online, target, x, sigmas, self.metric, n=n, z=z, weight=gap_weight,
-                           index_probs=lognormal_index_probs(sigmas, c.P_mean, c.P_std))
-        if c.mode == "ct":
-            return ct_loss(online, target, x, sigmas, self.metric, n=n, z=z)
-        teacher = self._amp(self.teacher, labels)
-        return cd_loss(online, target, teacher, x, sigmas, self.metric, n=n, z=z)
+        return recipe_loss(self.cfg.cm, s, online, target, self._amp(self.teacher, labels), x, z, self.metric,
+                           n=n, t=sigma)
 
     def step(self, x: torch.Tensor, labels: torch.Tensor | None, n=None, z=None, sigma=None) -> dict:
         """One optimiser step on this rank's batch (accumulated over microbatches); returns log values."""
         cfg, k = self.cfg, self.step_k
-        N, mu = curriculum(cfg, k)
+        sched = schedule(cfg.cm, k, cfg.opt.steps)
         lr = cfg.opt.lr * (min(1.0, (k + 1) / cfg.opt.warmup) if cfg.opt.warmup else 1.0)
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -191,7 +157,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         for i in range(self.accum):
             with dist.ddp_sync(self.ddp, i == self.accum - 1):
-                loss = self.loss(part(x, i), part(labels, i), N, part(n, i), part(z, i), part(sigma, i))
+                loss = self.loss(part(x, i), part(labels, i), sched, part(n, i), part(z, i), part(sigma, i))
                 self.scaler.scale(loss / self.accum).backward()
             total += loss.detach() / self.accum
         total = dist.all_mean(total)
@@ -206,16 +172,17 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         if self.target is not None:
-            ema_update(self.target, self.model, mu)  # θ⁻ ← μ θ⁻ + (1 - μ) θ  [CM Alg. 2/3]
+            ema_update(self.target, self.model, sched.mu)  # θ⁻ ← μ θ⁻ + (1 - μ) θ  [CM Alg. 2/3]
         for rate, ema in self.emas.items():
             ema_update(ema, self.model, ema_warmup_rate(rate, k) if cfg.ema.warmup else rate)
         self.step_k = k + 1
-        return {"step": k + 1, "loss": total, "N": N, "mu": mu, "lr": lr}  # loss stays a device tensor
+        return {"step": k + 1, "loss": total, "N": sched.N, "mu": sched.mu, "stage": sched.stage,
+                "lr": lr}  # loss stays a device tensor
 
-    def check_finite(self) -> None:
-        """NonFiniteLoss naming the first step whose loss was NaN or inf (one host read)."""
-        if bad := int(self.bad_step):
-            raise NonFiniteLoss(f"loss is {float(self.bad_loss)} at step {bad}")
+    def first_nonfinite(self) -> str:
+        """'' or 'loss is nan at step k' for the first step whose loss was NaN or inf (one host read)."""
+        bad = int(self.bad_step)
+        return f"loss is {float(self.bad_loss)} at step {bad}" if bad else ""
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -305,20 +272,12 @@ def check_data(cfg: RunConfig, ds) -> None:
 
 
 def write_grids(cfg: RunConfig, f: nn.Module, shape: Sequence[int], out: Path, step: int) -> list[Path]:
-    """One-step and two-step grids (CM), or an 18-level Heun grid (EDM), from fixed per-sample seeds."""
-    from full.sample import generate, save_grid
-    n, c = cfg.run.sample_num, cfg.cm
-    if c.mode == "edm":
-        kinds = {"heun": None}
-    else:
-        kinds = {"1step": [c.sigma_max],
-                 "2step": list(cfg.run.sigmas) or ts_to_sigmas(cfg.run.ts, cfg.run.grid_steps, c.sigma_min,
-                                                               c.sigma_max, c.rho)}
-    paths = []
-    for name, levels in kinds.items():
-        x, _ = generate(f, cfg, shape, range(n), levels, seed=cfg.run.seed, heun=levels is None)
-        paths.append(save_grid(x, out / grid_name(name, step)))
-    return paths
+    """One-step and two-step grids (CM), or a Heun grid (EDM), from fixed per-sample seeds (cm.generate)."""
+    c = cfg.cm
+    kinds = {"heun": None} if c.mode == "edm" else {"1step": [c.sigma_max], "2step": two_step_levels(cfg)}
+    k = cfg.net.num_classes if cfg.data.class_cond else 0
+    return [save_grid(generate(f, c, shape, range(cfg.run.sample_num), levels, cfg.run.seed, cfg.run.grid_steps,
+                               k)[0], out / grid_name(name, step)) for name, levels in kinds.items()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,8 +285,9 @@ def write_grids(cfg: RunConfig, f: nn.Module, shape: Sequence[int], out: Path, s
 
 
 # What a resume may not change without allow_config_change (section or section.field of the config):
-# the mode, the network, the data, the schedule and the steps. Folders, intervals, workers may differ.
-RUN_FIELDS = ("arch", "net", "cm", "opt.optimizer", "opt.lr", "opt.betas", "opt.eps", "opt.weight_decay",
+# the network, the data, the schedule and the steps, and the math the mode reads (cm.CMConfig.run_fields).
+# Folders, intervals, workers may differ.
+RUN_FIELDS = ("arch", "net", "opt.optimizer", "opt.lr", "opt.betas", "opt.eps", "opt.weight_decay",
               "opt.warmup", "opt.grad_clip", "opt.batch", "opt.steps", "opt.precision", "ema", "data.name",
               "data.resolution", "data.random_flip", "data.class_cond", "run.seed", "run.teacher",
               "run.init_from_teacher")
@@ -344,7 +304,8 @@ def flat(d: dict, prefix: str = "") -> dict:
 def run_changes(saved: dict, cfg: RunConfig) -> list[str]:
     """The run-changing fields whose value differs between a stored config and cfg."""
     a, b = flat(json.loads(json.dumps(saved))), flat(json.loads(to_json(cfg)))  # tuples as lists on both
-    keys = sorted(k for k in set(a) | set(b) if any(k == f or k.startswith(f + ".") for f in RUN_FIELDS))
+    fields = RUN_FIELDS + tuple(f"cm.{f}" for f in cfg.cm.run_fields())
+    keys = sorted(k for k in set(a) | set(b) if any(k == f or k.startswith(f + ".") for f in fields))
     if a.get("arch") != b.get("arch"):  # another network family: its fields say nothing more
         keys = [k for k in keys if not k.startswith("net.")]
     changed = changed_fields(a, b, keys)
@@ -398,7 +359,7 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
                       download=cfg.data.download)
     check_data(cfg, ds)
     # CD needs D_φ and ECT tunes it; CT may start from it (run.teacher set), as OCM's CT launch scripts do
-    use_teacher = cfg.cm.mode in ("cd", "ect") or (cfg.cm.mode == "ct" and bool(cfg.run.teacher)
+    use_teacher = bool(RECIPES[cfg.cm.mode].teacher) or (cfg.cm.mode == "ct" and bool(cfg.run.teacher)
                                                    and cfg.run.init_from_teacher)
     teacher = load_teacher(cfg, dev) if use_teacher else None
     tr = Trainer(cfg, dev, teacher)
@@ -426,7 +387,7 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
                    disable=None, file=sys.stderr, dynamic_ncols=True)
     shape = (ds.channels, ds.resolution, ds.resolution)
     t0 = t_log = time.time()
-    k_log, rec = start, None
+    k_log, rec, fid_cache = start, None, {}
     try:
         while tr.step_k < cfg.opt.steps:
             x, y = next(loader)
@@ -435,12 +396,10 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
             log_now, ckpt_now = k % cfg.run.log_every == 0, k % cfg.run.ckpt_every == 0
             grid_now = cfg.run.sample_every and k % cfg.run.sample_every == 0
             if log_now or ckpt_now or grid_now or k == cfg.opt.steps:  # nothing non-finite is logged or saved
-                try:
-                    tr.check_finite()
-                except NonFiniteLoss as e:
+                if bad := tr.first_nonfinite():
                     good = (f"the last good checkpoint is {last_ckpt}" if last_ckpt
                             else "no checkpoint was written yet")
-                    raise CMError(f"{e}; stopped without saving; {good}") from None
+                    raise CMError(f"{bad}; stopped without saving; {good}")
             if main and (log_now or k == cfg.opt.steps):
                 now = time.time()
                 rec.update({"loss": rec["loss"].item(), "sec": now - t0,
@@ -448,7 +407,8 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 k_log, t_log = k, now
-                bar.set_postfix(loss=f"{rec['loss']:.4g}", N=rec["N"], img_s=f"{rec['img/s']:.0f}")
+                bar.set_postfix({n: rec[n] for n in ("N", "stage") if rec[n]}, loss=f"{rec['loss']:.4g}",
+                                img_s=f"{rec['img/s']:.0f}")
             if bar is not None:
                 bar.update(1)
             if ckpt_now or k == cfg.opt.steps:  # before the grids, which may fail
@@ -461,6 +421,12 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
                     on_checkpoint(k, last_ckpt)
             if main and (grid_now or k == cfg.opt.steps):
                 write_grids(cfg, tr.emas[cfg.ema.for_eval()], shape, out, k)
+            if main and cfg.run.fid_every and k % cfg.run.fid_every == 0:
+                fid = evaluate.fid_during_training(tr.emas[cfg.ema.for_eval()], cfg, shape, ds, out, fid_cache, dev)
+                if fid is not None:
+                    bar.write(f"step {k}: FID {fid:.2f} ({cfg.run.fid_samples} one-step samples, training set)")
+                    log.write(json.dumps({"step": k, "fid": fid, "sec": time.time() - t0}) + "\n")
+                    log.flush()
         if main:
             checkpoints.export(out / "export.pt", tr.emas, cfg, tr.step_k)
         dist.barrier()

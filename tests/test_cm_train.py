@@ -22,7 +22,7 @@ def run_cli(*args, cwd=ROOT):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("edm")
-    rows = cm.train(cm.Config(mode="edm", steps=30, out=str(out), **TINY))
+    rows = cm.train(cm.config(mode="edm", steps=30, out=str(out), **TINY))
     assert "EDM Heun, 18 levels (35 NFE)" in rows and "data vs data (floor)" in rows
     return out / "ckpt.pt"
 
@@ -32,13 +32,13 @@ def test_edm_then_cd_then_ct_end_to_end(teacher, tmp_path):
     assert (teacher.parent / "grid-heun-0000030.png").is_file()
     state = torch.load(teacher, weights_only=True)
     assert state["step"] == 30 and state["config"]["mode"] == "edm"
-    rows = cm.train(cm.Config(mode="cd", teacher=str(teacher), steps=20, out=str(tmp_path / "cd"), **TINY))
+    rows = cm.train(cm.config(mode="cd", teacher=str(teacher), steps=20, out=str(tmp_path / "cd"), **TINY))
     assert {"1-step", "2-step", "teacher Heun, 18 levels (35 NFE)"} <= set(rows)
     cd = torch.load(tmp_path / "cd" / "ckpt.pt", weights_only=True)
     assert cd["config"]["mu"] == 0.0  # [CM Tab. 3] CIFAR-10 CD: μ = 0, so θ⁻ is θ after every step
     assert all(torch.equal(cd["target"][k], v) for k, v in cd["model"].items())
     assert not all(torch.equal(cd["ema"][k], v) for k, v in cd["model"].items())
-    rows = cm.train(cm.Config(mode="ct", steps=20, out=str(tmp_path / "ct"), **TINY))
+    rows = cm.train(cm.config(mode="ct", steps=20, out=str(tmp_path / "ct"), **TINY))
     assert all(np.isfinite(v) for v in rows.values())
     # --sample on the final checkpoint draws the very grids the run drew at its last step
     r = run_cli("--sample", str(tmp_path / "ct" / "ckpt.pt"), "--out", str(tmp_path / "again"))
@@ -54,31 +54,31 @@ def test_edm_then_cd_then_ct_end_to_end(teacher, tmp_path):
 def test_improved_recipes_resume_and_refuse_changed_settings(mode, teacher, tmp_path):
     """--resume continues an iCT or ECT run; a resume with another setting of its recipe is refused, naming it."""
     cfg = dict(mode=mode, steps=4, out=str(tmp_path), teacher=str(teacher) if mode == "ect" else "", **TINY)
-    cm.train(cm.Config(**cfg))
-    cm.train(cm.Config(**{**cfg, "steps": 6}, resume=True, allow_config_change=True))
+    cm.train(cm.config(**cfg))
+    cm.train(cm.config(**{**cfg, "steps": 6}, resume=True, allow_config_change=True))
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 6
     with pytest.raises(cm.CMError, match=r"P_std 2\.0 -> 3\.0"):
-        cm.train(cm.Config(**{**cfg, "steps": 6}, resume=True, P_std=3.0))
+        cm.train(cm.config(**{**cfg, "steps": 6}, resume=True, P_std=3.0))
 
 
 def test_distillation_resume_takes_the_teachers_width_and_refuses_another_teacher(teacher, tmp_path):
     """CD's network is as wide as its teacher (32 here, not toy's default 256): a plain --resume without
     --channels continues; a resume with another --teacher file (other targets) is refused, naming it."""
     cfg = dict(TINY, channels=0, mode="cd", steps=2, out=str(tmp_path / "cd"), teacher=str(teacher))
-    cm.train(cm.Config(**cfg))
-    cm.train(cm.Config(**{**cfg, "steps": 3}, resume=True, allow_config_change=True))
+    cm.train(cm.config(**cfg))
+    cm.train(cm.config(**{**cfg, "steps": 3}, resume=True, allow_config_change=True))
     assert torch.load(tmp_path / "cd" / "ckpt.pt", weights_only=True)["step"] == 3
-    cm.train(cm.Config(**{**cfg, "steps": 3}, resume=True))  # nothing changed: nothing refused
+    cm.train(cm.config(**{**cfg, "steps": 3}, resume=True))  # nothing changed: nothing refused
     other = tmp_path / "other.pt"
     other.write_bytes(teacher.read_bytes())
     with pytest.raises(cm.CMError, match="teacher"):
-        cm.train(cm.Config(**{**cfg, "steps": 3, "teacher": str(other)}, resume=True))
+        cm.train(cm.config(**{**cfg, "steps": 3, "teacher": str(other)}, resume=True))
 
 
 @pytest.mark.slow
 def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     cfg = dict(mode="ct", steps=20, **TINY)
-    cm.train(cm.Config(out=str(tmp_path / "a"), **cfg))
+    cm.train(cm.config(out=str(tmp_path / "a"), **cfg))
     uninterrupted = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
 
     class Killed(Exception):
@@ -92,10 +92,10 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cm, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
-        cm.train(cm.Config(out=str(tmp_path / "b"), **cfg))
+        cm.train(cm.config(out=str(tmp_path / "b"), **cfg))
     monkeypatch.setattr(cm, "save_checkpoint", real_save)
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 10
-    cm.train(cm.Config(out=str(tmp_path / "b"), resume=True, **cfg))
+    cm.train(cm.config(out=str(tmp_path / "b"), resume=True, **cfg))
     resumed = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
     assert resumed["step"] == 20
     for key in ("model", "target", "ema"):
@@ -105,7 +105,7 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_cd_without_teacher_trains_one_first(tmp_path):
-    rows = cm.train(cm.Config(mode="cd", steps=10, teacher_steps=20, out=str(tmp_path), **TINY))
+    rows = cm.train(cm.config(mode="cd", steps=10, teacher_steps=20, out=str(tmp_path), **TINY))
     teacher = torch.load(tmp_path / "teacher" / "ckpt.pt", weights_only=True)
     assert teacher["config"]["mode"] == "edm" and teacher["step"] == 20
     student = torch.load(tmp_path / "ckpt.pt", weights_only=True)
@@ -170,7 +170,7 @@ def test_corrupt_and_foreign_checkpoints(teacher, tmp_path):
 def test_nan_run_keeps_the_good_checkpoint(tmp_path):
     """A run that resumes a good checkpoint and blows up (lr 1e39 makes the weights inf after one step)
     stops with one line at its next checkpoint and leaves the good checkpoint byte for byte as it was."""
-    cm.train(cm.Config(mode="ct", steps=10, out=str(tmp_path), **TINY))
+    cm.train(cm.config(mode="ct", steps=10, out=str(tmp_path), **TINY))
     good = (tmp_path / "ckpt.pt").read_bytes()
     r = run_cli("--mode", "ct", "--dataset", "toy", "--channels", "32", "--batch-size", "64", "--log-every", "5",
                 "--device", "cpu", "--out", str(tmp_path), "--resume", "--allow-config-change",
@@ -214,9 +214,9 @@ def test_cifar10_missing_fails_fast_with_one_line(tmp_path):
 
 
 def test_resume_refuses_a_run_with_other_settings(tmp_path):
-    cm.train(cm.Config(mode="ct", steps=10, out=str(tmp_path), **TINY))
+    cm.train(cm.config(mode="ct", steps=10, out=str(tmp_path), **TINY))
     with pytest.raises(cm.CMError, match="trained with other steps"):
-        cm.train(cm.Config(mode="ct", steps=20, out=str(tmp_path), resume=True, **TINY))
+        cm.train(cm.config(mode="ct", steps=20, out=str(tmp_path), resume=True, **TINY))
 
 
 FID_RUN = dict(mode="ct", dataset="digits", channels=8, batch_size=16, steps=2, log_every=1, ckpt_every=2,
@@ -229,7 +229,7 @@ def test_fid_every_logs_a_fid_through_full_evaluate(tmp_path, monkeypatch):
     from full import evaluate
     pool = lambda x: torch.nn.functional.avg_pool2d(x.float(), 4).flatten(1)  # (B, 3*2*2)
     monkeypatch.setattr(evaluate, "make_extractor", lambda device=None: lambda x: (pool(x), pool(x)))
-    cm.train(cm.Config(out=str(tmp_path), **FID_RUN))
+    cm.train(cm.config(out=str(tmp_path), **FID_RUN))
     fids = [r["fid"] for r in map(eval, (tmp_path / "log.jsonl").read_text().splitlines()) if "fid" in r]
     assert len(fids) == 1 and np.isfinite(fids[0]) and fids[0] > 0
     assert (tmp_path / "fid_ref.npz").is_file()
@@ -240,7 +240,7 @@ def test_fid_offline_is_one_line_and_training_goes_on(tmp_path, capsys):
     from full import evaluate
     if evaluate.inception_weights_cache_path().is_file():
         pytest.skip("the Inception weights are cached here: the offline path cannot be shown")
-    cm.train(cm.Config(out=str(tmp_path), **FID_RUN))
+    cm.train(cm.config(out=str(tmp_path), **FID_RUN))
     err = capsys.readouterr().err
     assert err.count("FID is off") == 1 and "Traceback" not in err, err
     assert (tmp_path / "ckpt.pt").is_file()

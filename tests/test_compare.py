@@ -3,7 +3,10 @@ import json
 
 import pytest
 
-from full import compare
+import importlib.util, pathlib
+_spec = importlib.util.spec_from_file_location('compare', pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'compare.py')
+compare = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compare)
 
 
 def test_compare_tabulates_every_mode_from_one_teacher(tmp_path, capsys):

@@ -5,6 +5,8 @@ import time
 
 import numpy as np
 import pytest
+
+import cm
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -131,7 +133,7 @@ def test_cifar10_loads_through_torchvision_with_exact_pixels(tmp_path, skip_md5)
 
 def test_cifar10_missing_fails_fast_with_one_line(tmp_path):
     start = time.monotonic()
-    with pytest.raises(data.DatasetError) as err:
+    with pytest.raises(cm.CMError) as err:
         data.make_dataset("cifar10", tmp_path / "nowhere")
     assert time.monotonic() - start < 5
     msg = str(err.value)
@@ -141,13 +143,13 @@ def test_cifar10_missing_fails_fast_with_one_line(tmp_path):
 
 def test_cifar10_corrupt_dir_is_reported_as_dataset_error(tmp_path):
     (tmp_path / "cifar-10-batches-py").mkdir()  # present but empty: torchvision's integrity check fails
-    with pytest.raises(data.DatasetError, match="cifar-10-batches-py"):
+    with pytest.raises(cm.CMError, match="cifar-10-batches-py"):
         data.make_dataset("cifar10", tmp_path)
 
 
 def test_cifar10_rejects_other_resolutions(tmp_path, skip_md5):
     write_cifar10(tmp_path)
-    with pytest.raises(data.DatasetError, match="32x32"):
+    with pytest.raises(cm.CMError, match="32x32"):
         data.make_dataset("cifar10", tmp_path, 64)
 
 
@@ -192,14 +194,14 @@ def test_image_folder_center_crops_before_resizing(tmp_path):
 
 def test_image_folder_errors(tmp_path):
     solid((4, 4), (0, 0, 0)).save(tmp_path / "top.png")
-    with pytest.raises(data.DatasetError, match="class subfolder"):
+    with pytest.raises(cm.CMError, match="class subfolder"):
         data.make_dataset("folder", tmp_path, 4, class_cond=True)
-    with pytest.raises(data.DatasetError, match="resolution"):
+    with pytest.raises(cm.CMError, match="resolution"):
         data.make_dataset("folder", tmp_path)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(data.DatasetError, match="no .* images"):
+    with pytest.raises(cm.CMError, match="no .* images"):
         data.make_dataset("folder", tmp_path / "empty", 4)
-    with pytest.raises(data.DatasetError, match="does not exist"):
+    with pytest.raises(cm.CMError, match="does not exist"):
         data.make_dataset("folder", tmp_path / "missing", 4)
 
 
@@ -244,7 +246,7 @@ def test_imagenet64_npy_cache_matches_npz(tmp_path):
 
 
 def test_imagenet64_missing(tmp_path):
-    with pytest.raises(data.DatasetError, match="train_data_batch"):
+    with pytest.raises(cm.CMError, match="train_data_batch"):
         data.make_dataset("imagenet64", tmp_path)
 
 
@@ -268,7 +270,7 @@ def test_digits_native_and_resized():
 
 
 def test_unknown_dataset_name_lists_valid_names():
-    with pytest.raises(data.DatasetError) as err:
+    with pytest.raises(cm.CMError) as err:
         data.make_dataset("mnist", "/tmp")
     for name in ("cifar10", "folder", "imagenet64", "digits"):
         assert name in str(err.value)
@@ -369,5 +371,5 @@ def test_loader_with_worker_process_matches_in_process():
 
 
 def test_loader_rejects_a_batch_larger_than_a_rank_share():
-    with pytest.raises(data.DatasetError, match="cannot fill one batch"):
+    with pytest.raises(cm.CMError, match="cannot fill one batch"):
         data.make_loader(IndexImages(10), 6, 0, 2)

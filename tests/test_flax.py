@@ -20,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cm import CMError
-from full import checkpoints, flax_ckpt
+from full import checkpoints
+from full.released import flax as flax_ckpt
 from full.networks import NCSNpp, NCSNppConfig
 from test_data import skip_md5, write_cifar10  # noqa: F401  (skip_md5 is a fixture)
 

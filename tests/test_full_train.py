@@ -255,7 +255,7 @@ def test_teacher_of_other_data_is_refused(teacher, tmp_path, capsys):
 
 def test_old_name_ts_grid_still_reads():
     """run.grid_steps was run.ts_grid: an override or a stored config with the old name still works."""
-    from full.presets import config_from_dict
+    from full.config import config_from_dict
     assert resolve("tiny-ct", ["run.ts_grid=40"]).run.grid_steps == 40
     stored = dataclasses.asdict(resolve("tiny-ct"))
     stored["run"]["ts_grid"] = 30

@@ -47,7 +47,7 @@ def test_boundary_condition_under_autocast(dtype, net):
 
 
 def test_cm_train(tmp_path):
-    rows = cm.train(cm.Config(mode="ct", dataset="toy", steps=30 if CUDA else 5, channels=64,
+    rows = cm.train(cm.config(mode="ct", dataset="toy", steps=30 if CUDA else 5, channels=64,
                               batch_size=256 if CUDA else 32, device=DEVICE, precision="bf16",
                               out=str(tmp_path), log_every=10))
     assert all(torch.isfinite(torch.tensor(v)) for v in rows.values())

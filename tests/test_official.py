@@ -24,7 +24,9 @@ from hypothesis import given, strategies as st
 import full.sample
 import full.train
 from cm import CMError
-from full import checkpoints, edm_pickle, official
+from full import checkpoints
+from full.released import edm_pickle
+from full.released import guided_diffusion as official
 from full.networks import ADMConfig, ADMUNet, NCSNpp, NCSNppConfig
 from full.presets import resolve
 

@@ -33,7 +33,8 @@ import full.sample
 import full.train
 from full import checkpoints
 from full.model import make_model
-from full.presets import ConfigError, resolve
+from full.presets import resolve
+from cm import CMError as ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -96,7 +97,7 @@ def export(path: Path, preset: str) -> Path:
 def runs(tmp_path_factory):
     """An earlier run of each trainer (whose files no bad input may change) and sampling inputs."""
     d = tmp_path_factory.mktemp("runs")
-    cm.train(cm.Config(mode="ct", steps=4, ckpt_every=2, out=str(d / "cm-ct"), dataset="toy", channels=16,
+    cm.train(cm.config(mode="ct", steps=4, ckpt_every=2, out=str(d / "cm-ct"), dataset="toy", channels=16,
                        batch_size=32, device="cpu"))
     full.train.train(resolve("tiny-ct", [f"run.out={str(d / 'full-ct')!r}", "opt.steps=2"]))
     export(d / "edm-export.pt", "tiny-edm")
@@ -407,9 +408,9 @@ VALID = dict(mode=st.sampled_from(["ct", "ict", "ect", "cd"]), sigma_min=st.floa
              steps=st.integers(1, 3))
 
 
-def _toy_config(out: Path, mode, ds, s0, **v) -> cm.Config:
+def _toy_config(out: Path, mode, ds, s0, **v) -> cm.TrainConfig:
     """A tiny toy run (8 channels, batch 16, a checkpoint every step; cd, ect: a 2-step teacher first)."""
-    return cm.Config(mode=mode, dataset="toy", channels=8, batch_size=16, device="cpu", out=str(out), s0=s0,
+    return cm.config(mode=mode, dataset="toy", channels=8, batch_size=16, device="cpu", out=str(out), s0=s0,
                      s1=s0 + ds, ckpt_every=1, teacher_steps=2, **v)
 
 

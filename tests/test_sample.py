@@ -19,6 +19,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 
+
+def gen(f, cfg, *args, **kwargs):
+    """cm.generate for a full/ config: its math section and its class count."""
+    k = cfg.net.num_classes if cfg.data.class_cond else 0
+    return cm.generate(f, cfg.cm, *args, num_classes=k, **kwargs)
+
 def _export(path: Path, preset: str) -> Path:
     """An export file with random (non-zero) weights: sampling needs no training to be tested."""
     cfg = resolve(preset)
@@ -47,7 +53,7 @@ def test_cli_writes_grid_and_npz(adm_export, tmp_path):
     assert y.shape == (7,) and y.dtype == np.int64 and 0 <= y.min() and y.max() < 10
     # the file holds exactly what an in-process generation with the same seeds gives
     f, cfg = checkpoints.model_from_state(checkpoints.load(adm_export))
-    want, labels = full.sample.generate(f, cfg, (1, 8, 8), range(7), cm.ts_to_sigmas([0, 11, 17], 18), seed=0)
+    want, labels = gen(f, cfg, (1, 8, 8), range(7), cm.ts_to_sigmas([0, 11, 17], 18), seed=0)
     np.testing.assert_array_equal(x, full.sample.to_uint8(want))
     np.testing.assert_array_equal(y, labels.numpy())
 
@@ -55,12 +61,12 @@ def test_cli_writes_grid_and_npz(adm_export, tmp_path):
 @pytest.mark.parametrize("levels", [[80.0], [80.0, 3.0, 0.5]])
 def test_samples_do_not_depend_on_batch_size(adm_export, levels):
     f, cfg = checkpoints.model_from_state(checkpoints.load(adm_export))
-    a, ya = full.sample.generate(f, cfg, (1, 8, 8), range(10), levels, seed=5, batch=3)
-    b, yb = full.sample.generate(f, cfg, (1, 8, 8), range(10), levels, seed=5, batch=5)
+    a, ya = gen(f, cfg, (1, 8, 8), range(10), levels, seed=5, batch=3)
+    b, yb = gen(f, cfg, (1, 8, 8), range(10), levels, seed=5, batch=5)
     assert torch.equal(ya, yb)
     np.testing.assert_array_equal(full.sample.to_uint8(a), full.sample.to_uint8(b))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    c, _ = full.sample.generate(f, cfg, (1, 8, 8), range(4, 10), levels, seed=5, batch=4)  # "rank 1"
+    c, _ = gen(f, cfg, (1, 8, 8), range(4, 10), levels, seed=5, batch=4)  # "rank 1"
     torch.testing.assert_close(a[4:], c, rtol=0, atol=1e-5)
 
 
@@ -78,7 +84,7 @@ def test_ts_convention(adm_export):
 
 def test_one_level_is_the_onestep_sampler(adm_export):
     f, cfg = checkpoints.model_from_state(checkpoints.load(adm_export))
-    x, y = full.sample.generate(f, cfg, (1, 8, 8), range(3), [80.0], seed=1)
+    x, y = gen(f, cfg, (1, 8, 8), range(3), [80.0], seed=1)
     g = [torch.Generator().manual_seed(1 + i) for i in range(3)]
     labels = torch.cat([torch.randint(10, (1,), generator=gi) for gi in g])
     z = torch.stack([torch.randn(1, 8, 8, generator=gi) for gi in g])  # label first, then z, per sample
@@ -99,13 +105,13 @@ def test_two_steps_equal_the_official_sampler(tmp_path):
             p.copy_(torch.randn_like(p) / max(p[0].numel(), 1) ** 0.5)
     for ts, steps in (((0, 11, 17), 18), ((0, 106, 200), 201), ((0, 5, 12, 17), 18)):
         levels = cm.ts_to_sigmas(ts, steps)
-        x, y = full.sample.generate(f, cfg, (1, 8, 8), range(3), levels, seed=4)
-        z, extra, labels = full.sample.per_sample_noise(range(3), (1, 8, 8), len(levels), 4, 10)
+        x, y = gen(f, cfg, (1, 8, 8), range(3), levels, seed=4)
+        z, extra, labels = cm.per_sample_noise(range(3), (1, 8, 8), len(levels), 4, 10)
         fy = lambda v, t: f(v, t, labels)  # noqa: E731
         assert fy(80 * z, 80.0).abs().max() > 1.5
         ref = official_multistep(fy, 80 * z, ts, extra + [torch.zeros_like(z)], steps)
         torch.testing.assert_close(x, ref, rtol=0, atol=1e-5)
-        raw, _ = full.sample.generate(f, cfg, (1, 8, 8), range(3), levels, seed=4, clip_denoised=False)
+        raw, _ = gen(f, cfg, (1, 8, 8), range(3), levels, seed=4, clip_denoised=False)
         assert (raw.clamp(-1, 1) - x).abs().max() > 1e-2  # the option turns the per-step clamp off
 
 
@@ -153,7 +159,7 @@ def test_mask_and_reference_checks(tmp_path):
     with pytest.raises(cm.CMError, match="no mask at"):
         load_mask(str(tmp_path / "none.png"), (1, 8, 8))
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(cm.CMError, match="cannot read the mask"):
+    with pytest.raises(cm.CMError, match="cannot read image"):
         load_mask(str(tmp_path / "bad.png"), (1, 8, 8))
     np.savez(tmp_path / "ref.npz", np.zeros((2, 16, 16, 3), dtype=np.uint8))
     with pytest.raises(cm.CMError, match="reference images are"):

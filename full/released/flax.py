@@ -47,6 +47,10 @@ import numpy as np
 import torch
 
 from cm import CMError
+from full import dist
+from full.config import export_dict
+from full.networks import NCSNppConfig
+from full.presets import get_preset
 
 KINDS = ("edm", "cd", "ct")
 _CKPT = re.compile(r"^checkpoint_(\d+)$")
@@ -301,7 +305,6 @@ def flat_names(tree: dict, prefix: str = "") -> list[str]:
 def infer_config(params: dict, img_resolution: int = 32, attn_resolutions: tuple[int, ...] = (16,)):
     """NCSNppConfig from the tree's shapes: nf, ch_mult and blocks per level are read off the tree; the
     resolution and attention placement (not visible in the weights) default to CIFAR-10's 32 / (16,)."""
-    from full.networks import NCSNppConfig
     try:
         nf = int(params["Conv_0"]["kernel"].shape[-1])
         in_ch = int(params["Conv_0"]["kernel"].shape[-2])
@@ -360,7 +363,6 @@ def _metric_from_path(path: str | Path) -> str:
 
 def run_config(kind: str, net, ema_rate: float, path: str | Path = ""):
     """The full/ RunConfig of a converted checkpoint: the cifar10 preset of its kind, with its network."""
-    from full.presets import EMASection, get_preset
     metric = _metric_from_path(path) if kind != "edm" else "lpips"
     preset = {"edm": "cifar10-edm", "ct": "cifar10-ct", "cd": f"cifar10-cd-{metric}"}[kind]
     cfg = get_preset(preset)
@@ -393,10 +395,9 @@ def import_flax(path: str | Path, kind: str = "", img_resolution: int = 32,
     cfg = run_config(kind, net, rate, file)
     sd = {f"net.{k}": v for k, v in convert_params(params, net).items()}  # ConsistencyFunction.net
     step = state.get("step", 0)
-    return {"ema": {rate: sd}, "config": dataclasses.asdict(cfg), "step": int(step), "format": 1,
-            "kind": "full", "export": True,
-            "official": {"format": "flax-msgpack", "source": str(file), "kind": kind, "kind_from": why,
-                         "params": "params_ema"}}
+    return export_dict(cfg, {rate: sd}, step,
+                       {"format": "flax-msgpack", "source": str(file), "kind": kind, "kind_from": why,
+                        "params": "params_ema"})
 
 
 def read_checkpoint(path: Path, obj, arch: str = "", kind: str = "") -> dict | None:
@@ -405,7 +406,6 @@ def read_checkpoint(path: Path, obj, arch: str = "", kind: str = "") -> dict | N
         return None
     if arch and arch not in ("ncsnpp", "cifar10"):
         raise CMError(f"{path} is a CIFAR-10 NCSN++ Flax checkpoint; --arch {arch} does not apply")
-    from full import dist
     state = import_flax(path, kind)
     info = state["official"]
     dist.print0(f"{Path(path).name}: Flax checkpoint of openai/consistency_models_cifar10, params_ema, kind "

@@ -52,7 +52,10 @@ import torch
 from torch import Tensor, nn
 
 from cm import NOISE_CONDITIONING, CMError, append_dims, boundary_scalings
+from full import dist
+from full.config import export_dict
 from full.networks import NCSNpp, NCSNppConfig, fir_kernel
+from full.presets import get_preset
 
 PRECONDS = ("VEPrecond", "VPPrecond", "EDMPrecond")
 
@@ -339,8 +342,6 @@ def read_pickle(path: Path, obj, arch: str = "", kind: str = "") -> dict | None:
         head = fh.read(2)
     if head[:1] != b"\x80" or head[1:2] not in (b"\x02", b"\x03", b"\x04", b"\x05"):  # pickle protocol 2-5
         return None
-    from full import checkpoints, dist
-    from full.presets import get_preset
     if kind not in ("", "edm"):
         raise CMError(f"{path}: an EDM pickle is a denoiser (kind edm), not {kind}")
     data = load_pickle(path)
@@ -376,7 +377,5 @@ def read_pickle(path: Path, obj, arch: str = "", kind: str = "") -> dict | None:
     dist.print0(f"{Path(path).name}: EDM pickle (read without running it); {ema.class_name} around SongUNet "
                 f"({'NCSN++' if net_cfg.embedding == 'fourier' else 'DDPM++'}, {len(weights)} tensors), "
                 f"kind edm (a denoiser D; Heun sigma range {cfg.cm.sigma_min:g}..{cfg.cm.sigma_max:g})")
-    return {"ema": {0.0: {f"net.{k}": v for k, v in weights.items()}}, "config": dataclasses.asdict(cfg),
-            "step": 0, "format": checkpoints.FORMAT,
-            "export": True, "official": {"source": "edm-pickle", "arch": "ncsnpp", "kind": "edm",
-                                         "precond": precond}}
+    return export_dict(cfg, {0.0: {f"net.{k}": v for k, v in weights.items()}}, 0,
+                       {"source": "edm-pickle", "arch": "ncsnpp", "kind": "edm", "precond": precond})

@@ -1,8 +1,8 @@
-"""python -m full.compare: CD, CT, iCT and ECT side by side on one data set, each at cm.py's defaults.
+"""python scripts/compare.py: CD, CT, iCT and ECT side by side on one data set, each at cm.py's defaults.
 
-    python -m full.compare --dataset digits          # ~25 min on 2 CPU cores: the README's table
-    python -m full.compare --dataset toy             # ~10 min
-    python -m full.compare --dataset digits --modes ct,ict --out runs/compare-digits
+    python scripts/compare.py --dataset digits       # ~45 min on 2 CPU cores: the README's table
+    python scripts/compare.py --dataset toy          # ~10 min
+    python scripts/compare.py --dataset digits --modes ct,ict --out runs/compare-digits
 
 One command per data set trains, in this order and each with its cm.py defaults: the EDM teacher, CD
 and ECT from that one teacher, then CT and iCT (no teacher). Every run prints its distances to fresh
@@ -15,22 +15,23 @@ the toy ring it is the energy distance. Each run's folder (<out>/<mode>) keeps i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
-import cm
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any folder without an install
+import cm  # noqa: E402
 
 ROWS = {"cd": "CD", "ct": "CT", "ict": "iCT", "ect": "ECT"}
 FLOOR, TEACHER = "data vs data (floor)", "teacher Heun, 18 levels (35 NFE)"
 
 
-def run(cfg: cm.Config) -> tuple[dict, float, cm.Config]:
-    """cm.train(cfg) -> (its distances, its wall clock in seconds, the resolved config)."""
+def run(cfg: cm.TrainConfig) -> tuple[dict, float, cm.TrainConfig]:
+    """cm.train(cfg) -> (its distances, its wall clock in seconds, the config)."""
     t0 = time.time()
     result = cm.train(cfg)
-    return result, time.time() - t0, cm.resolve(cfg)
+    return result, time.time() - t0, cfg
 
 
 def cell(result: dict, key: str, digits: bool) -> str:
@@ -43,17 +44,17 @@ def cell(result: dict, key: str, digits: bool) -> str:
 
 def compare(dataset: str, modes: list[str], out: Path, **settings) -> list[dict]:
     """Train the teacher (if a mode needs one) and each mode; returns one row per mode. `settings` are
-    Config fields set for every run (device; steps etc. for a quick look), the rest are cm.py's defaults."""
-    base = cm.Config(dataset=dataset, overwrite=True, **settings)
+    settings of cm.config for every run (device; steps etc. for a quick look), the rest are cm.py's defaults."""
+    def config(mode, **kw):
+        return cm.config(dataset, mode, overwrite=True, **settings, **kw)
     rows, teacher, teacher_s, teacher_steps = [], "", 0.0, 0
     if {"cd", "ect"} & set(modes):
-        _, teacher_s, tcfg = run(dataclasses.replace(base, mode="edm", out=str(out / "teacher")))
+        _, teacher_s, tcfg = run(config("edm", out=str(out / "teacher"), report=False))
         teacher, teacher_steps = str(out / "teacher" / "ckpt.pt"), tcfg.steps
         print(f"teacher: {tcfg.steps} steps in {teacher_s:.0f} s")
     for mode in modes:
-        uses_teacher = mode in ("cd", "ect")
-        result, sec, rcfg = run(dataclasses.replace(base, mode=mode, out=str(out / mode),
-                                                    teacher=teacher if uses_teacher else ""))
+        uses_teacher = bool(cm.RECIPES[mode].teacher)
+        result, sec, rcfg = run(config(mode, out=str(out / mode), teacher=teacher if uses_teacher else ""))
         rows.append(dict(mode=mode, steps=rcfg.steps, teacher_steps=teacher_steps * uses_teacher,
                          sec=sec + teacher_s * uses_teacher, own_sec=sec, result=result))
         print(f"{mode}: {rcfg.steps} steps in {sec:.0f} s")
@@ -90,7 +91,7 @@ def main(argv=None) -> None:
             raise cm.CMError(f"--modes takes a comma-separated subset of {', '.join(ROWS)}, got {args.modes!r}")
         out = Path(args.out or f"runs/compare-{args.dataset}")
         t0 = time.time()
-        rows = compare(args.dataset, modes, out, device=args.device, steps=args.steps)
+        rows = compare(args.dataset, modes, out, device=args.device, **({"steps": args.steps} if args.steps else {}))
         text = table(rows, args.dataset)
         print("\n" + text + f"In all {time.time() - t0:.0f} s.")
         (out / "table.md").write_text(text)

@@ -26,7 +26,10 @@ import torch
 from torch import nn
 
 from cm import CMError
+from full import dist
+from full.config import export_dict
 from full.networks import ADMConfig, build_network
+from full.presets import get_preset
 
 # name -> (network config, the preset whose data / optimiser / EMA sections a run from this file uses)
 ARCHS: dict[str, tuple[Callable[[], ADMConfig], str]] = {
@@ -110,8 +113,6 @@ def read_state_dict(path: Path, obj, arch: str = "", kind: str = "") -> dict | N
     """checkpoints.import_official's reader for CM's .pt files: an export dict, or None if not this format."""
     if not is_guided_diffusion(obj):
         return None
-    from full import checkpoints, dist
-    from full.presets import get_preset
     try:
         name = infer_arch(obj, arch)
         mode = infer_kind(path, kind)
@@ -130,18 +131,5 @@ def read_state_dict(path: Path, obj, arch: str = "", kind: str = "") -> dict | N
     dist.print0(f"{Path(path).name}: guided-diffusion state dict; architecture {name} "
                 f"({'given' if arch else 'from keys and shapes'}), kind {mode} "
                 f"({'given' if kind else 'from the file name'}): {how}")
-    return {"ema": {0.0: {f"net.{k}": v for k, v in obj.items()}}, "config": dataclasses.asdict(cfg),
-            "step": 0, "format": checkpoints.FORMAT,
-            "export": True, "official": {"source": "guided-diffusion", "arch": name, "kind": mode,
-                                         "clamp": True}}
-
-
-class ClampDenoised(nn.Module):
-    """f (or D) with its output clamped to [-1, 1], as the official sampler's `clip_denoised=True`."""
-
-    def __init__(self, f: nn.Module):
-        super().__init__()
-        self.f = f
-
-    def forward(self, x, sigma, class_labels=None):
-        return self.f(x, sigma, class_labels).clamp(-1, 1)
+    return export_dict(cfg, {0.0: {f"net.{k}": v for k, v in obj.items()}}, 0,
+                       {"source": "guided-diffusion", "arch": name, "kind": mode, "clamp": True})
