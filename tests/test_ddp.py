@@ -34,13 +34,14 @@ def _train(rank: int, world: int, microbatch: int, out: str, port: int):
     from full import dist
     from full.model import make_model
     from full.presets import resolve
-    from full.train import Trainer, curriculum
+    import cm
+    from full.train import Trainer
     dist.init("cpu")
     cfg = resolve("tiny-ct", OVERRIDES + [f"opt.microbatch={microbatch}"])
     tr = Trainer(cfg, torch.device("cpu"))
     per = 8 // world
     for step in range(STEPS):
-        x, n, z = _batch(step, curriculum(cfg, step)[0])
+        x, n, z = _batch(step, cm.schedule(cfg.cm, step, cfg.opt.steps).N)
         s = slice(rank * per, (rank + 1) * per)
         tr.step(x[s], None, n=n[s], z=z[s])
     if rank == 0:

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -95,7 +98,7 @@ def test_ct_presets_use_the_official_curriculum(preset):
     cfg = resolve(preset)
     K, c = cfg.opt.steps, cfg.cm
     for k in (0, 1, 12_345, K // 8, K // 2, K - 1, K):
-        N, mu = full.train.curriculum(cfg, k)
+        N, mu, _ = cm.schedule(cfg.cm, k, K)
         N_ref, mu_ref = official_ema_and_scales(k, K, c.s0, c.s1, c.mu0)
         assert N == N_ref and mu == pytest.approx(mu_ref, rel=1e-12)
 
@@ -176,7 +179,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "valid fields" in _main_error(capsys, "--preset", "tiny-ct", "opt.bogus=1")
     assert "section one of" in _main_error(capsys, "--preset", "tiny-ct", "--nosection=1")
     assert "wrong type" in _main_error(capsys, "--preset", "tiny-ct", "--opt.lr='fast'")
-    assert "not one of" in _main_error(capsys, "--preset", "tiny-ct", "cm.metric=l3")
+    assert "unknown cm.metric" in _main_error(capsys, "--preset", "tiny-ct", "cm.metric=l3")
     assert "does not divide" in _main_error(capsys, "--preset", "tiny-ct", "opt.microbatch=5",
                                             f"run.out={str(tmp_path)!r}")
     assert "run.teacher" in _main_error(capsys, "--preset", "tiny-cd", f"run.out={str(tmp_path)!r}")
@@ -205,9 +208,9 @@ def test_nan_loss_stops_without_saving(tmp_path, capsys, monkeypatch):
 
     def poisoned(*args, **kwargs):  # the loss of cm.py for two steps, then NaN
         calls["n"] += 1
-        return cm.ct_loss(*args, **kwargs) * (float("nan") if calls["n"] > 2 else 1.0)
+        return cm.recipe_loss(*args, **kwargs) * (float("nan") if calls["n"] > 2 else 1.0)
 
-    monkeypatch.setattr(full.train, "ct_loss", poisoned)
+    monkeypatch.setattr(full.train, "recipe_loss", poisoned)
     msg = _main_error(capsys, "--preset", "tiny-ct", f"run.out={str(tmp_path)!r}", "run.ckpt_every=1")
     assert "loss is nan at step 3" in msg and "ckpt-0000002.pt" in msg, msg
     assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["ckpt-0000001.pt", "ckpt-0000002.pt"]
@@ -261,3 +264,29 @@ def test_old_name_ts_grid_still_reads():
     stored["run"]["ts_grid"] = 30
     del stored["run"]["grid_steps"]
     assert config_from_dict(stored).run.grid_steps == 30
+
+
+FID_RUN = ["--preset", "tiny-ct", "opt.steps=2", "run.ckpt_every=2", "run.fid_every=2", "run.fid_samples=20"]
+
+
+def test_fid_every_logs_a_fid_through_full_evaluate(tmp_path, monkeypatch):
+    """A stand-in feature extractor (pixel means of 4x4 patches): the FID of the run's samples is logged,
+    finite and positive, and the training set's statistics are cached in the run folder."""
+    from full import evaluate
+    pool = lambda x: torch.nn.functional.avg_pool2d(x.float(), 4).flatten(1)  # noqa: E731  (B, 3*2*2)
+    monkeypatch.setattr(evaluate, "make_extractor", lambda device=None: lambda x: (pool(x), pool(x)))
+    full.train.main([*FID_RUN, f"run.out={str(tmp_path)!r}"])
+    fids = [r["fid"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "fid" in r]
+    assert len(fids) == 1 and np.isfinite(fids[0]) and fids[0] > 0
+    assert (tmp_path / "fid_ref.npz").is_file()
+
+
+def test_fid_offline_is_one_line_and_training_goes_on(tmp_path, capsys):
+    """No Inception weights and no network (this machine): one note, no FID, the run finishes."""
+    from full import evaluate
+    if evaluate.inception_weights_cache_path().is_file():
+        pytest.skip("the Inception weights are cached here: the offline path cannot be shown")
+    full.train.main([*FID_RUN, f"run.out={str(tmp_path)!r}"])
+    err = capsys.readouterr().err
+    assert err.count("FID is off") == 1 and "Traceback" not in err, err
+    assert (tmp_path / "export.pt").is_file()

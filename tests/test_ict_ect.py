@@ -260,7 +260,7 @@ def test_full_train_ict_and_ect(tmp_path):
         state = checkpoints.load(out / "ckpt-0000004.pt")
         assert state["target"] is None  # μ = 0: θ⁻ is θ under stop-grad, no copy kept
         assert (out / "grid-2step-0000004.png").is_file()
-    assert [full.train.curriculum(cfg, k)[0] for k in (0, 1, 2, 5)] == [1, 1, 2, 3]  # ECT's stage a
+    assert [cm.schedule(cfg.cm, k, 4).stage for k in (0, 1, 2, 5)] == [1, 1, 2, 3]  # ECT's stage a
 
 
 def test_digits_classifier_leaves_the_callers_rng_alone():
