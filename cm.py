@@ -1468,9 +1468,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_field_flags(p, CMConfig, skip=("lpips_pretrained",))
     p.add_argument("--checkpoint", "--sample", metavar="CKPT", dest="checkpoint",
                    help="write sample grids from a cm.py checkpoint and exit")
+    p.add_argument("--print-config", action="store_true", help="print the run's settings and exit")
     args = vars(p.parse_args(argv))
+    show = args.pop("print_config", False)
     try:
-        sample_grids(args.pop("checkpoint"), args) if "checkpoint" in args else train(config(**args))
+        if "checkpoint" in args:
+            return sample_grids(args.pop("checkpoint"), args)
+        cfg = config(**args)
+        print(json.dumps(dataclasses.asdict(cfg), indent=1)) if show else train(cfg)
     except CMError as e:
         exit_on(e)
 
