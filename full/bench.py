@@ -46,14 +46,11 @@ import argparse
 import copy
 import dataclasses
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -79,7 +76,9 @@ RECIPES = [r for r in ("edm", "cd", "ct", "ict", "ect") if r in cm.RECIPES]
 NOT_YET = [r for r in FLOORS if r not in RECIPES]  # a row appears once full.train accepts cm.mode=<it>
 
 
-def floor(recipe: str, F: float, B: float, O: float = 0.0, U: float = 0.0, target: bool | None = None) -> float:
+def floor(
+    recipe: str, F: float, B: float, O: float = 0.0, U: float = 0.0, target: bool | None = None
+) -> float:
     """The recipe's unavoidable work over an EDM step's: (B + n_F·F + O + n_U·U) / (B + O + U), n_U = 2
     with a target θ⁻ to update (CT; CD with μ > 0), else 1 (the evaluation EMA; θ⁻ = stopgrad θ at μ = 0)."""
     target = recipe in ("ct", "cd") if target is None else target
@@ -216,7 +215,7 @@ def make_trainer(s: Setup, mode: str) -> Trainer:
 
 def batch_for(tr: Trainer, n: int, dev: torch.device, seed: int = 0):
     net = tr.cfg.net
-    res = getattr(net, "img_resolution", None) or getattr(net, "image_size")
+    res = getattr(net, "img_resolution", None) or net.image_size
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, net.in_channels, res, res, generator=g).clamp(-1, 1).to(dev)
     y = torch.randint(0, net.num_classes, (n,), generator=g).to(dev) if net.num_classes else None
@@ -323,7 +322,9 @@ def options_table(s: Setup, tr: Trainer, compile_net: bool) -> list[dict]:
     compiled = {}
     options = {"fp32": {}, "bf16": dict(precision="bf16"), "fp16": dict(precision="fp16"),
                "channels_last": dict(channels_last=True)}
-    if s.dev.type == "cpu":  # CPU fp16 convolutions run several times slower, and full.train refuses fp16 there
+    if (
+        s.dev.type == "cpu"
+    ):  # CPU fp16 convolutions run several times slower, and full.train refuses fp16 there
         del options["fp16"]
     fmt = {True: torch.channels_last, False: torch.contiguous_format}
 
@@ -383,9 +384,12 @@ def options_table(s: Setup, tr: Trainer, compile_net: bool) -> list[dict]:
         print(f"  compile: failed ({compile_failed})")
         out.append(dict(option="compile", failed=compile_failed, step_sec=None, step_x=None, sample_sec=None,
                         sample_x=None, max_delta=None, first_call_sec=None, helps=False))
-    print("  (x fp32 > 1 is faster; the optimiser rows time the optimiser step alone, against RAdam's\n"
-          "   for-loop step; '1st call s' includes compilation for the compile row" +
-          ("; no fp16 row on a CPU, where full.train refuses fp16)" if "fp16" not in options else ")"), flush=True)
+    print(
+        "  (x fp32 > 1 is faster; the optimiser rows time the optimiser step alone, against RAdam's\n"
+        "   for-loop step; '1st call s' includes compilation for the compile row"
+        + ("; no fp16 row on a CPU, where full.train refuses fp16)" if "fp16" not in options else ")"),
+        flush=True,
+    )
     return out
 
 
@@ -495,8 +499,11 @@ def main(argv=None) -> dict | int:
     p.add_argument("--compile", action="store_true", help="add a torch.compile row to the options table")
     p.add_argument("--device", default="", help="default: cuda if available, else cpu")
     p.add_argument("--json", default="", help="also write the numbers to this file")
-    p.add_argument("--loss-error", action="store_true",
-                   help="the change of the CT/CD loss and gradient under --precision against fp32 (see above)")
+    p.add_argument(
+        "--loss-error",
+        action="store_true",
+        help="the change of the CT/CD loss and gradient under --precision against fp32 (see above)",
+    )
     p.add_argument("--grids", default="18,150,201", help="with --loss-error: grid sizes N")
     p.add_argument("--checkpoint", default="", help="with --loss-error: a trained full/ checkpoint")
     p.add_argument("--teacher", default="", help="with --loss-error and --checkpoint: the EDM teacher for CD")
@@ -514,8 +521,15 @@ def main(argv=None) -> dict | int:
         dev = cm.pick_device(args.device)
         if args.loss_error:
             others = [q for q in precisions if q != "fp32"] or ["bf16", "fp16"]
-            return loss_error(args.net, others, [int(v) for v in args.grids.split(",")],
-                              args.batch_size or 16, dev, checkpoint=args.checkpoint, teacher_path=args.teacher)
+            return loss_error(
+                args.net,
+                others,
+                [int(v) for v in args.grids.split(",")],
+                args.batch_size or 16,
+                dev,
+                checkpoint=args.checkpoint,
+                teacher_path=args.teacher,
+            )
     except cm.CMError as e:
         cm.exit_on(e)
     gpu = dev.type == "cuda"

@@ -11,9 +11,10 @@ hold only tensors and Python primitives, so `torch.load(p, weights_only=True)` a
 
 Released checkpoints of the official code bases are converted in memory into an export dict by
 `import_official` (one reader per format, tried in order; each answers None for a file that is not its
-format): CM's raw guided-diffusion state dicts (full/released/guided_diffusion.py), the paper's CIFAR-10 Flax checkpoints
-(full/released/flax.py; a run folder means its newest checkpoint_<N>) and EDM's .pkl snapshots, read without
-running them (full/released/edm_pickle.py). The export dict then has an "official" entry saying what was inferred.
+format): CM's raw guided-diffusion state dicts (full/released/guided_diffusion.py), the paper's
+CIFAR-10 Flax checkpoints (full/released/flax.py; a run folder means its newest checkpoint_<N>) and
+EDM's .pkl snapshots, read without running them (full/released/edm_pickle.py). The export dict then has
+an "official" entry saying what was inferred.
 """
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ import os
 import re
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from cm import FORMAT, CMError, ConsistencyFunction, checkpoint_kind, read_weights_only, save_checkpoint
 from full.config import RunConfig, config_from_dict, export_dict
 from full.model import make_model
 from full.released import edm_pickle, flax, guided_diffusion
+
 _NAME = re.compile(r"^ckpt-(\d{7,})\.pt$")
 
 

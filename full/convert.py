@@ -12,13 +12,13 @@ the matching cifar10 preset and the step; an atomic write (cm.save_checkpoint).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from cm import CMError, exit_on, save_checkpoint
 from full import checkpoints
-from full.released import flax
 from full.config import CLIParser
+from full.released import flax
 
 
 def convert(src: str | Path, out: str | Path, kind: str = "", resolution: int = 32,

@@ -25,10 +25,9 @@ is loaded to skip) and yields bit-identical batches to a run that never stopped.
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Callable, Iterator, Sequence
-
 import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch

@@ -27,8 +27,8 @@ noise T z; we follow Alg. 4 and start from y + τ_1 z. Importing has no side eff
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor

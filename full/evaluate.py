@@ -48,8 +48,8 @@ import socket
 import sys
 import warnings
 import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -334,8 +334,12 @@ def save_stats(path, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CMError(f"cannot write {path}: {e.strerror or e}") from None
-    atomic_write(path, lambda f: np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-                                          n=np.int64(n)))
+    atomic_write(
+        path,
+        lambda f: np.savez(
+            f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), n=np.int64(n)
+        ),
+    )
 
 
 def load_stats(path) -> tuple[np.ndarray, np.ndarray, int | None]:

@@ -70,7 +70,9 @@ def read_npz_images(path: str | os.PathLike) -> np.ndarray:
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise CMError(f"cannot read {path} as .npz/.npy ({type(e).__name__}: {str(e)[:100]})") from None
     if arr.dtype != np.uint8:  # a cast would wrap 256 to 0 and read floats in [-1, 1] as black
-        raise CMError(f"{path}{f'[{key}]' if key else ''} must hold uint8 images in [0, 255], got {arr.dtype}")
+        raise CMError(
+            f"{path}{f'[{key}]' if key else ''} must hold uint8 images in [0, 255], got {arr.dtype}"
+        )
     return arr
 
 

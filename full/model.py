@@ -19,7 +19,7 @@ def make_model(cfg, denoiser: bool | None = None) -> ConsistencyFunction:
 
 
 def image_shape(net) -> tuple[int, int, int]:
-    """(C, H, W) of the images a network config takes (NCSN++ names the size img_resolution, ADM image_size)."""
+    """(C, H, W) of the images a network config takes (NCSN++: img_resolution, ADM: image_size)."""
     res = net.img_resolution if hasattr(net, "img_resolution") else net.image_size
     return net.in_channels, res, res
 

@@ -33,7 +33,8 @@ encoder after every res block. The Fourier frequencies are a fixed random buffer
 in stop_gradient), so they are saved in the state_dict but not counted as parameters.
 DDPM++ (EDM's VP CIFAR-10 networks, `NCSNppConfig.ddpmpp_cifar10`) is the same network with sinusoidal
 noise features of width nf (`embedding='positional'`), no input pyramid (`encoder='standard'`) and the
-[1, 1] resampling filter; `label_input=True` adds classes the way EDM's SongUNet does (full/released/edm_pickle.py).
+[1, 1] resampling filter; `label_input=True` adds classes the way EDM's SongUNet does
+(full/released/edm_pickle.py).
 
 ADM [ADM] with guided-diffusion / CM key names, so `ADMUNet.load_state_dict(released_state_dict)` works:
     time_embed.{0,2}   label_emb   input_blocks.i.j   middle_block.{0,1,2}   output_blocks.i.j   out.{0,2}
@@ -61,8 +62,8 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +108,9 @@ class NCSNppConfig:
         _require(self.embedding in ("fourier", "positional"), "embedding is fourier or positional")
         _require(self.encoder in ("residual", "standard"), "encoder is residual or standard")
         _require(len(self.resample_filter) % 2 == 0, "FIR resampling here needs an even number of taps")
-        _require(self.img_resolution % 2 ** (len(self.channel_mult) - 1) == 0, "resolution must halve cleanly")
+        _require(
+            self.img_resolution % 2 ** (len(self.channel_mult) - 1) == 0, "resolution must halve cleanly"
+        )
         _require(min(self.channel_mult) * self.model_channels >= 4, "GroupNorm uses C // 4 groups")
 
     @classmethod
@@ -151,7 +154,9 @@ class ADMConfig:
         self.attention_resolutions = tuple(self.attention_resolutions)
         _require(self.image_size % 2 ** (len(self.channel_mult) - 1) == 0, "resolution must halve cleanly")
         _require(self.model_channels % 2 == 0, "the sinusoidal embedding needs an even width")
-        _require(all(m * self.model_channels % 32 == 0 for m in self.channel_mult), "GroupNorm uses 32 groups")
+        _require(
+            all(m * self.model_channels % 32 == 0 for m in self.channel_mult), "GroupNorm uses 32 groups"
+        )
         _require(all(m * self.model_channels % self.num_head_channels == 0 for m in self.channel_mult),
                  "every level's channels must split into heads of num_head_channels")
 

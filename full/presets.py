@@ -15,13 +15,22 @@ References
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from cm import CMConfig, CMError, exit_on
-from full.config import (CLIParser, DataSection, EMASection, OptSection, RunConfig, RunSection, apply_override,
-                         ema_beta, to_json, validate)
+from full.config import (
+    CLIParser,
+    DataSection,
+    EMASection,
+    OptSection,
+    RunConfig,
+    RunSection,
+    apply_override,
+    ema_beta,
+    to_json,
+    validate,
+)
 from full.networks import ADMConfig, NCSNppConfig
-
 
 # ----------------------------------------------------------------------------------------------
 # Presets: one per paper run [CM Tab. 3], the EDM teachers, and CPU-sized tiny runs

@@ -9,8 +9,7 @@ Samplers [CM Alg. 1]. One step: x = f(T z, T) (cm.sample_onestep). Multistep: th
 τ_1 > τ_2 > ... of cm.sample_multistep; `--ts` takes them in the official index convention (ascending
 indices into a `--grid-steps`-point grid counted from T, e.g. 0,11,17 of 18; cm.ts_to_sigmas), `--sigmas`
 as numbers. An edm checkpoint is a denoiser; it samples with EDM's Heun sampler (cm.sample_heun,
-`--sampler heun --steps N`). Released files (CM's .pt, EDM's .pkl) load directly: full/released/guided_diffusion.py,
-full/released/edm_pickle.py.
+`--sampler heun --steps N`). Released files (CM's .pt, EDM's .pkl) load directly (full/released/).
 
 Seeds. Sample i draws everything (its class label, z, and the re-noising z' of every multistep level)
 from torch.Generator().manual_seed(seed + i) on the CPU, so images do not depend on the batch size, the
@@ -22,16 +21,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
 from cm import CMError, atomic_write, check_levels, exit_on, generate, out_folder, save_grid, ts_to_sigmas
 from full import checkpoints, dist
-from full.edit import run_edit
 from full.config import CLIParser
+from full.edit import run_edit
 from full.files import open_image, read_npz_images, to_uint8, uint8_to_unit
 from full.model import image_shape
 
@@ -131,8 +130,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         f, cfg = checkpoints.model_from_state(state, args.ema, args.checkpoint)
         f = f.to(dev)
         if cfg.cm.mode == "edm" and (args.ts or args.sigmas or args.grid_steps) and not args.edit:
-            raise CMError(f"{args.checkpoint} is an edm denoiser, sampled with EDM's Heun sampler; --ts, "
-                          "--sigmas and --grid-steps are for consistency models (--steps sets the Heun levels)")
+            raise CMError(
+                f"{args.checkpoint} is an edm denoiser, sampled with EDM's Heun sampler; --ts, "
+                "--sigmas and --grid-steps are for consistency models (--steps sets the Heun levels)"
+            )
         grid_steps = args.grid_steps or cfg.run.grid_steps
         net = cfg.net
         shape = image_shape(net)

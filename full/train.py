@@ -40,22 +40,37 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 import full
-from cm import (RECIPES, CMError, RunFolder, SharedDropout, atomic_write, autocast, changed_fields, ema_update,
-                ema_warmup_rate, exit_on, generate, grid_name, keeps_target_copy, make_metric, recipe_loss,
-                save_grid, schedule)
+from cm import (
+    RECIPES,
+    CMError,
+    RunFolder,
+    SharedDropout,
+    atomic_write,
+    autocast,
+    changed_fields,
+    ema_update,
+    ema_warmup_rate,
+    exit_on,
+    generate,
+    grid_name,
+    keeps_target_copy,
+    make_metric,
+    recipe_loss,
+    save_grid,
+    schedule,
+)
 from full import checkpoints, dist, evaluate
 from full.config import CLIParser, RunConfig, to_json, two_step_levels
 from full.data import make_dataset, make_loader
 from full.model import has_dropout, image_shape, make_model
 from full.presets import resolve
-
 
 # ----------------------------------------------------------------------------------------------
 # Pieces
@@ -276,8 +291,13 @@ def write_grids(cfg: RunConfig, f: nn.Module, shape: Sequence[int], out: Path, s
     c = cfg.cm
     kinds = {"heun": None} if c.mode == "edm" else {"1step": [c.sigma_max], "2step": two_step_levels(cfg)}
     k = cfg.net.num_classes if cfg.data.class_cond else 0
-    return [save_grid(generate(f, c, shape, range(cfg.run.sample_num), levels, cfg.run.seed, cfg.run.grid_steps,
-                               k)[0], out / grid_name(name, step)) for name, levels in kinds.items()]
+    return [
+        save_grid(
+            generate(f, c, shape, range(cfg.run.sample_num), levels, cfg.run.seed, cfg.run.grid_steps, k)[0],
+            out / grid_name(name, step),
+        )
+        for name, levels in kinds.items()
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,9 +442,13 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
             if main and (grid_now or k == cfg.opt.steps):
                 write_grids(cfg, tr.emas[cfg.ema.for_eval()], shape, out, k)
             if main and cfg.run.fid_every and k % cfg.run.fid_every == 0:
-                fid = evaluate.fid_during_training(tr.emas[cfg.ema.for_eval()], cfg, shape, ds, out, fid_cache, dev)
+                fid = evaluate.fid_during_training(
+                    tr.emas[cfg.ema.for_eval()], cfg, shape, ds, out, fid_cache, dev
+                )
                 if fid is not None:
-                    bar.write(f"step {k}: FID {fid:.2f} ({cfg.run.fid_samples} one-step samples, training set)")
+                    bar.write(
+                        f"step {k}: FID {fid:.2f} ({cfg.run.fid_samples} one-step samples, training set)"
+                    )
                     log.write(json.dumps({"step": k, "fid": fid, "sec": time.time() - t0}) + "\n")
                     log.flush()
         if main:

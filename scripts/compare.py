@@ -44,7 +44,9 @@ def cell(result: dict, key: str, digits: bool) -> str:
 
 def compare(dataset: str, modes: list[str], out: Path, **settings) -> list[dict]:
     """Train the teacher (if a mode needs one) and each mode; returns one row per mode. `settings` are
-    settings of cm.config for every run (device; steps etc. for a quick look), the rest are cm.py's defaults."""
+    settings of cm.config for every run (device; steps etc. for a quick look), the rest are cm.py's
+    defaults."""
+
     def config(mode, **kw):
         return cm.config(dataset, mode, overwrite=True, **settings, **kw)
     rows, teacher, teacher_s, teacher_steps = [], "", 0.0, 0
@@ -67,11 +69,17 @@ def table(rows: list[dict], dataset: str) -> str:
     lines = [f"| {dataset} | steps | wall clock | 1 step | 2 steps | teacher Heun (35 NFE) | floor |",
              "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: list(ROWS).index(r["mode"])):
-        steps = f"teacher {r['teacher_steps']:,} + {r['steps']:,}" if r["teacher_steps"] else f"{r['steps']:,}"
-        wall = f"{r['sec']:.0f} s" + (f" ({r['own_sec']:.0f} s after the teacher)" if r["teacher_steps"] else "")
+        steps = (
+            f"teacher {r['teacher_steps']:,} + {r['steps']:,}" if r["teacher_steps"] else f"{r['steps']:,}"
+        )
+        wall = f"{r['sec']:.0f} s" + (
+            f" ({r['own_sec']:.0f} s after the teacher)" if r["teacher_steps"] else ""
+        )
         res = r["result"]
-        lines.append(f"| {ROWS[r['mode']]} | {steps} | {wall} | {cell(res, '1-step', digits)} | "
-                     f"{cell(res, '2-step', digits)} | {cell(res, TEACHER, digits)} | {cell(res, FLOOR, digits)} |")
+        lines.append(
+            f"| {ROWS[r['mode']]} | {steps} | {wall} | {cell(res, '1-step', digits)} | "
+            f"{cell(res, '2-step', digits)} | {cell(res, TEACHER, digits)} | {cell(res, FLOOR, digits)} |"
+        )
     return "\n".join(lines) + f"\n\nDistances: {what} to fresh data; lower is better.\n"
 
 
@@ -88,10 +96,14 @@ def main(argv=None) -> None:
     modes = [m for m in args.modes.split(",") if m]
     try:
         if not modes or set(modes) - set(ROWS):
-            raise cm.CMError(f"--modes takes a comma-separated subset of {', '.join(ROWS)}, got {args.modes!r}")
+            raise cm.CMError(
+                f"--modes takes a comma-separated subset of {', '.join(ROWS)}, got {args.modes!r}"
+            )
         out = Path(args.out or f"runs/compare-{args.dataset}")
         t0 = time.time()
-        rows = compare(args.dataset, modes, out, device=args.device, **({"steps": args.steps} if args.steps else {}))
+        rows = compare(
+            args.dataset, modes, out, device=args.device, **({"steps": args.steps} if args.steps else {})
+        )
         text = table(rows, args.dataset)
         print("\n" + text + f"In all {time.time() - t0:.0f} s.")
         (out / "table.md").write_text(text)

@@ -1,6 +1,6 @@
 """python scripts/gpu_check.py: the prepared GPU check, one report in about 8 minutes of a GPU.
 
-    python scripts/gpu_check.py                   # tests/test_gpu.py, the bench (fp32/bf16/fp16), cm.py, full.train
+    python scripts/gpu_check.py                   # test_gpu.py, bench (fp32/bf16/fp16), cm.py, full.train
     python scripts/gpu_check.py --dry-run         # the same pipeline on the CPU, tiny, < 1 min
     python scripts/gpu_check.py --parts bench     # one part again: test_gpu, bench, cm-ct or tiny-ct
 

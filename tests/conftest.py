@@ -1,13 +1,8 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # The test networks are tiny: one thread runs them fastest, and OpenMP threads spinning against other
 # processes on a 2-core machine made them up to 100x slower. Subprocesses inherit the variable.
@@ -27,7 +22,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     import torch
-    # `python -m full.bench --gpu-check --dry-run` runs tests/test_gpu.py on the CPU, so it cannot rot
+    # `python scripts/gpu_check.py --dry-run` runs tests/test_gpu.py on the CPU, so it cannot rot
     if torch.cuda.is_available() or os.environ.get("CM_GPU_CHECK_DEVICE") == "cpu":
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

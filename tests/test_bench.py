@@ -1,7 +1,5 @@
 """full.bench: the floors' closed forms, no extra network pass in any recipe's step, the three tables
 and the GPU check's dry run end to end on the CPU (timings are reported, never asserted)."""
-import json
-import time
 
 import pytest
 import torch

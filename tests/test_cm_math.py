@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cm
 
@@ -343,8 +344,9 @@ def test_lpips_offline_with_random_backbone(piq_lpips):
 def _piq_lpips(ours: cm.LPIPS):
     """piq's LPIPS(replace_pooling=True, reduction='none') built offline on our network's weights: piq's
     LPIPS class only downloads its weights and passes them to ContentLoss, which does all the work."""
-    import piq
     from collections import OrderedDict
+
+    import piq
     layers = OrderedDict()
     for block in ours.net.net.children():  # lpips keeps torchvision's vgg16.features indices as names
         for name, layer in block.named_children():

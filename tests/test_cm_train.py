@@ -52,7 +52,8 @@ def test_edm_then_cd_then_ct_end_to_end(teacher, tmp_path):
 
 @pytest.mark.parametrize("mode", ["ict", "ect"])
 def test_improved_recipes_resume_and_refuse_changed_settings(mode, teacher, tmp_path):
-    """--resume continues an iCT or ECT run; a resume with another setting of its recipe is refused, naming it."""
+    """--resume continues an iCT or ECT run; a resume with another setting of its recipe is refused,
+    naming it."""
     cfg = dict(mode=mode, steps=4, out=str(tmp_path), teacher=str(teacher) if mode == "ect" else "", **TINY)
     cm.train(cm.config(**cfg))
     cm.train(cm.config(**{**cfg, "steps": 6}, resume=True, allow_config_change=True))
@@ -64,8 +65,13 @@ def test_improved_recipes_resume_and_refuse_changed_settings(mode, teacher, tmp_
 def test_distillation_resume_takes_the_teachers_width_and_refuses_another_teacher(teacher, tmp_path):
     """CD's network is as wide as its teacher (32 here, not toy's default 256): a plain --resume without
     --channels continues; a resume with another --teacher file (other targets) is refused, naming it."""
-    cfg = dict({k: v for k, v in TINY.items() if k != "channels"}, mode="cd", steps=2, out=str(tmp_path / "cd"),
-               teacher=str(teacher))
+    cfg = dict(
+        {k: v for k, v in TINY.items() if k != "channels"},
+        mode="cd",
+        steps=2,
+        out=str(tmp_path / "cd"),
+        teacher=str(teacher),
+    )
     cm.train(cm.config(**cfg))
     cm.train(cm.config(**{**cfg, "steps": 3}, resume=True, allow_config_change=True))
     assert torch.load(tmp_path / "cd" / "ckpt.pt", weights_only=True)["step"] == 3
@@ -173,9 +179,31 @@ def test_nan_run_keeps_the_good_checkpoint(tmp_path):
     stops with one line at its next checkpoint and leaves the good checkpoint byte for byte as it was."""
     cm.train(cm.config(mode="ct", steps=10, out=str(tmp_path), **TINY))
     good = (tmp_path / "ckpt.pt").read_bytes()
-    r = run_cli("--mode", "ct", "--dataset", "toy", "--channels", "32", "--batch-size", "64", "--log-every", "5",
-                "--device", "cpu", "--out", str(tmp_path), "--resume", "--allow-config-change",
-                "--steps", "30", "--lr", "1e39", "--ckpt-every", "1", cwd=tmp_path)
+    r = run_cli(
+        "--mode",
+        "ct",
+        "--dataset",
+        "toy",
+        "--channels",
+        "32",
+        "--batch-size",
+        "64",
+        "--log-every",
+        "5",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+        "--resume",
+        "--allow-config-change",
+        "--steps",
+        "30",
+        "--lr",
+        "1e39",
+        "--ckpt-every",
+        "1",
+        cwd=tmp_path,
+    )
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "non-finite weights at step 11" in r.stderr
     assert f"the last good checkpoint is {tmp_path / 'ckpt.pt'}" in r.stderr

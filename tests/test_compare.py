@@ -1,10 +1,13 @@
 """full.compare: one command trains the teacher once, CD and ECT from it, CT and iCT, and tabulates them."""
+import importlib.util
 import json
+import pathlib
 
 import pytest
 
-import importlib.util, pathlib
-_spec = importlib.util.spec_from_file_location('compare', pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'compare.py')
+_spec = importlib.util.spec_from_file_location(
+    'compare', pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'compare.py'
+)
 compare = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(compare)
 
@@ -24,7 +27,12 @@ def test_compare_tabulates_every_mode_from_one_teacher(tmp_path, capsys):
     assert ("teacher Heun, 18 levels (35 NFE)" in rows[0]["result"]) and not rows[2]["result"].keys() & {
         compare.TEACHER}
     table = (tmp_path / "table.md").read_text().splitlines()
-    assert [line.split("|")[1].strip() for line in table[2:6]] == ["CD", "CT", "iCT", "ECT"]  # the paper order
+    assert [line.split("|")[1].strip() for line in table[2:6]] == [
+        "CD",
+        "CT",
+        "iCT",
+        "ECT",
+    ]  # the paper order
     assert (tmp_path / "teacher" / "ckpt.pt").is_file() and (tmp_path / "ect" / "ckpt.pt").is_file()
     assert "In all" in capsys.readouterr().out
 

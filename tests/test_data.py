@@ -5,8 +5,6 @@ import time
 
 import numpy as np
 import pytest
-
-import cm
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,8 +12,8 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 from torch.utils.data import Dataset
 
+import cm
 from full import data
-
 
 # --------------------------------------------------------------------------------------------------------
 # Helpers: the real CIFAR-10 pickle format

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -31,10 +30,10 @@ def _train(rank: int, world: int, microbatch: int, out: str, port: int):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    import cm
     from full import dist
     from full.model import make_model
     from full.presets import resolve
-    import cm
     from full.train import Trainer
     dist.init("cpu")
     cfg = resolve("tiny-ct", OVERRIDES + [f"opt.microbatch={microbatch}"])

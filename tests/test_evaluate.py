@@ -11,14 +11,13 @@ import urllib.error
 
 import numpy as np
 import pytest
-
-import cm
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import cm
 from full import evaluate as ev
 
 FAST = settings(max_examples=25, deadline=None)

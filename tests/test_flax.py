@@ -18,12 +18,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_data import skip_md5, write_cifar10  # noqa: F401  (skip_md5 is a fixture)
 
 from cm import CMError
 from full import checkpoints
-from full.released import flax as flax_ckpt
 from full.networks import NCSNpp, NCSNppConfig
-from test_data import skip_md5, write_cifar10  # noqa: F401  (skip_md5 is a fixture)
+from full.released import flax as flax_ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "jax_ncsnpp"

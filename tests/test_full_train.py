@@ -1,13 +1,12 @@
 """python -m full.train end to end on the tiny presets (CPU): the three modes, bit-exact resume, one-line
 errors, NaN stop, mixed-precision boundary condition."""
 import dataclasses
+import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import json
 
 import numpy as np
 import pytest
@@ -196,7 +195,9 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
         run.mkdir()
         (run / "ckpt-0000002.pt").write_bytes(blob)  # tiny-ct (NCSN++) resuming from these
         msg = _main_error(capsys, "--preset", "tiny-ct", f"run.out={str(run)!r}", "opt.steps=3")
-        assert ("trained with other arch" if name == "another network" else "corrupt or truncated") in msg, msg
+        assert ("trained with other arch" if name == "another network" else "corrupt or truncated") in msg, (
+            msg
+        )
     assert "no checkpoint" in _main_error(capsys, "--preset", "tiny-cd", f"run.out={str(tmp_path)!r}",
                                           f"run.teacher={str(tmp_path / 'missing.pt')!r}")
     assert "no ckpt" in _main_error(capsys, "--preset", "tiny-ct", f"run.out={str(tmp_path / 'x')!r}",
@@ -276,7 +277,9 @@ def test_fid_every_logs_a_fid_through_full_evaluate(tmp_path, monkeypatch):
     pool = lambda x: torch.nn.functional.avg_pool2d(x.float(), 4).flatten(1)  # noqa: E731  (B, 3*2*2)
     monkeypatch.setattr(evaluate, "make_extractor", lambda device=None: lambda x: (pool(x), pool(x)))
     full.train.main([*FID_RUN, f"run.out={str(tmp_path)!r}"])
-    fids = [r["fid"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "fid" in r]
+    fids = [
+        r["fid"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "fid" in r
+    ]
     assert len(fids) == 1 and np.isfinite(fids[0]) and fids[0] > 0
     assert (tmp_path / "fid_ref.npz").is_file()
 

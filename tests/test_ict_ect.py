@@ -8,11 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import cm
-from full import evaluate as ev
-
 
 # --- pseudo-Huber [iCT Sec. 3.3] ---------------------------------------------------------------
 
@@ -169,12 +168,15 @@ def test_ict_ect_train_end_to_end_with_shared_dropout(mode, tmp_path):
 @pytest.mark.slow
 def test_ict_ablations_run_and_ect_starts_at_the_teacher(tmp_path):
     tiny = dict(dataset="toy", channels=32, batch_size=32, ckpt_every=10, device="cpu")
-    rows = cm.train(cm.config(mode="ict", steps=3, ablate="weight,lognormal,doubling", out=str(tmp_path / "a"),
-                              **tiny))
+    rows = cm.train(
+        cm.config(mode="ict", steps=3, ablate="weight,lognormal,doubling", out=str(tmp_path / "a"), **tiny)
+    )
     assert all(np.isfinite(v) for v in rows.values())
     cm.train(cm.config(mode="edm", steps=3, out=str(tmp_path / "edm"), **tiny))
     teacher = tmp_path / "edm" / "ckpt.pt"
-    cm.train(cm.config(mode="ect", steps=1, teacher=str(teacher), lr=1e-30, out=str(tmp_path / "ect"), **tiny))
+    cm.train(
+        cm.config(mode="ect", steps=1, teacher=str(teacher), lr=1e-30, out=str(tmp_path / "ect"), **tiny)
+    )
     t, e = torch.load(teacher, weights_only=True), torch.load(tmp_path / "ect" / "ckpt.pt", weights_only=True)
     # ECT tunes EDM's denoiser itself: θ starts at the teacher's EMA weights (a 1e-30 step leaves them there)
     assert all(torch.allclose(e["model"][k], v, atol=1e-20) for k, v in t["ema"].items())

@@ -134,11 +134,30 @@ def test_cm_copied_alone_imports_silently_trains_samples_and_resumes(tmp_path):
 
 
 USED = {
-    full.train: ["schedule", "recipe_loss", "keeps_target_copy", "make_metric", "ema_update", "ema_warmup_rate",
-                 "CMError", "RunFolder", "atomic_write", "SharedDropout", "autocast", "generate", "save_grid"],
+    full.train: [
+        "schedule",
+        "recipe_loss",
+        "keeps_target_copy",
+        "make_metric",
+        "ema_update",
+        "ema_warmup_rate",
+        "CMError",
+        "RunFolder",
+        "atomic_write",
+        "SharedDropout",
+        "autocast",
+        "generate",
+        "save_grid",
+    ],
     full.sample: ["generate", "ts_to_sigmas", "check_levels", "CMError", "save_grid", "atomic_write"],
     full.model: ["ConsistencyFunction"],
-    full.checkpoints: ["save_checkpoint", "read_weights_only", "checkpoint_kind", "ConsistencyFunction", "CMError"],
+    full.checkpoints: [
+        "save_checkpoint",
+        "read_weights_only",
+        "checkpoint_kind",
+        "ConsistencyFunction",
+        "CMError",
+    ],
 }
 
 

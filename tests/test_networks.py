@@ -6,12 +6,24 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from full.networks import (
-    PAPER_CONFIGS, ADMAttention, ADMConfig, ADMUNet, FIRConvDown, NCSNpp, NCSNppAttention, NCSNppConfig,
+    PAPER_CONFIGS,
+    ADMAttention,
+    ADMConfig,
+    ADMUNet,
+    FIRConvDown,
+    NCSNpp,
+    NCSNppAttention,
+    NCSNppConfig,
     build_network,
-    count_parameters, fir_downsample, fir_kernel, fir_upsample, timestep_embedding,
+    count_parameters,
+    fir_downsample,
+    fir_kernel,
+    fir_upsample,
+    timestep_embedding,
 )
 
 TINY = {"ncsnpp": lambda: NCSNppConfig.tiny(), "ncsnpp-cond": lambda: NCSNppConfig.tiny(num_classes=10),

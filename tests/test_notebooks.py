@@ -21,7 +21,9 @@ def runs(tmp_path_factory):
 
 
 def figures(nb) -> int:
-    return sum("image/png" in out.get("data", {}) for c in nb.cells if c.cell_type == "code" for out in c.outputs)
+    return sum(
+        "image/png" in out.get("data", {}) for c in nb.cells if c.cell_type == "code" for out in c.outputs
+    )
 
 
 def test_all_notebooks_are_here():

@@ -19,16 +19,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import full.sample
 import full.train
 from cm import CMError
 from full import checkpoints
+from full.networks import ADMConfig, ADMUNet, NCSNpp
+from full.presets import resolve
 from full.released import edm_pickle
 from full.released import guided_diffusion as official
-from full.networks import ADMConfig, ADMUNet, NCSNpp, NCSNppConfig
-from full.presets import resolve
 
 # ----------------------------------------------------------------------------------------------
 # CM's released .pt files (guided-diffusion state dicts), scaled down

@@ -155,6 +155,7 @@ def test_cli_bad_input_is_one_line(adm_export, tmp_path, extra, message):
 
 def test_mask_and_reference_checks(tmp_path):
     from PIL import Image
+
     from full.sample import load_mask, load_reference
     with pytest.raises(cm.CMError, match="no mask at"):
         load_mask(str(tmp_path / "none.png"), (1, 8, 8))

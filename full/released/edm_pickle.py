@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from cm import NOISE_CONDITIONING, CMError, append_dims, boundary_scalings
 from full import dist
 from full.config import export_dict
-from full.networks import NCSNpp, NCSNppConfig, fir_kernel
+from full.networks import NCSNppConfig, fir_kernel
 from full.presets import get_preset
 
 PRECONDS = ("VEPrecond", "VPPrecond", "EDMPrecond")
@@ -113,7 +113,8 @@ ALLOWED = {
 
 class RestrictedUnpickler(pickle._Unpickler):
     """Python's unpickler whose globals are only ALLOWED (anything else raises before it is called), and
-    whose BUILD (setting an object's state) only touches inert Records and dicts, never a class or function."""
+    whose BUILD (setting an object's state) only touches inert Records and dicts, never a class or
+    function."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
 

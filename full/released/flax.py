@@ -40,8 +40,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Collection
 from pathlib import Path
-from typing import Collection
 
 import numpy as np
 import torch

@@ -19,11 +19,10 @@ weights (their EMA is baked in) and are stored here under the EMA key 0.0.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
-from torch import nn
 
 from cm import CMError
 from full import dist
