@@ -2,6 +2,7 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -376,3 +377,245 @@ def test_energy_distance_separates_laws():
     a, b = torch.randn(800, 2, generator=g), torch.randn(800, 2, generator=g)
     assert abs(cm.energy_distance(a, b)) < 0.02
     assert cm.energy_distance(a, b + 0.5) > 0.1
+
+
+# ==== iCT and ECT [iCT, ECT] ====
+
+# --- pseudo-Huber [iCT Sec. 3.3] ---------------------------------------------------------------
+
+@given(st.integers(1, 64), st.integers(0, 10_000))
+def test_pseudo_huber_limits(d, seed):
+    """√(‖δ‖² + c²) - c -> ‖δ‖²/(2c) for ‖δ‖ ≪ c and -> ‖δ‖ - c for ‖δ‖ ≫ c, c = 0.00054·√d."""
+    g = torch.Generator().manual_seed(seed)
+    x, u = (torch.randn(3, d, generator=g, dtype=torch.float64) for _ in range(2))
+    u = u / u.norm(dim=1, keepdim=True)
+    c = 0.00054 * math.sqrt(d)
+    small, large = 1e-3 * c, 1e4 * c
+    got_small = cm.pseudo_huber(x + small * u, x)
+    assert torch.allclose(got_small, torch.full((3,), small ** 2 / (2 * c), dtype=torch.float64), rtol=1e-5)
+    got_large = cm.pseudo_huber(x + large * u, x)
+    assert torch.allclose(got_large, torch.full((3,), large - c, dtype=torch.float64), rtol=1e-7)
+    assert torch.allclose(cm.l2_norm(x + large * u, x), torch.full((3,), large, dtype=torch.float64))
+
+
+# --- lognormal index distribution [iCT Sec. 3.5] ------------------------------------------------
+
+@given(st.integers(2, 1281), st.floats(-2.0, 1.0), st.floats(0.5, 3.0))
+def test_lognormal_index_probs_are_the_erf_formula(N, P_mean, P_std):
+    sigmas = cm.karras_sigmas(N)
+    p = cm.lognormal_index_probs(sigmas, P_mean, P_std)
+    assert p.shape == (N - 1,) and (p >= 0).all()
+    assert float(p.sum()) == pytest.approx(1.0, abs=1e-12)
+    Phi = [math.erf((math.log(s) - P_mean) / (math.sqrt(2) * P_std)) for s in sigmas.tolist()]
+    raw = [b - a for a, b in zip(Phi[:-1], Phi[1:])]
+    expected = torch.tensor(raw, dtype=torch.float64) / sum(raw)
+    assert torch.allclose(p, expected, rtol=1e-9, atol=1e-15)
+
+
+def test_lognormal_index_draws_follow_the_probabilities():
+    sigmas = cm.karras_sigmas(11)
+    p = cm.lognormal_index_probs(sigmas)
+    torch.manual_seed(0)
+    n, _ = cm._draw(torch.zeros(20_000, 2), 11, None, None, p)
+    freq = torch.bincount(n, minlength=10).double() / len(n)
+    assert torch.allclose(freq, p, atol=0.015)
+
+
+# --- doubling curriculum [iCT Sec. 3.4] -----------------------------------------------------------
+
+@given(st.integers(0, 5), st.integers(0, 8), st.integers(1, 50))
+def test_doubling_curriculum_boundaries(log_s0, doublings, per_stage):
+    """s1 = s0·2^m: K' = ⌊K/(m+1)⌋; N = s0·2^j + 1 on [jK', (j+1)K'), capped at s1 + 1."""
+    s0 = 2 ** log_s0 + 1  # not a power of two, so ⌊s1/s0⌋ = 2^m needs s1 = s0·2^m exactly
+    s1 = s0 * 2 ** doublings
+    K = per_stage * (doublings + 1) + per_stage // 2  # not a multiple, so the floor matters
+    Kp = K // (doublings + 1)
+    for j in range(doublings + 1):
+        assert cm.ict_num_steps(j * Kp, K, s0, s1) == s0 * 2 ** j + 1
+        assert cm.ict_num_steps((j + 1) * Kp - 1, K, s0, s1) == s0 * 2 ** j + 1
+    assert cm.ict_num_steps(K, K, s0, s1) == s1 + 1
+    assert cm.ict_num_steps(10 * K, K, s0, s1) == s1 + 1
+
+
+@pytest.mark.parametrize("s0, s1, K", [(10, 150, 1000), (10, 200, 4000), (3, 50, 777)])
+def test_doubling_curriculum_reaches_s1_when_the_ratio_is_not_a_power_of_two(s0, s1, K):
+    """K' = ⌊K / (log₂⌊s1/s0⌋ + 1)⌋ with the log unfloored: s0 = 10, s1 = 150, K = 1000 give
+    K' = ⌊1000 / 4.907⌋ = 203, so N = 10·2^4 capped at 150, + 1 = 151 from k = 4K' = 812 on."""
+    Kp = math.floor(K / (math.log2(s1 // s0) + 1))
+    stages = math.ceil(math.log2(s1 / s0))  # doublings until s0·2^j >= s1
+    assert cm.ict_num_steps(stages * Kp - 1, K, s0, s1) == s0 * 2 ** (stages - 1) + 1 < s1 + 1
+    assert cm.ict_num_steps(stages * Kp, K, s0, s1) == s1 + 1
+    assert cm.ict_num_steps(K - 1, K, s0, s1) == s1 + 1
+
+
+def test_doubling_curriculum_paper_values():
+    """CIFAR-10, K = 400k, s0 = 10, s1 = 1280: K' = ⌊400000/8⌋ = 50000, N = 11, 21, ..., 1281."""
+    assert [cm.ict_num_steps(k, 400_000) for k in (0, 49_999, 50_000, 100_000, 349_999, 350_000)] == \
+        [11, 11, 21, 41, 641, 1281]
+
+
+def test_gap_weight_is_inverse_step():
+    t = torch.tensor([0.1, 1.0])
+    assert torch.allclose(cm.gap_weight(t, t + torch.tensor([0.5, 0.25])), torch.tensor([2.0, 4.0]))
+
+
+# --- ECT's r(t) [ECT Sec. 3; locuslab/ect training/loss.py] ---------------------------------------
+
+@given(st.floats(1e-3, 200.0), st.integers(0, 12), st.floats(1.5, 4.0))
+def test_ect_r_is_below_t_and_the_gap_shrinks_by_stage(t, stage, q):
+    t_ = torch.tensor([t], dtype=torch.float64)
+    r, r_next = cm.ect_r(t_, stage, q), cm.ect_r(t_, stage + 1, q)
+    assert 0 <= r.item() < t
+    assert t - r_next.item() <= t - r.item()
+    # the closed form: t - r = t·min(1, q^(-a)·(1 + 8 σ(-t)))
+    gap = t * min(1.0, q ** -stage * (1 + 8 / (1 + math.exp(t))))
+    assert t - r.item() == pytest.approx(gap, rel=1e-9, abs=1e-12)
+
+
+def test_ect_first_stage_is_the_diffusion_objective():
+    t = torch.logspace(-3, 2, 50, dtype=torch.float64)
+    assert (cm.ect_r(t, 0) == 0).all()
+
+
+def test_ect_stage_zero_equals_edm_loss_up_to_weighting():
+    """At stage 0 (r = 0) the target is x, so with d = mean squared error ECT's loss is
+    mean(‖D(x + t z, t) - x‖²)/t, and EDM's is λ(t)·the same with λ = (t² + σd²)/(t σd)²."""
+    torch.manual_seed(0)
+    D = cm.ConsistencyFunction(cm.MLP(2, 32, depth=2), 0.5, 0.0).double()
+    x, z = torch.randn(16, 2, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    for t0 in (0.01, 0.7, 30.0):
+        t = torch.full((16,), t0, dtype=torch.float64)
+        ect = cm.ect_loss(D, D, x, 0, cm.l2, t=t, z=z)
+        edm = cm.edm_loss(D, x, sigma=t, z=z, sigma_data=0.5)
+        lam_edm = (t0 ** 2 + 0.25) / (t0 * 0.5) ** 2
+        assert (ect * t0).item() == pytest.approx((edm / lam_edm).item(), rel=1e-12)
+
+
+def test_consistency_loss_target_at_r_zero_is_the_data():
+    torch.manual_seed(0)
+    D = cm.ConsistencyFunction(cm.MLP(2, 16, depth=1), 0.5, 0.0).double()
+    x, z = torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    t, r = torch.full((8,), 2.0, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)
+    got = cm.consistency_loss(D, lambda *a: torch.full_like(x, float("nan")), x, t, r, z, cm.l2)
+    assert got.item() == pytest.approx(cm.l2(D(x + 2 * z, 2.0), x).mean().item(), rel=1e-12)
+
+
+# --- μ = 0: θ⁻ is θ under stop-gradient [iCT Sec. 3.2] ---------------------------------------------
+
+def test_mu_zero_target_equals_online_and_gets_no_gradient():
+    torch.manual_seed(0)
+    model = cm.ConsistencyFunction(cm.MLP(2, 32, depth=2))
+    target = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    cm.ema_update(target, model, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), model.state_dict().values()))
+    target.requires_grad_(True)  # even a target that could take gradients receives none
+    sigmas = cm.karras_sigmas(11)
+    x = torch.randn(32, 2)
+    loss = cm.ct_loss(model, target, x, sigmas, cm.pseudo_huber, weight=cm.gap_weight,
+                      index_probs=cm.lognormal_index_probs(sigmas))
+    loss.backward()
+    assert all(p.grad is None for p in target.parameters())
+    assert all(p.grad is not None for p in model.parameters())
+
+
+
+def test_shared_dropout_replays_the_mask():
+    drop = torch.nn.Dropout(0.5).train()
+    share = cm.SharedDropout(torch.device("cpu"))
+    a, b = share.wrap(drop), share.wrap(drop)
+    x = torch.ones(1000)
+    assert torch.equal(a(x), b(x))
+
+
+# --- the digits feature distance ------------------------------------------------------------------
+
+class _Identity(torch.nn.Module):
+    def features(self, x):
+        return x.flatten(1)
+
+
+def test_feature_distance_closed_forms():
+    """With identity features: a shift δ gives |δ|², a scale s gives tr(Σ)(1 - s)² (exactly, up to sqrtm)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 1, 2, 2, generator=g, dtype=torch.float64)
+    delta = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64).reshape(1, 1, 2, 2)
+    net = _Identity()
+    assert cm.digits_feature_distance(x, x + delta, net) == pytest.approx(5.25, rel=1e-6)
+    cov = np.cov(x.flatten(1).numpy(), rowvar=False)
+    assert cm.digits_feature_distance(x, 0.5 * x, net) == pytest.approx(
+        np.trace(cov) * 0.25 + float((0.5 * x.flatten(1).mean(0)).pow(2).sum()), rel=1e-6)
+    assert cm.digits_feature_distance(x, x, net) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_feature_distance_ranks_degraded_digits_worse(tmp_path, monkeypatch):
+    monkeypatch.setenv("CM_CACHE", str(tmp_path))
+    net = cm.digits_classifier(verbose=False)
+    assert (tmp_path / "digits_classifier_s0_e30.pt").is_file()
+    x = cm.load_digits()
+    p = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
+    a, b = x[p[:800]], x[p[800:1600]]
+    floor = cm.digits_feature_distance(a, b, net)
+    z = torch.randn(b.shape, generator=torch.Generator().manual_seed(2))
+    noised = [cm.digits_feature_distance(a, (b + s * z).clamp(-1, 1), net) for s in (0.1, 0.3)]
+    pad = torch.nn.functional.pad(b, (1,) * 4, mode="replicate")
+    blurred = cm.digits_feature_distance(a, torch.nn.functional.avg_pool2d(pad, 3, 1), net)
+    assert floor < noised[0] < noised[1] and 2 * floor < blurred
+
+
+def test_digits_classifier_leaves_the_callers_rng_alone():
+    """Loading the cached classifier (or training it) draws no number from the global RNG, so a run's
+    report, which loads it, does not shift anything drawn after it."""
+    cm.digits_classifier(verbose=False)  # cached from here on
+    torch.manual_seed(3)
+    a = torch.rand(4)
+    torch.manual_seed(3)
+    cm.digits_classifier(verbose=False)
+    assert torch.equal(torch.rand(4), a)
+
+
+# ==== the one recipe dispatch (cm.RECIPES) ====
+
+@given(st.integers(1, 5000), st.floats(0.0, 1.0), st.integers(2, 12), st.integers(0, 200),
+       st.integers(1, 999))
+def test_schedule_is_each_recipes_closed_form(K, frac, s0, extra, stage_steps):
+    """cm.schedule gives, per mode, the closed forms written out here again: CT's N(k) = ⌈√(k/K((s1+1)² -
+    s0²) + s0²) - 1⌉ + 1 and μ(k) = exp(s0 ln μ0 / (N(k) - 1)); iCT's N = min(s0 2^⌊k/K'⌋, s1) + 1; ECT's
+    stage 1 + ⌊k / stage_steps⌋; CD's fixed (N, μ); EDM's nothing."""
+    k, s1 = int(frac * K), s0 + extra
+    c = dict(s0=s0, s1=s1, mu0=0.9, N=18, mu=0.3, stage_steps=stage_steps)
+    N_ct = math.ceil(math.sqrt(k / K * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
+    s = cm.schedule(cm.CMConfig(mode="ct", mu_rule="code", **c), k, K)
+    assert s.N == N_ct and s.mu == pytest.approx(math.exp(s0 * math.log(0.9) / (N_ct - 1)))
+    K_ = max(math.floor(K / (math.log2(s1 // s0) + 1)), 1)
+    assert cm.schedule(cm.CMConfig(mode="ict", **c), k, K).N == min(s0 * 2 ** min(k // K_, 62), s1) + 1
+    assert cm.schedule(cm.CMConfig(mode="ect", **c), k, K) == (0, 0.3, 1 + k // stage_steps)
+    assert cm.schedule(cm.CMConfig(mode="cd", **c), k, K) == (18, 0.3, 0)
+    assert cm.schedule(cm.CMConfig(mode="edm", **c), k, K) == (0, 0.0, 0)
+
+
+def test_recipe_loss_is_the_recipes_own_loss_on_the_same_draws():
+    """recipe_loss dispatches to ct_loss / cd_loss / ct_loss with iCT's pieces / ect_loss / edm_loss."""
+    torch.manual_seed(0)
+    net = cm.MLP(2, 16)
+    for p in net.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    f, D = cm.ConsistencyFunction(net), cm.ConsistencyFunction(net, sigma_min=0.0)
+    x, z = torch.randn(8, 2), torch.randn(8, 2)
+    n, t = torch.randint(0, 9, (8,)), torch.rand(8) * 3 + 0.1
+    sig = cm.karras_sigmas(10)
+    s = cm.Schedule(10, 0.0, 2)
+    want = {"ct": cm.ct_loss(f, f, x, sig, cm.l2, n=n, z=z),
+            "cd": cm.cd_loss(f, f, D, x, sig, cm.l2, n=n, z=z),
+            "ict": cm.ct_loss(f, f, x, sig, cm.l2, n=n, z=z, weight=cm.gap_weight,
+                              index_probs=cm.lognormal_index_probs(sig)),
+            "ect": cm.ect_loss(D, f, x, 2, cm.l2, t=t, z=z),
+            "edm": cm.edm_loss(D, x, sigma=t, z=z)}
+    assert set(want) == set(cm.RECIPES)
+    for mode, loss in want.items():
+        got = cm.recipe_loss(cm.CMConfig(mode=mode), s, D if mode in ("edm", "ect") else f, f, D, x, z, cm.l2,
+                             n=n, t=t)
+        assert torch.equal(got, loss), mode

@@ -246,3 +246,40 @@ def test_resume_refuses_a_run_with_other_settings(tmp_path):
     cm.train(cm.config(mode="ct", steps=10, out=str(tmp_path), **TINY))
     with pytest.raises(cm.CMError, match="trained with other steps"):
         cm.train(cm.config(mode="ct", steps=20, out=str(tmp_path), resume=True, **TINY))
+
+
+# ==== iCT and ECT runs ====
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ict", "ect"])
+def test_ict_ect_train_end_to_end_with_shared_dropout(mode, tmp_path):
+    tiny = dict(dataset="toy", channels=32, batch_size=32, log_every=5, ckpt_every=10, device="cpu",
+                dropout=0.1, steps=8, teacher_steps=6, stage_steps=3)
+    rows = cm.train(cm.config(mode=mode, out=str(tmp_path), **tiny))
+    assert all(np.isfinite(v) for v in rows.values())
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["target"] is None  # μ = 0: θ⁻ is θ under stop-grad, no copy is kept
+    assert all((tmp_path / cm.grid_name(how, 8)).is_file() for how in ("1-step", "2-step"))
+
+
+@pytest.mark.slow
+def test_ict_ablations_run_and_ect_starts_at_the_teacher(tmp_path):
+    tiny = dict(dataset="toy", channels=32, batch_size=32, ckpt_every=10, device="cpu")
+    rows = cm.train(
+        cm.config(mode="ict", steps=3, ablate="weight,lognormal,doubling", out=str(tmp_path / "a"), **tiny)
+    )
+    assert all(np.isfinite(v) for v in rows.values())
+    cm.train(cm.config(mode="edm", steps=3, out=str(tmp_path / "edm"), **tiny))
+    teacher = tmp_path / "edm" / "ckpt.pt"
+    cm.train(
+        cm.config(mode="ect", steps=1, teacher=str(teacher), lr=1e-30, out=str(tmp_path / "ect"), **tiny)
+    )
+    t, e = torch.load(teacher, weights_only=True), torch.load(tmp_path / "ect" / "ckpt.pt", weights_only=True)
+    # ECT tunes EDM's denoiser itself: θ starts at the teacher's EMA weights (a 1e-30 step leaves them there)
+    assert all(torch.allclose(e["model"][k], v, atol=1e-20) for k, v in t["ema"].items())
+
+
+@pytest.mark.parametrize("bad", [dict(ablate="ema"), dict(stage_steps=-1), dict(q=1.0), dict(mid_t=-1.0)])
+def test_bad_recipe_flags_are_one_line_errors(bad):
+    with pytest.raises(cm.CMError):
+        cm.config(mode="ict", dataset="toy", **bad)

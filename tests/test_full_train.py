@@ -293,3 +293,36 @@ def test_fid_offline_is_one_line_and_training_goes_on(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("FID is off") == 1 and "Traceback" not in err, err
     assert (tmp_path / "export.pt").is_file()
+
+
+# --- full/: the cifar10-ict / cifar10-ect presets and the tiny runs through full.train -------------
+
+def test_cifar10_presets_carry_the_papers_values():
+    from full.presets import resolve
+    ict, ect = resolve("cifar10-ict"), resolve("cifar10-ect")
+    assert (ict.cm.mode, ict.cm.s0, ict.cm.s1, ict.cm.mu) == ("ict", 10, 1280, 0.0)
+    assert ict.cm.metric == "pseudo_huber"
+    assert (ict.cm.P_mean, ict.cm.P_std, ict.net.dropout, ict.net.fourier_scale) == (-1.1, 2.0, 0.3, 0.02)
+    assert (ict.opt.lr, ict.opt.batch, ict.run.sigmas) == (1e-4, 1024, (80.0, 0.821))
+    assert (ect.cm.mode, ect.cm.metric, ect.cm.q, ect.cm.stage_steps, ect.net.dropout) == \
+        ("ect", "l2_norm", 2.0, 25_000, 0.2)
+    assert (ect.opt.lr, ect.opt.batch, ect.opt.steps, ect.run.sigmas) == (1e-4, 128, 200_000, (80.0, 0.821))
+    assert ict.data.random_flip and not ect.data.random_flip  # run_ecm.sh: --augment 0, --xflip off
+
+
+@pytest.mark.slow
+def test_full_train_ict_and_ect(tmp_path):
+    import full.train
+    from full import checkpoints
+    from full.presets import resolve
+    full.train.train(resolve("tiny-edm", [f"run.out={str(tmp_path / 'edm')!r}", "opt.steps=4"]), "cpu")
+    teacher = tmp_path / "edm" / "export.pt"
+    for mode in ("ict", "ect"):
+        out = tmp_path / mode
+        cfg = resolve(f"tiny-{mode}", [f"run.out={str(out)!r}", "opt.steps=4", "run.ckpt_every=4",
+                                       f"run.teacher={str(teacher)!r}", "cm.stage_steps=2"])
+        full.train.train(cfg, "cpu")
+        state = checkpoints.load(out / "ckpt-0000004.pt")
+        assert state["target"] is None  # μ = 0: θ⁻ is θ under stop-grad, no copy kept
+        assert (out / "grid-2step-0000004.png").is_file()
+    assert [cm.schedule(cfg.cm, k, 4).stage for k in (0, 1, 2, 5)] == [1, 1, 2, 3]  # ECT's stage a
