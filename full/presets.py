@@ -142,7 +142,7 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
     # batch 128, dropout 0.2, 25.6 Mimg = 200k steps, a stage every 250 ticks x 12.8 kimg = 25k steps,
     # q 2, ln t ~ N(-1.1, 2.0²), ‖·‖₂ (c = 0), eval EMA 0.9999, two steps at (80, 0.821), no flips
     # (--augment 0, --xflip False). The network is the teacher's: NCSN++ as cifar10-edm trains it (the
-    # official run tuned EDM's released DDPM++ VP model; README, "Differences from the official runs").
+    # official run tuned EDM's released DDPM++ VP model; docs/differences.md).
     "cifar10-ect": lambda: dataclasses.replace(
         _cifar10("ect", metric="l2_norm", P_mean=-1.1, P_std=2.0, q=2.0, stage_steps=25_000),
         net=NCSNppConfig.cifar10(dropout=0.2), opt=OptSection("radam", 1e-4, batch=128, steps=200_000,

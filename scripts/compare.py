@@ -1,6 +1,6 @@
 """python scripts/compare.py: CD, CT, iCT and ECT side by side on one data set, each at cm.py's defaults.
 
-    python scripts/compare.py --dataset digits       # ~45 min on 2 CPU cores: the README's table
+    python scripts/compare.py --dataset digits       # ~45 min on 2 CPU cores: the table of docs/results.md
     python scripts/compare.py --dataset toy          # ~10 min
     python scripts/compare.py --dataset digits --modes ct,ict --out runs/compare-digits
 
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="", help="folder of the runs (default runs/compare-<dataset>)")
     p.add_argument("--device", default="", help="default: cuda if available, else cpu")
     p.add_argument("--steps", type=int, default=0, help="steps of every run, teacher included, for a quick "
-                   "look (default 0: each mode's cm.py default, as in README)")
+                   "look (default 0: each mode's cm.py default, as in docs/results.md)")
     args = p.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     try:

@@ -129,6 +129,6 @@ def test_loss_error_compares_each_precision_with_fp32(capsys):
     rows = bench.main(["--loss-error", "--net", "ncsnpp-tiny", "--batch-size", "2", "--grids", "18,40",
                        "--precision", "fp32,bf16", "--device", "cpu"])
     assert [(r["N"], r["mode"]) for r in rows] == [(18, "ct"), (18, "cd"), (40, "ct"), (40, "cd")]
-    for r in rows:  # bf16 moves them a little, not to nonsense (the README reports the sizes)
+    for r in rows:  # bf16 moves them a little, not to nonsense (docs/benchmarks.md reports the sizes)
         assert r["loss"] > 0 and 0 < r["loss_rel"] < 0.05 and 0 < r["grad_rel"] < 0.5 and r["grad_cos"] > 0.9
     assert "grad rel" in capsys.readouterr().out

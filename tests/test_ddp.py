@@ -1,5 +1,5 @@
 """DDP on 2 CPU processes (gloo) takes the same optimiser step as 1 process on the whole global batch, and
-torchrun runs full.train end to end and resumes bit for bit (README: the paper-scale backend; kill and
+torchrun runs full.train end to end and resumes bit for bit (docs/reliability.md; kill and
 resume under torchrun)."""
 import os
 import socket

@@ -1,7 +1,7 @@
 """Hostile inputs against every entry point (cm.py, full.train, full.sample, full.evaluate, full.bench).
 
 Each bad input must give a non-zero exit with exactly one line on stderr and no traceback, change no file
-of an earlier run, never run code hidden in a pickle, and leave no process behind (README: Reliability).
+of an earlier run, never run code hidden in a pickle, and leave no process behind (docs/reliability.md).
 Most rows call `main(argv)` in-process (a subprocess adds only the interpreter start); the rows that are
 about the process itself (exit status, stderr, kill -9, locks, file-size limits) run as subprocesses.
 """
