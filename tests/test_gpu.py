@@ -1,6 +1,6 @@
 """CUDA checks: mixed precision keeps the boundary condition, and short runs train without NaN.
 
-Marked `gpu`: skipped on machines without CUDA (conftest.py). `python -m full.bench --gpu-check` runs
+Marked `gpu`: skipped on machines without CUDA (conftest.py). `python scripts/gpu_check.py` runs
 this file on a GPU; its `--dry-run` runs it on the CPU (CM_GPU_CHECK_DEVICE=cpu), fp16 left out there."""
 import contextlib
 import dataclasses
