@@ -1,4 +1,5 @@
-"""scripts/compare.py: one command trains the teacher once, CD and ECT from it, CT and iCT, and tabulates them."""
+"""scripts/compare.py: one command trains the teacher once, CD and ECT from it, CT and iCT,
+and tabulates them."""
 import importlib.util
 import json
 import pathlib

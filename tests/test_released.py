@@ -1,4 +1,5 @@
-"""Released official checkpoints (full/released/guided_diffusion.py, edm_pickle.py), on files written in their layouts.
+"""Released official checkpoints (full/released/guided_diffusion.py, edm_pickle.py), on files written in
+their layouts.
 
 CM's .pt files: raw guided-diffusion state dicts of scaled-down ADM configurations. EDM's .pkl files: pickles
 written the way EDM's torch_utils.persistence writes them (a reconstruction record with the module's source,
