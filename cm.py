@@ -1203,8 +1203,6 @@ def config(dataset: str = "digits", mode: str = "cd", **flags) -> TrainConfig:
     elif dataset == "digits":
         t = dict(steps=dict(edm=1500, cd=800, ct=3000, ict=3000, ect=1500)[mode], batch_size=128,
                  channels=32, lr=2e-4)
-        if mode == "cd":  # its teacher (FD ~6 at 1,500 steps, below the data floor ~9) needs fewer steps than
-            t["teacher_steps"] = 1000  # CD itself, whose one-step FD keeps falling to 800 (docs/results.md)
         c.update(s1=160 if mode == "ict" else 40, P_mean=0.0)  # not -1.1: more high-noise draws halve the
         #                                                        digits' one-step distance (docs/results.md)
     else:  # cifar10 [CM Tab. 3]; edm: EDM's 200M images at batch 512; ict [iCT]; ect (locuslab/ect)
