@@ -151,9 +151,8 @@ class ConsistencyFunction(nn.Module):
     With sigma_min = 0 it is EDM's preconditioned denoiser D(x, t) [EDM Tab. 1]. Only F runs under autocast
     (its output is cast to fp32 before the skip), so f(x, ε) = x holds exactly in mixed precision too."""
 
-    def __init__(
-        self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002, noise_cond: str = "edm"
-    ):
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002,
+                 noise_cond: str = "edm"):
         super().__init__()
         self.net, self.sigma_data, self.sigma_min = net, sigma_data, sigma_min
         self.c_noise = NOISE_CONDITIONING[noise_cond]
@@ -320,8 +319,7 @@ def edm_loss(D: Callable, x: Tensor, sigma: Tensor | None = None, z: Tensor | No
 
 def ict_num_steps(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
     """N(k) = min(s0·2^⌊k/K'⌋, s1) + 1, K' = ⌊K / (log₂⌊s1/s0⌋ + 1)⌋: N doubles every K' steps.
-    [iCT Sec. 3.4]
-    With s0 10, s1 1280: N = 11, 21, ..., 1281, eight stages of K' steps."""
+    [iCT Sec. 3.4] With s0 10, s1 1280: N = 11, 21, ..., 1281, eight stages of K' steps."""
     K_ = max(math.floor(K / (math.log2(s1 // s0) + 1)), 1)  # the log is not floored: s1/s0 need not be 2^m
     return min(s0 * 2 ** min(max(k, 0) // K_, 62), s1) + 1
 
@@ -412,13 +410,11 @@ class CMConfig:
 
     def check(self, prefix: str = "") -> CMConfig:
         """Every range and choice, before step 0: the first bad one is a one-line CMError naming it."""
-        for name, ok in dict(
-            mode=RECIPES, metric=METRICS, mu_rule=MU_RULES, noise_cond=NOISE_CONDITIONING
-        ).items():
+        choices = dict(mode=RECIPES, metric=METRICS, mu_rule=MU_RULES, noise_cond=NOISE_CONDITIONING)
+        for name, ok in choices.items():
             if getattr(self, name) not in ok:
-                raise CMError(
-                    f"unknown {prefix}{name} {getattr(self, name)!r}; choose one of {', '.join(ok)}"
-                )
+                raise CMError(f"unknown {prefix}{name} {getattr(self, name)!r}; "
+                              f"choose one of {', '.join(ok)}")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if f.type in ("float", "int") and (isinstance(v, bool) or not isinstance(v, (int, float))
@@ -428,16 +424,14 @@ class CMConfig:
             raise CMError(f"need 0 < {prefix}sigma_min < {prefix}sigma_max <= {SIGMA_MAX_LIMIT:g} "
                           f"(got {self.sigma_min}, {self.sigma_max})")
         if self.sigma_data <= 0 or self.rho <= 0:
-            raise CMError(
-                f"need {prefix}sigma_data > 0 and {prefix}rho > 0 (got {self.sigma_data}, {self.rho})"
-            )
+            raise CMError(f"need {prefix}sigma_data > 0 and {prefix}rho > 0 "
+                          f"(got {self.sigma_data}, {self.rho})")
         if self.N < 2 or self.s0 < 2 or self.s1 < self.s0:
             raise CMError(f"need {prefix}N >= 2 and 2 <= {prefix}s0 <= {prefix}s1 "
                           f"(got N={self.N}, s0={self.s0}, s1={self.s1})")
         if not (0 <= self.mu < 1 and 0 < self.mu0 < 1):
-            raise CMError(
-                f"need 0 <= {prefix}mu < 1 and 0 < {prefix}mu0 < 1 (got mu={self.mu}, mu0={self.mu0})"
-            )
+            raise CMError(f"need 0 <= {prefix}mu < 1 and 0 < {prefix}mu0 < 1 "
+                          f"(got mu={self.mu}, mu0={self.mu0})")
         if self.stage_steps < 1 or self.q <= 1 or self.P_std <= 0:
             raise CMError(f"need {prefix}stage_steps >= 1, {prefix}q > 1 and {prefix}P_std > 0 "
                           f"(got {self.stage_steps}, {self.q}, {self.P_std})")
@@ -447,9 +441,8 @@ class CMConfig:
 
     def run_fields(self) -> tuple[str, ...]:
         """The fields this mode computes with: a resume may not change them (the others it ignores)."""
-        return ("mode", "sigma_min", "sigma_max", "sigma_data", "rho", "noise_cond") + RECIPES[
-            self.mode
-        ].fields
+        common = ("mode", "sigma_min", "sigma_max", "sigma_data", "rho", "noise_cond")
+        return common + RECIPES[self.mode].fields
 
 
 class Schedule(NamedTuple):
@@ -511,19 +504,12 @@ class Recipe:
 
 
 RECIPES = {
-    "cd": Recipe(
-        lambda c, k, K: Schedule(c.N, c.mu), _cd, ("N", "mu", "metric"), teacher="loss"
-    ),  # [CM Alg. 2]
-    "ct": Recipe(_ct_schedule, _ct, ("s0", "s1", "mu0", "mu_rule", "metric")),  # [CM Alg. 3]
+    "cd": Recipe(lambda c, k, K: Schedule(c.N, c.mu), _cd, ("N", "mu", "metric"), teacher="loss"),  # [CM]
+    "ct": Recipe(_ct_schedule, _ct, ("s0", "s1", "mu0", "mu_rule", "metric")),                     # [CM]
     "ict": Recipe(_ict_schedule, _ict, ("s0", "s1", "mu", "metric", "P_mean", "P_std", "ablate")),  # [iCT]
-    "ect": Recipe(
-        _ect_schedule,
-        _ect,
-        ("mu", "metric", "P_mean", "P_std", "q", "stage_steps"),  # [ECT]
-        teacher="init",
-        denoiser=True,
-    ),
-    "edm": Recipe(lambda c, k, K: Schedule(0, 0.0), _edm, (), denoiser=True),  # [EDM]
+    "ect": Recipe(_ect_schedule, _ect, ("mu", "metric", "P_mean", "P_std", "q", "stage_steps"),     # [ECT]
+                  teacher="init", denoiser=True),
+    "edm": Recipe(lambda c, k, K: Schedule(0, 0.0), _edm, (), denoiser=True),                       # [EDM]
 }
 
 
@@ -683,21 +669,13 @@ class Embedding(nn.Module):
 class MLP(nn.Module):
     """Residual MLP for 2-D data; the embedding is added at the input of every block."""
 
-    def __init__(
-        self, dim: int = 2, hidden: int = 256, depth: int = 4, num_classes: int = 0, dropout: float = 0.0
-    ):
+    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, num_classes: int = 0,
+                 dropout: float = 0.0):
         super().__init__()
         self.emb, self.inp = Embedding(hidden, num_classes), nn.Linear(dim, hidden)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(
-                nn.SiLU(),
-                nn.Linear(hidden, hidden),
-                nn.SiLU(),
-                nn.Dropout(dropout),
-                nn.Linear(hidden, hidden),
-            )
-            for _ in range(depth)
-        )
+        self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                                  nn.Dropout(dropout), nn.Linear(hidden, hidden))
+                                    for _ in range(depth))
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
@@ -714,9 +692,8 @@ class Block(nn.Module):
         super().__init__()
         norm = lambda c: nn.GroupNorm(min(32, c // 4), c)
         self.res = nn.Sequential(norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
-        self.out = nn.Sequential(
-            norm(cout), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
-        )
+        self.out = nn.Sequential(norm(cout), nn.SiLU(), nn.Dropout(dropout),
+                                 nn.Conv2d(cout, cout, 3, padding=1))
         self.emb = nn.Linear(emb_dim, cout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         self.attn = nn.ModuleList([norm(cout), nn.Conv2d(cout, 3 * cout, 1), nn.Conv2d(cout, cout, 1)]
@@ -771,9 +748,8 @@ class UNet(nn.Module):
             if level:
                 self.dec.append(Resample(c, up=True))
                 res *= 2
-        self.out = nn.Sequential(
-            nn.GroupNorm(min(32, c // 4), c), nn.SiLU(), nn.Conv2d(c, in_ch, 3, padding=1)
-        )
+        self.out = nn.Sequential(nn.GroupNorm(min(32, c // 4), c), nn.SiLU(),
+                                 nn.Conv2d(c, in_ch, 3, padding=1))
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
         emb, h = self.emb(c_noise, class_labels), self.inp(x)  # (B, 4ch), (B, ch, H, W)
@@ -802,9 +778,8 @@ def load_digits(labels: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     try:
         from sklearn.datasets import load_digits as sk_digits
     except ImportError:
-        raise CMError(
-            "the digits need scikit-learn (pip install scikit-learn), or use --dataset toy"
-        ) from None
+        raise CMError("the digits need scikit-learn (pip install scikit-learn), "
+                      "or use --dataset toy") from None
     d = sk_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8 - 1
     return (x, torch.as_tensor(d.target)) if labels else x
@@ -812,9 +787,7 @@ def load_digits(labels: bool = False) -> Tensor | tuple[Tensor, Tensor]:
 
 def uint8_to_unit(x) -> Tensor:
     """uint8 pixels v (array or tensor, any shape) -> float32 v / 127.5 - 1 in [-1, 1] (0 -> -1, 255 -> 1)."""
-    t = (
-        x if isinstance(x, Tensor) else torch.tensor(x)
-    )  # a copy of an array: never a view of read-only memory
+    t = x if isinstance(x, Tensor) else torch.tensor(x)  # a copy: never a view of read-only memory
     return t.to(torch.uint8).to(torch.float32) / 127.5 - 1.0
 
 
@@ -913,11 +886,8 @@ def read_weights_only(path: str | os.PathLike):
 
 def checkpoint_kind(state) -> str | None:
     """'cm' or 'full' for a checkpoint dict of this project, None for anything else."""
-    if (
-        not isinstance(state, dict)
-        or state.get("format") != FORMAT
-        or not isinstance(state.get("config"), dict)
-    ):
+    if not isinstance(state, dict) or state.get("format") != FORMAT or \
+            not isinstance(state.get("config"), dict):
         return None
     return state.get("kind") or ("full" if "arch" in state["config"] else "cm")
 
@@ -1103,10 +1073,8 @@ def digits_classifier(seed: int = 0, epochs: int = 30, verbose: bool = True) -> 
     net.eval().requires_grad_(False)
     acc = (net(x[test]).argmax(1) == y[test]).float().mean().item()
     if verbose:
-        print(
-            f"digits feature classifier: test accuracy {acc:.3f} on {len(test)} held-out digits "
-            f"(cached in {path})"
-        )
+        print(f"digits feature classifier: test accuracy {acc:.3f} on {len(test)} held-out digits "
+              f"(cached in {path})")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(path, {"model": net.state_dict(), "test_accuracy": acc})
@@ -1124,9 +1092,8 @@ def digits_feature_distance(x: Tensor, y: Tensor, net: DigitsClassifier | None =
     return frechet_distance(fx.mean(0), torch.cov(fx.T), fy.mean(0), torch.cov(fy.T))
 
 
-def distance_table(
-    samples: dict[str, Tensor], real: Callable[[], Tensor], title: str, features: bool
-) -> dict:
+def distance_table(samples: dict[str, Tensor], real: Callable[[], Tensor], title: str,
+                   features: bool) -> dict:
     """Print and return each sample set's energy distance to fresh data (each real() call draws a fresh
     set); with `features` (the digits), also the feature Fréchet distance, which judges the digits' shapes
     where the energy distance of raw pixels is dominated by per-pixel brightness."""
@@ -1297,16 +1264,9 @@ def train(cfg: TrainConfig) -> dict:
     if RECIPES[cfg.cm.mode].teacher and not cfg.teacher:  # a teacher first, or reuse a finished one
         flags = {k: getattr(cfg, k) for k in ("data_dir", "seed", "device", "precision", "log_every",
                                                "ckpt_every", "grid_minutes", "overwrite")}
-        flags.update(
-            sigma_min=cfg.cm.sigma_min,
-            sigma_max=cfg.cm.sigma_max,
-            sigma_data=cfg.cm.sigma_data,
-            rho=cfg.cm.rho,
-            channels=cfg.channels,
-            out=f"{cfg.out}/teacher",
-            resume=True,
-            report=False,
-        )
+        flags.update(sigma_min=cfg.cm.sigma_min, sigma_max=cfg.cm.sigma_max, sigma_data=cfg.cm.sigma_data,
+                     rho=cfg.cm.rho, channels=cfg.channels, out=f"{cfg.out}/teacher", resume=True,
+                     report=False)
         if cfg.teacher_steps:
             flags["steps"] = cfg.teacher_steps
         tcfg = config(cfg.dataset, "edm", **flags)
@@ -1339,10 +1299,8 @@ class Run:
                 changed = changed_fields(dataclasses.asdict(saved), dataclasses.asdict(cfg), RUN_FIELDS) + \
                     changed_fields(dataclasses.asdict(saved.cm), dataclasses.asdict(c), c.run_fields())
                 if changed and not cfg.allow_config_change:
-                    raise CMError(
-                        f"{self.ckpt} was trained with other {', '.join(changed)}; use another --out, "
-                        "or --allow-config-change to continue it with the new settings"
-                    )
+                    raise CMError(f"{self.ckpt} was trained with other {', '.join(changed)}; use another "
+                                  "--out, or --allow-config-change to continue it with the new settings")
             elif not cfg.overwrite and not cfg.resume:
                 raise CMError(f"{out} already holds a run; pass --resume to continue it or --overwrite to "
                               "start afresh")
@@ -1358,16 +1316,14 @@ class Run:
         self.target = (copy.deepcopy(self.model).requires_grad_(False).train(self.shared_dropout)
                        if keeps_target_copy(c) else None)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()  # evaluation EMA
-        self.opt = (torch.optim.Adam if c.mode == "edm" else torch.optim.RAdam)(
-            self.model.parameters(), lr=cfg.lr
-        )
+        opt = torch.optim.Adam if c.mode == "edm" else torch.optim.RAdam
+        self.opt = opt(self.model.parameters(), lr=cfg.lr)
         self.metric = make_metric(c, dev)
         self.step, self.saved = 0, None  # saved: the last good checkpoint of this run
         if state is not None:
             self.restore(state)
-        atomic_write(
-            out / "config.json", lambda fh: fh.write(json.dumps(dataclasses.asdict(cfg), indent=1).encode())
-        )
+        text = json.dumps(dataclasses.asdict(cfg), indent=1).encode()
+        atomic_write(out / "config.json", lambda fh: fh.write(text))
         self.resumed = state is not None
 
     def restore(self, state: dict) -> None:
@@ -1377,9 +1333,8 @@ class Run:
                 try:
                     m.load_state_dict(state[name])
                 except (RuntimeError, KeyError, ValueError, TypeError) as e:
-                    raise CMError(
-                        f"{self.ckpt}: the {name} state does not fit this run ({type(e).__name__})"
-                    ) from None
+                    raise CMError(f"{self.ckpt}: the {name} state does not fit this run "
+                                  f"({type(e).__name__})") from None
         for g in self.opt.param_groups:  # the lr of this command, also when --allow-config-change changed it
             g["lr"] = self.cfg.lr
         torch.set_rng_state(state["rng"])
@@ -1394,22 +1349,11 @@ class Run:
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise CMError(f"non-finite weights at step {self.step}; " + self.last_good())
         rng_cuda = dict(rng_cuda=torch.cuda.get_rng_state(self.dev)) if self.dev.type == "cuda" else {}
-        save_checkpoint(
-            self.ckpt,
-            dict(
-                model=self.model.state_dict(),
-                target=None if self.target is None else self.target.state_dict(),
-                ema=self.ema.state_dict(),
-                opt=self.opt.state_dict(),
-                step=self.step,
-                rng=torch.get_rng_state(),
-                **rng_cuda,
-                config=dataclasses.asdict(self.cfg),
-                shape=list(self.shape),
-                format=FORMAT,
-                kind="cm",
-            ),
-        )
+        save_checkpoint(self.ckpt, dict(
+            model=self.model.state_dict(), target=None if self.target is None else self.target.state_dict(),
+            ema=self.ema.state_dict(), opt=self.opt.state_dict(), step=self.step, rng=torch.get_rng_state(),
+            **rng_cuda, config=dataclasses.asdict(self.cfg), shape=list(self.shape), format=FORMAT,
+            kind="cm"))
         self.saved = self.ckpt
 
     def last_good(self) -> str:
@@ -1456,9 +1400,7 @@ class Run:
         bar = tqdm(initial=self.step, total=cfg.steps, desc=f"{cfg.cm.mode} {cfg.dataset}", mininterval=1.0,
                    disable=None) if tqdm else None
         self.data_dev = None if self.data is None else self.data.to(self.dev)  # the whole set, moved once
-        bad = torch.zeros(
-            (), dtype=torch.long, device=self.dev
-        )  # first step with a non-finite loss (0: none)
+        bad = torch.zeros((), dtype=torch.long, device=self.dev)  # first step of a non-finite loss (0: none)
         t0 = t_log = t_grid = time.time()
         step_log = self.step
         with open(self.out / "log.jsonl", "a" if self.resumed else "w") as log:
@@ -1476,16 +1418,11 @@ class Run:
                 if log_now:
                     now = time.time()
                     ips, t_log, step_log = cfg.batch_size * (k - step_log) / max(now - t_log, 1e-9), now, k
-                    rec = dict(
-                        step=k, loss=loss.item(), N=s.N, mu=s.mu, stage=s.stage, sec=now - t0, img_per_s=ips
-                    )
+                    rec = dict(step=k, loss=loss.item(), N=s.N, mu=s.mu, stage=s.stage, sec=now - t0,
+                               img_per_s=ips)
                     if bar is not None:
-                        bar.set_postfix(
-                            {n: rec[n] for n in ("N", "stage") if rec[n]},
-                            loss=f"{rec['loss']:.4g}",
-                            mu=f"{s.mu:.4f}",
-                            img_s=f"{ips:.0f}",
-                        )
+                        bar.set_postfix({n: rec[n] for n in ("N", "stage") if rec[n]},
+                                        loss=f"{rec['loss']:.4g}", mu=f"{s.mu:.4f}", img_s=f"{ips:.0f}")
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                 if ckpt_now:  # before the grids: they may fail
@@ -1571,9 +1508,8 @@ def sample_grids(path: str, flags: dict) -> None:
     state = load_checkpoint(path)
     model, cfg = model_from_checkpoint(state)
     keep = ("ts", "grid_steps", "mid_t", "seed", "device")
-    cfg = dataclasses.replace(
-        cfg, **{k: v for k, v in flags.items() if k in keep}, out=str(Path(path).parent)
-    )
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if k in keep},
+                              out=str(Path(path).parent))
     check(cfg)
     out = out_folder(flags.get("out") or Path(path).parent, make=True)
     write_grids(model.to(pick_device(cfg.device)), cfg, state["shape"], out, state["step"])

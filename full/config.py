@@ -88,8 +88,8 @@ class RunSection:
     keep_last: int = 3                # resume checkpoints kept
     log_every: int = 100              # steps between log.jsonl lines
     sample_every: int = 10_000        # steps between PNG grids (0 = only at the end)
-    sample_num: int = 64  # images per grid
-    fid_every: int = 0  # steps between FIDs of one-step samples against the training set (0: off)
+    sample_num: int = 64              # images per grid
+    fid_every: int = 0                # steps between FIDs of one-step samples vs the training set (0: off)
     fid_samples: int = 5000           # samples per such FID (the papers' FIDs use 50,000: full.evaluate)
     ts: tuple[int, ...] = (0, 11, 17)  # two-step grid levels, official index convention (cm.ts_to_sigmas)
     grid_steps: int = 18              # the grid size the ts indices refer to (formerly ts_grid)
@@ -161,9 +161,8 @@ def validate(cfg: RunConfig) -> None:
     if min(r.ckpt_every, r.keep_last, r.log_every, r.sample_num) < 1 or r.sample_every < 0:
         raise CMError("need run.ckpt_every, keep_last, log_every, sample_num >= 1, sample_every >= 0")
     if r.fid_every < 0 or (r.fid_every and r.fid_samples < 2):
-        raise CMError(
-            f"need run.fid_every >= 0 and run.fid_samples >= 2 (got {r.fid_every}, {r.fid_samples})"
-        )
+        raise CMError(f"need run.fid_every >= 0 and run.fid_samples >= 2 "
+                      f"(got {r.fid_every}, {r.fid_samples})")
     if cfg.data.resolution < 0 or cfg.data.num_workers < 0:
         raise CMError("need data.resolution >= 0 and data.num_workers >= 0")
 

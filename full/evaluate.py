@@ -334,12 +334,8 @@ def save_stats(path, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CMError(f"cannot write {path}: {e.strerror or e}") from None
-    atomic_write(
-        path,
-        lambda f: np.savez(
-            f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), n=np.int64(n)
-        ),
-    )
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, n=np.int64(n)))
 
 
 def load_stats(path) -> tuple[np.ndarray, np.ndarray, int | None]:

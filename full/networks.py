@@ -108,9 +108,8 @@ class NCSNppConfig:
         _require(self.embedding in ("fourier", "positional"), "embedding is fourier or positional")
         _require(self.encoder in ("residual", "standard"), "encoder is residual or standard")
         _require(len(self.resample_filter) % 2 == 0, "FIR resampling here needs an even number of taps")
-        _require(
-            self.img_resolution % 2 ** (len(self.channel_mult) - 1) == 0, "resolution must halve cleanly"
-        )
+        _require(self.img_resolution % 2 ** (len(self.channel_mult) - 1) == 0,
+                 "resolution must halve cleanly")
         _require(min(self.channel_mult) * self.model_channels >= 4, "GroupNorm uses C // 4 groups")
 
     @classmethod
@@ -154,9 +153,8 @@ class ADMConfig:
         self.attention_resolutions = tuple(self.attention_resolutions)
         _require(self.image_size % 2 ** (len(self.channel_mult) - 1) == 0, "resolution must halve cleanly")
         _require(self.model_channels % 2 == 0, "the sinusoidal embedding needs an even width")
-        _require(
-            all(m * self.model_channels % 32 == 0 for m in self.channel_mult), "GroupNorm uses 32 groups"
-        )
+        _require(all(m * self.model_channels % 32 == 0 for m in self.channel_mult),
+                 "GroupNorm uses 32 groups")
         _require(all(m * self.model_channels % self.num_head_channels == 0 for m in self.channel_mult),
                  "every level's channels must split into heads of num_head_channels")
 

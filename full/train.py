@@ -291,13 +291,9 @@ def write_grids(cfg: RunConfig, f: nn.Module, shape: Sequence[int], out: Path, s
     c = cfg.cm
     kinds = {"heun": None} if c.mode == "edm" else {"1step": [c.sigma_max], "2step": two_step_levels(cfg)}
     k = cfg.net.num_classes if cfg.data.class_cond else 0
-    return [
-        save_grid(
-            generate(f, c, shape, range(cfg.run.sample_num), levels, cfg.run.seed, cfg.run.grid_steps, k)[0],
-            out / grid_name(name, step),
-        )
-        for name, levels in kinds.items()
-    ]
+    return [save_grid(generate(f, c, shape, range(cfg.run.sample_num), levels, cfg.run.seed,
+                               cfg.run.grid_steps, k)[0], out / grid_name(name, step))
+            for name, levels in kinds.items()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,13 +438,11 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
             if main and (grid_now or k == cfg.opt.steps):
                 write_grids(cfg, tr.emas[cfg.ema.for_eval()], shape, out, k)
             if main and cfg.run.fid_every and k % cfg.run.fid_every == 0:
-                fid = evaluate.fid_during_training(
-                    tr.emas[cfg.ema.for_eval()], cfg, shape, ds, out, fid_cache, dev
-                )
+                f_eval = tr.emas[cfg.ema.for_eval()]
+                fid = evaluate.fid_during_training(f_eval, cfg, shape, ds, out, fid_cache, dev)
                 if fid is not None:
-                    bar.write(
-                        f"step {k}: FID {fid:.2f} ({cfg.run.fid_samples} one-step samples, training set)"
-                    )
+                    bar.write(f"step {k}: FID {fid:.2f} ({cfg.run.fid_samples} one-step samples, "
+                              "training set)")
                     log.write(json.dumps({"step": k, "fid": fid, "sec": time.time() - t0}) + "\n")
                     log.flush()
         if main:

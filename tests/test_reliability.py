@@ -152,125 +152,37 @@ def security_cases(e: Path, runs: Path) -> list[tuple[str, list[str], str]]:
     return [
         ("cm.py", ["--checkpoint", str(e / "evil.pt")], "weights-only"),
         ("cm.py", ["--checkpoint", str(e / "evil.pkl")], "weights-only"),
-        (
-            "cm.py",
-            [*TOY, "--mode", "cd", "--teacher", str(e / "evil.pt"), "--out", str(runs / "x1")],
-            "weights-only",
-        ),
+        ("cm.py", [*TOY, "--mode", "cd", "--teacher", str(e / "evil.pt"), "--out", str(runs / "x1")],
+         "weights-only"),
         ("cm.py", [*TOY, "--mode", "ct", "--resume", "--out", str(e / "run")], "weights-only"),
-        (
-            "cm.py",
-            [
-                "--dataset",
-                "cifar10",
-                "--mode",
-                "ct",
-                "--metric",
-                "l2",
-                "--data-dir",
-                str(e / "cifar"),
-                "--out",
-                str(runs / "x2"),
-            ],
-            "CIFAR-10",
-        ),
-        (
-            "full.train",
-            ["--preset", "tiny-cd", f"run.teacher={str(e / 'evil.pt')!r}", f"run.out={str(runs / 'x3')!r}"],
-            "weights-only",
-        ),
-        (
-            "full.train",
-            ["--preset", "tiny-cd", f"run.teacher={str(e / 'evil.pkl')!r}", f"run.out={str(runs / 'x4')!r}"],
-            "evil.pkl",
-        ),
+        ("cm.py", ["--dataset", "cifar10", "--mode", "ct", "--metric", "l2", "--data-dir", str(e / "cifar"),
+                   "--out", str(runs / "x2")], "CIFAR-10"),
+        ("full.train", ["--preset", "tiny-cd", f"run.teacher={str(e / 'evil.pt')!r}",
+                        f"run.out={str(runs / 'x3')!r}"], "weights-only"),
+        ("full.train", ["--preset", "tiny-cd", f"run.teacher={str(e / 'evil.pkl')!r}",
+                        f"run.out={str(runs / 'x4')!r}"], "evil.pkl"),
         ("full.train", ["--preset", "tiny-ct", f"run.out={str(e / 'run')!r}"], "weights-only"),
-        (
-            "full.train",
-            [
-                "--preset",
-                "tiny-ct",
-                "data.name='cifar10'",
-                f"data.root={str(e / 'cifar')!r}",
-                f"run.out={str(runs / 'x5')!r}",
-            ],
-            "CIFAR-10",
-        ),
-        (
-            "full.train",
-            [
-                "--preset",
-                "tiny-ct",
-                "data.name='imagenet64'",
-                f"data.root={str(e / 'imagenet')!r}",
-                f"run.out={str(runs / 'x6')!r}",
-            ],
-            "train_data_batch_1.npz",
-        ),
+        ("full.train", ["--preset", "tiny-ct", "data.name='cifar10'", f"data.root={str(e / 'cifar')!r}",
+                        f"run.out={str(runs / 'x5')!r}"], "CIFAR-10"),
+        ("full.train", ["--preset", "tiny-ct", "data.name='imagenet64'", f"data.root={str(e / 'imagenet')!r}",
+                        f"run.out={str(runs / 'x6')!r}"], "train_data_batch_1.npz"),
         ("full.sample", ["--checkpoint", str(e / "evil.pt")], "weights-only"),
         ("full.sample", ["--checkpoint", str(e / "evil.pkl")], "evil.pkl"),
-        (
-            "full.sample",
-            [
-                "--checkpoint",
-                str(runs / "ct-export.pt"),
-                "--edit",
-                "denoise",
-                "--sigmas",
-                "0.5",
-                "--reference",
-                str(e / "evil.npz"),
-                "--out",
-                str(runs / "x7"),
-            ],
-            "evil.npz",
-        ),
-        (
-            "full.sample",
-            [
-                "--checkpoint",
-                str(runs / "ct-export.pt"),
-                "--edit",
-                "denoise",
-                "--sigmas",
-                "0.5",
-                "--reference",
-                str(e / "evil.pt"),
-                "--out",
-                str(runs / "x7"),
-            ],
-            "evil.pt",
-        ),
-        (
-            "full.sample",
-            [
-                "--checkpoint",
-                str(runs / "ct-export.pt"),
-                "--edit",
-                "inpaint",
-                "--reference",
-                str(samples),
-                "--mask",
-                str(e / "evil.pt"),
-                "--out",
-                str(runs / "x7"),
-            ],
-            "evil.pt",
-        ),
+        ("full.sample", ["--checkpoint", str(runs / "ct-export.pt"), "--edit", "denoise", "--sigmas", "0.5",
+                         "--reference", str(e / "evil.npz"), "--out", str(runs / "x7")], "evil.npz"),
+        ("full.sample", ["--checkpoint", str(runs / "ct-export.pt"), "--edit", "denoise", "--sigmas", "0.5",
+                         "--reference", str(e / "evil.pt"), "--out", str(runs / "x7")], "evil.pt"),
+        ("full.sample", ["--checkpoint", str(runs / "ct-export.pt"), "--edit", "inpaint",
+                         "--reference", str(samples), "--mask", str(e / "evil.pt"),
+                         "--out", str(runs / "x7")], "evil.pt"),
         ("full.evaluate", [str(e / "evil.npz"), "--ref", str(good_ref)], "evil.npz"),
         ("full.evaluate", [str(e / "evil.npy"), "--ref", str(good_ref)], "evil.npy"),
         ("full.evaluate", [str(samples), "--ref", str(e / "evil.npz")], "evil.npz"),
         ("full.evaluate", ["--make-ref", str(e / "evil.npz"), "--out", str(runs / "r.npz")], "evil.npz"),
-        (
-            "full.evaluate",
-            [str(samples), "--ref", str(good_ref), "--inception-weights", str(e / "evil.pt")],
-            "weights-only",
-        ),
-        (
-            "full.evaluate",
-            ["--make-ref", "cifar10", "--data-dir", str(e / "cifar"), "--out", str(runs / "r.npz")],
-            "CIFAR-10",
-        ),
+        ("full.evaluate", [str(samples), "--ref", str(good_ref), "--inception-weights", str(e / "evil.pt")],
+         "weights-only"),
+        ("full.evaluate", ["--make-ref", "cifar10", "--data-dir", str(e / "cifar"), "--out",
+                           str(runs / "r.npz")], "CIFAR-10"),
     ]
 
 
@@ -308,12 +220,8 @@ def bad_input_cases(runs: Path, tmp: Path) -> list[tuple[str, list[str], str]]:
     for name, m, s in (("nan-sigma", mu, sigma * np.nan), ("nan-mu", mu * np.nan, sigma),
                        ("asym", mu, sigma + np.triu(np.ones((4, 4)), 1))):
         np.savez(tmp / f"{name}.npz", mu=m, sigma=s, n=4)
-    samples, ref, ct, edm = (
-        runs / "samples.npz",
-        runs / "ref.npz",
-        runs / "ct-export.pt",
-        runs / "edm-export.pt",
-    )
+    samples, ref = runs / "samples.npz", runs / "ref.npz"
+    ct, edm = runs / "ct-export.pt", runs / "edm-export.pt"
     o = lambda name: f"run.out={str(tmp / name)!r}"
     return [
         # cm.py
@@ -326,11 +234,8 @@ def bad_input_cases(runs: Path, tmp: Path) -> list[tuple[str, list[str], str]]:
         ("cm.py", [*TOY, "--ts", "0,30", "--out", str(tmp / "c2")], "ts must be"),
         ("cm.py", [*TOY, "--mode", "ct", "--steps", "4", "--out", str(cm_run)], "already holds a run"),
         ("cm.py", [*TOY, "--mode", "ct", "--steps", "8", "--resume", "--out", str(cm_run)], "steps 4 -> 8"),
-        (
-            "cm.py",
-            [*TOY, "--mode", "ct", "--steps", "4", "--lr", "0.1", "--resume", "--out", str(cm_run)],
-            "lr 0.001 -> 0.1",
-        ),
+        ("cm.py", [*TOY, "--mode", "ct", "--steps", "4", "--lr", "0.1", "--resume", "--out", str(cm_run)],
+         "lr 0.001 -> 0.1"),
         ("cm.py", ["--sample", str(ct)], "is a full/ checkpoint: use python -m full.sample --checkpoint"),
         ("cm.py", ["--checkpoint", str(full_run / "ckpt-0000002.pt")], "full.sample"),
         ("cm.py", ["--checkpoint", str(tmp / "text.pt")], "cannot read checkpoint"),
@@ -343,22 +248,13 @@ def bad_input_cases(runs: Path, tmp: Path) -> list[tuple[str, list[str], str]]:
         ("full.train", ["--preset", "tiny-ct", "run.device='foo'", o("t1")], "unknown device"),
         ("full.train", ["--preset", "tiny-ct", f"run.out={str(a_file)!r}"], "is a file"),
         ("full.train", ["--preset", "tiny-edm", f"run.out={str(full_run)!r}"], "cm.mode 'ct' -> 'edm'"),
-        (
-            "full.train",
-            ["--preset", "tiny-ct", "run.resume=False", f"run.out={str(full_run)!r}"],
-            "--overwrite",
-        ),
-        (
-            "full.train",
-            ["--preset", "tiny-ct", "opt.steps=5", f"run.out={str(full_run)!r}"],
-            "opt.steps 2 -> 5",
-        ),
+        ("full.train", ["--preset", "tiny-ct", "run.resume=False", f"run.out={str(full_run)!r}"],
+         "--overwrite"),
+        ("full.train", ["--preset", "tiny-ct", "opt.steps=5", f"run.out={str(full_run)!r}"],
+         "opt.steps 2 -> 5"),
         ("full.train", ["--preset", "tiny-ct", "opt.lr=1.0", f"run.out={str(full_run)!r}"], "opt.lr"),
-        (
-            "full.train",
-            ["--preset", "tiny-cd", f"run.teacher={str(cm_run / 'ckpt.pt')!r}", o("t2")],
-            "cm.py checkpoint",
-        ),
+        ("full.train", ["--preset", "tiny-cd", f"run.teacher={str(cm_run / 'ckpt.pt')!r}", o("t2")],
+         "cm.py checkpoint"),
         # full.sample
         ("full.sample", ["--checkpoint", str(ct), "--sigmas", "nan", "--out", str(tmp)], "must be finite"),
         ("full.sample", ["--checkpoint", str(ct), "--sigmas", "inf,1", "--out", str(tmp)], "finite"),
@@ -367,97 +263,38 @@ def bad_input_cases(runs: Path, tmp: Path) -> list[tuple[str, list[str], str]]:
         ("full.sample", ["--checkpoint", str(ct), "--out", str(a_file)], "is a file"),
         ("full.sample", ["--checkpoint", str(edm), "--grid-steps", "40", "--out", str(tmp)], "--steps"),
         ("full.sample", ["--checkpoint", str(cm_run / "ckpt.pt"), "--out", str(tmp)], "cm.py checkpoint"),
-        (
-            "full.sample",
-            [
-                "--checkpoint",
-                str(ct),
-                "--edit",
-                "denoise",
-                "--sigmas",
-                "0.5",
-                "--out",
-                str(tmp),
-                "--reference",
-                str(tmp / "float-ref.npz"),
-            ],
-            "uint8",
-        ),
-        (
-            "full.sample",
-            [
-                "--checkpoint",
-                str(ct),
-                "--edit",
-                "denoise",
-                "--sigmas",
-                "0.5",
-                "--out",
-                str(tmp),
-                "--reference",
-                str(tmp / "no-arr0.npz"),
-            ],
-            "arr_0",
-        ),
-        (
-            "full.sample",
-            [
-                "--checkpoint",
-                str(ct),
-                "--edit",
-                "denoise",
-                "--sigmas",
-                "0.5",
-                "--out",
-                str(tmp),
-                "--reference",
-                str(ct),
-            ],
-            "cannot read image",
-        ),
+        ("full.sample", ["--checkpoint", str(ct), "--edit", "denoise", "--sigmas", "0.5", "--out", str(tmp),
+                         "--reference", str(tmp / "float-ref.npz")], "uint8"),
+        ("full.sample", ["--checkpoint", str(ct), "--edit", "denoise", "--sigmas", "0.5", "--out", str(tmp),
+                         "--reference", str(tmp / "no-arr0.npz")], "arr_0"),
+        ("full.sample", ["--checkpoint", str(ct), "--edit", "denoise", "--sigmas", "0.5", "--out", str(tmp),
+                         "--reference", str(ct)], "cannot read image"),
         ("full.sample", ["--checkpoint", str(ct), "--num-samples", "0"], "--num-samples >= 1"),
         # full.evaluate
-        *[
-            ("full.evaluate", [str(samples), "--ref", str(tmp / f"{n}.npz")], m)
-            for n, m in (("nan-sigma", "NaN"), ("nan-mu", "NaN"), ("asym", "not a covariance"))
-        ],
-        (
-            "full.evaluate",
-            [str(samples), "--ref", str(ref), "--inception-weights", str(tmp / "text.pt")],
-            "weights-only",
-        ),
-        (
-            "full.evaluate",
-            [str(samples), "--ref", str(ref), "--inception-weights", str(tmp / "foreign.pt")],
-            "do not fit",
-        ),
+        *[("full.evaluate", [str(samples), "--ref", str(tmp / f"{n}.npz")], m)
+          for n, m in (("nan-sigma", "NaN"), ("nan-mu", "NaN"), ("asym", "not a covariance"))],
+        ("full.evaluate", [str(samples), "--ref", str(ref), "--inception-weights", str(tmp / "text.pt")],
+         "weights-only"),
+        ("full.evaluate", [str(samples), "--ref", str(ref), "--inception-weights", str(tmp / "foreign.pt")],
+         "do not fit"),
         ("full.evaluate", ["--make-ref", str(samples), "--out", str(tmp)], "is a folder"),
         ("full.evaluate", [str(samples), "--ref", str(ref), "--device", "foo"], "unknown device"),
         ("full.evaluate", [str(samples), "--ref", str(ref), "--batch-size", "0"], "--batch-size >= 1"),
         # full.bench
         ("full.bench", ["--device", "foo"], "unknown device"),
         ("full.bench", ["--batch-size", "0", "--device", "cpu"], "--batch-size >= 1"),
-    ] + (
-        [
-            ("cm.py", [*TOY[:-2], "--device", "cuda", "--out", str(tmp / "c3")], "not available"),
-            ("full.bench", ["--device", "cuda"], "not available"),
-        ]
-        if not torch.cuda.is_available()
-        else []
-    )
+    ] + ([("cm.py", [*TOY[:-2], "--device", "cuda", "--out", str(tmp / "c3")], "not available"),
+          ("full.bench", ["--device", "cuda"], "not available")] if not torch.cuda.is_available() else [])
 
 
 def test_bad_inputs_are_one_line_and_change_no_earlier_run(runs, tmp_path, monkeypatch):
     import torch_fidelity.feature_extractor_inceptionv3 as tfi
-    monkeypatch.setattr(
-        torch.nn.Module,
-        "load_state_dict",  # no Inception weights here: load this file's
-        lambda self, sd, *a, **k: (
-            (_ for _ in ()).throw(RuntimeError("Missing key(s)"))
-            if isinstance(self, tfi.FeatureExtractorInceptionV3)
-            else REAL_LOAD(self, sd, *a, **k)
-        ),
-    )
+
+    def load(self, sd, *a, **k):  # no Inception weights here
+        if isinstance(self, tfi.FeatureExtractorInceptionV3):
+            raise RuntimeError("Missing key(s)")
+        return REAL_LOAD(self, sd, *a, **k)
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", load)
     before = snapshot(runs / "cm-ct", runs / "full-ct")
     for name, argv, needle in bad_input_cases(runs, tmp_path):
         code, err = run_main(name, argv)
@@ -486,26 +323,16 @@ def test_each_entry_point_as_a_process():
 
 
 def test_second_run_in_a_folder_is_refused_and_the_lock_dies_with_its_holder(tmp_path):
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import cm, sys, time; held = cm.RunFolder(sys.argv[1]); "
-            "print('locked', flush=True); time.sleep(120)",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    code = ("import cm, sys, time; held = cm.RunFolder(sys.argv[1]); print('locked', flush=True); "
+            "time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
+                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         p = run_cli("cm.py", *TOY, "--mode", "ct", "--steps", "2", "--out", str(tmp_path))
         assert_one_line(p.returncode, p.stderr, "another process is running in")
-        code, err = run_main(
-            "full.train", ["--preset", "tiny-ct", "opt.steps=2", f"run.out={str(tmp_path)!r}"]
-        )
+        code, err = run_main("full.train", ["--preset", "tiny-ct", "opt.steps=2",
+                                            f"run.out={str(tmp_path)!r}"])
         assert_one_line(code, err, "another process is running in")
         assert sorted(q.name for q in tmp_path.iterdir()) == [".lock"]  # neither run wrote anything
     finally:
