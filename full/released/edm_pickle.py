@@ -13,9 +13,19 @@ that defined the class) and rebuilds the object from `meta["state"]` (its `__dic
     collections.OrderedDict, builtins.set / frozenset, dnnlib.util.EasyDict (as a dict),
     torch.nn.modules.container.ModuleDict / ModuleList / Sequential (as inert records of their state),
     torch_utils.persistence._reconstruct_persistent_obj (as an inert record: class name + state; the
-        source code is never compiled).
-Any other global (os.system, builtins.exec, posix.system, ...) stops the read with one line, before it is
-called. The tensors are then pulled out of the record tree by module path (`model.enc.32x32_conv.weight`).
+        source code is never compiled),
+    numpy.dtype and numpy.core.multiarray.scalar / numpy._core.multiarray.scalar (numpy 1.x / 2.x): the
+        numpy scalars in every real snapshot (SongUNet passes skip_scale=np.sqrt(0.5) into each block's
+        init kwargs). Only real numeric dtypes (bool, int, uint, float); the value is rebuilt here from
+        the record's bytes as a Python number, nothing the file names is called.
+Any other global (os.system, builtins.exec, posix.system, numpy.load, numpy.frompyfunc, ...) stops the
+read with one line, before it is called. The tensors are then pulled out of the record tree by module
+path (`model.enc.32x32_conv.weight`).
+
+Everything read is then checked as data before anything is built: the type of every field used, the
+record tree's depth and cycles, the network's sizes (bounded before any name or module is made), every
+tensor's name, shape, dtype and storage against the network the settings describe, finite weights and
+preconditioning constants. A failure is one line (CMError).
 
 Network. EDM's SongUNet in its NCSN++ and DDPM++ configurations is full/'s NCSNpp (networks.py) with these
 names (R = resolution of level l of L, B blocks per level; a SongUNet block with attention holds both the
@@ -54,7 +64,7 @@ from torch import Tensor, nn
 from cm import NOISE_CONDITIONING, CMError, append_dims, boundary_scalings
 from full import dist
 from full.config import export_dict
-from full.networks import NCSNppConfig, fir_kernel
+from full.networks import NCSNpp, NCSNppConfig, fir_kernel
 from full.presets import get_preset
 
 PRECONDS = ("VEPrecond", "VPPrecond", "EDMPrecond")
@@ -66,6 +76,8 @@ PRECONDS = ("VEPrecond", "VPPrecond", "EDMPrecond")
 class Record:
     """An inert stand-in for a persistent object or a torch container: its class name and its state."""
 
+    class_name = ""
+
     def __init__(self, class_name: str, state: dict | None = None):
         self.class_name, self.state = class_name, state or {}
 
@@ -74,7 +86,48 @@ class Record:
 
 
 def _container(name: str):
-    return type(name, (Record,), {"__init__": lambda self: Record.__init__(self, name)})
+    # NEWOBJ makes it without calling __init__: the class name lives on the class, the state comes by BUILD
+    return type(name, (Record,), {"class_name": name, "state": {},
+                                  "__init__": lambda self: Record.__init__(self, name)})
+
+
+# numpy's scalar records: numpy.dtype(name, align, copy) + BUILD(state), then scalar(dtype, bytes)
+_NUMERIC = {f"{k}{n}" for k, sizes in (("i", (1, 2, 4, 8)), ("u", (1, 2, 4, 8)), ("f", (2, 4, 8)))
+            for n in sizes} | {"b1"}
+
+
+class _DType:
+    """An inert stand-in for numpy.dtype(name, ...): a real numeric dtype name and its byte order."""
+
+    def __init__(self, name, align=False, copy=True, *rest):
+        if not isinstance(name, str) or name not in _NUMERIC or rest:
+            raise CMError(f"refused: the pickle holds a numpy dtype {str(name)[:20]!r}, not a real numeric "
+                          "one (nothing was run)")
+        self.name, self.order = name, "="
+
+    def __setstate__(self, state):  # numpy's dtype state: (3, byte order, None, None, None, -1, -1, 0)
+        ok = isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in "<>|=" \
+            and state[1] != "" and state[2:5] == (None, None, None) and state[5:] == (-1, -1, 0)
+        if not ok:
+            raise CMError("refused: a numpy dtype record with fields, a subarray or flags; only plain "
+                          "numeric scalars are read (nothing was run)")
+        self.order = state[1]
+
+    def numpy(self):
+        import numpy as np
+        return np.dtype((self.order if self.order in "<>" else "=") + self.name)
+
+
+def _numpy_scalar(dtype, data=None):
+    """numpy.core.multiarray.scalar(dtype, bytes): the value, rebuilt from its bytes as a Python number."""
+    import numpy as np
+    if not isinstance(dtype, _DType) or not isinstance(data, bytes):
+        raise CMError("refused: a numpy scalar record that is not a numeric dtype and its bytes "
+                      "(nothing was run)")
+    dt = dtype.numpy()
+    if len(data) != dt.itemsize:
+        raise CMError(f"a numpy {dt} scalar record holds {len(data)} bytes, not {dt.itemsize}")
+    return np.frombuffer(data, dtype=dt)[0].item()
 
 
 class _EasyDict(dict):
@@ -84,9 +137,11 @@ class _EasyDict(dict):
 
 def _reconstruct_persistent_obj(meta) -> Record:
     """Stands in for persistence._reconstruct_persistent_obj: keeps the class name and state, runs nothing."""
-    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
-        raise pickle.UnpicklingError("a persistence record without type 'class' and a state dict")
-    return Record(str(meta.get("class_name")), dict(meta["state"]))
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict) \
+            or not isinstance(meta.get("class_name"), str):
+        raise pickle.UnpicklingError("a persistence record without type 'class', a class name and a state "
+                                     "dict")
+    return Record(meta["class_name"][:200], dict(meta["state"]))
 
 
 def _storage_from_bytes(data: bytes):
@@ -108,6 +163,9 @@ ALLOWED = {
     ("dnnlib.util", "EasyDict"): _EasyDict,
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
     **{("torch.nn.modules.container", n): _container(n) for n in ("ModuleDict", "ModuleList", "Sequential")},
+    ("numpy", "dtype"): _DType,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
 }
 
 
@@ -120,7 +178,7 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     def load_build(self):
         target = self.stack[-2] if len(self.stack) > 1 else None
-        if not isinstance(target, (Record, _EasyDict)):
+        if not isinstance(target, (Record, _EasyDict, _DType)):
             raise CMError(f"refused: the pickle sets the state of a {type(target).__name__}, not of a "
                           "module record (nothing was run)")
         super().load_build()
@@ -149,47 +207,148 @@ def load_pickle(path: str | Path):
                           f"{str(e).splitlines()[0][:100] if str(e) else ''}") from None
 
 
+MAX_DEPTH = 64  # module nesting of a record tree (SongUNet's is 4: precond > model > enc > block > conv)
+
+
+def _state(node: Record, what: str) -> dict:
+    if not isinstance(node.state, dict):
+        raise CMError(f"the {what} record's state is a {type(node.state).__name__}, not a dict")
+    return node.state
+
+
+def _group(state: dict, group: str, what: str) -> dict:
+    """state[group] (`_parameters`, `_buffers`, `_modules`) as a dict with str keys; absent or None -> {}."""
+    v = state.get(group)
+    if v is None:
+        return {}
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        raise CMError(f"{what}.{group} is a {type(v).__name__}, not a dict of names")
+    return v
+
+
 def tensors(node: Record, prefix: str = "") -> dict[str, Tensor]:
-    """Parameters and buffers of a Record tree by module path (None entries skipped), like state_dict()."""
-    out = {}
-    for group in ("_parameters", "_buffers"):
-        for k, v in (node.state.get(group) or {}).items():
-            if isinstance(v, Tensor):
-                out[prefix + k] = v
-    for k, child in (node.state.get("_modules") or {}).items():
-        if isinstance(child, Record):
-            out.update(tensors(child, f"{prefix}{k}."))
+    """Parameters and buffers of a Record tree by module path (None entries skipped), like state_dict().
+
+    Walked without recursion; a tree deeper than MAX_DEPTH, or one that contains itself, -> CMError."""
+    out, on_path, stack = {}, set(), [(node, prefix, 0, False)]
+    while stack:
+        rec, pre, depth, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(rec))
+            continue
+        what = pre[:-1] or "the network"
+        if id(rec) in on_path:
+            raise CMError(f"the module tree contains itself at {what} (a cyclic pickle)")
+        if depth > MAX_DEPTH:
+            raise CMError(f"the module tree is nested deeper than {MAX_DEPTH} levels at {what[:80]}...")
+        st = _state(rec, what)
+        for group in ("_parameters", "_buffers"):
+            for k, v in _group(st, group, what).items():
+                if v is not None and not isinstance(v, Tensor):
+                    raise CMError(f"{pre}{k} is a {type(v).__name__}, not a tensor")
+                if v is not None:
+                    out[pre + k] = v
+        on_path.add(id(rec))
+        stack.append((rec, pre, depth, True))
+        for k, child in reversed(list(_group(st, "_modules", what).items())):
+            if child is not None and not isinstance(child, Record):
+                raise CMError(f"{pre}{k} is a {type(child).__name__}, not a module record")
+            if child is not None:
+                stack.append((child, f"{pre}{k}.", depth + 1, False))
     return out
+
+
+def check_tensors(found: dict[str, Tensor], expected: dict[str, Tensor], prefix: str = "") -> None:
+    """The file's tensors against the network its settings describe: each expected name present, with its
+    shape, a floating dtype, storage that really holds its elements, and finite values."""
+    for k, want in expected.items():
+        v = found.get(k)
+        if v is None:
+            raise CMError(f"no tensor {prefix}{k} for this SongUNet configuration")
+        if tuple(v.shape) != tuple(want.shape):
+            raise CMError(f"{prefix}{k} has shape {list(v.shape)}, this SongUNet configuration has "
+                          f"{list(want.shape)}")
+        if not v.is_floating_point() or v.layout != torch.strided:
+            raise CMError(f"{prefix}{k} is a {v.dtype} {v.layout} tensor, not a dense floating-point one")
+        end = v.storage_offset() + sum((n - 1) * abs(st) for n, st in zip(v.shape, v.stride())) + 1
+        if v.numel() and (min(v.stride(), default=1) < 1 or end * v.element_size() >
+                          v.untyped_storage().nbytes()):
+            raise CMError(f"{prefix}{k}'s strides do not fit its storage (a tampered tensor record)")
+        if not torch.isfinite(v).all():
+            raise CMError(f"{prefix}{k} holds NaN or infinite values")
 
 
 # ----------------------------------------------------------------------------------------------
 # SongUNet <-> full/ NCSNpp names
 
 
+# Bounds on the settings, checked before any name or module is made (EDM's largest SongUNet: 256 channels,
+# mult (1, 2, 2, 2), 4 blocks; these leave room and keep a tampered file from building millions of modules).
+BOUNDS = dict(img_resolution=(1, 4096), in_channels=(1, 64), out_channels=(1, 64), model_channels=(1, 4096),
+              num_blocks=(1, 64), label_dim=(0, 100_000), augment_dim=(0, 1024), channel_mult_emb=(1, 64),
+              channel_mult_noise=(1, 64))
+
+
+def _int(v, name: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise CMError(f"SongUNet setting {name}={str(v)[:40]} is not an integer in [{lo}, {hi}]")
+    return v
+
+
+def _ints(v, name: str, lo: int, hi: int, most: int) -> tuple[int, ...]:
+    if not isinstance(v, (list, tuple)) or len(v) > most:
+        raise CMError(f"SongUNet setting {name} is not a list of at most {most} integers")
+    return tuple(_int(x, f"{name}[{i}]", lo, hi) for i, x in enumerate(v))
+
+
 def config_from_kwargs(kw: dict, dropout: float | None = None) -> NCSNppConfig:
-    """NCSNppConfig from SongUNet's init kwargs (EDM defaults filled in); unsupported settings -> CMError."""
+    """NCSNppConfig from SongUNet's init kwargs (EDM defaults filled in); unsupported settings, a wrong type
+    or a size out of BOUNDS -> CMError."""
+    if not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw):
+        raise CMError(f"SongUNet's init kwargs are a {type(kw).__name__}, not a dict of settings")
     g = {"label_dim": 0, "augment_dim": 0, "model_channels": 128, "channel_mult": [1, 2, 2, 2],
          "channel_mult_emb": 4, "num_blocks": 4, "attn_resolutions": [16], "dropout": 0.10,
          "embedding_type": "positional", "channel_mult_noise": 1, "encoder_type": "standard",
          "decoder_type": "standard", "resample_filter": [1, 1], **kw}
-    emb_ok = (g["embedding_type"], g["channel_mult_noise"]) in (("fourier", 2), ("positional", 1))
-    if g["channel_mult_emb"] != 4 or not emb_ok or g["encoder_type"] not in ("residual", "standard") \
+    for k in ("img_resolution", "in_channels", "out_channels"):
+        if k not in g:
+            raise CMError(f"SongUNet's init kwargs have no {k}")
+    n = {k: _int(g[k], k, *b) for k, b in BOUNDS.items()}
+    mult = _ints(g["channel_mult"], "channel_mult", 1, 64, 12)
+    attn = _ints(g["attn_resolutions"], "attn_resolutions", 1, 4096, 16)
+    fir = _ints(g["resample_filter"], "resample_filter", -1000, 1000, 16)
+    p = g["dropout"]
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise CMError(f"SongUNet setting dropout={str(p)[:40]} is not a number in [0, 1]")
+    for k in ("embedding_type", "encoder_type", "decoder_type"):
+        if not isinstance(g[k], str):
+            raise CMError(f"SongUNet setting {k} is a {type(g[k]).__name__}, not a name")
+    emb_ok = (g["embedding_type"], n["channel_mult_noise"]) in (("fourier", 2), ("positional", 1))
+    if n["channel_mult_emb"] != 4 or not emb_ok or g["encoder_type"] not in ("residual", "standard") \
             or g["decoder_type"] != "standard":
         raise CMError("this SongUNet configuration is neither NCSN++ nor DDPM++ (embedding "
-                      f"{g['embedding_type']} x{g['channel_mult_noise']}, encoder {g['encoder_type']}, "
-                      f"decoder {g['decoder_type']}, channel_mult_emb {g['channel_mult_emb']})")
+                      f"{g['embedding_type'][:20]} x{n['channel_mult_noise']}, "
+                      f"encoder {g['encoder_type'][:20]}, "
+                      f"decoder {g['decoder_type'][:20]}, channel_mult_emb {n['channel_mult_emb']})")
+    if not mult or sum(fir) == 0:
+        raise CMError("SongUNet settings with no level (channel_mult) or a resample_filter summing to 0")
     try:
         return NCSNppConfig(
-            img_resolution=int(g["img_resolution"]), in_channels=int(g["in_channels"]),
-            out_channels=int(g["out_channels"]), model_channels=int(g["model_channels"]),
-            channel_mult=tuple(g["channel_mult"]), num_blocks=int(g["num_blocks"]),
-            attn_resolutions=tuple(g["attn_resolutions"]),
-            dropout=float(g["dropout"] if dropout is None else dropout),
-            resample_filter=tuple(g["resample_filter"]), num_classes=int(g["label_dim"]),
-            embedding=g["embedding_type"], encoder=g["encoder_type"], label_input=True)
-    except (KeyError, AssertionError, TypeError, ValueError) as e:
+            img_resolution=n["img_resolution"], in_channels=n["in_channels"], out_channels=n["out_channels"],
+            model_channels=n["model_channels"], channel_mult=mult, num_blocks=n["num_blocks"],
+            attn_resolutions=attn, dropout=float(p if dropout is None else dropout), resample_filter=fir,
+            num_classes=n["label_dim"], embedding=g["embedding_type"], encoder=g["encoder_type"],
+            label_input=True)
+    except (KeyError, AssertionError, TypeError, ValueError, CMError) as e:
         raise CMError(f"the SongUNet settings do not form an NCSN++ network: {type(e).__name__} {e}") \
             from None
+
+
+def expected_tensors(cfg: NCSNppConfig, prefix: str = "") -> dict[str, Tensor]:
+    """EDM's tensor names and shapes for `cfg` (meta tensors: nothing allocated), from full/'s network."""
+    with torch.device("meta"):
+        sd = NCSNpp(cfg).state_dict()
+    return to_edm(sd, cfg, prefix)
 
 
 def name_map(cfg: NCSNppConfig) -> list[tuple[str, str]]:
@@ -323,20 +482,48 @@ def denoiser_from_state(state: dict, net: nn.Module) -> EDMDenoiser:
                        p.get("beta_min", 0.1), p.get("M", 1000))
 
 
-def _sigma_range(name: str, st: dict, kw: dict) -> tuple[float, float]:
-    """The network's supported [sigma_min, sigma_max] as EDM's classes compute them."""
+def _num(st: dict, key: str, default: float, lo: float, hi: float, what: str, lo_open: bool = False) -> float:
+    """A preconditioning constant: a real number (not NaN) in [lo, hi] ((lo, hi] when lo_open), else
+    CMError."""
+    v = st.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v > hi or v < lo or \
+            (lo_open and v == lo):
+        raise CMError(f"{what}.{key}={str(v)[:40]} is not a number in "
+                      f"{'(' if lo_open else '['}{lo:g}, {hi:g}]")
+    return float(v)
+
+
+def precond_constants(name: str, st: dict) -> tuple[dict, float, float]:
+    """The recorded constants of the preconditioning class, checked, and the network's supported
+    [sigma_min, sigma_max] as EDM's classes compute them."""
+    inf = float("inf")
+    c = {"class": name, "sigma_data": 0.5, "beta_d": 19.9, "beta_min": 0.1, "M": 1000}
     if name == "VEPrecond":
-        return float(st.get("sigma_min", kw.get("sigma_min", 0.02))), float(st.get("sigma_max",
-                                                                                   kw.get("sigma_max", 100)))
-    if name == "VPPrecond":
-        b_d, b_min = float(st.get("beta_d", 19.9)), float(st.get("beta_min", 0.1))
-        sig = lambda t: math.sqrt(math.exp(0.5 * b_d * t ** 2 + b_min * t) - 1)  # noqa: E731
-        return sig(float(st.get("epsilon_t", 1e-5))), sig(1.0)
-    return float(st.get("sigma_min", 0)), float(st.get("sigma_max", float("inf")))
+        lo = _num(st, "sigma_min", 0.02, 0.0, 1e6, name, lo_open=True)
+        hi = _num(st, "sigma_max", 100.0, 0.0, inf, name, lo_open=True)
+    elif name == "VPPrecond":
+        b_d = _num(st, "beta_d", 19.9, 0.0, 100.0, name, lo_open=True)
+        b_min = _num(st, "beta_min", 0.1, 0.0, 100.0, name)
+        eps_t = _num(st, "epsilon_t", 1e-5, 0.0, 1.0, name, lo_open=True)
+        M = st.get("M", 1000)
+        if isinstance(M, bool) or not isinstance(M, int) or not 1 < M <= 10 ** 6:
+            raise CMError(f"{name}.M={str(M)[:40]} is not an integer in [2, 1000000]")
+        sig = lambda t: math.sqrt(math.expm1(0.5 * b_d * t ** 2 + b_min * t))  # noqa: E731
+        lo, hi = sig(eps_t), sig(1.0)
+        c.update(beta_d=b_d, beta_min=b_min, M=M)
+    else:
+        c["sigma_data"] = _num(st, "sigma_data", 0.5, 0.0, 1e3, name, lo_open=True)
+        lo, hi = _num(st, "sigma_min", 0.0, 0.0, 1e6, name), _num(st, "sigma_max", inf, 0.0, inf, name, True)
+    if not max(0.002, lo) < min(80.0, hi):
+        raise CMError(f"{name}'s sigma range {lo:g}..{hi:g} leaves nothing of EDM's sampling range 0.002..80")
+    return c, lo, hi
 
 
 def read_pickle(path: Path, obj, arch: str = "", kind: str = "") -> dict | None:
-    """checkpoints.import_official's reader for EDM .pkl snapshots: an export dict; None if not a pickle."""
+    """checkpoints.import_official's reader for EDM .pkl snapshots: an export dict; None if not a pickle.
+
+    Every field used is checked as data first (types, depth, cycles, sizes, shapes, finite values): a
+    tampered or foreign file is one line, and nothing is built before its sizes are known to be bounded."""
     if obj is not None:
         return None
     with open(path, "rb") as fh:
@@ -346,27 +533,28 @@ def read_pickle(path: Path, obj, arch: str = "", kind: str = "") -> dict | None:
     if kind not in ("", "edm"):
         raise CMError(f"{path}: an EDM pickle is a denoiser (kind edm), not {kind}")
     data = load_pickle(path)
+    try:
+        return _export(path, data)
+    except CMError as e:
+        raise CMError(f"{path}: {e}") from None
+
+
+def _export(path: Path, data) -> dict:
     ema = data.get("ema") if isinstance(data, dict) else None
     if not isinstance(ema, Record) or ema.class_name not in PRECONDS:
         found = ema.class_name if isinstance(ema, Record) else type(ema).__name__
-        raise CMError(f"{path}: not an EDM snapshot with an 'ema' network of {', '.join(PRECONDS)} "
-                      f"(found {found})")
-    model = (ema.state.get("_modules") or {}).get("model")
+        raise CMError(f"not an EDM snapshot with an 'ema' network of {', '.join(PRECONDS)} "
+                      f"(found {found[:40]})")
+    st = _state(ema, ema.class_name)
+    model = _group(st, "_modules", ema.class_name).get("model")
     if not isinstance(model, Record) or model.class_name != "SongUNet":
-        raise CMError(f"{path}: the denoiser's network is "
-                      f"{getattr(model, 'class_name', type(model).__name__)}, only SongUNet (NCSN++, DDPM++) "
-                      "is supported")
-    kw = dict(model.state.get("_init_kwargs") or {})
-    try:
-        net_cfg = config_from_kwargs(kw, dropout=0.0)
-        weights = from_edm(tensors(ema), net_cfg, "model.")
-    except CMError as e:
-        raise CMError(f"{path}: {e}") from None
-    st = ema.state
-    lo, hi = _sigma_range(ema.class_name, st, dict(ema.state.get("_init_kwargs") or {}))
-    precond = {"class": ema.class_name, "sigma_data": float(st.get("sigma_data", 0.5)),
-               "beta_d": float(st.get("beta_d", 19.9)), "beta_min": float(st.get("beta_min", 0.1)),
-               "M": int(st.get("M", 1000))}
+        raise CMError(f"the denoiser's network is {getattr(model, 'class_name', type(model).__name__)[:40]}, "
+                      "only SongUNet (NCSN++, DDPM++) is supported")
+    net_cfg = config_from_kwargs(_state(model, "SongUNet").get("_init_kwargs"), dropout=0.0)
+    precond, lo, hi = precond_constants(ema.class_name, st)
+    found = tensors(ema)
+    check_tensors(found, expected_tensors(net_cfg, "model."))
+    weights = from_edm(found, net_cfg, "model.")
     base = get_preset("cifar10-edm")
     res = net_cfg.img_resolution
     name = "cifar10" if (res, net_cfg.in_channels) == (32, 3) else base.data.name
