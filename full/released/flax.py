@@ -10,6 +10,11 @@ Leaves are msgpack extension records:
     code 1  ndarray         data = msgpack [shape, dtype name, C-order bytes]
     code 2  native complex  data = msgpack [real, imag]
     code 3  numpy scalar    data = as code 1, shape ()
+Only real numbers are read: arrays and scalars of bool, int, uint, float (and jax's bfloat16) dtypes,
+msgpack ints, floats, strings and None. A complex leaf (code 2, a complex dtype), a datetime (a datetime64
+dtype, msgpack's timestamp extension) or any other record is refused, as are a shape that does not match
+the bytes, a tree nested deeper than MAX_DEPTH, and (when converted) NaN or infinite parameters, a
+non-integer step or an EMA rate outside [0, 1): one line each (CMError).
 An array over 2**30 bytes is split into {"__msgpack_chunked_array__": True, "shape": {"0": ..},
 "chunks": {"0": flat part, ..}} (never at CIFAR-10 size, but read all the same).
 `flax.training.checkpoints` names the files `<workdir>/checkpoints/checkpoint_<N>`.
@@ -102,6 +107,10 @@ def looks_like_msgpack_map(head: bytes) -> bool:
     return (0x80 <= b <= 0x8F or b in (0xDE, 0xDF)) and not pickle
 
 
+MAX_DEPTH = 64  # nesting of the state tree (a released file's is 6: params_ema/ResnetBlockBigGANpp_0/...)
+_REAL_KINDS = "biuf"  # bool, int, uint, float: what a parameter, a step or a rate can be
+
+
 def _ndarray(data: bytes) -> np.ndarray:
     import msgpack
     rec = msgpack.unpackb(data, raw=True)
@@ -109,26 +118,54 @@ def _ndarray(data: bytes) -> np.ndarray:
             and isinstance(rec[2], bytes)):
         raise ValueError("an array record is not [shape, dtype name, bytes]")
     shape, name, buf = rec
-    name = name.decode("ascii")
+    if not isinstance(shape, (list, tuple)) or len(shape) > 16 or \
+            not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise ValueError(f"an array record's shape {str(shape)[:40]} is not a list of sizes")
+    name = name.decode("ascii", "replace")
     if name == "bfloat16":  # jax's bfloat16: the top half of a float32
+        dtype, itemsize = None, 2
+    else:
+        try:
+            dtype = np.dtype(name)
+        except TypeError:
+            raise ValueError(f"array dtype {name[:20]!r} is not a numpy dtype") from None
+        if dtype.kind not in _REAL_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+            raise ValueError(f"array dtype {name[:20]} is not a real number type (complex, datetime, text, "
+                             "object and record arrays are refused)")
+        itemsize = dtype.itemsize
+    if math.prod(shape) * itemsize != len(buf):
+        raise ValueError(f"an array record of shape {list(shape)} {name[:20]} holds {len(buf)} bytes")
+    if dtype is None:
         raw = np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16
         return raw.view(np.float32).reshape(shape)
-    dtype = np.dtype(name)
-    if dtype.hasobject or dtype.fields is not None:
-        raise ValueError(f"array dtype {name} is not a plain numeric type")
     return np.frombuffer(buf, dtype=dtype).reshape(shape).copy()
 
 
 def _ext_hook(code: int, data: bytes):
-    import msgpack
     if code == 1:
         return _ndarray(data)
     if code == 2:
-        re_im = msgpack.unpackb(data)
-        return complex(re_im[0], re_im[1])
+        raise ValueError("a complex number leaf (extension 2); only real numbers are read")
     if code == 3:
         return _ndarray(data)[()]
     raise ValueError(f"unknown msgpack extension type {code}")
+
+
+def _check_tree(tree, where: str) -> None:
+    """Only maps, lists and real leaves (numeric arrays, numbers, strings, None), at most MAX_DEPTH deep;
+    walked without recursion."""
+    stack = [(tree, where, 0)]
+    while stack:
+        node, at, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"the tree is nested deeper than {MAX_DEPTH} levels at {at[:80]}...")
+        if isinstance(node, dict):
+            stack += [(v, f"{at}/{k}", depth + 1) for k, v in node.items()]
+        elif isinstance(node, (list, tuple)):
+            stack += [(v, f"{at}/{i}", depth + 1) for i, v in enumerate(node)]
+        elif not (node is None or isinstance(node, (bool, int, float, str, bytes, np.ndarray, np.generic))):
+            raise ValueError(f"{at[:80]} is a {type(node).__name__}, not a real number (datetime, complex "
+                             "and other records are refused)")
 
 
 def _unchunk(tree):
@@ -164,7 +201,9 @@ def read_flax(path: str | Path, keep: Collection[str] | None = None) -> dict:
             for _ in range(unpacker.read_map_header()):
                 key = unpacker.unpack()
                 if keep is None or key in keep:
-                    tree[key] = _unchunk(unpacker.unpack())
+                    value = unpacker.unpack()
+                    _check_tree(value, str(key))
+                    tree[key] = _unchunk(value)
                 else:
                     unpacker.skip()
                     tree[key] = None
@@ -235,8 +274,10 @@ def _leaf(tree: dict, path: str, used: set) -> np.ndarray:
         if not isinstance(node, dict) or part not in node:
             raise CMError(f"the JAX parameter tree has no {path} (another network or config?)")
         node = node[part]
-    if not isinstance(node, np.ndarray):
-        raise CMError(f"the JAX parameter {path} is not an array")
+    if not isinstance(node, np.ndarray) or node.dtype.kind != "f":
+        raise CMError(f"the JAX parameter {path} is not a floating-point array")
+    if not np.isfinite(node).all():
+        raise CMError(f"the JAX parameter {path} holds NaN or infinite values")
     used.add(path)
     return node
 
@@ -244,7 +285,25 @@ def _leaf(tree: dict, path: str, used: set) -> np.ndarray:
 def convert_params(params: dict, cfg) -> dict[str, torch.Tensor]:
     """The official NCSN++ parameter tree (`params_ema`) as a state dict of full/'s NCSNpp(cfg).
 
-    Every JAX leaf is used exactly once; a leaf left over or missing -> one-line CMError."""
+    Every JAX leaf is used exactly once, with the shape NCSNpp(cfg) has; a leaf left over, missing, of
+    another shape, not a float array or not finite -> one-line CMError."""
+    try:
+        sd = _convert(params, cfg)
+    except (ValueError, IndexError) as e:  # a leaf of another rank than its layer's
+        raise CMError(f"the JAX parameter tree does not fit NCSN++ ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:80] if str(e) else ''})") from None
+    from full.networks import NCSNpp
+    with torch.device("meta"):
+        want = NCSNpp(cfg).state_dict()
+    for k, v in want.items():
+        if k not in sd or tuple(sd[k].shape) != tuple(v.shape):
+            got = list(sd[k].shape) if k in sd else "nothing"
+            raise CMError(f"the JAX parameters give {k} the shape {got}, NCSN++ {cfg.model_channels} x "
+                          f"{list(cfg.channel_mult)} has {list(v.shape)} (another network or config?)")
+    return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in sd.items()}
+
+
+def _convert(params: dict, cfg) -> dict[str, np.ndarray]:
     used: set[str] = set()
     sd: dict[str, np.ndarray] = {}
 
@@ -290,7 +349,7 @@ def convert_params(params: dict, cfg) -> dict[str, torch.Tensor]:
     if left:
         raise CMError(f"the JAX parameter tree has {len(left)} tensor(s) this NCSN++ config does not use, "
                       f"e.g. {left[0]} (another network or config?)")
-    return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in sd.items()}
+    return sd
 
 
 def flat_names(tree: dict, prefix: str = "") -> list[str]:
@@ -321,10 +380,17 @@ def infer_config(params: dict, img_resolution: int = 32, attn_resolutions: tuple
         raise CMError(f"the parameter tree is not the official NCSN++ (missing {e})") from None
     if rem or nb < 1:
         raise CMError(f"the parameter tree's {blocks} residual blocks do not fit NCSN++ with {levels} levels")
-    return NCSNppConfig(img_resolution=img_resolution, in_channels=in_ch, out_channels=out_ch,
-                        model_channels=nf, channel_mult=tuple(mult), num_blocks=nb,
-                        attn_resolutions=tuple(attn_resolutions),
-                        fourier_scale=16.0)
+    # bounded before anything is built (the official CIFAR-10 tree: nf 128, mult (2, 2, 2), 4 blocks)
+    if not (1 <= nf <= 4096 and 1 <= in_ch <= 64 and 1 <= out_ch <= 64 and levels <= 12 and nb <= 64
+            and all(1 <= m <= 64 for m in mult)):
+        raise CMError(f"the parameter tree's NCSN++ sizes are out of range (nf {nf}, channels "
+                      f"{in_ch}/{out_ch}, mult {mult[:12]}, {nb} blocks per level)")
+    try:
+        return NCSNppConfig(img_resolution=img_resolution, in_channels=in_ch, out_channels=out_ch,
+                            model_channels=nf, channel_mult=tuple(mult), num_blocks=nb,
+                            attn_resolutions=tuple(attn_resolutions), fourier_scale=16.0)
+    except ValueError as e:
+        raise CMError(f"the parameter tree does not form an NCSN++ network: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -390,14 +456,28 @@ def import_flax(path: str | Path, kind: str = "", img_resolution: int = 32,
     if not kind:
         kind, why = detect_kind(state, file)
     net = infer_config(params, img_resolution, attn_resolutions)
-    rate = state.get("ema_rate")
-    rate = float(rate) if isinstance(rate, (int, float, np.floating)) else 0.9999
-    cfg = run_config(kind, net, rate, file)
+    step, rate = _number(state, "step", 0, file), _number(state, "ema_rate", 0.9999, file)
+    if isinstance(step, float) or not 0 <= step < 2 ** 63:
+        raise CMError(f"{file}: step {step} is not an integer >= 0")
+    if not 0 <= rate < 1:
+        raise CMError(f"{file}: ema_rate {rate} is not a number in [0, 1)")
+    cfg = run_config(kind, net, float(rate), file)
     sd = {f"net.{k}": v for k, v in convert_params(params, net).items()}  # ConsistencyFunction.net
-    step = state.get("step", 0)
-    return export_dict(cfg, {rate: sd}, step,
+    return export_dict(cfg, {float(rate): sd}, step,
                        {"format": "flax-msgpack", "source": str(file), "kind": kind, "kind_from": why,
                         "params": "params_ema"})
+
+
+def _number(state: dict, key: str, default, file) -> int | float:
+    """A real, finite number of the state (a msgpack number or a numpy scalar record); absent -> default."""
+    v = state.get(key, default)
+    if isinstance(v, np.ndarray) and v.shape == ():
+        v = v[()]
+    if isinstance(v, np.generic) and v.dtype.kind in "iuf":
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise CMError(f"{file}: {key} is {str(v)[:40]!r}, not a finite real number")
+    return v
 
 
 def read_checkpoint(path: Path, obj, arch: str = "", kind: str = "") -> dict | None:
