@@ -23,8 +23,8 @@ read with one line, before it is called. The tensors are then pulled out of the 
 path (`model.enc.32x32_conv.weight`).
 
 Everything read is then checked as data before anything is built: the type of every field used, the
-record tree's depth and cycles, the network's sizes (bounded before any name or module is made), every
-tensor's name, shape, dtype and storage against the network the settings describe, finite weights and
+record tree's depth and cycles, the network's sizes (bounded before any name or module is made, and its
+widths equal to those of the file's own tensors), every tensor's dtype and storage, finite weights and
 preconditioning constants. A failure is one line (CMError).
 
 Network. EDM's SongUNet in its NCSN++ and DDPM++ configurations is full/'s NCSNpp (networks.py) with these
@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from cm import NOISE_CONDITIONING, CMError, append_dims, boundary_scalings
 from full import dist
 from full.config import export_dict
-from full.networks import NCSNpp, NCSNppConfig, fir_kernel
+from full.networks import NCSNppConfig, fir_kernel
 from full.presets import get_preset
 
 PRECONDS = ("VEPrecond", "VPPrecond", "EDMPrecond")
@@ -258,24 +258,39 @@ def tensors(node: Record, prefix: str = "") -> dict[str, Tensor]:
     return out
 
 
-def check_tensors(found: dict[str, Tensor], expected: dict[str, Tensor], prefix: str = "") -> None:
-    """The file's tensors against the network its settings describe: each expected name present, with its
-    shape, a floating dtype, storage that really holds its elements, and finite values."""
-    for k, want in expected.items():
-        v = found.get(k)
+def check_tensor(name: str, v: Tensor) -> None:
+    """A dense floating-point tensor whose strides fit its storage (no view larger than the bytes the
+    file holds) and whose values are finite."""
+    if not v.is_floating_point() or v.layout != torch.strided:
+        raise CMError(f"{name} is a {v.dtype} {v.layout} tensor, not a dense floating-point one")
+    if v.numel():
+        end = v.storage_offset() + sum((n - 1) * abs(st) for n, st in zip(v.shape, v.stride())) + 1
+        if min(v.stride(), default=1) < 1 or end * v.element_size() > v.untyped_storage().nbytes():
+            raise CMError(f"{name}'s strides do not fit its storage (a tampered tensor record)")
+    if not torch.isfinite(v).all():
+        raise CMError(f"{name} holds NaN or infinite values")
+
+
+def check_widths(found: dict[str, Tensor], cfg: NCSNppConfig, prefix: str = "") -> None:
+    """The widths the settings declare (input, output, nf x channel_mult per level, noise features,
+    classes) against the shapes of the file's own tensors, before anything is built: the network later
+    built is then no larger than what the file holds (every other shape: checkpoints.load_weights)."""
+    img, nf, mult = cfg.img_resolution, cfg.model_channels, cfg.channel_mult
+    noise = nf if cfg.embedding == "positional" else 2 * nf
+    want = {f"enc.{img}x{img}_conv.weight": (nf, cfg.in_channels, 3, 3),
+            f"dec.{img}x{img}_aux_conv.weight": (cfg.out_channels, nf * mult[0], 3, 3),
+            "map_layer0.weight": (4 * nf, noise)}
+    for lv, m in enumerate(mult):
+        r = img >> lv
+        want[f"enc.{r}x{r}_block{cfg.num_blocks - 1}.conv1.weight"] = (nf * m, nf * m, 3, 3)
+    if cfg.num_classes:
+        want["map_label.weight"] = (noise, cfg.num_classes)
+    for k, shape in want.items():
+        v = found.get(prefix + k)
         if v is None:
             raise CMError(f"no tensor {prefix}{k} for this SongUNet configuration")
-        if tuple(v.shape) != tuple(want.shape):
-            raise CMError(f"{prefix}{k} has shape {list(v.shape)}, this SongUNet configuration has "
-                          f"{list(want.shape)}")
-        if not v.is_floating_point() or v.layout != torch.strided:
-            raise CMError(f"{prefix}{k} is a {v.dtype} {v.layout} tensor, not a dense floating-point one")
-        end = v.storage_offset() + sum((n - 1) * abs(st) for n, st in zip(v.shape, v.stride())) + 1
-        if v.numel() and (min(v.stride(), default=1) < 1 or end * v.element_size() >
-                          v.untyped_storage().nbytes()):
-            raise CMError(f"{prefix}{k}'s strides do not fit its storage (a tampered tensor record)")
-        if not torch.isfinite(v).all():
-            raise CMError(f"{prefix}{k} holds NaN or infinite values")
+        if tuple(v.shape) != shape:
+            raise CMError(f"{prefix}{k} has shape {list(v.shape)}, the SongUNet settings say {list(shape)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,13 +359,6 @@ def config_from_kwargs(kw: dict, dropout: float | None = None) -> NCSNppConfig:
             from None
 
 
-def expected_tensors(cfg: NCSNppConfig, prefix: str = "") -> dict[str, Tensor]:
-    """EDM's tensor names and shapes for `cfg` (meta tensors: nothing allocated), from full/'s network."""
-    with torch.device("meta"):
-        sd = NCSNpp(cfg).state_dict()
-    return to_edm(sd, cfg, prefix)
-
-
 def name_map(cfg: NCSNppConfig) -> list[tuple[str, str]]:
     """(EDM module prefix, full/ module prefix) pairs; attention parts of EDM blocks map separately."""
     L, B, img = len(cfg.channel_mult), cfg.num_blocks, cfg.img_resolution
@@ -408,12 +416,15 @@ def from_edm(sd: dict[str, Tensor], cfg: NCSNppConfig, prefix: str = "") -> dict
             key = f"{edm}.{leaf}"
             if key in sd:
                 v = sd[key]
+                if edm.endswith(".qkv") and (v.ndim < 1 or v.shape[0] % 3):
+                    raise CMError(f"{prefix}{key} has shape {list(v.shape)}, not 3 x channels rows")
                 out[f"{ours}.{leaf}"] = _qkv(v, True) if edm.endswith(".qkv") else v
                 used.add(key)
         if f"{edm}.resample_filter" in sd:
             used.add(f"{edm}.resample_filter")
-            f = sd[f"{edm}.resample_filter"]
-            if not torch.allclose(f.reshape(f.shape[-2:]).float(), fir_kernel(cfg.resample_filter)):
+            f, k = sd[f"{edm}.resample_filter"], len(cfg.resample_filter)
+            if tuple(f.shape) != (1, 1, k, k) or \
+                    not torch.allclose(f.reshape(k, k).float(), fir_kernel(cfg.resample_filter)):
                 raise CMError(f"{prefix}{edm}.resample_filter is not the FIR filter {cfg.resample_filter}")
     extra = [k for k in sd if k not in used and not k.startswith("map_augment.")]
     if extra:
@@ -553,7 +564,9 @@ def _export(path: Path, data) -> dict:
     net_cfg = config_from_kwargs(_state(model, "SongUNet").get("_init_kwargs"), dropout=0.0)
     precond, lo, hi = precond_constants(ema.class_name, st)
     found = tensors(ema)
-    check_tensors(found, expected_tensors(net_cfg, "model."))
+    for k, v in found.items():
+        check_tensor(k, v)
+    check_widths(found, net_cfg, "model.")
     weights = from_edm(found, net_cfg, "model.")
     base = get_preset("cifar10-edm")
     res = net_cfg.img_resolution
