@@ -126,7 +126,7 @@ def _numpy_scalar(dtype, data=None):
                       "(nothing was run)")
     dt = dtype.numpy()
     if len(data) != dt.itemsize:
-        raise CMError(f"a numpy {dt} scalar record holds {len(data)} bytes, not {dt.itemsize}")
+        raise CMError(f"refused: a numpy {dt} scalar record holds {len(data)} bytes, not {dt.itemsize}")
     return np.frombuffer(data, dtype=dt)[0].item()
 
 
