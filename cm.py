@@ -1124,7 +1124,9 @@ class TrainConfig:
     steps: int = 800                # training steps K
     batch_size: int = 128
     lr: float = 2e-4                # RAdam (cm) / Adam (edm) learning rate
-    ema: float = 0.999              # evaluation EMA rate (with a (1+k)/(10+k) warm-up)
+    ema: float = 0.999              # evaluation EMA rate
+    ema_warmup: bool = True         # the EMA rate ramps as min(ema, (1+k)/(10+k)) (off: the paper's runs)
+    flip: bool = False              # random horizontal flips of the images (cifar10 sets it, ect does not)
     channels: int = 32              # network width
     dropout: float = 0.0            # dropout in the network
     precision: str = "fp32"         # fp32 | bf16 (autocast of F only; c_skip x stays in fp32)
@@ -1173,10 +1175,13 @@ def config(dataset: str = "digits", mode: str = "cd", **flags) -> TrainConfig:
         c.update(s1=160 if mode == "ict" else 40, P_mean=0.0)  # not -1.1: more high-noise draws halve the
         #                                                        digits' one-step distance (docs/results.md)
     else:  # cifar10 [CM Tab. 3]; edm: EDM's 200M images at batch 512; ict [iCT]; ect (locuslab/ect)
+        # CD/CT evaluate EMA 0.9999 without warm-up [CM Tab. 3]; flips as the CM runs, none for ect
+        # (locuslab/ect ct_train.py: --xflip False, run_ecm.sh: --augment 0)
         t = dict(steps=dict(edm=390_625, cd=800_000, ct=800_000, ict=400_000, ect=200_000)[mode],
                  batch_size=dict(ict=1024, ect=128).get(mode, 512), channels=128,
                  lr=1e-4 if mode in ("ict", "ect") else 4e-4, mid_t=0.821,
-                 dropout=dict(ict=0.3, ect=0.2).get(mode, 0.0))
+                 dropout=dict(ict=0.3, ect=0.2).get(mode, 0.0), flip=mode != "ect")
+        t.update(dict(ema=0.9999, ema_warmup=False) if mode in ("cd", "ct") else {})
         c.update(mu_rule="code", metric=metric if mode in ("ict", "ect") else "lpips",
                  s1=1280 if mode == "ict" else 150)
     t.update({k: v for k, v in flags.items() if k in TRAIN_FIELDS})
@@ -1365,7 +1370,7 @@ class Run:
         if self.data is None:
             return toy_ring(cfg.batch_size).to(dev)
         x = self.data_dev[torch.randint(0, len(self.data), (cfg.batch_size,)).to(dev)]
-        if cfg.dataset == "cifar10":  # random horizontal flips
+        if cfg.flip:  # random horizontal flips
             x = torch.where(torch.rand(len(x), 1, 1, 1).to(dev) < 0.5, x.flip(3), x)
         return x
 
@@ -1387,7 +1392,7 @@ class Run:
         self.opt.step()
         if self.target is not None:
             ema_update(self.target, self.model, s.mu)  # θ⁻ ← μ θ⁻ + (1 - μ) θ
-        ema_update(self.ema, self.model, ema_warmup_rate(cfg.ema, self.step))
+        ema_update(self.ema, self.model, ema_warmup_rate(cfg.ema, self.step) if cfg.ema_warmup else cfg.ema)
         self.step += 1
         return loss.detach(), s
 
