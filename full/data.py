@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cm import CMError, atomic_write, load_cifar10
-from full.files import IMAGE_EXTENSIONS, hwc_to_unit, open_image, uint8_to_unit
+from full.files import IMAGE_EXTENSIONS, hwc_to_unit, open_image, to_uint8, uint8_to_unit
 
 _FLIP_STREAM = 0xF11F  # separates the flip stream from any other use of (seed, epoch)
 
@@ -80,6 +80,16 @@ class ImageDataset(Dataset):
         """The class id when class-conditional, else 0."""
         return int(y) if self.class_cond else 0
 
+    def uint8_image(self, index: int) -> np.ndarray:
+        """Image `index` as its raw uint8 pixels (H, W, C), before the [-1, 1] scaling: what an FID
+        reference is built from. Datasets with no uint8 source (digits) convert their floats as samples
+        are converted."""
+        return to_uint8(self[index][0][None])[0]
+
+    def uint8_images(self) -> np.ndarray:
+        """All images as uint8 (N, H, W, C) (see uint8_image)."""
+        return np.stack([self.uint8_image(i) for i in range(len(self))])
+
 
 class CIFAR10Dataset(ImageDataset):
     """CIFAR-10 via `torchvision.datasets.CIFAR10` (pickled batches in `<root>/cifar-10-batches-py/`)."""
@@ -97,6 +107,12 @@ class CIFAR10Dataset(ImageDataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return hwc_to_unit(self.data[index]), self.label(self.targets[index])
+
+    def uint8_image(self, index: int) -> np.ndarray:
+        return self.data[index]
+
+    def uint8_images(self) -> np.ndarray:
+        return self.data
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
@@ -144,9 +160,11 @@ class ImageFolderDataset(ImageDataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return hwc_to_unit(self.uint8_image(index)), self.label(self.targets[index])
+
+    def uint8_image(self, index: int) -> np.ndarray:
         img = center_crop_resize(open_image(self.paths[index], "RGB"), self.resolution)
-        arr = np.array(img, dtype=np.uint8)  # (H, W, 3)
-        return hwc_to_unit(arr), self.label(self.targets[index])
+        return np.array(img, dtype=np.uint8)  # (H, W, 3)
 
 
 def imagenet64_files(root: str | os.PathLike, train: bool = True) -> list[Path]:
@@ -236,6 +254,10 @@ class ImageNet64Dataset(ImageDataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         x = self.data[index].reshape(3, self.resolution, self.resolution)  # (C, H, W) planes
         return uint8_to_unit(x), self.label(self.targets[index])
+
+    def uint8_image(self, index: int) -> np.ndarray:
+        planes = self.data[index].reshape(3, self.resolution, self.resolution)
+        return np.ascontiguousarray(planes.transpose(1, 2, 0))
 
 
 class DigitsDataset(ImageDataset):

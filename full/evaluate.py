@@ -472,13 +472,10 @@ if __name__ == "__main__":
 
 
 def training_images(ds) -> np.ndarray:
-    """The training set as uint8 (N, H, W, C): the raw pixels where the dataset keeps them (CIFAR-10), so
-    the reference is exact; else its [-1, 1] images converted back (exact for uint8 sources)."""
-    raw = getattr(ds, "data", None)
-    if isinstance(raw, np.ndarray) and raw.dtype == np.uint8 and raw.ndim == 4:
-        return raw
-    return np.concatenate([to_uint8(torch.stack([ds[i][0] for i in range(s, min(s + 500, len(ds)))]))
-                           for s in range(0, len(ds), 500)])
+    """The training set as uint8 (N, H, W, C) from its raw pixels (ImageDataset.uint8_images), never the
+    [-1, 1] floats converted back: (v / 127.5 - 1 + 1) * 127.5 falls just below v in float32 for v = 1..63,
+    and truncation would turn those into v - 1."""
+    return np.asarray(ds.uint8_images(), dtype=np.uint8)
 
 
 def fid_during_training(f, cfg, shape, ds, out: Path, cache: dict, device) -> float | None:
