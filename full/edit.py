@@ -290,6 +290,18 @@ def _run_colorize(f, reference, mask, levels, sigma_min, generator, **kw):
     return colorize(f, reference, levels, sigma_min, generator, **kw)
 
 
+# Super-resolution patch size p per dataset, as the official code runs it: openai/consistency_models
+# (ImageNet-64, LSUN-256) fixes `patch_size = 8` in cm/karras_diffusion.py `iterative_superres`; the CIFAR-10
+# JAX notebook (openai/consistency_models_cifar10 editing_multistep_sampling.ipynb) defines
+# `get_iterative_superres(..., patch_size=4)` but runs it with `patch_size=2`, the value used here.
+SUPERRES_FACTOR = {"cifar10": 2, "digits": 2, "imagenet64": 8, "folder": 8}
+
+
+def superres_factor(dataset: str) -> int:
+    """The default patch size p of `superres` for a data set name (2 for any other)."""
+    return SUPERRES_FACTOR.get(dataset, 2)
+
+
 def _run_superres(f, reference, mask, levels, sigma_min, generator, factor: int = 2, **kw):
     return superres(f, reference, factor, levels, sigma_min, generator, **kw)
 
@@ -331,7 +343,7 @@ def run_edit(task: str, f: Callable, reference: Tensor, mask: Tensor | None = No
       inpaint      the image (B, C, H, W); `mask` 1 = known pixel (kept exactly), 0 = to fill
       colorize     grey (B, 1, H, W) or RGB (B, 3, H, W) images; returns RGB with the same luma
       superres     full-resolution images whose factor x factor patch means are kept (kw factor=2;
-                   lowres=True for a (B, C, H/p, W/p) input)
+                   full.sample: superres_factor of the data set; lowres=True for a (B, C, H/p, W/p) input)
       stroke       a stroke painting, noised to levels[0] and denoised (SDEdit)
       interpolate  two latents z ~ N(0, I) stacked as (2, C, H, W); levels[0] is T (default 80);
                    kw alphas (default 8 from 0 to 1); returns (len(alphas), C, H, W)

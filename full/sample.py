@@ -30,7 +30,7 @@ import torch
 from cm import CMError, atomic_write, check_levels, exit_on, generate, out_folder, save_grid, ts_to_sigmas
 from full import checkpoints, dist
 from full.config import CLIParser
-from full.edit import run_edit
+from full.edit import run_edit, superres_factor
 from full.files import open_image, read_npz_images, to_uint8, uint8_to_unit
 from full.model import image_shape
 
@@ -121,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                               "interpolate, denoise (full/edit.py)")
     p.add_argument("--reference", default="", help="--edit input: an image or an .npz")
     p.add_argument("--mask", default="", help="--edit inpaint: PNG, white = known pixel")
+    p.add_argument("--factor", type=int, default=0, help="--edit superres: patch size p (default: the "
+                   "official code's for the data set, 8 for ImageNet-64/LSUN, 2 for CIFAR-10)")
     args = p.parse_args(argv)
     try:
         if args.num < 1 or args.batch < 1 or (args.grid_steps is not None and args.grid_steps < 2):
@@ -197,9 +199,13 @@ def run_edit_cli(args, f, cfg, shape, out: Path) -> None:
     levels = (levels_from_args(args.ts, args.sigmas, args.grid_steps or cfg.run.grid_steps, cfg)
               if args.ts or args.sigmas else None)
     g = torch.Generator().manual_seed(args.seed)
+    if args.factor < 0 or (args.factor and args.edit != "superres"):
+        raise CMError(f"--factor is a patch size >= 1 of --edit superres "
+                      f"(got {args.factor}, --edit {args.edit})")
+    kw = {"factor": args.factor or superres_factor(cfg.data.name)} if args.edit == "superres" else {}
     try:
         x = run_edit(args.edit, f, ref, mask=mask, levels=levels, sigma_min=cfg.cm.sigma_min, generator=g,
-                     clip_denoised=args.clip_denoised).cpu()
+                     clip_denoised=args.clip_denoised, **kw).cpu()
     except ValueError as e:  # run_edit's checks of the task, mask and levels
         raise CMError(f"--edit {args.edit}: {e}") from None
     if dist.rank() == 0:
