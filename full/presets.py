@@ -130,9 +130,11 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
     "lsun256-ct": lambda: _lsun256("ct", 1_000_000, (0, 67, 150), 151, s0=2, s1=150, mu0=0.95,
                                    metric="lpips_piq"),
     # iCT [iCT Sec. 3-5]: no teacher, μ = 0, pseudo-Huber, s0 10 -> s1 1280 doubling, lognormal n
-    # (P_mean -1.1, P_std 2.0), λ = 1/(t_{n+1} - t_n), dropout 0.3, Fourier scale 0.02, RAdam lr 1e-4,
-    # batch 1024, eval EMA 0.99993, two steps at (80, 0.821). 400k steps: iCT's appendix as we read it,
-    # not re-checked here.
+    # (P_mean -1.1, P_std 2.0), λ = 1/(t_{n+1} - t_n), dropout 0.3, Fourier scale 0.02, two steps at
+    # (80, 0.821). Optimiser RAdam lr 1e-4, batch 1024, eval EMA 0.99993, 400k steps: the paper has no code,
+    # and its own appendix text on these was not retrievable when this was written (the stored copies of
+    # arXiv 2310.14189 / ICLR 2024 return its abstract and introduction only); a secondary summary of the
+    # paper states the same optimiser, lr, batch and EMA. Check the appendix before quoting them.
     "cifar10-ict": lambda: dataclasses.replace(
         _cifar10("ict", s0=10, s1=1280, mu=0.0, metric="pseudo_huber", P_mean=-1.1, P_std=2.0),
         net=dataclasses.replace(NCSNppConfig.cifar10(dropout=0.3), fourier_scale=0.02),
