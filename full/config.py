@@ -94,6 +94,11 @@ class RunSection:
     ts: tuple[int, ...] = (0, 11, 17)  # two-step grid levels, official index convention (cm.ts_to_sigmas)
     grid_steps: int = 18              # the grid size the ts indices refer to (formerly ts_grid)
     sigmas: tuple[float, ...] = ()    # two-step levels as numbers, e.g. (80.0, 0.821) [iCT, ECT]; replaces ts
+    # How samples are drawn and stored (grids, run.fid_every, full.sample); the defaults are the CM codes'.
+    eval_sigma_min: float = -1.0      # ε of f when sampling; -1: the trained wrapper's (ε; 0 for ect's D)
+    renoise_sigma_min: float = -1.0   # ε of the re-noising √(τ² - ε²) between steps; -1: cm.sigma_min
+    clamp_mid: bool = True            # clamp each f(·) to [-1, 1] before re-noising (both CM codes do)
+    uint8: str = "truncate"           # samples -> uint8: truncate (x+1)·127.5 (CM) | round x·127.5+128 (ECT)
     teacher: str = ""                 # cd, ect (ct: optional): a full/ checkpoint of an edm run, or a
     #                                   released one: CM's edm_*.pt, EDM's .pkl (checkpoints.import_official)
     init_from_teacher: bool = True    # θ starts from run.teacher's weights (official CD, and OCM's CT script)
@@ -126,7 +131,8 @@ class RunConfig:
 
 CHOICES = {("opt", "optimizer"): ("radam", "adam"),
            ("opt", "precision"): ("bf16", "fp16", "fp32"),
-           ("data", "name"): ("cifar10", "imagenet64", "folder", "digits")}
+           ("data", "name"): ("cifar10", "imagenet64", "folder", "digits"),
+           ("run", "uint8"): ("truncate", "round")}
 
 
 def validate(cfg: RunConfig) -> None:
@@ -163,6 +169,10 @@ def validate(cfg: RunConfig) -> None:
     if r.fid_every < 0 or (r.fid_every and r.fid_samples < 2):
         raise CMError(f"need run.fid_every >= 0 and run.fid_samples >= 2 "
                       f"(got {r.fid_every}, {r.fid_samples})")
+    for name in ("eval_sigma_min", "renoise_sigma_min"):
+        v = getattr(r, name)
+        if not (v == -1 or 0 <= v < cfg.cm.sigma_max):
+            raise CMError(f"run.{name} must be -1 (unset) or in [0, cm.sigma_max), got {v}")
     if cfg.data.resolution < 0 or cfg.data.num_workers < 0:
         raise CMError("need data.resolution >= 0 and data.num_workers >= 0")
 

@@ -58,6 +58,7 @@ from scipy import linalg
 from cm import CMError, atomic_write, exit_on, generate, load_cifar10, pick_device
 from full.data import find_images
 from full.files import IMAGE_EXTENSIONS, as_nhwc_uint8, open_image, read_npz_images, to_uint8
+from full.model import for_sampling
 
 PAPER_NUM_SAMPLES = 50_000  # [CM Sec. 6]: FID/IS of 50k samples
 
@@ -493,9 +494,10 @@ def fid_during_training(f, cfg, shape, ds, out: Path, cache: dict, device) -> fl
                 save_stats(ref, st["mu"], st["sigma"], st["n"])
             cache["ref"] = load_stats(ref)[:2]
         k = cfg.net.num_classes if cfg.data.class_cond else 0
-        x, _ = generate(f, cfg.cm, shape, range(cfg.run.fid_samples), [cfg.cm.sigma_max], cfg.run.seed + 2,
-                        num_classes=k)
-        return evaluate(to_uint8(x), *cache["ref"], cache["extractor"])["fid"]
+        fs, cs = for_sampling(cfg, f)
+        x, _ = generate(fs, cs, shape, range(cfg.run.fid_samples), [cfg.cm.sigma_max], cfg.run.seed + 2,
+                        num_classes=k, clip_denoised=cfg.run.clamp_mid)
+        return evaluate(to_uint8(x, cfg.run.uint8), *cache["ref"], cache["extractor"])["fid"]
     except (ImportError, CMError, OSError, RuntimeError) as e:
         cache["off"] = True
         print(f"note: FID is off for this run: {str(e).splitlines()[0][:300]}", file=sys.stderr)

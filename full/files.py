@@ -18,12 +18,17 @@ __all__ = ["IMAGE_EXTENSIONS", "as_nhwc_uint8", "hwc_to_unit", "open_image", "re
            "uint8_to_unit"]
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] (B, C, H, W) -> uint8 (B, H, W, C): (v + 1) 127.5 clamped to [0, 255], then truncated.
+def to_uint8(x: torch.Tensor, how: str = "truncate") -> np.ndarray:
+    """[-1, 1] (B, C, H, W) -> uint8 (B, H, W, C).
 
-    Truncation, not rounding, as both official codebases write the samples their FIDs were measured
-    on (every value lands up to one level lower than rounding would put it; FID moves slightly)."""
-    return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    truncate: (v + 1) 127.5 clamped to [0, 255], then truncated, as both CM codebases write the samples
+    their FIDs were measured on (every value lands up to one level lower than rounding would put it).
+    round: v 127.5 + 128 clamped to [0, 255], then truncated, i.e. (v + 1) 127.5 rounded half up, as
+    locuslab/ect (metrics/metric_utils.py) and EDM convert the samples of their FIDs."""
+    if how not in ("truncate", "round"):
+        raise CMError(f"uint8 conversion {how!r}: truncate or round")
+    y = (x.float() + 1) * 127.5 if how == "truncate" else x.float() * 127.5 + 128
+    return y.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def hwc_to_unit(x: np.ndarray) -> torch.Tensor:

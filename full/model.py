@@ -5,9 +5,12 @@
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import torch.nn as nn
 
-from cm import RECIPES, ConsistencyFunction
+from cm import RECIPES, CMConfig, ConsistencyFunction
 from full.networks import build_network
 
 
@@ -16,6 +19,18 @@ def make_model(cfg, denoiser: bool | None = None) -> ConsistencyFunction:
     denoiser = RECIPES[cfg.cm.mode].denoiser if denoiser is None else denoiser
     return ConsistencyFunction(build_network(cfg.net), cfg.cm.sigma_data,
                                0.0 if denoiser else cfg.cm.sigma_min, cfg.cm.noise_cond)
+
+
+def for_sampling(cfg, f: nn.Module) -> tuple[nn.Module, CMConfig]:
+    """(f, c) as cm.generate takes them for this run's samples. f: with the boundary ε of run.eval_sigma_min
+    when set (locuslab/ect's ECMPrecond trains with ε = 0 and samples with ε = 0.003), a shallow copy
+    sharing the weights. c: cm with the re-noising ε of run.renoise_sigma_min when set (ECT adds τ z)."""
+    r = cfg.run
+    if r.eval_sigma_min >= 0 and isinstance(f, ConsistencyFunction):
+        f = copy.copy(f)
+        f.sigma_min = r.eval_sigma_min
+    c = cfg.cm if r.renoise_sigma_min < 0 else dataclasses.replace(cfg.cm, sigma_min=r.renoise_sigma_min)
+    return f, c
 
 
 def image_shape(net) -> tuple[int, int, int]:

@@ -83,6 +83,14 @@ def _edm_ocm(base: RunConfig, net, batch: int, steps: int) -> RunConfig:
                                ema=EMASection(_ADM_EMAS, eval_rate=_EVAL_EMA))
 
 
+def _ect(net: NCSNppConfig, run: RunSection) -> RunConfig:
+    """ECT on CIFAR-10 (locuslab/ect run_ecm.sh and ct_train.py's defaults; see the two presets)."""
+    return dataclasses.replace(
+        _cifar10("ect", metric="l2_norm", P_mean=-1.1, P_std=2.0, q=2.0, stage_steps=25_000), net=net,
+        opt=OptSection("radam", 1e-4, batch=128, steps=200_000, precision="fp32"),
+        data=DataSection("cifar10", "data/cifar10", random_flip=False), run=run)
+
+
 def _tiny(mode: str, **cm) -> RunConfig:
     """8x8 digits, tiny NCSN++ (~0.1M), batch 32, l2, fp32: a few seconds on a CPU."""
     net = dataclasses.replace(NCSNppConfig.tiny(8), in_channels=1, out_channels=1)
@@ -143,13 +151,19 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
     # ECT (locuslab/ect run_ecm.sh, ct_train.py defaults): tune the EDM teacher (run.teacher), RAdam lr 1e-4,
     # batch 128, dropout 0.2, 25.6 Mimg = 200k steps, a stage every 250 ticks x 12.8 kimg = 25k steps,
     # q 2, ln t ~ N(-1.1, 2.0²), ‖·‖₂ (c = 0), eval EMA 0.9999, two steps at (80, 0.821), no flips
-    # (--augment 0, --xflip False). The network is the teacher's: NCSN++ as cifar10-edm trains it (the
-    # official run tuned EDM's released DDPM++ VP model; docs/differences.md).
-    "cifar10-ect": lambda: dataclasses.replace(
-        _cifar10("ect", metric="l2_norm", P_mean=-1.1, P_std=2.0, q=2.0, stage_steps=25_000),
-        net=NCSNppConfig.cifar10(dropout=0.2), opt=OptSection("radam", 1e-4, batch=128, steps=200_000,
-                                                              precision="fp32"),
-        data=DataSection("cifar10", "data/cifar10", random_flip=False), run=RunSection(sigmas=(80.0, 0.821))),
+    # (--augment 0, --xflip False). cifar10-ect is the one-teacher variant: its network is the teacher's
+    # (NCSN++ as cifar10-edm trains it, the teacher of CD and CT here) and it samples as the CM codes do
+    # (ε = 0 wrapper, clamped two-step, truncated uint8). cifar10-ect-vp is the official run.
+    "cifar10-ect": lambda: _ect(NCSNppConfig.cifar10(dropout=0.2), RunSection(sigmas=(80.0, 0.821))),
+    # ECT's CIFAR-10 run as locuslab/ect runs it (run_ecm.sh; its --transfer is EDM's VP pickle: pass
+    # run.teacher=edm-cifar10-32x32-uncond-vp.pkl). ct_train.py --arch ddpmpp: SongUNet, positional
+    # embedding, standard encoder/decoder, channel_mult_noise 1, resample_filter [1,1], 128 channels,
+    # mult [2,2,2] (NCSNppConfig.ddpmpp_cifar10). The VP weights are copied into ECMPrecond
+    # (training/networks.py): c_noise = ln(σ)/4, scalings with ε = 0 in train mode, sigma_min = 0.003 in
+    # eval mode. Sampling as training/ct_training_loop.py generator_fn: x = net(x, t) unclamped, then
+    # x + t_next z (no √(t² - ε²)); uint8 as metrics/metric_utils.py: (x·127.5 + 128).clamp(0, 255).
+    "cifar10-ect-vp": lambda: _ect(NCSNppConfig.ddpmpp_cifar10(dropout=0.2), RunSection(
+        sigmas=(80.0, 0.821), eval_sigma_min=0.003, renoise_sigma_min=0.0, clamp_mid=False, uint8="round")),
     "tiny-edm": lambda: _tiny("edm"),
     "tiny-cd": lambda: _tiny("cd", N=18, mu=0.0),
     "tiny-ct": lambda: _tiny("ct", s0=2, s1=20, mu0=0.9),

@@ -32,7 +32,7 @@ from full import checkpoints, dist
 from full.config import CLIParser
 from full.edit import run_edit, superres_factor
 from full.files import open_image, read_npz_images, to_uint8, uint8_to_unit
-from full.model import image_shape
+from full.model import for_sampling, image_shape
 
 
 def levels_from_args(ts: str, sigmas: str, grid_steps: int, cfg) -> list[float]:
@@ -107,8 +107,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--grid-steps", type=int, default=None,
                    help="grid size the --ts indices refer to (default: the checkpoint's)")
     p.add_argument("--sigmas", default="", help="multistep levels as numbers, descending, e.g. 80,0.8")
-    p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=True,
-                   help="clamp every denoised step to [-1, 1] before re-noising (the official samplers do)")
+    p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
+                   help="clamp every denoised step to [-1, 1] before re-noising (default: the run's "
+                        "run.clamp_mid; the CM samplers clamp, ECT's does not)")
     p.add_argument("--class-labels", default="", help="comma-separated labels, cycled (default: random)")
     p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=256,
                    help="samples per forward pass")
@@ -132,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         state = checkpoints.load(args.checkpoint, args.arch, args.kind)
         f, cfg = checkpoints.model_from_state(state, args.ema, args.checkpoint)
         f = f.to(dev)
+        if args.clip_denoised is None:
+            args.clip_denoised = cfg.run.clamp_mid
+        f, cm_sampling = for_sampling(cfg, f)
         if cfg.cm.mode == "edm" and (args.ts or args.sigmas or args.grid_steps) and not args.edit:
             raise CMError(
                 f"{args.checkpoint} is an edm denoiser, sampled with EDM's Heun sampler; --ts, "
@@ -162,9 +166,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         levels = None if heun else levels_from_args(args.ts, args.sigmas, grid_steps, cfg)
         mine = range(dist.rank(), args.num, dist.world())
         k = num_classes if cfg.data.class_cond else 0
-        x, y = generate(f, cfg.cm, shape, mine, levels, args.seed, cfg.run.grid_steps, k, labels, args.batch,
-                        args.clip_denoised)
-        parts = dist.all_gather_object((list(mine), to_uint8(x), None if y is None else y.numpy()))
+        x, y = generate(f, cm_sampling, shape, mine, levels, args.seed, cfg.run.grid_steps, k, labels,
+                        args.batch, args.clip_denoised)
+        parts = dist.all_gather_object((list(mine), to_uint8(x, cfg.run.uint8),
+                                        None if y is None else y.numpy()))
         if dist.rank() == 0:
             imgs = np.empty((args.num, *to_uint8(x[:1]).shape[1:]), dtype=np.uint8)
             labs = np.zeros(args.num, dtype=np.int64)
@@ -210,7 +215,8 @@ def run_edit_cli(args, f, cfg, shape, out: Path) -> None:
         raise CMError(f"--edit {args.edit}: {e}") from None
     if dist.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / f"edit-{args.edit}.npz", lambda fh: np.savez(fh, arr_0=to_uint8(x)))
+        atomic_write(out / f"edit-{args.edit}.npz",
+                     lambda fh: np.savez(fh, arr_0=to_uint8(x, cfg.run.uint8)))
         pair = torch.cat([ref.cpu(), x]) if len(ref) == len(x) else x  # references above, edits below
         save_grid(pair, out / f"edit-{args.edit}.png", nrow=len(x))
         print(f"wrote {out / f'edit-{args.edit}.png'}")

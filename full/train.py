@@ -69,7 +69,7 @@ from cm import (
 from full import checkpoints, dist, evaluate
 from full.config import CLIParser, RunConfig, to_json, two_step_levels
 from full.data import make_dataset, make_loader
-from full.model import has_dropout, image_shape, make_model
+from full.model import for_sampling, has_dropout, image_shape, make_model
 from full.presets import resolve
 
 # ----------------------------------------------------------------------------------------------
@@ -291,8 +291,10 @@ def write_grids(cfg: RunConfig, f: nn.Module, shape: Sequence[int], out: Path, s
     c = cfg.cm
     kinds = {"heun": None} if c.mode == "edm" else {"1step": [c.sigma_max], "2step": two_step_levels(cfg)}
     k = cfg.net.num_classes if cfg.data.class_cond else 0
-    return [save_grid(generate(f, c, shape, range(cfg.run.sample_num), levels, cfg.run.seed,
-                               cfg.run.grid_steps, k)[0], out / grid_name(name, step))
+    fs, cs = for_sampling(cfg, f)
+    return [save_grid(generate(fs, cs, shape, range(cfg.run.sample_num), levels, cfg.run.seed,
+                               cfg.run.grid_steps, k, clip_denoised=cfg.run.clamp_mid)[0],
+                      out / grid_name(name, step))
             for name, levels in kinds.items()]
 
 
