@@ -10,6 +10,7 @@ x = D(x + 0.821 z', 0.821), never clamped; the uint8 of its FID is (x·127.5 + 1
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import test_released
 import torch
 from test_edm_snapshots import write_snapshot
@@ -170,3 +171,66 @@ def test_vp_pickle_starts_the_run(persistence, tmp_path):
     full.train.main(["--preset", "cifar10-ect-vp", *args])
     assert checkpoints.latest(tmp_path / "ect").name == "ckpt-0000002.pt"
     assert not persistence.exists()
+
+
+def test_full_sample_of_an_ect_vp_export_samples_as_ect(tmp_path):
+    """full.sample reads the run's sampling settings from the export: its samples.npz is ect_uint8 of
+    ect_generator on the same weights and per-sample noise (up to float32 round-off at a level boundary)."""
+    import full.sample
+    cfg = resolve("cifar10-ect-vp", small(tmp_path)[:10])
+    torch.manual_seed(1)
+    f = make_model(cfg)
+    with torch.no_grad():
+        for p in f.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    path = checkpoints.export(tmp_path / "export.pt", {cfg.ema.for_eval(): f}, cfg, step=0)
+    full.sample.main(["--checkpoint", str(path), "--sigmas", "80,0.821", "--num-samples", "3", "--seed", "7",
+                      "--out", str(tmp_path / "s")])
+    with np.load(tmp_path / "s" / "samples.npz") as d:
+        got = d["arr_0"]
+    gens = [torch.Generator().manual_seed(7 + i) for i in range(3)]
+    z = torch.stack([torch.randn(1, 8, 8, generator=g) for g in gens])
+    z2 = torch.stack([torch.randn(1, 8, 8, generator=g) for g in gens])
+    with torch.no_grad():
+        want = ect_generator(f.eval().net, z, z2)
+    assert want.abs().max() > 1.5
+    y = want.numpy().transpose(0, 2, 3, 1) * 127.5 + 128
+    ok = np.abs(y - np.round(y)) > 1e-3  # away from a level boundary the two must agree exactly
+    np.testing.assert_array_equal(got[ok], ect_uint8(want)[ok])
+    assert ok.mean() > 0.9
+
+
+def test_bad_sampling_settings_are_one_line_errors():
+    from cm import CMError
+    for bad in ("run.uint8='nearest'", "run.eval_sigma_min=-0.5", "run.renoise_sigma_min=80.0"):
+        with pytest.raises(CMError, match="run\\."):
+            resolve("cifar10-ect-vp", [bad])
+
+
+def test_in_training_fid_scores_ects_one_step_uint8(tmp_path, monkeypatch):
+    """run.fid_every's samples: one step of the sampling wrapper, rounded to uint8 (at T = 80, ε = 0.003
+    moves a sample by far less than a uint8 level; the two-step tests above resolve ε)."""
+    from full import evaluate
+    cfg = resolve("cifar10-ect-vp", small(tmp_path)[:10] + ["run.fid_samples=3"])
+    torch.manual_seed(2)
+    f = make_model(cfg).eval()
+    with torch.no_grad():
+        for p in f.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    seen = []
+    monkeypatch.setattr(evaluate, "make_extractor", lambda device=None, weights_path=None: object())
+    monkeypatch.setattr(evaluate, "load_stats", lambda path: (None, None, None))
+    monkeypatch.setattr(evaluate, "evaluate",
+                        lambda images, mu, sigma, ex: seen.append(images) or {"fid": 1.0})
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "fid_ref.npz").write_bytes(b"")  # the cached reference (load_stats is replaced)
+    assert evaluate.fid_during_training(f, cfg, (1, 8, 8), None, out, {}, "cpu") == 1.0
+    gens = [torch.Generator().manual_seed(cfg.run.seed + 2 + i) for i in range(3)]
+    z = torch.stack([torch.randn(1, 8, 8, generator=g) for g in gens])
+    with torch.no_grad():
+        want = ect_generator(f.net, z, z, both=True)[1]  # the first step, D(80 z, 80)
+    y = want.numpy().transpose(0, 2, 3, 1) * 127.5 + 128
+    ok = np.abs(y - np.round(y)) > 1e-3
+    np.testing.assert_array_equal(seen[0][ok], ect_uint8(want)[ok])
+    assert ok.mean() > 0.9 and want.abs().max() > 1.5
