@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cm import CMError, atomic_write, load_cifar10
-from full.files import IMAGE_EXTENSIONS, hwc_to_unit, open_image, uint8_to_unit
+from full.files import IMAGE_EXTENSIONS, find_images, hwc_to_unit, open_image, uint8_to_unit
 
 _FLIP_STREAM = 0xF11F  # separates the flip stream from any other use of (seed, epoch)
 
@@ -97,16 +97,6 @@ class CIFAR10Dataset(ImageDataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return hwc_to_unit(self.data[index]), self.label(self.targets[index])
-
-
-def find_images(root: str | os.PathLike) -> list[Path]:
-    """All files under `root` (recursive, links followed) whose suffix is in IMAGE_EXTENSIONS, sorted."""
-    root = Path(root)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        found += [Path(dirpath) / f for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(found)
 
 
 def folder_classes(root: Path, paths: Sequence[Path]) -> list[str] | None:
