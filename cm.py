@@ -43,6 +43,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import time
 import warnings
@@ -963,10 +964,16 @@ class RunFolder:
 
     def __init__(self, out: str | os.PathLike):
         self.out = out_folder(out, make=True)
-        try:
-            self.fh = open(self.out / ".lock", "a")
-        except OSError as e:
-            raise CMError(f"cannot use {self.out} as the run folder: {e.strerror or e}") from None
+        try:  # non-blocking: a FIFO named .lock would otherwise wait for a reader for ever
+            fd = os.open(self.out / ".lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o644)
+            self.fh = os.fdopen(fd, "a")
+        except OSError as e:  # ENXIO: a FIFO with no reader
+            raise CMError(f"cannot use {self.out} as the run folder ({self.out / '.lock'}: "
+                          f"{e.strerror or e}; it must be a regular file)") from None
+        if not stat.S_ISREG(os.fstat(self.fh.fileno()).st_mode):
+            self.fh.close()
+            raise CMError(f"cannot use {self.out} as the run folder: {self.out / '.lock'} "
+                          "is not a regular file")
         try:
             import fcntl  # POSIX; elsewhere runs are not locked
             fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
