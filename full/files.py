@@ -79,6 +79,8 @@ def as_nhwc_uint8(images: np.ndarray, name: str = "images") -> np.ndarray:
         x = x.transpose(0, 2, 3, 1)
     if x.shape[-1] not in (1, 3):
         raise CMError(f"{name}: expected 1 or 3 channels (NHWC or NCHW), got shape {x.shape}")
+    if len(x) and 0 in x.shape[1:3]:
+        raise CMError(f"{name}: images of size {x.shape[1]}x{x.shape[2]} (shape {x.shape}) hold no pixels")
     if x.shape[-1] == 1:
         x = np.repeat(x, 3, axis=-1)
     return x
@@ -117,7 +119,8 @@ def read_npz_images(path: str | os.PathLike) -> np.ndarray:
 def _check_npy_header(fh, path: Path) -> None:
     """Bound an array by the shape its .npy header declares, before numpy allocates it."""
     version = np.lib.format.read_magic(fh)
-    shape, _, _ = np.lib.format._read_array_header(fh, version)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, _ = read(fh)
     n = int(np.prod(shape, dtype=object)) if shape else 1
     if n > MAX_NPZ_VALUES:
         raise CMError(f"{path} declares an array of shape {shape} ({n} values), over the limit of "
