@@ -43,6 +43,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import time
 import warnings
@@ -809,12 +810,53 @@ def load_cifar10(root: str | os.PathLike, train: bool = True, download: bool = F
         raise CMError(f"{missing} [{type(e).__name__}: {e}]".replace("\n", " ")) from None
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def load_image_folder(root: str | os.PathLike, resolution: int, max_pixels: int = 2**28) -> Tensor:
+    """Every PNG/JPEG/WebP under `root` (nested folders; a linked folder once, so link loops end) ->
+    (N, 3, r, r) in [-1, 1]: center-cropped to a square, resized to r x r (bicubic), made RGB (grey and
+    palette converted, alpha dropped, 16-bit scaled 65535 -> 255). Regular files only (a FIFO would block),
+    sizes checked from the header before decoding; any bad file is one CMError naming it."""
+    import numpy as np
+    from PIL import Image
+    paths, seen = [], set()
+    for d, subdirs, files in os.walk(root, followlinks=True):
+        if os.path.realpath(d) in seen:
+            subdirs[:] = []
+            continue
+        seen.add(os.path.realpath(d))
+        paths += [Path(d) / f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+    if not paths:
+        raise CMError(f"no {'/'.join(IMAGE_SUFFIXES)} images under {root}")
+    out = []
+    for p in sorted(paths):
+        try:
+            if not p.is_file():
+                raise CMError(f"image {p} is not a regular file")
+            with Image.open(p) as img:
+                w, h = img.size
+                if not 0 < w * h <= max_pixels:
+                    raise CMError(f"image {p} is {w}x{h} pixels: outside 1..{max_pixels}")
+                if img.mode.startswith("I;16") or img.mode == "I":
+                    v = (np.asarray(img, np.int64) * 255 + 32767) // 65535  # rounded, not clipped to white
+                    img = Image.fromarray(v.clip(0, 255).astype(np.uint8))
+                s, left, top = min(w, h), (w - min(w, h)) // 2, (h - min(w, h)) // 2
+                img = img.convert("RGB").crop((left, top, left + s, top + s))
+                out.append(np.asarray(img.resize((resolution, resolution), Image.BICUBIC, reducing_gap=2.0)))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise CMError(f"cannot read image {p} ({type(e).__name__}: {str(e)[:100]})") from None
+    return uint8_to_unit(np.stack(out)).permute(0, 3, 1, 2)
+
+
 def load_data(cfg: TrainConfig) -> Tensor | None:
     """The training set as a tensor, or None for the toy data (infinite, drawn per batch)."""
     if cfg.dataset == "toy":
         return None
     if cfg.dataset == "digits":
         return load_digits()
+    if cfg.dataset != "cifar10":  # a folder of images
+        return load_image_folder(cfg.dataset, cfg.resolution)
     return uint8_to_unit(load_cifar10(cfg.data_dir, download=True).data).permute(0, 3, 1, 2)
 
 
@@ -922,10 +964,16 @@ class RunFolder:
 
     def __init__(self, out: str | os.PathLike):
         self.out = out_folder(out, make=True)
-        try:
-            self.fh = open(self.out / ".lock", "a")
-        except OSError as e:
-            raise CMError(f"cannot use {self.out} as the run folder: {e.strerror or e}") from None
+        try:  # non-blocking: a FIFO named .lock would otherwise wait for a reader for ever
+            fd = os.open(self.out / ".lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o644)
+            self.fh = os.fdopen(fd, "a")
+        except OSError as e:  # ENXIO: a FIFO with no reader
+            raise CMError(f"cannot use {self.out} as the run folder ({self.out / '.lock'}: "
+                          f"{e.strerror or e}; it must be a regular file)") from None
+        if not stat.S_ISREG(os.fstat(self.fh.fileno()).st_mode):
+            self.fh.close()
+            raise CMError(f"cannot use {self.out} as the run folder: {self.out / '.lock'} "
+                          "is not a regular file")
         try:
             import fcntl  # POSIX; elsewhere runs are not locked
             fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1115,6 +1163,8 @@ def distance_table(samples: dict[str, Tensor], real: Callable[[], Tensor], title
 class TrainConfig:
     # what to train
     dataset: str = "digits"         # toy (2-D ring) | digits (8x8, scikit-learn) | cifar10 (torchvision)
+    #                                 | a folder of PNG/JPEG/WebP images (cifar10's defaults, metric l2)
+    resolution: int = 32            # a folder's images are center-cropped and resized to this side
     data_dir: str = "data"          # where cifar10 lives / is downloaded to
     teacher: str = ""               # cd, ect: an edm checkpoint ('' -> train one into <out>/teacher first)
     teacher_steps: int = 0          # cd, ect without --teacher: the teacher's steps (0 -> the edm default)
@@ -1156,8 +1206,8 @@ def config(dataset: str = "digits", mode: str = "cd", **flags) -> TrainConfig:
     """A run's settings: the defaults of `dataset` and `mode` below, then `flags` (any field of
     TrainConfig or CMConfig, by name), checked. The defaults make `python cm.py` end in minutes on a
     CPU; cifar10 takes the papers' values [CM Tab. 3, iCT Sec. 3-5, locuslab/ect run_ecm.sh]."""
-    if dataset not in DATASETS:
-        raise CMError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if dataset not in DATASETS and not os.path.isdir(dataset):
+        raise CMError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)} or an image folder")
     if mode not in RECIPES:
         raise CMError(f"unknown mode {mode!r}; choose one of {', '.join(RECIPES)}")
     unknown = set(flags) - TRAIN_FIELDS - MATH_FIELDS
@@ -1181,14 +1231,15 @@ def config(dataset: str = "digits", mode: str = "cd", **flags) -> TrainConfig:
                  batch_size=dict(ict=1024, ect=128).get(mode, 512), channels=128,
                  lr=1e-4 if mode in ("ict", "ect") else 4e-4, mid_t=0.821,
                  dropout=dict(ict=0.3, ect=0.2).get(mode, 0.0), flip=mode != "ect")
-        t.update(dict(ema=0.9999, ema_warmup=False) if mode in ("cd", "ct") else {})
-        c.update(mu_rule="code", metric=metric if mode in ("ict", "ect") else "lpips",
+        t.update(dict(ema=0.9999, ema_warmup=False) if dataset == "cifar10" and mode in ("cd", "ct") else {})
+        lpips = dataset == "cifar10" and mode not in ("ict", "ect")  # a folder: l2 unless --metric lpips
+        c.update(mu_rule="code", metric="lpips" if lpips else metric,
                  s1=1280 if mode == "ict" else 150)
     t.update({k: v for k, v in flags.items() if k in TRAIN_FIELDS})
     c.update({k: v for k, v in flags.items() if k in MATH_FIELDS})
     c.setdefault("stage_steps", max(-(-t["steps"] // 8), 1))  # ⌈K/8⌉: eight stages, never a ninth
     t.setdefault("sample_every", max(t["steps"] // 4, 1))
-    t.setdefault("out", f"runs/{dataset}-{mode}")
+    t.setdefault("out", f"runs/{Path(dataset).name if dataset not in DATASETS else dataset}-{mode}")
     cfg = TrainConfig(dataset=dataset, cm=CMConfig(**c), **t)
     return check(cfg)
 
@@ -1200,6 +1251,9 @@ def check(cfg: TrainConfig) -> TrainConfig:
         raise CMError(f"unknown precision {cfg.precision!r}; choose one of fp32, bf16")
     if min(cfg.steps, cfg.batch_size, cfg.channels, cfg.log_every, cfg.ckpt_every, cfg.sample_every) < 1:
         raise CMError("steps, batch-size, channels, log-every, ckpt-every and sample-every must be >= 1")
+    if cfg.dataset not in DATASETS and not (8 <= cfg.resolution <= 1024 and cfg.resolution % 8 == 0):
+        raise CMError(f"resolution must be a multiple of 8 in 8..1024 (the UNet halves it 3 times), "
+                      f"got {cfg.resolution}")
     if cfg.teacher_steps < 0:
         raise CMError(f"teacher-steps must be >= 0, got {cfg.teacher_steps}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0 and 0 <= cfg.dropout < 1 and 0 <= cfg.ema < 1):
@@ -1370,7 +1424,7 @@ class Run:
         if self.data is None:
             return toy_ring(cfg.batch_size).to(dev)
         x = self.data_dev[torch.randint(0, len(self.data), (cfg.batch_size,)).to(dev)]
-        if cfg.flip:  # random horizontal flips
+        if cfg.flip:  # random horizontal flips (cifar10 and image folders, but ect)
             x = torch.where(torch.rand(len(x), 1, 1, 1).to(dev) < 0.5, x.flip(3), x)
         return x
 

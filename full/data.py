@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cm import CMError, atomic_write, load_cifar10
-from full.files import IMAGE_EXTENSIONS, hwc_to_unit, open_image, to_uint8, uint8_to_unit
+from full.files import IMAGE_EXTENSIONS, find_images, hwc_to_unit, open_image, to_uint8, uint8_to_unit
 
 _FLIP_STREAM = 0xF11F  # separates the flip stream from any other use of (seed, epoch)
 
@@ -113,16 +113,6 @@ class CIFAR10Dataset(ImageDataset):
 
     def uint8_images(self) -> np.ndarray:
         return self.data
-
-
-def find_images(root: str | os.PathLike) -> list[Path]:
-    """All files under `root` (recursive, links followed) whose suffix is in IMAGE_EXTENSIONS, sorted."""
-    root = Path(root)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        found += [Path(dirpath) / f for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(found)
 
 
 def folder_classes(root: Path, paths: Sequence[Path]) -> list[str] | None:

@@ -4,6 +4,7 @@ through PIL, .npz/.npy arrays), each failure a one-line CMError naming the file.
 from __future__ import annotations
 
 import os
+import stat
 import zipfile
 from pathlib import Path
 
@@ -14,8 +15,41 @@ from cm import CMError, uint8_to_unit
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
-__all__ = ["IMAGE_EXTENSIONS", "as_nhwc_uint8", "hwc_to_unit", "open_image", "read_npz_images", "to_uint8",
-           "uint8_to_unit"]
+MAX_PIXELS = 2**28  # one image's width x height, read from its header before any pixel is decoded
+MAX_NPZ_VALUES = 2**33  # an array's declared element count (8 GB of uint8), read from its .npy header
+
+__all__ = ["IMAGE_EXTENSIONS", "MAX_NPZ_VALUES", "MAX_PIXELS", "as_nhwc_uint8", "find_images", "hwc_to_unit",
+           "open_image", "read_npz_images", "regular_file", "to_uint8", "uint8_to_unit"]
+
+
+def regular_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """`path` if it is a regular file (after links); a FIFO, device, socket or folder is refused unopened,
+    since opening a FIFO blocks until someone writes to it."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise CMError(f"cannot read {what} {path} ({type(e).__name__}: {e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CMError(f"{what} {path} is not a regular file")
+    return path
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """All files under `root` (recursive, sorted) whose suffix is in IMAGE_EXTENSIONS. Linked folders are
+    followed once each: a folder whose real path was already walked (a link loop such as `ln -s . again`,
+    or two links to one folder) is skipped, so no image is counted twice."""
+    root = Path(root)
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        found += [Path(dirpath) / f for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
 
 
 def to_uint8(x: torch.Tensor, how: str = "truncate") -> np.ndarray:
@@ -50,6 +84,8 @@ def as_nhwc_uint8(images: np.ndarray, name: str = "images") -> np.ndarray:
         x = x.transpose(0, 2, 3, 1)
     if x.shape[-1] not in (1, 3):
         raise CMError(f"{name}: expected 1 or 3 channels (NHWC or NCHW), got shape {x.shape}")
+    if len(x) and 0 in x.shape[1:3]:
+        raise CMError(f"{name}: images of size {x.shape[1]}x{x.shape[2]} (shape {x.shape}) hold no pixels")
     if x.shape[-1] == 1:
         x = np.repeat(x, 3, axis=-1)
     return x
@@ -58,10 +94,12 @@ def as_nhwc_uint8(images: np.ndarray, name: str = "images") -> np.ndarray:
 def read_npz_images(path: str | os.PathLike) -> np.ndarray:
     """The uint8 images of an .npz (`arr_0`, as samples.npz and guided-diffusion write them, else `images`)
     or an .npy, as they are stored; an object array (a pickle) is refused unread."""
-    path = Path(path)
+    path = regular_file(path, "array file")
     key = None
     try:
         if path.suffix == ".npy":
+            with open(path, "rb") as fh:
+                _check_npy_header(fh, path)
             arr = np.load(path, allow_pickle=False)
         else:
             with np.load(path, allow_pickle=False) as f:
@@ -71,8 +109,10 @@ def read_npz_images(path: str | os.PathLike) -> np.ndarray:
                     raise CMError(f"{path} holds reference statistics (mu, sigma), not images")
                 if key is None:
                     raise CMError(f"{path}: no 'arr_0' or 'images' array (keys: {keys})")
+                with f.zip.open(f"{key}.npy") as fh:
+                    _check_npy_header(fh, path)
                 arr = f[key]
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise CMError(f"cannot read {path} as .npz/.npy ({type(e).__name__}: {str(e)[:100]})") from None
     if arr.dtype != np.uint8:  # a cast would wrap 256 to 0 and read floats in [-1, 1] as black
         raise CMError(
@@ -81,12 +121,36 @@ def read_npz_images(path: str | os.PathLike) -> np.ndarray:
     return arr
 
 
+def _check_npy_header(fh, path: Path) -> None:
+    """Bound an array by the shape its .npy header declares, before numpy allocates it."""
+    version = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, _ = read(fh)
+    n = int(np.prod(shape, dtype=object)) if shape else 1
+    if n > MAX_NPZ_VALUES:
+        raise CMError(f"{path} declares an array of shape {shape} ({n} values), over the limit of "
+                      f"{MAX_NPZ_VALUES}")
+
+
 def open_image(path: str | os.PathLike, mode: str = "RGB"):
-    """A PIL image, loaded and converted to `mode` ('RGB', 'L'); unreadable or truncated: one line."""
+    """A PIL image, loaded and converted to `mode` ('RGB', 'L'); unreadable or truncated: one line.
+
+    Regular files only; the size in the header is checked (1..MAX_PIXELS pixels) before decoding. Grey,
+    palette, RGBA (alpha dropped) and CMYK images are converted to `mode`; 16-bit images (PIL modes I;16,
+    I) are scaled 65535 -> 255 first, not clipped (clipping reads them as white)."""
     from PIL import Image
 
+    path = regular_file(path, "image")
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if not (0 < w * h <= MAX_PIXELS):
+                raise CMError(f"image {path} is {w}x{h} pixels: outside 1..{MAX_PIXELS}")
+            if img.mode.startswith("I;16") or img.mode == "I":
+                arr = np.asarray(img, dtype=np.int64)  # (H, W)
+                img = Image.fromarray(np.clip((arr * 255 + 32767) // 65535, 0, 255).astype(np.uint8), "L")
             return img.convert(mode)
+    except (Image.DecompressionBombError, ValueError, SyntaxError) as e:
+        raise CMError(f"cannot read image {path} ({type(e).__name__}: {str(e)[:100]})") from None
     except OSError as e:  # PIL's UnidentifiedImageError is an OSError; truncated files raise OSError on load
         raise CMError(f"cannot read image {path} ({type(e).__name__}: {str(e)[:100]})") from None
