@@ -332,8 +332,12 @@ def ict_num_steps(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
 def lognormal_index_probs(sigmas: Tensor, P_mean: float = -1.1, P_std: float = 2.0) -> Tensor:
     """p(n) ∝ erf((ln t_{n+1} - P_mean)/(√2 P_std)) - erf((ln t_n - P_mean)/(√2 P_std)), n = 1..N-1:
     the lognormal mass between neighbouring levels (P_mean -1.1, P_std 2.0).  [iCT Sec. 3.5]"""
-    cdf = torch.erf((sigmas.double().log() - P_mean) / (math.sqrt(2) * P_std))
-    p = cdf[1:] - cdf[:-1]
+    u = (sigmas.double().log() - P_mean) / (math.sqrt(2) * P_std)
+    lo, hi = u[:-1], u[1:]
+    # the same difference through erfc in either tail, where erf rounds to ±1 (levels far from P_mean)
+    p = torch.where(hi <= 0, torch.erfc(-hi) - torch.erfc(-lo), torch.erfc(lo) - torch.erfc(hi)).clamp(min=0)
+    if not p.sum() > 0:  # every level beyond even float64's tail: all mass on the interval nearest P_mean
+        p = torch.zeros_like(p).index_fill_(0, torch.minimum(lo.abs(), hi.abs()).argmin(), 1.0)
     return p / p.sum()
 
 
@@ -474,8 +478,9 @@ def trig_jvp(F: Callable, x_t: Tensor, t: Tensor, dxdt: Tensor, how: str = "exac
     differences (three forward passes, error O(h²)), for networks or kernels without forward-mode AD.
     No gradient flows through either (θ⁻ = stopgrad θ)."""
     with torch.no_grad():
-        if how == "exact":
-            return torch.func.jvp(F, (x_t, t), (dxdt, torch.ones_like(t)))
+        if how == "exact":  # attention on its math kernel: CUDA's fused kernels have no forward-mode AD
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+                return torch.func.jvp(F, (x_t, t), (dxdt, torch.ones_like(t)))
         h = FD_STEP
         ahead, back = F(x_t + h * dxdt, t + h), F(x_t - h * dxdt, t - h)
         return F(x_t, t), (ahead - back) / (2 * h)

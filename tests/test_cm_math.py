@@ -412,6 +412,19 @@ def test_lognormal_index_probs_are_the_erf_formula(N, P_mean, P_std):
     assert torch.allclose(p, expected, rtol=1e-9, atol=1e-15)
 
 
+@given(st.integers(2, 200), st.floats(1e-3, 10.0), st.floats(1.0, 100.0), st.floats(-50.0, 50.0),
+       st.floats(0.01, 5.0))
+def test_lognormal_index_probs_are_a_distribution_far_in_the_tails(N, lo, span, P_mean, P_std):
+    """Levels far from P_mean (where erf rounds to ±1): still a distribution, and when every level lies on
+    one side of P_mean its mode is the interval nearest P_mean (the lognormal density falls away)."""
+    sigmas = cm.karras_sigmas(N, lo, lo * (1 + span))
+    p = cm.lognormal_index_probs(sigmas, P_mean, P_std)
+    assert torch.isfinite(p).all() and (p >= 0).all() and float(p.sum()) == pytest.approx(1.0, abs=1e-12)
+    u = (sigmas.double().log() - P_mean) / P_std  # standardised level edges
+    if (u > 0).all() or (u < 0).all():  # every interval on one side: mass falls monotonically away
+        assert int(p.argmax()) == (0 if (u > 0).all() else N - 2)
+
+
 def test_lognormal_index_draws_follow_the_probabilities():
     sigmas = cm.karras_sigmas(11)
     p = cm.lognormal_index_probs(sigmas)
