@@ -129,6 +129,11 @@ def append_dims(v: Tensor, ndim: int) -> Tensor:
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
+def wide(x: Tensor) -> Tensor:
+    """x in float32, or float64 if it is: the precision the parameterisation's skip paths run in."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def boundary_scalings(sigma: Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002):
     """c_skip = σd² / ((t-ε)² + σd²),  c_out = σd (t-ε) / √(σd² + t²),  c_in = 1 / √(t² + σd²).  [CM App. C]
     At t = ε, c_skip = 1 and c_out = 0 exactly: f(x, ε) = x for any network (the boundary condition).
@@ -159,7 +164,7 @@ class ConsistencyFunction(nn.Module):
         self.c_noise = NOISE_CONDITIONING[noise_cond]
 
     def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
-        x = x if x.dtype == torch.float64 else x.float()  # the skip path never runs in low precision
+        x = wide(x)  # the skip path never runs in low precision
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])  # (B,)
         c_skip, c_out, c_in = (append_dims(c, x.ndim)
                                for c in boundary_scalings(sigma, self.sigma_data, self.sigma_min))
@@ -328,8 +333,12 @@ def ict_num_steps(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
 def lognormal_index_probs(sigmas: Tensor, P_mean: float = -1.1, P_std: float = 2.0) -> Tensor:
     """p(n) ∝ erf((ln t_{n+1} - P_mean)/(√2 P_std)) - erf((ln t_n - P_mean)/(√2 P_std)), n = 1..N-1:
     the lognormal mass between neighbouring levels (P_mean -1.1, P_std 2.0).  [iCT Sec. 3.5]"""
-    cdf = torch.erf((sigmas.double().log() - P_mean) / (math.sqrt(2) * P_std))
-    p = cdf[1:] - cdf[:-1]
+    u = (sigmas.double().log() - P_mean) / (math.sqrt(2) * P_std)
+    lo, hi = u[:-1], u[1:]
+    # the same difference through erfc in either tail, where erf rounds to ±1 (levels far from P_mean)
+    p = torch.where(hi <= 0, torch.erfc(-hi) - torch.erfc(-lo), torch.erfc(lo) - torch.erfc(hi)).clamp(min=0)
+    if not p.sum() > 0:  # every level beyond even float64's tail: all mass on the interval nearest P_mean
+        p = torch.zeros_like(p).index_fill_(0, torch.minimum(lo.abs(), hi.abs()).argmin(), 1.0)
     return p / p.sum()
 
 
@@ -378,6 +387,144 @@ class SharedDropout:
 
 
 # ----------------------------------------------------------------------------------------------
+# 5b. Continuous-time consistency models (sCM): TrigFlow, the JVP objective of sCT and sCD.  [sCM]
+#     x_t = cos(t) x_0 + sin(t) z, z ~ N(0, σd² I), t ∈ [0, π/2]: EDM's x_σ = x_0 + σ z' at σ = σd tan t,
+#     rescaled by cos t (x_t = x_σ σd / √(σ² + σd²)). Training takes the limit of consistency_loss as the
+#     gap t - r → 0: the target moves by the network's total time derivative, one JVP per step.
+
+def trig_time(sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
+    """t = arctan(σ / σd): the TrigFlow time of EDM's noise level σ (and σ = σd tan t).  [sCM Sec. 2]"""
+    return torch.atan(sigma / sigma_data)
+
+
+def trig_time_proposal(n: int, P_mean: float = -1.0, P_std: float = 1.4, sigma_data: float = 0.5,
+                       generator: torch.Generator | None = None) -> Tensor:
+    """t = arctan(e^τ / σd), τ ~ N(P_mean, P_std²): EDM's lognormal σ = e^τ in TrigFlow time.  [sCM Sec. 4.2]
+    (P_mean -1.0, P_std 1.4 on CIFAR-10, 1.6 for ImageNet-64 distillation, as the sCM runs; on the CPU.)"""
+    return torch.atan((P_mean + P_std * torch.randn(n, generator=generator, dtype=torch.float64)).exp()
+                      / sigma_data).float()
+
+
+class AdaptiveWeight(nn.Module):
+    """w_φ(t): a learned log-weight per time, a linear map of t's sinusoidal embedding, zero at the start.
+    The loss e^w L - w is smallest at w = -ln L: it divides each time's loss by its own running size, so
+    no hand-tuned weighting of t is needed (a prior λ(t) inside L is absorbed: e^w λ L = 1).
+    [sCM Sec. 4.2]"""
+
+    def __init__(self, dim: int = 128):
+        super().__init__()
+        self.dim, self.linear = dim, nn.Linear(dim, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.linear(timestep_embedding(t.to(self.linear.weight.dtype), self.dim)).squeeze(1)  # (B,)
+
+
+# c_noise(t) of a TrigFlow network: 'trig' feeds t itself [sCM Sec. 4.1]; 'edm'/'adm' feed EDM's
+# c_noise(σd tan t), with F_trig = -F_EDM: then f below is exactly EDM's denoiser D(x_σ, σ) of the same
+# network, so an EDM teacher (or an sCD student started from it) is a TrigFlow model without any change.
+TRIG_SIGN = {"trig": 1.0, "edm": -1.0, "adm": -1.0}
+
+
+class TrigFlow(nn.Module):
+    """f_θ(x_t, t) = cos(t) x_t - sin(t) σd F_θ(x_t / σd, c_noise(t)): f(x, 0) = x for any network.
+    [sCM Sec. 2, Eq. 4] forward(x_σ, σ) takes EDM's noise level (x_t = cos(t) x_σ), so every sampler of
+    section 7 runs it as it runs a ConsistencyFunction; forward(x_t, t, trig=True) is the training view:
+    (F_θ(x_t, t), w_φ(t)) in TrigFlow time, one call (one DDP forward) for both."""
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, noise_cond: str = "trig"):
+        super().__init__()
+        self.net, self.sigma_data, self.noise_cond = net, sigma_data, noise_cond
+        self.sign = TRIG_SIGN[noise_cond]
+        self.weight = AdaptiveWeight()
+        self.sigma_min = 0.0  # the boundary is t = 0 (σ = 0): multistep sampling re-noises with ε = 0
+
+    def c_noise(self, t: Tensor) -> Tensor:
+        if self.noise_cond == "trig":
+            return t
+        return NOISE_CONDITIONING[self.noise_cond](self.sigma_data * t.tan())
+
+    def F(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """The raw network in TrigFlow time: F_θ(x_t / σd, c_noise(t))."""
+        out = self.net(x_t / self.sigma_data, self.c_noise(t), class_labels)
+        return self.sign * out.to(x_t.dtype)
+
+    def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None,
+                trig: bool = False):
+        if trig:
+            return self.F(x, sigma, class_labels), self.weight(sigma)
+        x = wide(x)
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])  # (B,)
+        t = append_dims(trig_time(sigma, self.sigma_data), x.ndim)
+        x_t = t.cos() * x
+        return t.cos() * x_t - t.sin() * self.sigma_data * self.F(x_t, t.flatten(), class_labels)
+
+
+def trig_velocity(D: Callable, x_t: Tensor, t: Tensor, sigma_data: float = 0.5) -> Tensor:
+    """dx_t/dt = (cos(t) x_t - D(x_t / cos t, σd tan t)) / sin(t): the PF-ODE velocity of an EDM denoiser D
+    in TrigFlow time (x̂_0 = D, ẑ = (x_t - cos t x̂_0) / sin t, v = cos t ẑ - sin t x̂_0).  [sCM Sec. 2]"""
+    ta = append_dims(t, x_t.ndim)
+    return (ta.cos() * x_t - D(x_t / ta.cos(), sigma_data * t.tan())) / ta.sin()
+
+
+FD_STEP = 1e-4  # --jvp fd: the central difference's step in t (and along dx_t/dt); in float32 it balances
+#                the O(h²) truncation against round-off (~1e-7/h): within 0.2% of the exact JVP on cm.py's
+#                networks, NCSN++ and ADM (tests/test_scm.py)
+
+
+def trig_jvp(F: Callable, x_t: Tensor, t: Tensor, dxdt: Tensor, how: str = "exact") -> tuple[Tensor, Tensor]:
+    """(F(x_t, t), dF/dt) with dF/dt = ∂F/∂x · dx_t/dt + ∂F/∂t, the total derivative along the trajectory.
+    'exact': one forward-mode pass (torch.func.jvp), about three forward passes of work; 'fd': central
+    differences (three forward passes, error O(h²)), for networks or kernels without forward-mode AD.
+    No gradient flows through either (θ⁻ = stopgrad θ)."""
+    with torch.no_grad():
+        if how == "exact":  # attention on its math kernel: CUDA's fused kernels have no forward-mode AD
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+                return torch.func.jvp(F, (x_t, t), (dxdt, torch.ones_like(t)))
+        h = FD_STEP
+        ahead, back = F(x_t + h * dxdt, t + h), F(x_t - h * dxdt, t - h)
+        return F(x_t, t), (ahead - back) / (2 * h)
+
+
+def scm_tangent(F_minus: Tensor, dF_dt: Tensor, x_t: Tensor, dxdt: Tensor, t: Tensor, sigma_data: float = 0.5,
+                r: float = 1.0, c: float = 0.1) -> Tensor:
+    """g = -cos²(t) (σd F⁻ - dx_t/dt) - r cos(t) sin(t) (x_t + σd dF⁻/dt), then g / (‖g‖ + c) per sample.
+    g is cos(t) times the time derivative of f_θ⁻ along the trajectory (up to the sign and 1/σd), the
+    continuous-time limit of consistency_loss's f(x_t) - f(x_r). r warms up 0 → 1 (tangent warm-up) and
+    the normalisation bounds the step the noisy JVP term can take (c = 0.1).  [sCM Sec. 4.2]"""
+    ta = append_dims(t, x_t.ndim)
+    g = -ta.cos() ** 2 * (sigma_data * F_minus - dxdt) - r * ta.cos() * ta.sin() * (x_t + sigma_data * dF_dt)
+    norm = g.flatten(1).norm(dim=1)
+    return g / append_dims(norm + c, g.ndim)
+
+
+def scm_loss(F_theta: Tensor, F_minus: Tensor, g: Tensor, w: Tensor) -> Tensor:
+    """e^{w(t)} / D · ‖F_θ - F_θ⁻ - g‖² - w(t), averaged over the batch; F_θ⁻ and g carry no gradient.
+    Its value is e^w ‖g‖²/D - w (F_θ = F_θ⁻ as numbers); its θ-gradient is -2 e^w/D g·∇F_θ.  [sCM Eq. 8]"""
+    mse = (F_theta - (F_minus + g).detach()).flatten(1).pow(2).mean(dim=1)  # (B,), the /D of the paper
+    return (w.exp() * mse - w).mean()
+
+
+def scm_step(f: Callable, f_target: Callable, x0: Tensor, t: Tensor, z: Tensor, sigma_data: float = 0.5,
+             r: float = 1.0, c: float = 0.1, jvp: str = "exact", teacher: Callable | None = None) -> Tensor:
+    """The sCT / sCD loss at times t (B,) with noise z ~ N(0, σd² I): x_t = cos(t) x_0 + sin(t) z; the
+    tangent dx_t/dt is cos(t) z - sin(t) x_0 (sCT: from the data and noise) or the teacher's PF-ODE
+    velocity (sCD: trig_velocity of the EDM denoiser `teacher`); f, f_target: TrigFlow models (θ, θ⁻)."""
+    ta = append_dims(t, x0.ndim)
+    x_t = ta.cos() * x0 + ta.sin() * z
+    if teacher is not None:
+        with torch.no_grad():
+            dxdt = wide(trig_velocity(teacher, x_t, t, sigma_data))
+    else:
+        dxdt = ta.cos() * z - ta.sin() * x0
+    F_minus, dF_dt = trig_jvp(lambda x, s: wide(f_target(x, s, trig=True)[0]), x_t, t, dxdt, jvp)
+    g = scm_tangent(F_minus, dF_dt, x_t, dxdt, t, sigma_data, r, c)
+    F_theta, w = f(x_t, t, trig=True)
+    return scm_loss(wide(F_theta), F_minus, g, wide(w))
+
+
+# ----------------------------------------------------------------------------------------------
 # 6. Recipes. CMConfig holds the math settings (cm.py's runs and full/'s `cm` section alike); RECIPES
 #    turns a mode into its schedule (N, μ, stage at step k) and its loss: the one dispatch of both
 #    trainers. A new recipe is one entry here (plus, for full/, a preset).
@@ -389,12 +536,13 @@ SIGMA_MAX_LIMIT = 1e4  # far above any paper's T = 80; beyond it float32 images 
 class CMConfig:
     """The math of a run [CM Sec. 4-5, App. C; iCT; ECT]. Defaults: [CM Tab. 3]'s CIFAR-10 values."""
 
-    mode: str = "cd"                  # cd | ct | ict | ect | edm (the teacher's denoising score matching)
+    mode: str = "cd"                  # cd | ct | ict | ect | sct | scd | edm (the teacher's score matching)
     sigma_min: float = 0.002          # ε
     sigma_max: float = 80.0           # T
     sigma_data: float = 0.5           # σ_data of the scalings
     rho: float = 7.0                  # Karras grid exponent
     noise_cond: str = "edm"           # c_noise: edm = ln(t)/4 (NCSN++) | adm = 1000 ln(t + 1e-44)/4 (ADM)
+    #                                   | trig = TrigFlow's t itself (sct only; section 5b)
     N: int = 18                       # cd: grid points (one Heun teacher step between neighbours)
     mu: float = 0.0                   # cd, ict, ect: constant target EMA rate μ (0 for CIFAR-10)
     s0: int = 2                       # ct, ict: N(0) = s0 (ict: 10)
@@ -408,10 +556,14 @@ class CMConfig:
     q: float = 2.0                    # ect: the gap t - r shrinks by q per stage (ect_r)
     stage_steps: int = 25_000         # ect: steps per stage (locuslab/ect: 25k of 200k on CIFAR-10)
     ablate: str = ""                  # ict: pieces switched back to CT's, any of weight,lognormal,doubling
+    tangent_warmup: int = 10_000      # sct, scd: r rises linearly 0 → 1 over these steps (0: r = 1) [sCM]
+    tangent_c: float = 0.1            # sct, scd: the tangent normalisation g / (‖g‖ + c)
+    jvp: str = "exact"                # sct, scd: dF/dt by forward-mode AD | fd (central differences)
 
     def check(self, prefix: str = "") -> CMConfig:
         """Every range and choice, before step 0: the first bad one is a one-line CMError naming it."""
-        choices = dict(mode=RECIPES, metric=METRICS, mu_rule=MU_RULES, noise_cond=NOISE_CONDITIONING)
+        choices = dict(mode=RECIPES, metric=METRICS, mu_rule=MU_RULES, noise_cond=TRIG_SIGN,
+                       jvp=("exact", "fd"))
         for name, ok in choices.items():
             if getattr(self, name) not in ok:
                 raise CMError(f"unknown {prefix}{name} {getattr(self, name)!r}; "
@@ -436,6 +588,12 @@ class CMConfig:
         if self.stage_steps < 1 or self.q <= 1 or self.P_std <= 0:
             raise CMError(f"need {prefix}stage_steps >= 1, {prefix}q > 1 and {prefix}P_std > 0 "
                           f"(got {self.stage_steps}, {self.q}, {self.P_std})")
+        if self.noise_cond == "trig" and self.mode != "sct":
+            raise CMError(f"{prefix}noise_cond trig (TrigFlow's c_noise(t) = t) is for mode sct only; "
+                          "scd and the other modes take edm or adm, the conditioning of their EDM networks")
+        if self.tangent_warmup < 0 or self.tangent_c <= 0:
+            raise CMError(f"need {prefix}tangent_warmup >= 0 and {prefix}tangent_c > 0 "
+                          f"(got {self.tangent_warmup}, {self.tangent_c})")
         if set(filter(None, self.ablate.split(","))) - {"weight", "lognormal", "doubling"}:
             raise CMError(f"unknown {prefix}ablate {self.ablate!r}; choose from weight, lognormal, doubling")
         return self
@@ -447,10 +605,12 @@ class CMConfig:
 
 
 class Schedule(NamedTuple):
-    """What a recipe uses at step k: N grid points (0: none), the target rate μ, ECT's stage a (0: none)."""
+    """What a recipe uses at step k: N grid points (0: none), the target rate μ, ECT's stage a (0: none),
+    sCM's tangent warm-up factor r."""
     N: int
     mu: float
     stage: int = 0
+    r: float = 1.0
 
 
 def _ct_schedule(c: CMConfig, k: int, K: int) -> Schedule:
@@ -466,6 +626,11 @@ def _ict_schedule(c: CMConfig, k: int, K: int) -> Schedule:
 def _ect_schedule(c: CMConfig, k: int, K: int) -> Schedule:
     """The stage a = 1 + ⌊k / stage_steps⌋ [ECT Sec. 3] (no grid: t is continuous)."""
     return Schedule(0, c.mu, 1 + k // c.stage_steps)
+
+
+def _scm_schedule(c: CMConfig, k: int, K: int) -> Schedule:
+    """r = min(1, k / tangent_warmup), μ = 0 (θ⁻ = stopgrad θ) [sCM Sec. 4.2]; no grid: t is continuous."""
+    return Schedule(0, 0.0, 0, min(1.0, k / c.tangent_warmup) if c.tangent_warmup else 1.0)
 
 
 def _grid(c: CMConfig, s: Schedule) -> Tensor:
@@ -491,6 +656,25 @@ def _ect(c, s, f, f_target, D, x, z, metric, n=None, t=None):
     return ect_loss(f, f_target, x, s.stage, metric, t=t, z=z, P_mean=c.P_mean, P_std=c.P_std, q=c.q)
 
 
+def _trig_t(c: CMConfig, x: Tensor, t: Tensor | None) -> Tensor:
+    """sCM's proposal, kept to the sampled range [arctan(ε/σd), arctan(T/σd)] (a choice: the sCM paper
+    does not bound t; here training covers what sampling uses and EDM's c_noise stays finite)."""
+    t = trig_time_proposal(x.shape[0], c.P_mean, c.P_std, c.sigma_data) if t is None else t
+    lo, hi = math.atan(c.sigma_min / c.sigma_data), math.atan(c.sigma_max / c.sigma_data)
+    return t.clamp(lo, hi).to(x.device)
+
+
+def _sct(c, s, f, f_target, D, x, z, metric, n=None, t=None):
+    z = torch.randn_like(x) if z is None else z
+    return scm_step(f, f_target, x, _trig_t(c, x, t), c.sigma_data * z, c.sigma_data, s.r, c.tangent_c, c.jvp)
+
+
+def _scd(c, s, f, f_target, D, x, z, metric, n=None, t=None):
+    z = torch.randn_like(x) if z is None else z
+    return scm_step(f, f_target, x, _trig_t(c, x, t), c.sigma_data * z, c.sigma_data, s.r, c.tangent_c, c.jvp,
+                    teacher=D)
+
+
 def _edm(c, s, f, f_target, D, x, z, metric, n=None, t=None):
     return edm_loss(f, x, sigma=t, z=z, sigma_data=c.sigma_data)
 
@@ -502,14 +686,18 @@ class Recipe:
     fields: tuple[str, ...]           # the CMConfig fields it reads
     teacher: str = ""                 # 'loss': D_φ inside the loss (cd) | 'init': starts from D_φ (ect)
     denoiser: bool = False            # trains EDM's D (ε = 0 scalings) rather than f_θ
+    trigflow: bool = False            # f_θ is a TrigFlow model (section 5b) and t is TrigFlow time
 
 
+_SCM_FIELDS = ("P_mean", "P_std", "tangent_warmup", "tangent_c", "jvp")
 RECIPES = {
     "cd": Recipe(lambda c, k, K: Schedule(c.N, c.mu), _cd, ("N", "mu", "metric"), teacher="loss"),  # [CM]
     "ct": Recipe(_ct_schedule, _ct, ("s0", "s1", "mu0", "mu_rule", "metric")),                     # [CM]
     "ict": Recipe(_ict_schedule, _ict, ("s0", "s1", "mu", "metric", "P_mean", "P_std", "ablate")),  # [iCT]
     "ect": Recipe(_ect_schedule, _ect, ("mu", "metric", "P_mean", "P_std", "q", "stage_steps"),     # [ECT]
                   teacher="init", denoiser=True),
+    "sct": Recipe(_scm_schedule, _sct, _SCM_FIELDS, trigflow=True),                                # [sCM]
+    "scd": Recipe(_scm_schedule, _scd, _SCM_FIELDS, teacher="loss", trigflow=True),                # [sCM]
     "edm": Recipe(lambda c, k, K: Schedule(0, 0.0), _edm, (), denoiser=True),                       # [EDM]
 }
 
@@ -522,8 +710,17 @@ def schedule(c: CMConfig, k: int, K: int) -> Schedule:
 def recipe_loss(c: CMConfig, s: Schedule, f: Callable, f_target: Callable | None, D: Callable | None,
                 x: Tensor, z: Tensor | None, metric: Callable, n: Tensor | None = None,
                 t: Tensor | None = None) -> Tensor:
-    """The mode's loss at schedule s; n (grid indices) or t (ect: t, edm: σ) may be given, else drawn."""
+    """The mode's loss at schedule s; n (grid indices) or t (ect: t, edm: σ, sct/scd: TrigFlow t) may be
+    given, else drawn."""
     return RECIPES[c.mode].loss(c, s, f, f_target, D, x, z, metric, n=n, t=t)
+
+
+def parameterize(c: CMConfig, net: nn.Module) -> nn.Module:
+    """The mode's model around the raw network: TrigFlow (sct, scd), EDM's D (ε = 0: edm, ect) or f_θ."""
+    recipe = RECIPES[c.mode]
+    if recipe.trigflow:
+        return TrigFlow(net, c.sigma_data, c.noise_cond)
+    return ConsistencyFunction(net, c.sigma_data, 0.0 if recipe.denoiser else c.sigma_min, c.noise_cond)
 
 
 def keeps_target_copy(c: CMConfig) -> bool:
@@ -616,7 +813,8 @@ def generate(f: nn.Module, c: CMConfig, shape: Sequence[int], indices: Sequence[
             x = sample_onestep(fy, z, c.sigma_max)
             x = x.clamp(-1, 1) if clip_denoised else x
         else:
-            x = sample_multistep(fy, z, levels, c.sigma_min, noises=[n.to(dev) for n in noises],
+            eps = 0.0 if RECIPES[c.mode].trigflow else c.sigma_min  # TrigFlow's boundary is σ = 0
+            x = sample_multistep(fy, z, levels, eps, noises=[n.to(dev) for n in noises],
                                  clip_denoised=clip_denoised)
         xs.append(x.float().cpu())
         ys.append(y)
@@ -1215,24 +1413,31 @@ def config(dataset: str = "digits", mode: str = "cd", **flags) -> TrainConfig:
         raise CMError(f"unknown setting(s) {', '.join(sorted(unknown))}")
     metric = {"ict": "pseudo_huber", "ect": "l2_norm"}.get(mode, "l2")  # [iCT Sec. 3.3], [ECT Sec. 3]
     c = dict(mode=mode, metric=metric, s0=10 if mode == "ict" else 2, mu_rule="paper", P_mean=-1.1)
+    if RECIPES[mode].trigflow:  # [sCM Sec. 4]: TrigFlow's own c_noise for sCT, the EDM teacher's for sCD
+        c.update(P_mean=-1.0, P_std=1.4, noise_cond="trig" if mode == "sct" else "edm")
     if dataset == "toy":
-        t = dict(steps=dict(edm=4000, cd=4000, ct=6000, ict=6000, ect=4000)[mode], batch_size=512,
-                 channels=256, lr=1e-3)
-        c.update(s1=80, stage_steps=1000)  # ECT: 4 stages (8 of 500 left one-step samples at CT's level)
+        t = dict(steps=dict(edm=4000, cd=4000, ct=6000, ict=6000, ect=4000, sct=3000, scd=2000)[mode],
+                 batch_size=512, channels=256, lr=1e-3)
+        c.update(s1=80, stage_steps=1000,  # ECT: 4 stages (8 of 500 left one-step samples at CT's level)
+                 tangent_warmup=500)
     elif dataset == "digits":
-        t = dict(steps=dict(edm=1500, cd=800, ct=3000, ict=3000, ect=1500)[mode], batch_size=128,
-                 channels=32, lr=2e-4)
+        t = dict(steps=dict(edm=1500, cd=800, ct=3000, ict=3000, ect=1500, sct=1500, scd=800)[mode],
+                 batch_size=128, channels=32, lr=2e-4)
+        c.update(tangent_warmup=300)
         c.update(s1=160 if mode == "ict" else 40, P_mean=0.0)  # not -1.1: more high-noise draws halve the
         #                                                        digits' one-step distance (docs/results.md)
     else:  # cifar10 [CM Tab. 3]; edm: EDM's 200M images at batch 512; ict [iCT]; ect (locuslab/ect)
         # CD/CT evaluate EMA 0.9999 without warm-up [CM Tab. 3]; flips as the CM runs, none for ect
         # (locuslab/ect ct_train.py: --xflip False, run_ecm.sh: --augment 0)
-        t = dict(steps=dict(edm=390_625, cd=800_000, ct=800_000, ict=400_000, ect=200_000)[mode],
+        t = dict(steps=dict(edm=390_625, cd=800_000, ct=800_000, ict=400_000, ect=200_000, sct=350_000,
+                            scd=500_000)[mode],
                  batch_size=dict(ict=1024, ect=128).get(mode, 512), channels=128,
-                 lr=1e-4 if mode in ("ict", "ect") else 4e-4, mid_t=0.821,
-                 dropout=dict(ict=0.3, ect=0.2).get(mode, 0.0), flip=mode != "ect")
+                 lr=1e-4 if mode in ("ict", "ect", "sct", "scd") else 4e-4,
+                 mid_t=0.5 * math.tan(1.1) if mode in ("sct", "scd") else 0.821,  # sCM: t_mid = 1.1
+                 dropout=dict(ict=0.3, ect=0.2, sct=0.2).get(mode, 0.0), flip=mode != "ect")
         t.update(dict(ema=0.9999, ema_warmup=False) if dataset == "cifar10" and mode in ("cd", "ct") else {})
-        lpips = dataset == "cifar10" and mode not in ("ict", "ect")  # a folder: l2 unless --metric lpips
+        # LPIPS for cifar10 CD/CT; a folder: l2 unless --metric lpips; sCM has no metric (its loss is its own)
+        lpips = dataset == "cifar10" and mode in ("cd", "ct")
         c.update(mu_rule="code", metric="lpips" if lpips else metric,
                  s1=1280 if mode == "ict" else 150)
     t.update({k: v for k, v in flags.items() if k in TRAIN_FIELDS})
@@ -1271,7 +1476,7 @@ def two_step_levels(cfg: TrainConfig) -> list[float]:
     """Two-step levels: --ts, else the official CIFAR-10 CD choice 0,11,17 of 18 for cd, 0,8,17 (τ₂ ≈ 3.3)
     for ct, whose short runs learn low levels best; T, mid_t for ict and ect (0.821 in both papers)."""
     c = cfg.cm
-    if c.mode in ("ict", "ect") and not cfg.ts:
+    if c.mode in ("ict", "ect", "sct", "scd") and not cfg.ts:
         return check_levels([c.sigma_max, cfg.mid_t], c.sigma_min, c.sigma_max)
     ts = [int(i) for i in cfg.ts.split(",")] if cfg.ts else ([0, 11, 17] if c.mode == "cd" else [0, 8, 17])
     return ts_to_sigmas(ts, cfg.grid_steps, c.sigma_min, c.sigma_max, c.rho)
@@ -1294,12 +1499,11 @@ def config_of(state: dict) -> TrainConfig:
                        **{k: v for k, v in saved.items() if k in TRAIN_FIELDS})
 
 
-def model_from_checkpoint(state: dict, key: str = "ema") -> tuple[ConsistencyFunction, TrainConfig]:
-    """Rebuild f (or D, for an edm or ect checkpoint) with the weights under `key`."""
+def model_from_checkpoint(state: dict, key: str = "ema") -> tuple[nn.Module, TrainConfig]:
+    """Rebuild f (D for an edm or ect checkpoint, TrigFlow for sct, scd) with the weights under `key`."""
     try:
         cfg = config_of(state)
-        model = ConsistencyFunction(make_net(cfg, state["shape"]), cfg.cm.sigma_data,
-                                    0.0 if RECIPES[cfg.cm.mode].denoiser else cfg.cm.sigma_min)
+        model = parameterize(cfg.cm, make_net(cfg, state["shape"]))
         model.load_state_dict(state[key])
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise CMError(f"checkpoint weights do not match its network ({type(e).__name__})") from e
@@ -1366,8 +1570,7 @@ class Run:
         self.cfg, self.dev, self.out = cfg, dev, out
         self.data = load_data(cfg)
         self.shape = (2,) if self.data is None else tuple(self.data.shape[1:])
-        self.model = ConsistencyFunction(make_net(cfg, self.shape), c.sigma_data,  # ECT tunes EDM's D: ε = 0
-                                         0.0 if recipe.denoiser else c.sigma_min).to(dev)
+        self.model = parameterize(c, make_net(cfg, self.shape)).to(dev)  # f_θ; D (ε = 0) for edm, ect
         if self.teacher is not None and (cfg.init_from_teacher or recipe.teacher == "init"):
             self.model.net.load_state_dict(self.teacher.net.state_dict())
         # θ⁻ (section 6: only where μ can be > 0), in train mode when it replays the online dropout masks
@@ -1376,7 +1579,8 @@ class Run:
                        if keeps_target_copy(c) else None)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()  # evaluation EMA
         opt = torch.optim.Adam if c.mode == "edm" else torch.optim.RAdam
-        self.opt = opt(self.model.parameters(), lr=cfg.lr)
+        betas = (0.9, 0.99) if recipe.trigflow else (0.9, 0.999)  # sCM: RAdam with β₂ 0.99
+        self.opt = opt(self.model.parameters(), lr=cfg.lr, betas=betas)
         self.metric = make_metric(c, dev)
         self.step, self.saved = 0, None  # saved: the last good checkpoint of this run
         if state is not None:
@@ -1478,7 +1682,7 @@ class Run:
                     now = time.time()
                     ips, t_log, step_log = cfg.batch_size * (k - step_log) / max(now - t_log, 1e-9), now, k
                     rec = dict(step=k, loss=loss.item(), N=s.N, mu=s.mu, stage=s.stage, sec=now - t0,
-                               img_per_s=ips)
+                               img_per_s=ips, **(dict(r=s.r) if RECIPES[cfg.cm.mode].trigflow else {}))
                     if bar is not None:
                         bar.set_postfix({n: rec[n] for n in ("N", "stage") if rec[n]},
                                         loss=f"{rec['loss']:.4g}", mu=f"{s.mu:.4f}", img_s=f"{ips:.0f}")

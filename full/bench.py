@@ -16,8 +16,13 @@ measured within one round, stay fair. Each timed call ends with a CUDA synchroni
        EDM = B + O + U        CT = B + F + O + 2U        CD = B + 3F + O + 2U (a Heun step: 2 teacher calls)
        iCT/ECT = B + F + O + U, and CD with μ = 0 = B + 3F + O + U: their target is θ under stop-grad,
        the online net itself evaluated without grad (full.train keeps no θ⁻ copy then)
+   sCM's steps [sCM] add one forward-mode JVP of F (J, measured as a piece: torch.func.jvp of F along
+   a random tangent, no grad) and, for sCD, one teacher call:
+       sCT = B + J + O + U      sCD = B + J + F + O + U      sCT-fd (--jvp fd) = B + 3F + O + U
    Where backward costs twice a forward (B = 3F) and O, U are small (a GPU at a large batch) the
-   floors are 4/3 = 1.33 for CT and 6/3 = 2 for CD: the "nominal" column.
+   floors are 4/3 = 1.33 for CT and 6/3 = 2 for CD, and with J = 2F (one forward, one tangent pass)
+   5/3 for sCT, 2 for sCD and 2 for sCT-fd: the "nominal" column. sCT's "x EDM" against sCT-fd's is
+   the exact JVP against its finite-difference fallback.
 2. sample: a bare forward pass of F (the limit of any sampler), one-step and two-step consistency
    sampling and the teacher's Heun sampler (18 levels, 35 evaluations); img/s and the ratio to F.
 3. options: a CT step and one-step sampling under fp32, bf16 and fp16 (not on a CPU) autocast, channels_last,
@@ -28,6 +33,14 @@ measured within one round, stay fair. Each timed call ends with a CUDA synchroni
 Memory: on CUDA, the peak of torch.cuda.max_memory_allocated during a step above what was allocated
 before it, plus the recipe's own state (weights, grads, optimiser state, target, EMA, teacher). On a
 CPU the step's part is the size of the tensors saved for backward (a lower bound; no allocator stats).
+
+    python -m full.bench --ddp --net ncsnpp-tiny --batch-size 8    # DDP scaling: 2 processes against 1
+
+--ddp times a training step (--recipe, default ct) of one process and of two processes under torchrun
+(gloo on a CPU, nccl on two GPUs), each process with --batch-size images, in alternating rounds of
+fresh processes, and reports the scaling efficiency t(1 process) / t(2 processes): 1.0 means the
+gradient all-reduce costs nothing, which is what a cluster run loses to communication. On a CPU each
+process gets half the cores (so one process runs on the threads a DDP process gets).
 
     python -m full.bench --loss-error --net ncsnpp-tiny --precision bf16,fp16   # precision vs fp32
     python -m full.bench --loss-error --checkpoint runs/tiny-cd/export.pt --teacher runs/tiny-edm/export.pt
@@ -71,18 +84,23 @@ NETS = {  # --net -> the preset whose network (and data shape) it uses
 }
 PRECISIONS = ("fp32", "bf16", "fp16")
 # recipe -> forwards without grad beside the one forward+backward (EMA updates: see floor)
-FLOORS = {"edm": 0, "ct": 1, "cd": 3, "ict": 1, "ect": 1}
-RECIPES = [r for r in ("edm", "cd", "ct", "ict", "ect") if r in cm.RECIPES]
+FLOORS = {"edm": 0, "ct": 1, "cd": 3, "ict": 1, "ect": 1, "sct": 0, "scd": 1, "sct-fd": 3}
+JVPS = {"sct": 1, "scd": 1}  # forward-mode JVPs of F per step (sct-fd: three forwards instead)
+RECIPES = [r for r in ("edm", "cd", "ct", "ict", "ect", "sct", "scd", "sct-fd")
+           if r.split("-")[0] in cm.RECIPES]
 NOT_YET = [r for r in FLOORS if r not in RECIPES]  # a row appears once full.train accepts cm.mode=<it>
 
 
 def floor(
-    recipe: str, F: float, B: float, O: float = 0.0, U: float = 0.0, target: bool | None = None
+    recipe: str, F: float, B: float, O: float = 0.0, U: float = 0.0, target: bool | None = None,
+    J: float | None = None,
 ) -> float:
-    """The recipe's unavoidable work over an EDM step's: (B + n_F·F + O + n_U·U) / (B + O + U), n_U = 2
-    with a target θ⁻ to update (CT; CD with μ > 0), else 1 (the evaluation EMA; θ⁻ = stopgrad θ at μ = 0)."""
+    """The recipe's unavoidable work over an EDM step's: (B + n_F·F + n_J·J + O + n_U·U) / (B + O + U),
+    n_U = 2 with a target θ⁻ to update (CT; CD with μ > 0), else 1 (the evaluation EMA; θ⁻ = stopgrad θ
+    at μ = 0); n_J = 1 for sCT and sCD; J defaults to 2F (a forward and its tangent)."""
     target = recipe in ("ct", "cd") if target is None else target
-    return (B + FLOORS[recipe] * F + O + (1 + target) * U) / (B + O + U)
+    J = 2 * F if J is None else J
+    return (B + FLOORS[recipe] * F + JVPS.get(recipe, 0) * J + O + (1 + target) * U) / (B + O + U)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +217,9 @@ class Setup:
 
 
 def run_config(s: Setup, mode: str, optimizer: str = "radam"):
+    mode, _, jvp = mode.partition("-")  # sct-fd: sCT with the finite-difference JVP
     return resolve(NETS[s.net], [f"cm.mode={mode!r}", "cm.metric='l2'", f"opt.batch={s.batch}",
+                                 *([f"cm.jvp={jvp!r}"] if jvp else []),
                                  "opt.microbatch=0", f"opt.precision={s.precision!r}",
                                  f"opt.optimizer={optimizer!r}", "opt.warmup=0", "opt.grad_clip=0.0",
                                  "ema.rates=0.9999", "ema.warmup=False"])
@@ -208,7 +228,7 @@ def run_config(s: Setup, mode: str, optimizer: str = "radam"):
 def make_trainer(s: Setup, mode: str) -> Trainer:
     cfg = run_config(s, mode)
     teacher = None
-    if mode == "cd":  # a denoiser of the same network stands in for the teacher (same cost)
+    if mode in ("cd", "scd"):  # a denoiser of the same network stands in for the teacher (same cost)
         teacher = make_model(cfg, denoiser=True).to(s.dev).eval().requires_grad_(False)
     return Trainer(cfg, s.dev, teacher)
 
@@ -237,29 +257,40 @@ def train_table(s: Setup, trainers: dict[str, Trainer]) -> list[dict]:
         ct.opt.zero_grad(set_to_none=True)
         ct.scaler.scale(amp(model)(x, sigma).float().square().mean()).backward()
 
+    tangent = torch.randn_like(x)
+
+    def jvp():  # J: F and dF along (dx, dt) in one forward-mode pass, as cm.trig_jvp runs it
+        with torch.no_grad():
+            torch.func.jvp(lambda v, t: amp(model)(v, t), (x, sigma), (tangent, torch.ones_like(sigma)))
+
     rows = {f"step {r}": (lambda tr=tr: tr.step(x, y)) for r, tr in trainers.items()}
     rows.update({"F": fwd, "B": fwd_bwd, "O": lambda: ct.opt.step(),
                  "U": lambda: cm.ema_update(ct.target, ct.model, 0.999)})
+    if JVPS.keys() & trainers.keys():
+        rows["J"] = jvp
     fwd_bwd()  # grads for O
     t = rounds(rows, s.dev, s.rounds, s.reps, s.warmup)
     F, B, O, U = (t[k] for k in "FBOU")
+    J = t.get("J") or [None] * len(F)
     out = []
     for r, tr in trainers.items():
         sec = statistics.median(t[f"step {r}"])
         peak = state_bytes(tr.model, tr.target, tr.teacher, tr.opt, *tr.emas.values()) + step_bytes(
             lambda: tr.step(x, y), s.dev)
-        floors = [floor(r, *p, target=tr.target is not None) for p in zip(F, B, O, U)]
+        floors = [floor(r, *p, target=tr.target is not None, J=j) for *p, j in zip(F, B, O, U, J)]
         out.append(dict(recipe=r, sec=sec, ips=s.batch / sec, mem_gib=peak / 2 ** 30,
                         x_edm=median_ratio(t[f"step {r}"], t["step edm"]),
                         floor=statistics.median(floors), nominal=floor(r, 1.0, 3.0)))
     for r in out:
         r["mem_x"] = r["mem_gib"] / out[0]["mem_gib"]
-    pieces = {k: statistics.median(t[k]) for k in "FBOU"}
+    pieces = {k: statistics.median(t[k]) for k in "FBOUJ" if k in t}
     print(f"\ntrain: one optimiser step per recipe ({s.net}, batch {s.batch}, {s.precision}, RAdam, l2; "
           f"median of {s.rounds} interleaved rounds)")
     print(f"  pieces: F {pieces['F'] * 1e3:.1f} ms (forward, no grad), B {pieces['B'] * 1e3:.1f} ms "
           f"(forward+backward, B/F = {pieces['B'] / pieces['F']:.2f}), O {pieces['O'] * 1e3:.1f} ms "
-          f"(RAdam step), U {pieces['U'] * 1e3:.1f} ms (EMA update)")
+          f"(RAdam step), U {pieces['U'] * 1e3:.1f} ms (EMA update)"
+          + (f", J {pieces['J'] * 1e3:.1f} ms (JVP of F, J/F = {pieces['J'] / pieces['F']:.2f})"
+             if "J" in pieces else ""))
     print(f"  {'recipe':7} {'ms/step':>9} {'img/s':>9} {'x EDM':>7} {'floor':>7} {'nominal':>8} "
           f"{'mem GiB':>8} {'mem x':>6}")
     for r in out:
@@ -481,6 +512,61 @@ def loss_error(net_name: str, precisions: list[str], grids: list[int], batch: in
     return rows
 
 
+def _ddp_worker(net: str, recipe: str, batch: int, steps: int, precision: str, out: str) -> None:
+    """One process of --ddp (also the one-process reference): `steps` timed steps after two warm-ups."""
+    from full import dist
+    dev = dist.init()
+    world = dist.world()
+    s = Setup(net, batch * world, dev, precision)
+    tr = make_trainer(s, recipe)
+    x, y = batch_for(tr, batch, dev, seed=dist.rank())
+    for _ in range(2):
+        tr.step(x, y)
+    dist.barrier()
+    sec = timed(lambda: tr.step(x, y), dev, steps)
+    dist.barrier()
+    if dist.rank() == 0:
+        Path(out).write_text(json.dumps({"sec": sec, "world": world}))
+    dist.cleanup()
+
+
+def ddp_table(net: str, recipe: str, batch: int, n_rounds: int, steps: int, precision: str,
+              dev: torch.device) -> dict:
+    """Per-step time of 1 and 2 processes at the same per-process batch, alternating, fresh processes."""
+    import os
+    import subprocess
+    import tempfile
+    if dev.type == "cuda" and torch.cuda.device_count() < 2:
+        raise cm.CMError(f"--ddp on CUDA needs two GPUs, this machine has {torch.cuda.device_count()}")
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    worker = ["-m", "full.bench", "--ddp-worker", "--net", net, "--recipe", recipe, "--batch-size",
+              str(batch), "--reps", str(steps), "--precision", precision]
+    times = {1: [], 2: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(n_rounds):
+            for world in (1, 2) if r % 2 == 0 else (2, 1):
+                out = Path(tmp) / f"{world}-{r}.json"
+                launch = [] if world == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                                f"--nproc_per_node={world}"]
+                cmd = [sys.executable, *launch, *worker, "--json", str(out)]
+                p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+                if p.returncode or not out.is_file():
+                    raise cm.CMError(f"--ddp: the {world}-process run failed: "
+                                     f"{(p.stderr.strip().splitlines() or ['no output'])[-1]}")
+                times[world].append(json.loads(out.read_text())["sec"])
+    t1, t2 = statistics.median(times[1]), statistics.median(times[2])
+    row = dict(recipe=recipe, net=net, batch_per_process=batch, sec_1=t1, sec_2=t2, efficiency=t1 / t2,
+               ips_1=batch / t1, ips_2=2 * batch / t2,
+               threads_per_process=threads if dev.type == "cpu" else None)
+    print(f"\nddp: {recipe} step, {net}, batch {batch} per process, {precision}, "
+          f"{'gloo' if dev.type == 'cpu' else 'nccl'}; median of {n_rounds} rounds of {steps} steps")
+    print(f"  1 process  {t1 * 1e3:9.1f} ms/step {row['ips_1']:9.1f} img/s")
+    print(f"  2 processes{t2 * 1e3:9.1f} ms/step {row['ips_2']:9.1f} img/s   efficiency {t1 / t2:.3f} "
+          f"(speed-up {row['ips_2'] / row['ips_1']:.2f}x of 2)", flush=True)
+    return row
+
+
 def main(argv=None) -> dict | int:
     p = CLIParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -507,7 +593,13 @@ def main(argv=None) -> dict | int:
     p.add_argument("--grids", default="18,150,201", help="with --loss-error: grid sizes N")
     p.add_argument("--checkpoint", default="", help="with --loss-error: a trained full/ checkpoint")
     p.add_argument("--teacher", default="", help="with --loss-error and --checkpoint: the EDM teacher for CD")
+    p.add_argument("--ddp", action="store_true", help="DDP scaling: one process against two (see above)")
+    p.add_argument("--recipe", default="ct", choices=RECIPES, help="with --ddp: the step to time")
+    p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.ddp_worker:
+        _ddp_worker(args.net, args.recipe, args.batch_size or 2, args.reps, args.precision, args.json)
+        return 0
     try:
         tables, precisions = args.tables.split(","), args.precision.split(",")
         if bad := [t for t in tables if t not in ("train", "sample", "options")]:
@@ -519,6 +611,10 @@ def main(argv=None) -> dict | int:
             raise cm.CMError(f"need --batch-size >= 1, --rounds >= 0, --reps >= 1, --warmup >= 0 (got "
                              f"{args.batch_size}, {args.rounds}, {args.reps}, {args.warmup})")
         dev = cm.pick_device(args.device)
+        if args.ddp:
+            gpu = dev.type == "cuda"
+            return ddp_table(args.net, args.recipe, args.batch_size or (128 if gpu else 2),
+                             args.rounds or 3, max(args.reps, 3), args.precision, dev)
         if args.loss_error:
             others = [q for q in precisions if q != "fp32"] or ["bf16", "fp16"]
             return loss_error(

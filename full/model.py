@@ -1,7 +1,8 @@
-"""The network F of full/networks.py wrapped in cm.ConsistencyFunction (architecture ≠ parameterization).
+"""The network F of full/networks.py wrapped in its parameterization (architecture ≠ parameterization).
 
     f_θ(x, t) = c_skip(t) x + c_out(t) F_θ(c_in(t) x, c_noise(t))   [CM Eq. 7], ε = sigma_min
     D(x, t)   = the same with ε = 0, EDM's denoiser                  [EDM Tab. 1] (the CD teacher)
+    f_θ(x_t, t) = cos(t) x_t - sin(t) σd F_θ(x_t / σd, c_noise(t))  [sCM Eq. 4] (sct, scd: cm.TrigFlow)
 """
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import dataclasses
 
 import torch.nn as nn
 
-from cm import RECIPES, CMConfig, ConsistencyFunction
+from cm import CMConfig, ConsistencyFunction, parameterize
 from full.networks import build_network
 
 
-def make_model(cfg, denoiser: bool | None = None) -> ConsistencyFunction:
-    """f_θ for a RunConfig (D_θ when `denoiser`, by default for edm and for ect, which tunes EDM's D)."""
-    denoiser = RECIPES[cfg.cm.mode].denoiser if denoiser is None else denoiser
+def make_model(cfg, denoiser: bool | None = None) -> nn.Module:
+    """The mode's model for a RunConfig (cm.parameterize: f_θ, D_θ for edm and ect, TrigFlow for sct and
+    scd); `denoiser` True or False asks for D_θ or f_θ of the network whatever the mode."""
+    if denoiser is None:
+        return parameterize(cfg.cm, build_network(cfg.net))
     return ConsistencyFunction(build_network(cfg.net), cfg.cm.sigma_data,
                                0.0 if denoiser else cfg.cm.sigma_min, cfg.cm.noise_cond)
 

@@ -181,24 +181,30 @@ class ADMConfig:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _fp32_or_wider(x: Tensor) -> Tensor:
+    """x in float32, or float64 if it is float64 (norms and embeddings never run in bf16/fp16)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and cast back to the input dtype (guided-diffusion's GroupNorm32)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
+        h = _fp32_or_wider(x)
+        w = None if self.weight is None else self.weight.to(h.dtype)
+        b = None if self.bias is None else self.bias.to(h.dtype)
         # group_norm is on autocast's float32 list, so float32 inputs stay float32 under autocast too.
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+        return F.group_norm(h, self.num_groups, w, b, self.eps).to(x.dtype)
 
 
 def timestep_embedding(c_noise: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding [cos(c·ω_i), sin(c·ω_i)], ω_i = max_period^(-i/half), i < half = dim // 2.
 
-    guided-diffusion's `timestep_embedding` (cos half first). (B,) -> (B, dim), float32.
+    guided-diffusion's `timestep_embedding` (cos half first). (B,) -> (B, dim), float32 (or float64).
     """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=c_noise.device) / half)  # (half,)
-    args = c_noise.float()[:, None] * freqs[None]                                                 # (B, half)
+    args = _fp32_or_wider(c_noise)[:, None] * freqs[None]                                         # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)                                 # (B, 2 half)
     return F.pad(emb, (0, dim % 2))                                                             # (B, dim)
 
@@ -216,7 +222,7 @@ class PositionalEmbedding(nn.Module):
     def forward(self, c_noise: Tensor) -> Tensor:
         n = self.dim // 2
         freqs = self.max_period ** (-torch.arange(n, device=c_noise.device, dtype=torch.float32) / (n - 1))
-        x = c_noise.float()[:, None] * freqs[None]                                # (B, n)
+        x = _fp32_or_wider(c_noise)[:, None] * freqs[None]                        # (B, n)
         return torch.cat([torch.sin(x), torch.cos(x)], dim=-1)                   # (B, 2n)
 
 
@@ -228,7 +234,8 @@ class FourierEmbedding(nn.Module):
         self.register_buffer("freqs", torch.randn(num_freqs) * scale)  # saved, never trained
 
     def forward(self, c_noise: Tensor) -> Tensor:
-        x = c_noise.float()[:, None] * (2 * math.pi * self.freqs.float())[None]  # (B, n)
+        c = _fp32_or_wider(c_noise)
+        x = c[:, None] * (2 * math.pi * self.freqs.to(c.dtype))[None]          # (B, n)
         return torch.cat([torch.sin(x), torch.cos(x)], dim=-1)                  # (B, 2n)
 
 

@@ -11,10 +11,14 @@ References
     [CM]  Song, Dhariwal, Chen, Sutskever. Consistency Models. arXiv:2303.01469v2 (Tab. 3, App. C).
     [EDM] Karras, Aittala, Aila, Laine. Elucidating the Design Space of Diffusion-Based Generative
           Models. arXiv:2206.00364 (App. F: training configurations).
+    [sCM] Lu, Song. Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models.
+          arXiv:2410.11081 (Sec. 4); OpenAI released no code, so the run lengths, EMAs and optimiser lines
+          of the sCM presets are NVlabs/FastGen's (configs/methods/config_scm.py, experiments/EDM/*scm*).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 
 from cm import CMConfig, CMError, exit_on
@@ -103,6 +107,27 @@ def _tiny(mode: str, **cm) -> RunConfig:
                                     ts=(0, 8, 17), grid_steps=18))
 
 
+def _scm(net, mode: str, steps: int) -> RunConfig:
+    """sCT / sCD on CIFAR-10 [sCM Sec. 4; FastGen's config_sct_cifar10.py, config_scd_cifar10.py]."""
+    base = _cifar10(mode, noise_cond="trig" if mode == "sct" else "edm", P_mean=-1.0, P_std=1.4,
+                    tangent_warmup=10_000, tangent_c=0.1)
+    t_mid = 0.5 * math.tan(1.1)
+    return dataclasses.replace(base, net=net, opt=OptSection("radam", 1e-4, betas=(0.9, 0.99), grad_clip=10.0,
+                                                             batch=512, steps=steps, precision="fp32"),
+                               ema=EMASection((0.9999, 0.99995, 0.9996), eval_rate=0.9999),
+                               run=RunSection(sigmas=(80.0, t_mid)))
+
+
+def _scm_imagenet64(mode: str) -> RunConfig:
+    """sCT / sCD on ImageNet-64, ADM [sCM Sec. 4; FastGen's config_scd_in64.py]."""
+    base = _imagenet64(mode, 7e-5, 600_000, P_mean=-1.0, P_std=1.6, tangent_warmup=10_000, tangent_c=0.1)
+    opt = OptSection("adam", 7e-5, betas=(0.9, 0.99), eps=1e-11, grad_clip=10.0, batch=1024, steps=600_000,
+                     precision="bf16")
+    return dataclasses.replace(base, opt=opt,
+                               ema=EMASection((0.9999, 0.99995, 0.9996), eval_rate=0.9999),
+                               run=RunSection(sigmas=(80.0, 0.5 * math.tan(1.1))))
+
+
 PRESETS: dict[str, Callable[[], RunConfig]] = {
     # EDM teacher for CIFAR-10 CD as the official JAX config ran it (configs/cifar10_k_ve.py): NCSN++ (VE),
     # dropout 0.13, Adam lr 1e-3 with a 10 Mimg ramp, batch 512, 400k steps (n_iters 400,001), EMA
@@ -164,6 +189,26 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
     # x + t_next z (no √(t² - ε²)); uint8 as metrics/metric_utils.py: (x·127.5 + 128).clamp(0, 255).
     "cifar10-ect-vp": lambda: _ect(NCSNppConfig.ddpmpp_cifar10(dropout=0.2), RunSection(
         sigmas=(80.0, 0.821), eval_sigma_min=0.003, renoise_sigma_min=0.0, clamp_mid=False, uint8="round")),
+    # sCT / sCD [sCM] on CIFAR-10: DDPM++ (NCSNppConfig.ddpmpp_cifar10: positional time features, the
+    # architecture change sCM makes for stability: large-scale Fourier features make dF/dt explode), RAdam
+    # lr 1e-4 β (0.9, 0.99), batch 512, gradient norm clipped at 10, EMAs 0.9999 / 0.99995 / 0.9996,
+    # t ~ arctan(e^τ / σd), τ ~ N(-1.0, 1.4²), tangent warm-up 10k steps, c = 0.1; sCT 350k steps with
+    # dropout 0.2, sCD 500k without. Two steps at the paper's t_mid = 1.1 (σ = σd tan 1.1). sCD distils an
+    # EDM denoiser of the same network, run.teacher=edm-cifar10-32x32-uncond-vp.pkl (EDM's DDPM++ VP model,
+    # which FastGen also starts both from; its weights run under EDM's c_noise = ln(σ)/4 as cm.noise_cond
+    # 'edm'). sCT trains TrigFlow's c_noise = t from scratch; with run.teacher it starts from the teacher
+    # (then set cm.noise_cond='edm'). fp32; the JVP runs in the training precision.
+    "cifar10-sct": lambda: _scm(NCSNppConfig.ddpmpp_cifar10(dropout=0.2), "sct", 350_000),
+    "cifar10-scd": lambda: _scm(NCSNppConfig.ddpmpp_cifar10(dropout=0.0), "scd", 500_000),
+    # ImageNet-64 [sCM] on ADM (class-conditional; EDM's ADM teacher, edm-imagenet-64x64-cond-adm.pkl, or an
+    # imagenet64-edm export): Adam lr 7e-5 β (0.9, 0.99) ε 1e-11, batch 1024, 600k steps, clip 10, bf16
+    # with the JVP in fp32 (here: in the training precision; set opt.precision='fp32' to match), τ ~
+    # N(-1.0, 1.6²). FastGen decays the lr as 1/√(k/35000) after 35k steps; not implemented here (constant).
+    # imagenet64-sct takes the same settings without a teacher (no public config states sCT's).
+    "imagenet64-scd": lambda: _scm_imagenet64("scd"),
+    "imagenet64-sct": lambda: _scm_imagenet64("sct"),
+    "tiny-sct": lambda: _tiny("sct", noise_cond="trig", tangent_warmup=5),
+    "tiny-scd": lambda: _tiny("scd", tangent_warmup=5),
     "tiny-edm": lambda: _tiny("edm"),
     "tiny-cd": lambda: _tiny("cd", N=18, mu=0.0),
     "tiny-ct": lambda: _tiny("ct", s0=2, s1=20, mu0=0.9),

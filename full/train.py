@@ -141,9 +141,9 @@ class Trainer:
         if fn is None:
             return None
 
-        def call(x, sigma):
+        def call(x, sigma, **kw):  # kw: trig=True, TrigFlow's training view (cm.TrigFlow.forward)
             with autocast(self.cfg.opt.precision, self.device):
-                return fn(x, sigma, labels)
+                return fn(x, sigma, labels, **kw)
         return call
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor | None, s, n=None, z=None, sigma=None):
@@ -192,7 +192,7 @@ class Trainer:
             ema_update(ema, self.model, ema_warmup_rate(rate, k) if cfg.ema.warmup else rate)
         self.step_k = k + 1
         return {"step": k + 1, "loss": total, "N": sched.N, "mu": sched.mu, "stage": sched.stage,
-                "lr": lr}  # loss stays a device tensor
+                "r": sched.r, "lr": lr}  # loss stays a device tensor; r: sCM's tangent warm-up
 
     def first_nonfinite(self) -> str:
         """'' or 'loss is nan at step k' for the first step whose loss was NaN or inf (one host read)."""
@@ -376,9 +376,10 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
                       class_cond=cfg.data.class_cond, random_flip=cfg.data.random_flip,
                       download=cfg.data.download)
     check_data(cfg, ds)
-    # CD needs D_φ and ECT tunes it; CT may start from it (run.teacher set), as OCM's CT launch scripts do
-    use_teacher = bool(RECIPES[cfg.cm.mode].teacher) or (cfg.cm.mode == "ct" and bool(cfg.run.teacher)
-                                                   and cfg.run.init_from_teacher)
+    # CD, sCD need D_φ and ECT tunes it; CT and sCT may start from it (run.teacher set), as OCM's CT launch
+    # scripts and FastGen's sCT config do
+    use_teacher = bool(RECIPES[cfg.cm.mode].teacher) or (
+        cfg.cm.mode in ("ct", "sct") and bool(cfg.run.teacher) and cfg.run.init_from_teacher)
     teacher = load_teacher(cfg, dev) if use_teacher else None
     tr = Trainer(cfg, dev, teacher)
     start = int(state["step"]) if state else 0

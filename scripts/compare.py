@@ -1,16 +1,18 @@
-"""python scripts/compare.py: CD, CT, iCT and ECT side by side on one data set, each at cm.py's defaults.
+"""python scripts/compare.py: CD, CT, iCT, ECT, sCT and sCD side by side on one data set, at cm.py's defaults.
 
     python scripts/compare.py --dataset digits       # ~45 min on 2 CPU cores: the table of docs/results.md
     python scripts/compare.py --dataset toy          # ~10 min
     python scripts/compare.py --dataset digits --modes ct,ict --out runs/compare-digits
+    python scripts/compare.py --dataset toy --modes sct,scd      # the continuous-time pair [sCM]
 
-One command per data set trains, in this order and each with its cm.py defaults: the EDM teacher, CD
-and ECT from that one teacher, then CT and iCT (no teacher). Every run prints its distances to fresh
-data (cm.report); this collects them into one markdown table with the wall clock of each run. A row's
-time includes its teacher where it needs one (CD, ECT), since the defaults give each row about the same
-wall-clock budget: the runs of `python cm.py --mode X` from a fresh clone, which train their own teacher.
-On the digits the distance is the classifier-feature Fréchet distance (energy distance in brackets); on
-the toy ring it is the energy distance. Each run's folder (<out>/<mode>) keeps its grids and checkpoint.
+One command per data set trains, in this order and each with its cm.py defaults: the EDM teacher, CD, ECT
+and sCD from that one teacher, then CT, iCT and sCT (no teacher), as --modes lists them. Every run prints
+its distances to fresh data (cm.report); this collects them into one markdown table with the wall clock
+of each run. A row's time includes its teacher where it needs one (CD, ECT), since the defaults give each
+row about the same wall-clock budget: the runs of `python cm.py --mode X` from a fresh clone, which train
+their own teacher. On the digits the distance is the classifier-feature Fréchet distance (energy distance
+in brackets); on the toy ring it is the energy distance. Each run's folder (<out>/<mode>) keeps its grids
+and checkpoint.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any folder without an install
 import cm  # noqa: E402
 
-ROWS = {"cd": "CD", "ct": "CT", "ict": "iCT", "ect": "ECT"}
+ROWS = {"cd": "CD", "ct": "CT", "ict": "iCT", "ect": "ECT", "sct": "sCT", "scd": "sCD"}
 FLOOR, TEACHER = "data vs data (floor)", "teacher Heun, 18 levels (35 NFE)"
 
 
@@ -50,7 +52,7 @@ def compare(dataset: str, modes: list[str], out: Path, **settings) -> list[dict]
     def config(mode, **kw):
         return cm.config(dataset, mode, overwrite=True, **settings, **kw)
     rows, teacher, teacher_s, teacher_steps = [], "", 0.0, 0
-    if {"cd", "ect"} & set(modes):
+    if any(cm.RECIPES[m].teacher for m in modes):
         _, teacher_s, tcfg = run(config("edm", out=str(out / "teacher"), report=False))
         teacher, teacher_steps = str(out / "teacher" / "ckpt.pt"), tcfg.steps
         print(f"teacher: {tcfg.steps} steps in {teacher_s:.0f} s")
@@ -87,7 +89,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="digits", choices=["toy", "digits"])
-    p.add_argument("--modes", default="cd,ect,ct,ict", help="comma-separated, any of cd, ect, ct, ict")
+    p.add_argument("--modes", default="cd,ect,ct,ict,sct,scd",
+                   help="comma-separated, any of " + ", ".join(ROWS))
     p.add_argument("--out", default="", help="folder of the runs (default runs/compare-<dataset>)")
     p.add_argument("--device", default="", help="default: cuda if available, else cpu")
     p.add_argument("--steps", type=int, default=0, help="steps of every run, teacher included, for a quick "

@@ -26,6 +26,10 @@ def test_floor_is_the_extra_work_over_an_edm_step(F, B, O, U):
     assert bench.floor("cd", F, B, O, U) == pytest.approx(1 + (3 * F + U) / edm)
     assert bench.floor("cd", F, B, O, U, target=False) == pytest.approx(1 + 3 * F / edm)  # μ = 0
     assert bench.floor("ict", F, B, O, U) == bench.floor("ect", F, B, O, U) == pytest.approx(1 + F / edm)
+    J = 2.5 * F
+    assert bench.floor("sct", F, B, O, U, J=J) == pytest.approx(1 + J / edm)  # one JVP of the target
+    assert bench.floor("scd", F, B, O, U, J=J) == pytest.approx(1 + (J + F) / edm)  # and the teacher
+    assert bench.floor("sct-fd", F, B, O, U) == pytest.approx(1 + 3 * F / edm)  # three target forwards
 
 
 @pytest.mark.parametrize("recipe", ["ict", "ect", "cd"])
@@ -61,10 +65,12 @@ def test_mu_zero_keeps_no_target_copy_and_gives_the_same_loss(recipe):
 
 
 @pytest.mark.parametrize("recipe, grad_calls, no_grad_calls",
-                         [("edm", 1, 0), ("ct", 1, 1), ("cd", 1, 3), ("ict", 1, 1), ("ect", 1, 1)])
+                         [("edm", 1, 0), ("ct", 1, 1), ("cd", 1, 3), ("ict", 1, 1), ("ect", 1, 1),
+                          ("sct", 1, 1), ("scd", 1, 2), ("sct-fd", 1, 3)])
 def test_a_step_runs_the_network_no_more_than_the_recipe_needs(recipe, grad_calls, no_grad_calls):
     """One forward with grad (then its backward) per step; CT adds the target, CD the target and a Heun
-    step of the teacher (2 calls). Any extra pass in cm.ct_loss/cd_loss or Trainer.step fails this."""
+    step of the teacher (2 calls); sCT one JVP pass of the target (forward-mode: one call), sCD that and
+    one teacher call, sCT-fd three target calls. Any extra pass in a loss or Trainer.step fails this."""
     s = bench.Setup("ncsnpp-tiny", 2, torch.device("cpu"))
     tr = bench.make_trainer(s, recipe)
     calls = []
@@ -132,3 +138,13 @@ def test_loss_error_compares_each_precision_with_fp32(capsys):
     for r in rows:  # bf16 moves them a little, not to nonsense (docs/benchmarks.md reports the sizes)
         assert r["loss"] > 0 and 0 < r["loss_rel"] < 0.05 and 0 < r["grad_rel"] < 0.5 and r["grad_cos"] > 0.9
     assert "grad rel" in capsys.readouterr().out
+
+
+def test_ddp_row_times_one_and_two_processes(capsys):
+    """--ddp launches a one-process and a two-process (torchrun, gloo) step at the same per-process
+    batch and reports their ratio; the numbers are timings, so only their presence and sense are checked."""
+    r = bench.main(["--ddp", "--net", "ncsnpp-tiny", "--batch-size", "2", "--rounds", "1", "--recipe", "sct",
+                    "--device", "cpu"])
+    assert r["recipe"] == "sct" and r["sec_1"] > 0 and r["sec_2"] > 0
+    assert r["efficiency"] == pytest.approx(r["sec_1"] / r["sec_2"])
+    assert "efficiency" in capsys.readouterr().out

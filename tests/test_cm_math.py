@@ -412,6 +412,19 @@ def test_lognormal_index_probs_are_the_erf_formula(N, P_mean, P_std):
     assert torch.allclose(p, expected, rtol=1e-9, atol=1e-15)
 
 
+@given(st.integers(2, 200), st.floats(1e-3, 10.0), st.floats(1.0, 100.0), st.floats(-50.0, 50.0),
+       st.floats(0.01, 5.0))
+def test_lognormal_index_probs_are_a_distribution_far_in_the_tails(N, lo, span, P_mean, P_std):
+    """Levels far from P_mean (where erf rounds to ±1): still a distribution, and when every level lies on
+    one side of P_mean its mode is the interval nearest P_mean (the lognormal density falls away)."""
+    sigmas = cm.karras_sigmas(N, lo, lo * (1 + span))
+    p = cm.lognormal_index_probs(sigmas, P_mean, P_std)
+    assert torch.isfinite(p).all() and (p >= 0).all() and float(p.sum()) == pytest.approx(1.0, abs=1e-12)
+    u = (sigmas.double().log() - P_mean) / P_std  # standardised level edges
+    if (u > 0).all() or (u < 0).all():  # every interval on one side: mass falls monotonically away
+        assert int(p.argmax()) == (0 if (u > 0).all() else N - 2)
+
+
 def test_lognormal_index_draws_follow_the_probabilities():
     sigmas = cm.karras_sigmas(11)
     p = cm.lognormal_index_probs(sigmas)
@@ -592,9 +605,12 @@ def test_schedule_is_each_recipes_closed_form(K, frac, s0, extra, stage_steps):
     assert s.N == N_ct and s.mu == pytest.approx(math.exp(s0 * math.log(0.9) / (N_ct - 1)))
     K_ = max(math.floor(K / (math.log2(s1 // s0) + 1)), 1)
     assert cm.schedule(cm.CMConfig(mode="ict", **c), k, K).N == min(s0 * 2 ** min(k // K_, 62), s1) + 1
-    assert cm.schedule(cm.CMConfig(mode="ect", **c), k, K) == (0, 0.3, 1 + k // stage_steps)
-    assert cm.schedule(cm.CMConfig(mode="cd", **c), k, K) == (18, 0.3, 0)
-    assert cm.schedule(cm.CMConfig(mode="edm", **c), k, K) == (0, 0.0, 0)
+    assert cm.schedule(cm.CMConfig(mode="ect", **c), k, K)[:3] == (0, 0.3, 1 + k // stage_steps)
+    assert cm.schedule(cm.CMConfig(mode="cd", **c), k, K)[:3] == (18, 0.3, 0)
+    assert cm.schedule(cm.CMConfig(mode="edm", **c), k, K) == (0, 0.0, 0, 1.0)
+    for mode in ("sct", "scd"):  # sCM: no grid, μ or stage, the tangent warm-up r = min(1, k / W)
+        got = cm.schedule(cm.CMConfig(mode=mode, tangent_warmup=stage_steps, **c), k, K)
+        assert got == (0, 0.0, 0, min(1.0, k / stage_steps))
 
 
 def test_recipe_loss_is_the_recipes_own_loss_on_the_same_draws():
@@ -614,8 +630,14 @@ def test_recipe_loss_is_the_recipes_own_loss_on_the_same_draws():
                               index_probs=cm.lognormal_index_probs(sig)),
             "ect": cm.ect_loss(D, f, x, 2, cm.l2, t=t, z=z),
             "edm": cm.edm_loss(D, x, sigma=t, z=z)}
+    g = cm.TrigFlow(net, 0.5, "trig")  # sCM: TrigFlow time t in (0, π/2), noise σd z
+    tt = torch.rand(8) * 1.5 + 0.01
+    want["sct"] = cm.scm_step(g, g, x, tt, 0.5 * z, 0.5, 1.0, 0.1, "exact")
+    want["scd"] = cm.scm_step(g, g, x, tt, 0.5 * z, 0.5, 1.0, 0.1, "exact", teacher=D)
     assert set(want) == set(cm.RECIPES)
     for mode, loss in want.items():
-        got = cm.recipe_loss(cm.CMConfig(mode=mode), s, D if mode in ("edm", "ect") else f, f, D, x, z, cm.l2,
-                             n=n, t=t)
+        scm = mode in ("sct", "scd")
+        model = D if mode in ("edm", "ect") else g if scm else f
+        c = cm.CMConfig(mode=mode, **({"noise_cond": "trig"} if mode == "sct" else {}))
+        got = cm.recipe_loss(c, s, model, g if scm else f, D, x, z, cm.l2, n=n, t=tt if scm else t)
         assert torch.equal(got, loss), mode
