@@ -1,4 +1,4 @@
-"""scripts/compare.py: one command trains the teacher once, CD and ECT from it, CT and iCT,
+"""scripts/compare.py: one command trains the teacher once, CD, ECT and sCD from it, CT, iCT and sCT,
 and tabulates them."""
 import importlib.util
 import json
@@ -17,22 +17,24 @@ def test_compare_tabulates_every_mode_from_one_teacher(tmp_path, capsys):
     tiny = ["--dataset", "toy", "--out", str(tmp_path), "--steps", "3", "--device", "cpu"]
     compare.main(tiny)
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert [r["mode"] for r in rows] == ["cd", "ect", "ct", "ict"]
+    assert [r["mode"] for r in rows] == ["cd", "ect", "ct", "ict", "sct", "scd"]
     assert all(r["steps"] == 3 for r in rows)
-    assert [r["teacher_steps"] for r in rows] == [3, 3, 0, 0]  # the one teacher's steps, for CD and ECT only
+    assert [r["teacher_steps"] for r in rows] == [3, 3, 0, 0, 0, 3]  # the one teacher's, for CD, ECT, sCD
     teacher_s = rows[0]["sec"] - rows[0]["own_sec"]
-    assert teacher_s > 0  # CD and ECT are charged the one teacher's time, CT and iCT nothing
+    assert teacher_s > 0  # the distilled are charged the one teacher's time, the rest nothing
     for r in rows:
-        assert r["sec"] == pytest.approx(r["own_sec"] + teacher_s * (r["mode"] in ("cd", "ect")))
+        assert r["sec"] == pytest.approx(r["own_sec"] + teacher_s * (r["mode"] in ("cd", "ect", "scd")))
         assert {"1-step", "2-step", compare.FLOOR} <= set(r["result"])
     assert ("teacher Heun, 18 levels (35 NFE)" in rows[0]["result"]) and not rows[2]["result"].keys() & {
         compare.TEACHER}
     table = (tmp_path / "table.md").read_text().splitlines()
-    assert [line.split("|")[1].strip() for line in table[2:6]] == [
+    assert [line.split("|")[1].strip() for line in table[2:8]] == [
         "CD",
         "CT",
         "iCT",
         "ECT",
+        "sCT",
+        "sCD",
     ]  # the paper order
     assert (tmp_path / "teacher" / "ckpt.pt").is_file() and (tmp_path / "ect" / "ckpt.pt").is_file()
     assert "In all" in capsys.readouterr().out
