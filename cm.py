@@ -1418,7 +1418,7 @@ def config(dataset: str = "digits", mode: str = "cd", **flags) -> TrainConfig:
     if dataset == "toy":
         t = dict(steps=dict(edm=4000, cd=4000, ct=6000, ict=6000, ect=4000, sct=3000, scd=2000)[mode],
                  batch_size=512, channels=256, lr=3e-4 if RECIPES[mode].trigflow else 1e-3)
-        #  sCT/sCD at 1e-3 swing between good and poor samples every few hundred steps (docs/results.md)
+        # sCT/sCD: at 1e-3 their samples swing between good and poor every few hundred steps
         c.update(s1=80, stage_steps=1000,  # ECT: 4 stages (8 of 500 left one-step samples at CT's level)
                  tangent_warmup=500)
     elif dataset == "digits":
