@@ -842,24 +842,28 @@ def ema_update(avg: nn.Module, model: nn.Module, mu: float) -> None:
 # ----------------------------------------------------------------------------------------------
 # 9. Networks F(x, c_noise, class_labels) -> same shape as x. Small on purpose; full/ has NCSN++/ADM.
 
-def timestep_embedding(c_noise: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
-    """Sinusoidal embedding of the scalar c_noise, (B,) -> (B, dim). c_noise = ln(t)/4 only spans
-    about [-1.6, 1.1], so it is scaled by 100 first (frequencies 100 down to 0.01)."""
+def timestep_embedding(c_noise: Tensor, dim: int, scale: float = 100.0,
+                       max_period: float = 10_000.0) -> Tensor:
+    """Sinusoidal embedding of the scalar c_noise, (B,) -> (B, dim), frequencies scale down to
+    scale / max_period. c_noise = ln(t)/4 only spans about [-1.6, 1.1], so it is scaled by 100. TrigFlow's
+    c_noise = t (sct) takes scale 1: the sCT/sCD tangent holds dF/dt, and frequencies of 100 make it
+    large and the training unstable, the failure sCM traces to large Fourier scales [sCM Sec. 4.1]."""
     half = torch.arange(dim // 2, device=c_noise.device, dtype=c_noise.dtype) / (dim // 2)
-    args = 100 * c_noise[:, None] * torch.exp(-math.log(max_period) * half)[None]  # (B, dim/2)
+    args = scale * c_noise[:, None] * torch.exp(-math.log(max_period) * half)[None]  # (B, dim/2)
     return torch.cat([args.cos(), args.sin()], dim=1)
 
 
 class Embedding(nn.Module):
     """c_noise (and an optional class label) -> a vector that conditions every block."""
 
-    def __init__(self, dim: int, num_classes: int = 0):
+    def __init__(self, dim: int, num_classes: int = 0, scale: float = 100.0):
         super().__init__()
+        self.scale = scale  # of c_noise in timestep_embedding: 100 for ln(t)/4, 1 for TrigFlow's t
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.label = nn.Embedding(num_classes, dim) if num_classes else None
 
     def forward(self, c_noise: Tensor, class_labels: Tensor | None) -> Tensor:
-        emb = self.mlp(timestep_embedding(c_noise, self.mlp[0].in_features))
+        emb = self.mlp(timestep_embedding(c_noise, self.mlp[0].in_features, self.scale))
         if (self.label is None) != (class_labels is None):
             raise ValueError("pass class_labels exactly when the network has num_classes > 0")
         return emb if self.label is None else emb + self.label(class_labels)
@@ -869,9 +873,9 @@ class MLP(nn.Module):
     """Residual MLP for 2-D data; the embedding is added at the input of every block."""
 
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, num_classes: int = 0,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, time_scale: float = 100.0):
         super().__init__()
-        self.emb, self.inp = Embedding(hidden, num_classes), nn.Linear(dim, hidden)
+        self.emb, self.inp = Embedding(hidden, num_classes, time_scale), nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                                   nn.Dropout(dropout), nn.Linear(hidden, hidden))
                                     for _ in range(depth))
@@ -925,9 +929,9 @@ class UNet(nn.Module):
     """A small DDPM-style UNet with skip connections and attention at the two lowest resolutions."""
 
     def __init__(self, in_ch: int = 1, ch: int = 32, mult: Sequence[int] = (1, 2, 2), blocks: int = 2,
-                 resolution: int = 8, num_classes: int = 0, dropout: float = 0.0):
+                 resolution: int = 8, num_classes: int = 0, dropout: float = 0.0, time_scale: float = 100.0):
         super().__init__()
-        self.emb, self.inp = Embedding(4 * ch, num_classes), nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.emb, self.inp = Embedding(4 * ch, num_classes, time_scale), nn.Conv2d(in_ch, ch, 3, padding=1)
         attn = {resolution >> (len(mult) - 1), resolution >> max(len(mult) - 2, 0)}
         self.enc, self.dec, skips, c, res = nn.ModuleList(), nn.ModuleList(), [ch], ch, resolution
         for level, m in enumerate(mult):
@@ -1059,11 +1063,12 @@ def load_data(cfg: TrainConfig) -> Tensor | None:
 
 
 def make_net(cfg: TrainConfig, shape: Sequence[int]) -> nn.Module:
+    time_scale = 1.0 if cfg.cm.noise_cond == "trig" else 100.0  # see timestep_embedding
     if len(shape) == 1:
-        return MLP(shape[0], cfg.channels, dropout=cfg.dropout)
+        return MLP(shape[0], cfg.channels, dropout=cfg.dropout, time_scale=time_scale)
     small = shape[-1] <= 8  # 8x8 digits: one block per level keeps a CPU step near 0.1 s
     return UNet(shape[0], cfg.channels, (1, 2, 2) if small else (1, 2, 2, 2), blocks=1 if small else 2,
-                resolution=shape[-1], dropout=cfg.dropout)
+                resolution=shape[-1], dropout=cfg.dropout, time_scale=time_scale)
 
 
 # ----------------------------------------------------------------------------------------------

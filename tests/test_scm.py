@@ -282,3 +282,23 @@ def test_gaussian_flow_map_samples_through_the_existing_sampler():
     torch.testing.assert_close(x, math.cos(math.atan(80 / SD)) * 80 * z, rtol=1e-5, atol=1e-6)
     x2, _ = cm.generate(f, c, (2,), range(4000), [80.0, 1.0], seed=3, clip_denoised=False)
     assert abs(x2.std() - SD) < 0.02
+
+
+@pytest.mark.parametrize("dataset", ["toy", "digits"])
+@pytest.mark.parametrize("mode", ["sct", "scd", "ict"])
+@given(t=st.floats(0.0, 1.5))
+def test_time_features_of_trigflow_time_have_frequencies_at_most_one(dataset, mode, t):
+    """The sinusoidal features of c_noise are cos(s ω c), sin(s ω c) with ω = 1 down to 1e-4, so their
+    largest slope in c is s ω_max = s, reached by the first sin feature at c = 0. sCT feeds c_noise = t and
+    must keep s ω ≤ 1 (large frequencies make dF/dt, inside the sCT tangent, blow up [sCM Sec. 4.1]); the
+    ln(σ)/4 conditioning of the other modes (and of sCD's EDM teacher) spans only [-1.6, 1.1] and takes
+    s = 100."""
+    cfg = cm.config(dataset, mode)
+    shape = (2,) if dataset == "toy" else (1, 8, 8)
+    emb = cm.make_net(cfg, shape).emb
+    dim = emb.mlp[0].in_features
+    c = torch.tensor([t], dtype=torch.float64)
+    _, slope = torch.func.jvp(lambda u: cm.timestep_embedding(u, dim, emb.scale), (c,), (torch.ones_like(c),))
+    bound = 1.0 if mode == "sct" else 100.0
+    assert slope.abs().max().item() <= bound * (1 + 1e-9)
+    assert math.isclose(slope[0, dim // 2].item(), bound * math.cos(bound * t), abs_tol=1e-9)
