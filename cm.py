@@ -333,13 +333,14 @@ def ict_num_steps(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
 def lognormal_index_probs(sigmas: Tensor, P_mean: float = -1.1, P_std: float = 2.0) -> Tensor:
     """p(n) ∝ erf((ln t_{n+1} - P_mean)/(√2 P_std)) - erf((ln t_n - P_mean)/(√2 P_std)), n = 1..N-1:
     the lognormal mass between neighbouring levels (P_mean -1.1, P_std 2.0).  [iCT Sec. 3.5]"""
-    u = (sigmas.double().log() - P_mean) / (math.sqrt(2) * P_std)
+    u = (sigmas.double().log() - P_mean) / P_std  # standardised level edges
     lo, hi = u[:-1], u[1:]
-    # the same difference through erfc in either tail, where erf rounds to ±1 (levels far from P_mean)
-    p = torch.where(hi <= 0, torch.erfc(-hi) - torch.erfc(-lo), torch.erfc(lo) - torch.erfc(hi)).clamp(min=0)
-    if not p.sum() > 0:  # every level beyond even float64's tail: all mass on the interval nearest P_mean
-        p = torch.zeros_like(p).index_fill_(0, torch.minimum(lo.abs(), hi.abs()).argmin(), 1.0)
-    return p / p.sum()
+    # Φ(hi) - Φ(lo) in log space, taken on the side of P_mean where the interval lies (Φ(b) - Φ(a) =
+    # Φ(-a) - Φ(-b)), so levels far out in either tail keep their relative mass instead of rounding to 0
+    a, b = torch.where(hi <= 0, lo, -hi), torch.where(hi <= 0, hi, -lo)  # b ≤ 0 unless the interval straddles
+    log_Phi_a, log_Phi_b = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
+    log_p = log_Phi_b + torch.log1p(-torch.exp(log_Phi_a - log_Phi_b))
+    return torch.softmax(log_p, 0)
 
 
 def gap_weight(r: Tensor, t: Tensor) -> Tensor:

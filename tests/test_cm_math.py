@@ -414,15 +414,20 @@ def test_lognormal_index_probs_are_the_erf_formula(N, P_mean, P_std):
 
 @given(st.integers(2, 200), st.floats(1e-3, 10.0), st.floats(1.0, 100.0), st.floats(-50.0, 50.0),
        st.floats(0.01, 5.0))
-def test_lognormal_index_probs_are_a_distribution_far_in_the_tails(N, lo, span, P_mean, P_std):
-    """Levels far from P_mean (where erf rounds to ±1): still a distribution, and when every level lies on
-    one side of P_mean its mode is the interval nearest P_mean (the lognormal density falls away)."""
+def test_lognormal_index_probs_are_the_normal_masses_far_in_the_tails(N, lo, span, P_mean, P_std):
+    """Levels far from P_mean (where erf rounds to ±1 and float64's masses underflow): still the normal
+    masses Φ(u_{n+1}) - Φ(u_n), normalised, here from 60-digit arithmetic (mpmath) instead of float64."""
+    import mpmath
     sigmas = cm.karras_sigmas(N, lo, lo * (1 + span))
     p = cm.lognormal_index_probs(sigmas, P_mean, P_std)
     assert torch.isfinite(p).all() and (p >= 0).all() and float(p.sum()) == pytest.approx(1.0, abs=1e-12)
-    u = (sigmas.double().log() - P_mean) / P_std  # standardised level edges
-    if (u > 0).all() or (u < 0).all():  # every interval on one side: mass falls monotonically away
-        assert int(p.argmax()) == (0 if (u > 0).all() else N - 2)
+    with mpmath.workdps(60):
+        u = [(mpmath.log(s) - P_mean) / P_std for s in sigmas.double().tolist()]
+        # above P_mean as 1 - Φ(-u), since Φ(u) rounds to 1 there even at 60 digits
+        raw = [mpmath.ncdf(b) - mpmath.ncdf(a) if b <= 0 else mpmath.ncdf(-a) - mpmath.ncdf(-b)
+               for a, b in zip(u[:-1], u[1:])]
+        expected = torch.tensor([float(m / sum(raw)) for m in raw], dtype=torch.float64)
+    assert torch.allclose(p, expected, rtol=1e-6, atol=1e-12)
 
 
 def test_lognormal_index_draws_follow_the_probabilities():
