@@ -217,6 +217,48 @@ def l2_norm(x: Tensor, y: Tensor) -> Tensor:
     return pseudo_huber(x, y, 0.0)
 
 
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's IMAGENET1K_V1
+
+
+def read_hub_weights(url: str, what: str) -> dict:
+    """The tensors of a weight file in torch.hub's cache (downloaded once), read before any library sees
+    them: the sha256 prefix in the file's name is checked and the file is loaded with weights_only=True, so
+    a file planted or corrupted in the cache can neither run code nor pass as the real weights."""
+    import hashlib
+    import socket
+
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    prefix = path.stem.rsplit("-", 1)[-1]
+    if not path.exists():
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(60.0)  # torch.hub's urlopen has none: a dropped packet would hang
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=prefix, progress=sys.stderr.isatty())
+        except Exception as e:  # offline (URLError), a proxy page (hash mismatch), a full disk
+            raise CMError(f"{what} weights not available ({type(e).__name__}: {str(e)[:80]}): download {url} "
+                          f"to {path} by hand") from None
+        finally:
+            socket.setdefaulttimeout(old)
+    if not path.is_file():
+        raise CMError(f"{what} weights {path}: not a regular file")
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            sha.update(chunk)
+    if not sha.hexdigest().startswith(prefix):
+        raise CMError(f"{what} weights {path}: sha256 {sha.hexdigest()[:12]}... is not the {prefix}... its "
+                      "name states (a corrupt or replaced file): delete it to download it again")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CMError(f"{what} weights {path}: not a weights-only PyTorch file ({type(e).__name__})"
+                      ) from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CMError(f"{what} weights {path}: not a state dict of tensors")
+    return state
+
+
 class LPIPS(nn.Module):
     """LPIPS(VGG) with inputs upsampled bilinearly to 224x224, images in [-1, 1].  [CM Sec. 5, App. C]
     The `lpips` package's network (max pooling), as the official CIFAR-10 (JAX) runs used it;
@@ -229,12 +271,19 @@ class LPIPS(nn.Module):
         super().__init__()
         try:
             import lpips
-            with warnings.catch_warnings():  # lpips still uses torchvision's deprecated `pretrained=`
-                warnings.simplefilter("ignore", UserWarning)
-                self.net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained_backbone, verbose=False)
-        except Exception as e:  # no package, or no internet for the VGG16 weights
-            raise CMError(f"LPIPS(VGG) is unavailable ({type(e).__name__}: {str(e)[:80]}); "
-                          "use --metric l2 (or pip install lpips and allow the VGG16 download)") from e
+        except ImportError:
+            raise CMError("LPIPS needs the lpips package: pip install lpips (or use --metric l2)") from None
+        with warnings.catch_warnings():  # lpips still uses torchvision's deprecated `pretrained=`
+            warnings.simplefilter("ignore", UserWarning)
+            self.net = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)  # torchvision downloads nothing
+        if pretrained_backbone:  # the VGG16 features, read here (torchvision would unpickle the cache freely)
+            state = read_hub_weights(VGG16_URL, "LPIPS VGG16")
+            for block in self.net.net.children():  # slice1..slice5 hold torchvision's features[i] as child i
+                try:
+                    block.load_state_dict({k: state[f"features.{k}"] for k in block.state_dict()})
+                except (KeyError, RuntimeError) as e:
+                    raise CMError(f"LPIPS VGG16 weights do not fit torchvision's VGG16 ({str(e)[:80]})"
+                                  ) from None
         self.avg_pool = avg_pool
         for block in self.net.net.children() if avg_pool else ():
             for name, layer in block.named_children():

@@ -41,10 +41,7 @@ References:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
-import socket
 import sys
 import warnings
 import zipfile
@@ -55,7 +52,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from cm import CMError, atomic_write, exit_on, generate, load_cifar10, pick_device
+from cm import CMError, atomic_write, exit_on, generate, load_cifar10, pick_device, read_hub_weights
 from full.data import find_images
 from full.files import IMAGE_EXTENSIONS, as_nhwc_uint8, open_image, read_npz_images, to_uint8
 from full.model import for_sampling
@@ -213,17 +210,6 @@ def inception_weights_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(URL_INCEPTION_V3)
 
 
-@contextlib.contextmanager
-def _socket_timeout(seconds: float):
-    # torch.hub's urlopen has no timeout: a firewall that drops packets would hang forever.
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(old)
-
-
 def load_inception_weights(weights_path=None) -> dict:
     """The Inception state dict, read with `weights_only=True` so no file can run code when unpickled.
 
@@ -243,22 +229,10 @@ def load_inception_weights(weights_path=None) -> dict:
             raise CMError(f"cannot load Inception weights {path}: not a weights-only PyTorch file "
                                   f"({type(e).__name__})") from None
     else:
-        log = io.StringIO()  # torch.hub's download messages, shown only if the download works
-        try:
-            with _socket_timeout(60.0), contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
-                state = torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu",
-                                                           progress=False, weights_only=True)
-        except OSError as e:
-            # Offline, torch.hub's download raises urllib.error.URLError ("Name or service not known");
-            # HTTPError, TimeoutError and ConnectionError are OSErrors too.
-            cache = inception_weights_cache_path()
-            raise CMError(
-                f"Inception weights {cache.name} not available ({e}): download {URL_INCEPTION_V3} "
-                f"to {cache}, or pass --inception-weights PATH") from None
-        except Exception as e:
-            raise CMError(f"cannot load Inception weights {inception_weights_cache_path()}: "
-                                  f"not a weights-only PyTorch file ({type(e).__name__})") from None
-        sys.stderr.write(log.getvalue())
+        try:  # the cache file's hash is checked on every use, not only on download
+            state = read_hub_weights(URL_INCEPTION_V3, "Inception")
+        except CMError as e:
+            raise CMError(f"{e}, or pass --inception-weights PATH") from None
         path = inception_weights_cache_path()
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CMError(f"Inception weights {path}: not a state dict of tensors")
