@@ -1566,6 +1566,12 @@ def model_from_checkpoint(state: dict, key: str = "ema") -> tuple[nn.Module, Tra
     return model.eval().requires_grad_(False), cfg
 
 
+def run_changes(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
+    """The settings a run computes with that differ between a checkpoint's config and this one."""
+    return changed_fields(dataclasses.asdict(saved), dataclasses.asdict(cfg), RUN_FIELDS) + \
+        changed_fields(dataclasses.asdict(saved.cm), dataclasses.asdict(cfg.cm), cfg.cm.run_fields())
+
+
 def finished(path: str | os.PathLike, steps: int) -> bool:
     """A checkpoint of a run of `steps` steps that reached its end."""
     if not Path(path).is_file():
@@ -1590,7 +1596,14 @@ def train(cfg: TrainConfig) -> dict:
             flags["steps"] = cfg.teacher_steps
         tcfg = config(cfg.dataset, "edm", **flags)
         cfg = dataclasses.replace(cfg, teacher=f"{tcfg.out}/ckpt.pt")
-        if not finished(cfg.teacher, tcfg.steps):
+        if Path(cfg.teacher).is_file():  # an earlier teacher is reused only if it has this run's settings
+            changed = run_changes(config_of(load_checkpoint(cfg.teacher)), tcfg)
+            if changed and not cfg.overwrite:
+                raise CMError(f"{cfg.teacher} was trained with other {', '.join(changed)}; pass --overwrite "
+                              "to train a new teacher, or --teacher PATH to use it as it is")
+            if changed:
+                tcfg = dataclasses.replace(tcfg, resume=False)  # --overwrite: the teacher starts afresh too
+        if not tcfg.resume or not finished(cfg.teacher, tcfg.steps):
             print(f"no --teacher given: training an EDM teacher in {tcfg.out} first")
             train(tcfg)
     with RunFolder(cfg.out) as folder:
@@ -1614,15 +1627,16 @@ class Run:
         if self.ckpt.is_file() or (out / "log.jsonl").is_file():
             if cfg.resume and self.ckpt.is_file():
                 state = load_checkpoint(self.ckpt)
-                saved = config_of(state)
-                changed = changed_fields(dataclasses.asdict(saved), dataclasses.asdict(cfg), RUN_FIELDS) + \
-                    changed_fields(dataclasses.asdict(saved.cm), dataclasses.asdict(c), c.run_fields())
+                changed = run_changes(config_of(state), cfg)
                 if changed and not cfg.allow_config_change:
                     raise CMError(f"{self.ckpt} was trained with other {', '.join(changed)}; use another "
                                   "--out, or --allow-config-change to continue it with the new settings")
             elif not cfg.overwrite and not cfg.resume:
                 raise CMError(f"{out} already holds a run; pass --resume to continue it or --overwrite to "
                               "start afresh")
+            elif not cfg.overwrite and (out / "log.jsonl").stat().st_size > 0:  # --resume, but no ckpt.pt
+                raise CMError(f"{out} holds the log.jsonl of a run that wrote no ckpt.pt yet: nothing to "
+                              "resume; pass --overwrite to start afresh")
         self.cfg, self.dev, self.out = cfg, dev, out
         self.data = load_data(cfg)
         self.shape = (2,) if self.data is None else tuple(self.data.shape[1:])
@@ -1813,6 +1827,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = vars(p.parse_args(argv))
     show = args.pop("print_config", False)
     try:
+        if args.get("resume") and args.get("overwrite"):
+            raise CMError("--resume continues the run and --overwrite starts afresh: pass one of them")
         if "checkpoint" in args:
             return sample_grids(args.pop("checkpoint"), args)
         cfg = config(**args)

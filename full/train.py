@@ -330,21 +330,25 @@ def run_changes(saved: dict, cfg: RunConfig) -> list[str]:
     return changed[:6] + ([f"{len(changed) - 6} more"] if len(changed) > 6 else [])
 
 
-def claim_folder(cfg: RunConfig, out: Path, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from (None: start afresh); an earlier run's folder is refused unless
-    resumed (run.resume) or overwritten (its checkpoints and export are deleted, by rank 0)."""
-    ckpt = checkpoints.latest(out) if cfg.run.resume in (True, "auto") else None
+def claim_folder(cfg: RunConfig, out: Path, overwrite: bool) -> tuple[Path | None, list[Path]]:
+    """(the checkpoint to resume from or None, the earlier run's files to delete before the first write).
+
+    An earlier run's folder (checkpoints, an export, a non-empty log) is refused unless resumed
+    (run.resume) or overwritten: --overwrite starts afresh, so it contradicts run.resume=True. The files are
+    deleted by the caller only once every check of the new run has passed."""
+    if overwrite and cfg.run.resume is True:
+        raise CMError("--overwrite starts afresh and run.resume=True continues the run: pass one of them")
+    ckpt = checkpoints.latest(out) if cfg.run.resume in (True, "auto") and not overwrite else None
     if cfg.run.resume is True and ckpt is None:
         raise CMError(f"run.resume=True but {out} has no ckpt-*.pt")
-    earlier = checkpoints.list_checkpoints(out) + [p for p in (out / "export.pt",) if p.is_file()]
-    if ckpt is None and earlier:
-        if not overwrite:
-            raise CMError(f"{out} holds an earlier run ({earlier[-1].name}); resume it (run.resume='auto') "
-                          "or pass --overwrite to start afresh")
-        if dist.rank() == 0:
-            for p in earlier:
-                p.unlink(missing_ok=True)
-    return ckpt
+    ckpts = checkpoints.list_checkpoints(out)
+    others = [p for p in (out / "export.pt", out / "log.jsonl") if p.is_file() and p.stat().st_size > 0]
+    earlier = ckpts + others
+    if ckpt is None and earlier and not overwrite:
+        how = "resume it (run.resume='auto')" if ckpts else "it has no ckpt-*.pt: use another run.out"
+        raise CMError(f"{out} holds an earlier run ({earlier[0].name}); {how} or pass --overwrite to start "
+                      "afresh")
+    return ckpt, (earlier if ckpt is None else [])
 
 
 def train(cfg: RunConfig, device: str = "", on_checkpoint: Callable[[int, Path], None] | None = None,
@@ -365,7 +369,7 @@ def train(cfg: RunConfig, device: str = "", on_checkpoint: Callable[[int, Path],
 
 
 def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrite) -> dict:
-    ckpt = claim_folder(cfg, out, overwrite)
+    ckpt, earlier = claim_folder(cfg, out, overwrite)
     state = checkpoints.load(ckpt) if ckpt else None
     if state and (changed := run_changes(state["config"], cfg)):
         if not allow_config_change:
@@ -382,6 +386,9 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
         cfg.cm.mode in ("ct", "sct") and bool(cfg.run.teacher) and cfg.run.init_from_teacher)
     teacher = load_teacher(cfg, dev) if use_teacher else None
     tr = Trainer(cfg, dev, teacher)
+    if dist.rank() == 0:  # every check of the new run has passed: only now is the earlier one deleted
+        for p in earlier:
+            p.unlink(missing_ok=True)
     start = int(state["step"]) if state else 0
     loader = make_loader(ds, per_rank, dist.rank(), dist.world(), cfg.run.seed, cfg.data.num_workers,
                          start_step=start)  # built before the RNG restore: DataLoader draws a base seed

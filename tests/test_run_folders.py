@@ -1,0 +1,104 @@
+"""Run folders: nothing of an earlier run is deleted or reused before every check of the new one has passed.
+
+Each class of input here once lost or silently reused work: a mistyped teacher with --overwrite deleted the
+earlier checkpoints before failing; a folder holding only a log was overwritten (full.train) or truncated
+(cm.py --resume); --overwrite alone resumed; cm.py reused an auto-trained teacher of another width.
+"""
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from test_reliability import TOY, assert_one_line, run_main
+
+FULL = ["--preset", "tiny-ct", "opt.steps=2", "run.ckpt_every=2", "run.sample_every=0", "run.device=cpu"]
+CM = [*TOY, "--steps", "2", "--log-every", "1", "--sample-every", "2", "--no-report"]
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """Every file of a run folder but its (empty) .lock, by content."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full") / "run"
+    code, err = run_main("full.train", [*FULL, f"run.out={str(out)!r}"])
+    assert code == 0, err
+    return out
+
+
+@pytest.mark.parametrize("bad", ["run.teacher='nope.pt'", "data.root='/no/such/folder'", "opt.lr=-1"])
+def test_overwrite_deletes_nothing_when_the_new_run_fails_its_checks(full_run, tmp_path, bad):
+    """--overwrite with a setting that fails (a teacher file that is not there, data that is not there, a
+    bad value): one line, and every file of the earlier run is as it was."""
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    before = _digests(out)
+    preset = "tiny-cd" if "teacher" in bad else "tiny-ct"
+    argv = ["--preset", preset, "opt.steps=2", "run.device=cpu", f"run.out={str(out)!r}", "--overwrite",
+            "run.resume=False", bad]
+    if "root" in bad:
+        argv += ["data.name='folder'"]
+    code, err = run_main("full.train", argv)
+    assert_one_line(code, err)
+    assert _digests(out) == before
+
+
+def test_overwrite_alone_starts_afresh_and_contradicts_resume(full_run, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    old = torch.load(out / "ckpt-0000002.pt", weights_only=True)
+    code, err = run_main("full.train", [*FULL, f"run.out={str(out)!r}", "--overwrite", "run.seed=7"])
+    assert code == 0, err
+    assert "resumed" not in err
+    new = torch.load(out / "ckpt-0000002.pt", weights_only=True)
+    assert new["config"]["run"]["seed"] == 7  # a resume would have refused the changed seed
+    assert not all(torch.equal(a, b) for a, b in zip(old["model"].values(), new["model"].values()))
+    code, err = run_main("full.train", [*FULL, f"run.out={str(out)!r}", "--overwrite", "--resume"])
+    assert_one_line(code, err, "--overwrite")
+
+
+@pytest.mark.parametrize("kept", ["log.jsonl", "export.pt"])
+def test_full_train_refuses_a_folder_with_a_log_or_export_but_no_checkpoint(full_run, tmp_path, kept):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / kept).write_bytes((full_run / kept).read_bytes())
+    before = _digests(out)
+    code, err = run_main("full.train", [*FULL, f"run.out={str(out)!r}"])
+    assert_one_line(code, err, kept, "--overwrite", "no ckpt")
+    assert "resume it" not in err  # there is nothing to resume
+    assert _digests(out) == before
+    code, err = run_main("full.train", [*FULL, f"run.out={str(out)!r}", "--overwrite"])
+    assert code == 0, err
+
+
+def test_cm_resume_of_a_folder_with_a_log_but_no_checkpoint_keeps_the_log(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    code, err = run_main("cm.py", [*CM, "--mode", "ct", "--out", str(out), "--resume"])
+    assert_one_line(code, err, "log.jsonl", "--overwrite")
+    assert (out / "log.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'
+    code, err = run_main("cm.py", [*CM, "--mode", "ct", "--out", str(out), "--resume", "--overwrite"])
+    assert_one_line(code, err, "--resume", "--overwrite")
+
+
+def test_cm_reuses_its_teacher_only_with_the_same_settings(tmp_path):
+    """cd without --teacher trains one into <out>/teacher; another --channels is refused (not silently
+    served by the old teacher's width); with --overwrite the teacher is trained again at the new width."""
+    out = tmp_path / "run"
+    cd = [*CM, "--mode", "cd", "--teacher-steps", "2", "--out", str(out)]
+    width = lambda: torch.load(out / "teacher" / "ckpt.pt", weights_only=True)["config"]["channels"]
+    code, err = run_main("cm.py", cd)
+    assert code == 0 and width() == 16, err
+    before = _digests(out)
+    code, err = run_main("cm.py", [*cd, "--channels", "32"])
+    assert_one_line(code, err, "channels 16 -> 32", "--overwrite")
+    assert _digests(out) == before
+    code, err = run_main("cm.py", [*cd, "--channels", "32", "--overwrite"])
+    assert code == 0 and width() == 32, err
+    assert torch.load(out / "ckpt.pt", weights_only=True)["config"]["channels"] == 32
