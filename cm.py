@@ -580,6 +580,7 @@ def scm_step(f: Callable, f_target: Callable, x0: Tensor, t: Tensor, z: Tensor, 
 #    trainers. A new recipe is one entry here (plus, for full/, a preset).
 
 SIGMA_MAX_LIMIT = 1e4  # far above any paper's T = 80; beyond it float32 images lose their signal
+MAX_LEVELS = 2 ** 16  # grid sizes: iCT's s1 is 1280
 
 
 @dataclass
@@ -626,8 +627,8 @@ class CMConfig:
         if not 0 < self.sigma_min < self.sigma_max <= SIGMA_MAX_LIMIT:
             raise CMError(f"need 0 < {prefix}sigma_min < {prefix}sigma_max <= {SIGMA_MAX_LIMIT:g} "
                           f"(got {self.sigma_min}, {self.sigma_max})")
-        if self.sigma_data <= 0 or self.rho <= 0:
-            raise CMError(f"need {prefix}sigma_data > 0 and {prefix}rho > 0 "
+        if self.sigma_data <= 0 or not 0.1 <= self.rho <= 1000:
+            raise CMError(f"need {prefix}sigma_data > 0 and 0.1 <= {prefix}rho <= 1000 "
                           f"(got {self.sigma_data}, {self.rho})")
         if self.N < 2 or self.s0 < 2 or self.s1 < self.s0:
             raise CMError(f"need {prefix}N >= 2 and 2 <= {prefix}s0 <= {prefix}s1 "
@@ -635,6 +636,19 @@ class CMConfig:
         if not (0 <= self.mu < 1 and 0 < self.mu0 < 1):
             raise CMError(f"need 0 <= {prefix}mu < 1 and 0 < {prefix}mu0 < 1 "
                           f"(got mu={self.mu}, mu0={self.mu0})")
+        if max(self.N, self.s1) > MAX_LEVELS:
+            raise CMError(f"need {prefix}N and {prefix}s1 <= {MAX_LEVELS} (got N={self.N}, s1={self.s1})")
+        try:
+            grid = karras_sigmas(max(self.N, self.s1), self.sigma_min, self.sigma_max, self.rho)
+            ok = bool(torch.isfinite(grid).all() and (grid.diff() > 0).all())
+        except (OverflowError, ZeroDivisionError):
+            ok = False
+        if not ok:
+            raise CMError(f"{prefix}rho={self.rho} gives no finite, increasing grid of levels in "
+                          f"[{self.sigma_min}, {self.sigma_max}]")
+        if abs(self.P_mean) > 20 or self.P_std > 10:  # beyond, e^(P_mean + P_std z) leaves float32's range
+            raise CMError(f"need |{prefix}P_mean| <= 20 and {prefix}P_std <= 10 "
+                          f"(got {self.P_mean}, {self.P_std})")
         if self.stage_steps < 1 or self.q <= 1 or self.P_std <= 0:
             raise CMError(f"need {prefix}stage_steps >= 1, {prefix}q > 1 and {prefix}P_std > 0 "
                           f"(got {self.stage_steps}, {self.q}, {self.P_std})")
@@ -1201,8 +1215,11 @@ def load_checkpoint(path: str | os.PathLike, kind: str = "cm") -> dict:
 def out_folder(path: str | os.PathLike, make: bool = False) -> Path:
     """--out as a folder (a file there is a one-line CMError), created with `make`."""
     out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise CMError(f"--out {out} is a file, not a folder")
+    try:
+        if out.exists() and not out.is_dir():
+            raise CMError(f"--out {out} is a file, not a folder")
+    except OSError as e:  # a name too long for the file system, a loop of links
+        raise CMError(f"cannot use {str(out)[:80]} as the run folder: {e.strerror or e}") from None
     if make:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -1517,6 +1534,19 @@ def check(cfg: TrainConfig) -> TrainConfig:
                       f"got {cfg.resolution}")
     if cfg.teacher_steps < 0:
         raise CMError(f"teacher-steps must be >= 0, got {cfg.teacher_steps}")
+    if not (0 <= cfg.seed < 2 ** 63 and cfg.batch_size <= 2 ** 16 and cfg.channels <= 4096
+            and 2 <= cfg.grid_steps <= MAX_LEVELS):
+        raise CMError(f"need 0 <= seed < 2^63, batch-size <= 65536, channels <= 4096 and 2 <= grid-steps <= "
+                      f"{MAX_LEVELS} (got {cfg.seed}, {cfg.batch_size}, {cfg.channels}, {cfg.grid_steps})")
+    if cfg.dataset != "toy":  # the UNet's group norms and attention heads must divide its widths
+        side = {"digits": 8, "cifar10": 32}.get(cfg.dataset, cfg.resolution)
+        shape = (1 if cfg.dataset == "digits" else 3, side, side)
+        try:
+            with torch.device("meta"):  # shapes only: no memory, no weights
+                make_net(cfg, shape)(torch.zeros(1, *shape), torch.zeros(1))
+        except (ValueError, RuntimeError, ZeroDivisionError) as e:
+            raise CMError(f"channels={cfg.channels} does not fit the UNet ({str(e)[:80]}); "
+                          "a multiple of 32 always does") from None
     if not (math.isfinite(cfg.lr) and cfg.lr > 0 and 0 <= cfg.dropout < 1 and 0 <= cfg.ema < 1):
         raise CMError(f"need a finite lr > 0, 0 <= dropout < 1 and 0 <= ema < 1 "
                       f"(got lr={cfg.lr}, dropout={cfg.dropout}, ema={cfg.ema})")
@@ -1534,7 +1564,11 @@ def two_step_levels(cfg: TrainConfig) -> list[float]:
     c = cfg.cm
     if c.mode in ("ict", "ect", "sct", "scd") and not cfg.ts:
         return check_levels([c.sigma_max, cfg.mid_t], c.sigma_min, c.sigma_max)
-    ts = [int(i) for i in cfg.ts.split(",")] if cfg.ts else ([0, 11, 17] if c.mode == "cd" else [0, 8, 17])
+    default = [0, 11, 17] if c.mode == "cd" else [0, 8, 17]
+    try:
+        ts = [int(i) for i in cfg.ts.split(",")] if cfg.ts else default
+    except ValueError:
+        raise ValueError(f"ts must be comma-separated grid indices such as 0,8,17, got {cfg.ts!r}") from None
     return ts_to_sigmas(ts, cfg.grid_steps, c.sigma_min, c.sigma_max, c.rho)
 
 
@@ -1816,8 +1850,16 @@ def add_field_flags(p: argparse.ArgumentParser, cls: type, skip: Sequence[str] =
             p.add_argument(flag, type=type(f.default), help=help)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line `error: ...` (exit status 2), as every other error."""
+
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Consistency models: train (cd, ct, ict, ect, edm) or sample.",
+    p = Parser(description="Consistency models: train (cd, ct, ict, ect, edm) or sample.",
                                 argument_default=argparse.SUPPRESS)  # unset flags keep the defaults
     add_field_flags(p, TrainConfig, skip=("cm",))
     add_field_flags(p, CMConfig, skip=("lpips_pretrained",))

@@ -7,18 +7,16 @@ The named paper runs are full/presets.py.
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import json
 import math
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from cm import FORMAT, CMConfig, CMError, check_levels, ts_to_sigmas
+from cm import FORMAT, CMConfig, CMError, Parser, check_levels, ts_to_sigmas
 from full.networks import ADMConfig, NCSNppConfig
 
 NET_CONFIGS: dict[str, type] = {"ncsnpp": NCSNppConfig, "adm": ADMConfig}
@@ -292,9 +290,4 @@ def to_json(cfg: RunConfig) -> str:
     return json.dumps(dataclasses.asdict(cfg), indent=1)
 
 
-class CLIParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line `error: ...` with exit status 2."""
-
-    def error(self, message: str):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+CLIParser = Parser  # usage errors as one line `error: ...`, exit status 2

@@ -6,6 +6,7 @@ Most rows call `main(argv)` in-process (a subprocess adds only the interpreter s
 about the process itself (exit status, stderr, kill -9, locks, file-size limits) run as subprocesses.
 """
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -436,11 +437,14 @@ def test_valid_numeric_settings_train_finitely(tmp_path_factory, monkeypatch, **
 
 BAD = {  # flag -> values outside the valid region
     "sigma-min": [0.0, -1.0, math.nan, math.inf, 2e4], "sigma-max": [math.nan, math.inf, -1.0, 1e-5, 2e4],
-    "sigma-data": [0.0, -0.5, math.nan], "rho": [0.0, -2.0, math.nan, math.inf],
+    "sigma-data": [0.0, -0.5, math.nan],
     "lr": [-1e-3, math.nan, math.inf],
     "mu0": [0.0, 1.0, 1.5, math.nan], "mu": [1.0, -0.1, math.nan], "ema": [1.0, -0.1, 2.0, math.nan],
-    "dropout": [1.0, 1.5, -0.5, math.nan], "N": [1, -3], "s0": [1, -2], "steps": [-1, -5],
-    "P-std": [0.0, -1.0], "q": [1.0, 0.5], "stage-steps": [-1], "P-mean": [math.inf, -math.inf],
+    "dropout": [1.0, 1.5, -0.5, math.nan], "s0": [1, -2], "steps": [-1, -5],
+    "P-std": [0.0, -1.0, 50.0], "q": [1.0, 0.5], "stage-steps": [-1], "P-mean": [math.inf, -math.inf, 1e3],
+    # sizes and numbers that pass a sign check and overflow or exhaust memory later
+    "rho": [0.0, -2.0, math.nan, math.inf, 1e-300, 1e300], "seed": [-1, 10 ** 20], "batch-size": [10 ** 7],
+    "channels": [10 ** 6], "N": [1, -3, 10 ** 13], "s1": [10 ** 13], "grid-steps": [1, 10 ** 12],
 }
 
 
@@ -461,6 +465,24 @@ def test_invalid_numeric_settings_are_refused_in_one_line(tmp_path_factory, flag
     assert code == 1, err
     assert_one_line(code, err)
     assert not (out / "ckpt.pt").exists() and not (out / "log.jsonl").exists()
+
+
+@given(st.integers(1, 300))
+def test_a_unet_width_is_refused_exactly_when_the_network_cannot_be_built(channels):
+    """--channels on the digits: accepted if and only if the real UNet builds and runs a forward pass (its
+    group norms and attention heads divide every width); refused in one line otherwise, before training."""
+    cfg = cm.config("digits", "ct", device="cpu")
+    try:
+        net = cm.make_net(dataclasses.replace(cfg, channels=channels), (1, 8, 8))
+        net(torch.zeros(2, 1, 8, 8), torch.zeros(2))
+        builds = True
+    except (ValueError, RuntimeError, ZeroDivisionError):  # GroupNorm(0 groups) divides by zero
+        builds = False
+    code, err = run_main("cm.py", ["--dataset", "digits", "--mode", "ct", "--channels", str(channels),
+                                   "--print-config"])
+    assert (code == 0) == builds, err
+    if not builds:
+        assert_one_line(code, err, "channels")
 
 
 def _finite(path: Path) -> bool:
