@@ -113,7 +113,7 @@ def _aliases() -> dict[str, Release]:
     out = {}
     for r in RELEASES.values():
         rel = next(r.url[len(b):] for b in (JCM, CM, EDM) if r.url.startswith(b))
-        for a in (r.name, rel, rel.rsplit("/", 1)[-1] if r.url.startswith((CM, EDM)) else r.name):
+        for a in (r.name, rel, r.name if r.url.startswith(JCM) else rel.rsplit("/", 1)[-1]):
             out.setdefault(a, r)
     return out
 
