@@ -212,7 +212,12 @@ def _locked(dest: Path):
     except ImportError:  # not POSIX
         yield
         return
-    with open(dest.with_name(dest.name + ".lock"), "a") as fh:
+    try:
+        fh = open(dest.with_name(dest.name + ".lock"), "a")
+    except OSError:  # a read-only cache: nothing will be written to it either
+        yield
+        return
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -229,13 +234,21 @@ def fetch(release: Release, root: str | os.PathLike | None = None) -> Path:
     dest = cache_path(release.url, root)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CMError(f"cannot create the cache folder {dest.parent}: {e.strerror or e}") from None
+        return _fetch_locked(release, dest)
+    except OSError as e:  # a read-only or full cache
+        raise CMError(f"cannot use the cache folder {dest.parent}: {e.strerror or e}; "
+                      f"set CM_CACHE to a writable folder") from None
+
+
+def _fetch_locked(release: Release, dest: Path) -> Path:
     with _locked(dest):
         if dest.is_file():
             want, got = recorded_sha256(dest), sha256_of(dest)
             if want is None:  # put there by hand: taken as it is, its checksum kept from now on
-                _record(dest, got)
+                try:
+                    _record(dest, got)
+                except OSError:  # a read-only cache
+                    pass
                 dist.print0(f"{release.name}: using {dest} as found (no checksum recorded yet; its sha256 "
                             f"{got[:16]}... is kept from now on)")
                 return dest
@@ -308,7 +321,7 @@ def _download(release: Release, dest: Path) -> str:
                     h.update(chunk)
                     bar.update(len(chunk))
             except (OSError, http.client.HTTPException) as e:  # cut off, timed out: the part is kept
-                cut = f": {type(e).__name__}"
+                cut = f": {type(e).__name__} {str(e)[:60]}".rstrip()
     size = part.stat().st_size
     if cut or (total is not None and size != total):
         of = f" of {total}" if total is not None else ""
