@@ -12,6 +12,7 @@ import io
 import re
 import socket
 import threading
+import time
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,13 +40,15 @@ EDM_HOST = "nvlabs-fi-cdn.nvidia.com"
 
 class Server:
     """Serves `files` (URL path -> bytes) on 127.0.0.1 with Range support; logs (path, Range header, bytes
-    sent); a path in `cut` gets its next response cut off after half of the body."""
+    sent); a path in `cut` gets its next response cut off after cut[path] bytes of the body (its full
+    Content-Length announced); `delay` seconds pass before each response."""
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
         self.log: list[tuple[str, str | None, int]] = []
-        self.cut: set[str] = set()
+        self.cut: dict[str, int] = {}
         self.ranges = True
+        self.delay = 0.0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -53,6 +56,7 @@ class Server:
                 pass
 
             def do_GET(self):
+                time.sleep(server.delay)
                 data = server.files.get(self.path)
                 rng = self.headers.get("Range")
                 if data is None:
@@ -71,8 +75,7 @@ class Server:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if self.path in server.cut:
-                    server.cut.discard(self.path)
-                    body = body[:len(body) // 2]
+                    body = body[:server.cut.pop(self.path)]
                 self.wfile.write(body)
                 self.wfile.flush()
                 server.log.append((self.path, rng, len(body)))
@@ -197,7 +200,7 @@ def test_flax_checkpoints_by_name_keep_the_kind_their_official_path_says(server,
 def test_a_download_cut_off_halfway_leaves_no_file_and_resumes_with_range(server, ranges):
     data = bytes(range(256)) * 1000 + b"tail"
     spath, where = serve(server, "ct_cat256", data)
-    server.cut.add(spath)
+    server.cut[spath] = len(data) // 2
     server.ranges = ranges
     with pytest.raises(CMError) as e:
         hub.resolve("ct_cat256")
@@ -210,6 +213,35 @@ def test_a_download_cut_off_halfway_leaves_no_file_and_resumes_with_range(server
     assert server.log[-1] == ((spath, f"bytes={half}-", len(data) - half) if ranges
                               else (spath, f"bytes={half}-", len(data)))  # a server ignoring Range: all again
     assert where.with_name(where.name + ".sha256").read_text().split()[0] == sha(data)
+
+
+@given(data=st.binary(min_size=1, max_size=3000), frac=st.floats(0, 1, exclude_max=True))
+def test_a_download_cut_anywhere_resumes_to_the_same_bytes(server, data, frac):
+    spath, where = serve(server, "ct_imagenet64", data)
+    for p in where.parent.glob("ct_imagenet64.pt*"):
+        p.unlink()
+    k = int(frac * len(data))
+    server.cut[spath] = k
+    with pytest.raises(CMError, match=f"stopped at {k} of {len(data)} bytes"):
+        hub.resolve("ct_imagenet64")
+    assert not where.exists()
+    assert hub.resolve("ct_imagenet64").read_bytes() == data
+    assert server.log[-1] == (spath, f"bytes={k}-" if k else None, len(data) - k)
+    assert hub.recorded_sha256(where) == sha(data)
+
+
+def test_concurrent_first_uses_download_once(server):
+    data = b"w" * 50000
+    spath, where = serve(server, "cd_imagenet64_lpips", data)
+    server.delay = 0.3
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(hub.resolve("cd_imagenet64_lpips")))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [where] * 4 and where.read_bytes() == data and server.hits(spath) == 1
 
 
 def test_a_partial_file_longer_than_the_file_starts_over(server):
