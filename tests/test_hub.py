@@ -377,3 +377,14 @@ def test_listing_names_every_release_with_its_kind_size_and_example(server, caps
         row = next(li for li in out if li.split()[0] == name)
         assert r.kind in row and f"python -m full.sample --checkpoint {name}" in row
         assert (f"{3000 / 1024:.1f} KiB" if name == "cd-l2" else "  ?  ") in row
+
+
+def test_url_listing_gives_each_official_url_and_its_cache_path(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("CM_CACHE", str(tmp_path))
+    assert listing.main(["--urls"]) == 0
+    rows = [li.split("  ") for li in capsys.readouterr().out.splitlines()]
+    assert [r[0] for r in rows] == list(hub.RELEASES)
+    for name, url, where in rows:
+        u = urllib.parse.urlsplit(url)
+        assert url == hub.RELEASES[name].url and where == str(tmp_path / "weights" / u.hostname) + u.path
+    assert listing.main(["--bogus"]) == 2 and "\n" not in capsys.readouterr().err.strip()

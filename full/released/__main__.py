@@ -1,4 +1,5 @@
-"""python -m full.released: the released weights known by name, their kind, size and an example command."""
+"""python -m full.released: the released weights known by name, their kind, size and an example command;
+`--urls`: each one's official URL and the cache path where a file fetched by hand goes."""
 from __future__ import annotations
 
 import sys
@@ -19,8 +20,13 @@ def size_text(n: int | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["--urls"]:  # for fetching by hand: name, official URL, where the cache wants the file
+        for r in hub.RELEASES.values():
+            print(f"{r.name}  {r.url}  {hub.cache_path(r.url)}")
+        return 0
     if args:
-        print("usage: python -m full.released  (lists the released weights known by name)", file=sys.stderr)
+        print("usage: python -m full.released [--urls]  (the released weights known by name; --urls: each "
+              "one's official URL and cache path)", file=sys.stderr)
         return 0 if args[0] in ("-h", "--help") else 2
     root = hub.cache_root()
     print(f"Released weights by name, downloaded on first use into {root} ($CM_CACHE/weights; "
