@@ -262,6 +262,8 @@ def test_a_corrupted_cache_file_is_detected_and_fetched_again(server, capsys):
     assert hub.resolve("ct_bedroom256").read_bytes() == data
     assert server.hits(spath) == 2
     assert "does not match its recorded sha256" in capsys.readouterr().out
+    where.with_name(where.name + ".sha256").write_text("not a checksum\n")  # an unreadable record: fetched
+    assert hub.resolve("ct_bedroom256").read_bytes() == data and server.hits(spath) == 3
     where.write_bytes(bytes(bad))  # corrupt again, and no server: refused with one line
     server.close()
     with pytest.raises(CMError) as e:
@@ -388,3 +390,12 @@ def test_url_listing_gives_each_official_url_and_its_cache_path(monkeypatch, tmp
         u = urllib.parse.urlsplit(url)
         assert url == hub.RELEASES[name].url and where == str(tmp_path / "weights" / u.hostname) + u.path
     assert listing.main(["--bogus"]) == 2 and "\n" not in capsys.readouterr().err.strip()
+
+
+def test_an_unusable_cache_folder_is_one_line(monkeypatch, tmp_path):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("CM_CACHE", str(tmp_path / "file"))  # a folder under a file cannot be made
+    monkeypatch.setenv(hub.MIRROR_ENV, f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(CMError, match="cannot use the cache folder .*set CM_CACHE") as e:
+        hub.resolve("cd-lpips")
+    assert "\n" not in str(e.value)

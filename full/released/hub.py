@@ -191,11 +191,15 @@ def _sidecar(dest: Path) -> Path:
 
 
 def recorded_sha256(dest: Path) -> str | None:
-    try:
-        text = _sidecar(dest).read_text().split()
-    except OSError:
+    """The sha256 recorded beside dest; None without a record, '' for an unreadable one (matches nothing)."""
+    side = _sidecar(dest)
+    if not side.exists():
         return None
-    return text[0].lower() if text and len(text[0]) == 64 else None
+    try:
+        word = (side.read_text(errors="replace").split() or [""])[0].lower()
+    except OSError:
+        return ""
+    return word if len(word) == 64 and all(c in "0123456789abcdef" for c in word) else ""
 
 
 def _record(dest: Path, digest: str) -> None:
