@@ -311,6 +311,10 @@ def _download(release: Release, dest: Path) -> str:
             mode = "ab"
         elif resp.status == 200:  # the whole file (a server without Range support starts over)
             have, total, mode = 0, length, "wb"
+        elif resp.status == 206 and have:  # another range than asked for: start again from the first byte
+            part.unlink()
+            resp.close()
+            return _download(release, dest)
         else:
             raise CMError(f"cannot download {release.name}: unexpected HTTP {resp.status} "
                           f"{resp.headers.get('Content-Range', '')}{via}; {by_hand(release, dest)}")
