@@ -27,7 +27,7 @@ import torch.nn as nn
 from cm import FORMAT, CMError, ConsistencyFunction, checkpoint_kind, read_weights_only, save_checkpoint
 from full.config import RunConfig, config_from_dict, export_dict
 from full.model import make_model
-from full.released import edm_pickle, flax, guided_diffusion
+from full.released import edm_pickle, flax, guided_diffusion, hub
 
 _NAME = re.compile(r"^ckpt-(\d{7,})\.pt$")
 
@@ -74,8 +74,9 @@ def load(path: str | os.PathLike, arch: str = "", kind: str = "") -> dict:
     """Read a full/ resume or export file, or a released official checkpoint (import_official), as a dict.
 
     Files are read with weights_only (pickles never run); a missing, corrupt or foreign file -> one-line
-    CMError. arch / kind override what import_official infers for an official file (ignored otherwise)."""
-    path = Path(path)
+    CMError. arch / kind override what import_official infers for an official file (ignored otherwise). A
+    released name (`cd_imagenet64_l2`, full/released/hub.py) means its cached file, downloaded if need be."""
+    path = hub.resolve(path)
     if path.is_dir():  # a Flax run folder (full/released/flax.py): its newest checkpoint_<N>
         path = flax.find_checkpoint(path)
     if not path.is_file():

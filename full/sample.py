@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = CLIParser(description="Sample from a full/ checkpoint (one step by default).")
     p.add_argument("--checkpoint", required=True,
                    help="a resume ckpt-*.pt or an export.pt, or a released official file (CM's .pt, "
-                        "EDM's .pkl; docs/released-weights.md)")
+                        "EDM's .pkl; docs/released-weights.md), or a released name (python -m full.released)")
     p.add_argument("--sampler", default="", choices=["", "onestep", "multistep", "heun"],
                    help="default: heun for a denoiser (edm), else one step (multistep with --ts/--sigmas)")
     p.add_argument("--steps", type=int, default=0, help="--sampler heun: grid levels (default: the file's)")
