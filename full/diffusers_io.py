@@ -427,7 +427,8 @@ def read_folder(path: str | os.PathLike, kind: str = "") -> dict:
         clamp = bool(sched.get("clip_denoised", True))
         run = dataclasses.replace(cfg.run, ts=tuple(ts), grid_steps=N, clamp_mid=clamp, eval_sigma_min=-1.0,
                                   renoise_sigma_min=-1.0)
-        cfg = dataclasses.replace(cfg, net=net, cm=c, run=run)
+        data = dataclasses.replace(cfg.data, class_cond=bool(net.num_classes))
+        cfg = dataclasses.replace(cfg, net=net, cm=c, run=run, data=data)
     except (TypeError, ValueError, CMError) as e:
         raise CMError(f"{path}: the scheduler settings do not make a valid run ({e})") from None
     dist.print0(f"{path.name}: diffusers {PIPELINE} folder; ADM {net.image_size}px, {net.model_channels} "
