@@ -73,6 +73,8 @@ RES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb
        "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 ATTN = {"norm": "group_norm", "proj_out": "to_out.0"}
 QKV = ("to_q", "to_k", "to_v")
+# Attention names of older diffusers files (its deprecated AttentionBlock), read as today's.
+OLD_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
 def _safetensors():
@@ -268,10 +270,18 @@ def to_diffusers(sd: dict[str, Tensor], net: ADMConfig) -> dict[str, Tensor]:
     return out
 
 
+def _new_name(key: str) -> str:
+    parts = key.split(".")
+    if len(parts) >= 2 and "attentions" in parts and parts[-2] in OLD_ATTN:
+        parts[-2] = OLD_ATTN[parts[-2]]
+    return ".".join(parts)
+
+
 def from_diffusers(theirs: dict[str, Tensor], net: ADMConfig, where: str = "") -> dict[str, Tensor]:
     """UNet2DModel's tensors as ADMUNet's state dict (qkv order three, heads, dim); one-line CMError for a
     missing or unexpected tensor or a wrong shape."""
     kmap, shapes = key_map(net), _expected(net)
+    theirs = {_new_name(k): v for k, v in theirs.items()}
     want = {n for t in kmap.values() for n in (t if isinstance(t, tuple) else (t,))}
     for miss, what in ((sorted(want - set(theirs)), "missing"), (sorted(set(theirs) - want), "unexpected")):
         if miss:
@@ -407,6 +417,8 @@ def read_folder(path: str | os.PathLike, kind: str = "") -> dict:
     if sched.get("s_noise", 1.0) != 1.0:
         raise CMError(f"{path}: s_noise = {sched['s_noise']}: this project re-noises with s_noise 1")
     weights = path / "unet" / WEIGHTS
+    if not weights.is_file() and (path / "unet" / WEIGHTS.replace(".safe", ".fp16.safe")).is_file():
+        weights = path / "unet" / WEIGHTS.replace(".safe", ".fp16.safe")  # the half-precision variant only
     if not weights.is_file():
         found = sorted(p.name for p in (path / "unet").glob("diffusion_pytorch_model*"))
         raise CMError(f"{path}: no unet/{WEIGHTS} (found: {', '.join(found) or 'nothing'}; only safetensors "

@@ -79,7 +79,8 @@ def test_files_are_the_hub_layout(folder):
     assert index["_class_name"] == "ConsistencyModelPipeline"
     sched = json.loads((out / "scheduler/scheduler_config.json").read_text())
     assert (sched["sigma_min"], sched["sigma_max"], sched["sigma_data"], sched["rho"],
-            sched["num_train_timesteps"]) == (0.002, 80.0, 0.5, 7.0, 40)
+            sched["num_train_timesteps"], sched["s_noise"], sched["clip_denoised"]) == \
+        (0.002, 80.0, 0.5, 7.0, 40, 1.0, True)
 
 
 def test_unet_equals_adm(folder):
@@ -162,6 +163,26 @@ def test_folder_reads_back_identical_weights(folder):
         torch.testing.assert_close(g(x, 3.0, y), f(x, 3.0, y), rtol=0, atol=1e-6)
 
 
+def test_old_attention_names_and_fp16_variant(folder):
+    """Older diffusers files name attention query / key / value / proj_attn; a folder may hold only the
+    fp16 variant: both read back to the same weights (fp16: to half precision)."""
+    from safetensors.torch import load_file, save_file
+    _, out = folder
+    sd = f_of(checkpoints.load(out)).state_dict()  # as written
+    w = out / "unet" / diffusers_io.WEIGHTS
+    new = load_file(w)
+    old = {k.replace(".to_q.", ".query.").replace(".to_k.", ".key.").replace(".to_v.", ".value.")
+            .replace(".to_out.0.", ".proj_attn."): v for k, v in new.items()}
+    assert old.keys() != new.keys()
+    save_file(old, w)
+    back = f_of(checkpoints.load(out)).state_dict()
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    w.unlink()
+    save_file({k: v.half() for k, v in new.items()}, w.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    back = f_of(checkpoints.load(out)).state_dict()
+    assert all(torch.equal(back[k], sd[k].half().float()) for k in sd)
+
+
 def test_qkv_permutation_is_its_own_inverse():
     """legacy (heads, three, dim) -> (three, heads, dim) and back, on labelled rows."""
     heads, dim = 2, 3
@@ -223,6 +244,15 @@ def test_refused(tmp_path, why, state):
         diffusers_io.write_folder(state(), tmp_path / "x")
     assert "\n" not in str(e.value)
     assert not (tmp_path / "x" / "model_index.json").exists()
+
+
+def test_cli_refusal_is_one_line(tmp_path, capsys):
+    src = _write_pt(make_state(cond_net(), mode="edm"), tmp_path)
+    with pytest.raises(SystemExit) as e:
+        full.convert.main([src, "--to", "diffusers", "--out", str(tmp_path / "x")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cm.mode=edm" in err
 
 
 def test_ncsnpp_refused():
