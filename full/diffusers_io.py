@@ -27,6 +27,7 @@ these scalings are written: an EDM teacher (ε = 0, Heun), TrigFlow (sCT/sCD) or
 has no CMStochasticIterativeScheduler equivalent and is refused with one line, as are an ADM with
 channel_mult[0] != 1 (UNet2DModel embeds time at block_out_channels[0] channels, ADM at model_channels) or
 resblock_updown False, and runs that sample with another ε (run.eval_sigma_min, run.renoise_sigma_min).
+Two-step levels given as numbers (run.sigmas) are not stored: the scheduler takes indices of its grid.
 
 Name mapping (facts from diffusers' scripts/convert_consistency_to_diffusers.py, which maps CM's UNetModel
 onto UNet2DModel): input_blocks / output_blocks -> down_blocks.L / up_blocks.L (resnets, attentions,
@@ -39,7 +40,7 @@ A network with legacy_qkv_order (heads, three, head_dim) is permuted on the way 
 back with the (three, heads, head_dim) order.
 
 Reading a folder back. The ADM architecture comes from unet/config.json (every setting that changes the
-function is checked, unknown ones refused), ε, T, σd, ρ, N and the clamp from the scheduler. The folder
+function is checked against ADM's), ε, T, σd, ρ, N and the clamp from the scheduler. The folder
 does not say CD or CT nor the two-step `ts`: the kind is `--kind`, else the folder name (`cd_...`, `ct_...`,
 an optional `diffusers-` prefix; default cd), the ts are the launch script's for a released name
 (guided_diffusion.OFFICIAL_TS), else the preset's when its grid size is N, else (0, N - 1) (one step). The

@@ -339,6 +339,31 @@ def test_any_adm_loads_strictly_and_computes_the_same(net, seed):
         dataclasses.replace(net, legacy_qkv_order=False)
 
 
+def hub_unet_config(size: int, width: int, mult, blocks: int, attn_from: int, classes, shift: str) -> dict:
+    """unet/config.json as the Hub's converted CM folders have it (the settings of diffusers'
+    scripts/convert_consistency_to_diffusers.py: attention from level `attn_from` on, resnet resampling)."""
+    levels = range(len(mult))
+    d = {"_class_name": "UNet2DModel", "sample_size": size, "in_channels": 3, "out_channels": 3,
+         "layers_per_block": blocks, "num_class_embeds": classes,
+         "block_out_channels": [width * m for m in mult], "attention_head_dim": 64,
+         "down_block_types": ["AttnDownBlock2D" if lv >= attn_from else "ResnetDownsampleBlock2D"
+                              for lv in levels],
+         "up_block_types": ["AttnUpBlock2D" if lv >= attn_from else "ResnetUpsampleBlock2D"
+                            for lv in reversed(levels)],
+         "resnet_time_scale_shift": shift, "upsample_type": "resnet", "downsample_type": "resnet"}
+    return d | ({"attn_norm_num_groups": 32} if shift == "scale_shift" else {})
+
+
+def test_hub_configs_are_the_released_architectures():
+    """The Hub folders' UNet configs read as the two released ADM architectures (full size, no weights)."""
+    imagenet = hub_unet_config(64, 192, (1, 2, 3, 4), 3, 1, 1000, "scale_shift")
+    lsun = hub_unet_config(256, 256, (1, 1, 2, 2, 4, 4), 2, 3, None, "default")
+    assert diffusers_io.adm_config(imagenet, "x") == ADMConfig.imagenet64()
+    assert diffusers_io.adm_config(lsun, "x") == ADMConfig.lsun256()
+    with pytest.raises(CMError, match="attn_norm_num_groups"):  # scale-shift attention without its norm
+        diffusers_io.adm_config(imagenet | {"attn_norm_num_groups": None}, "x")
+
+
 def test_every_diffusers_tensor_is_mapped():
     """The mapping's image is exactly UNet2DModel's state dict, for both test nets (nothing left over)."""
     diffusers = pytest.importorskip("diffusers")
