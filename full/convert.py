@@ -39,7 +39,7 @@ def convert(src: str | Path, out: str | Path, kind: str = "", resolution: int = 
     if "official" in state:
         export["official"] = state["official"]
     if to == "diffusers":
-        diffusers_io.write_folder(export, out)
+        diffusers_io.write_folder(f, checkpoints.config_of(export), out)
     elif to == "safetensors":
         diffusers_io.write_safetensors(export, out)
     else:

@@ -359,11 +359,10 @@ def _sampling_config(cfg: RunConfig, where: str) -> None:
                           "for both the boundary and the re-noising")
 
 
-def write_folder(state: dict, out: str | os.PathLike, rate: float | None = None) -> Path:
-    """A full/ export dict (one EMA, default the run's eval rate) as a ConsistencyModelPipeline folder."""
-    from full.checkpoints import model_from_state  # checkpoints imports this module
+def write_folder(f, cfg: RunConfig, out: str | os.PathLike) -> Path:
+    """A consistency model f (checkpoints.model_from_state: one EMA's weights) of the run `cfg` as a
+    ConsistencyModelPipeline folder."""
     out = Path(out)
-    f, cfg = model_from_state(state, rate, path=out)
     _sampling_config(cfg, str(out))
     if not isinstance(f, ConsistencyFunction):
         raise CMError(f"{out}: this model keeps its own preconditioning; only CM's f converts")

@@ -57,6 +57,10 @@ def make_state(net: ADMConfig, seed: int = 0, mode: str = "cd", **run) -> dict:
     return export_dict(cfg, {0.0: f.state_dict()}, 7)
 
 
+def write_folder(state: dict, out):
+    return diffusers_io.write_folder(*checkpoints.model_from_state(state), out)
+
+
 def f_of(state: dict):
     return checkpoints.model_from_state(state)[0]
 
@@ -64,7 +68,7 @@ def f_of(state: dict):
 @pytest.fixture(params=list(NETS))
 def folder(request, tmp_path):
     state = make_state(NETS[request.param]())
-    out = diffusers_io.write_folder(state, tmp_path / "cd_tiny")
+    out = write_folder(state, tmp_path / "cd_tiny")
     return state, out
 
 
@@ -243,7 +247,7 @@ def _write_pt(state: dict, tmp_path) -> str:
 ])
 def test_refused(tmp_path, why, state):
     with pytest.raises(CMError) as e:
-        diffusers_io.write_folder(state(), tmp_path / "x")
+        write_folder(state(), tmp_path / "x")
     assert "\n" not in str(e.value)
     assert not (tmp_path / "x" / "model_index.json").exists()
 
@@ -287,7 +291,7 @@ def _damage(out, what):
 @pytest.mark.parametrize("what", ["bin only", "conv downsampling", "missing tensor", "truncated",
                                   "other scheduler", "bad json"])
 def test_damaged_folder_one_line(tmp_path, what):
-    out = diffusers_io.write_folder(make_state(cond_net()), tmp_path / "cd_x")
+    out = write_folder(make_state(cond_net()), tmp_path / "cd_x")
     _damage(out, what)
     with pytest.raises(CMError) as e:
         checkpoints.load(out)
@@ -295,7 +299,7 @@ def test_damaged_folder_one_line(tmp_path, what):
 
 
 def test_without_safetensors_one_line(tmp_path, monkeypatch):
-    out = diffusers_io.write_folder(make_state(cond_net()), tmp_path / "cd_x")
+    out = write_folder(make_state(cond_net()), tmp_path / "cd_x")
     monkeypatch.setitem(sys.modules, "safetensors", None)  # import safetensors -> ImportError
     with pytest.raises(CMError, match="pip install safetensors"):
         checkpoints.load(out)
