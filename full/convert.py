@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise CMError(f"--attn takes comma-separated integers, got {args.attn!r}") from None
         state = convert(args.checkpoint, args.out, args.kind, args.resolution, attn, args.to)
         info = state.get("official", {})
-        how = f" ({info['kind']}: {info['kind_from']})" if info else ""
+        how = f" ({info['kind']}: {info.get('kind_from', info.get('source', 'inferred'))})" if info else ""
         n = sum(v.numel() for v in next(iter(state["ema"].values())).values())
         print(f"wrote {args.out}: {state['config']['preset']}{how}, step {state['step']}, {n:,} values")
     except CMError as e:

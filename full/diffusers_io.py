@@ -447,7 +447,7 @@ def read_folder(path: str | os.PathLike, kind: str = "") -> dict:
                 f"channels, {net.num_classes or 'no'} classes; kind {mode} ({how}); "
                 f"ts {','.join(map(str, ts))} of {N}")
     return export_dict(cfg, {0.0: {f"net.{k}": v for k, v in sd.items()}}, 0,
-                       {"source": "diffusers", "kind": mode, "clamp": clamp})
+                       {"source": "diffusers", "kind": mode, "kind_from": how, "clamp": clamp})
 
 
 # --------------------------------------------------------------------------------------------------------

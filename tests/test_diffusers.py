@@ -207,6 +207,8 @@ def test_cli_convert_and_sample(tmp_path, capsys):
     src = checkpoints.export(tmp_path / "export.pt", {0.0: f_of(state)}, checkpoints.config_of(state), 7)
     out = tmp_path / "diffusers-ct_tiny"
     full.convert.main([str(src), "--to", "diffusers", "--out", str(out)])
+    full.convert.main([str(out), "--kind", "ct", "--out", str(tmp_path / "back.pt")])  # folder -> .pt
+    assert checkpoints.config_of(checkpoints.load(tmp_path / "back.pt")).cm.mode == "ct"
     assert json.loads((out / "scheduler/scheduler_config.json").read_text())["num_train_timesteps"] == 201
     back = checkpoints.load(out)
     assert checkpoints.config_of(back).cm.mode == "ct"  # the diffusers- prefix is skipped
