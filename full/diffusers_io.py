@@ -69,7 +69,7 @@ from full.released.guided_diffusion import OFFICIAL_TS
 PIPELINE, UNET, SCHEDULER = "ConsistencyModelPipeline", "UNet2DModel", "CMStochasticIterativeScheduler"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
-# Renames inside a block: the res block's and attention's sub-modules (qkv is split, see _to_theirs).
+# Renames inside a block: the res block's and attention's sub-modules (qkv is split, see to_diffusers).
 RES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
        "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 ATTN = {"norm": "group_norm", "proj_out": "to_out.0"}
