@@ -14,7 +14,8 @@ Released checkpoints of the official code bases are converted in memory into an 
 format): CM's raw guided-diffusion state dicts (full/released/guided_diffusion.py), the paper's
 CIFAR-10 Flax checkpoints (full/released/flax.py; a run folder means its newest checkpoint_<N>) and
 EDM's .pkl snapshots, read without running them (full/released/edm_pickle.py). The export dict then has
-an "official" entry saying what was inferred.
+an "official" entry saying what was inferred. A diffusers ConsistencyModelPipeline folder (one with
+model_index.json) and a .safetensors export are read by full/diffusers_io.py.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from cm import FORMAT, CMError, ConsistencyFunction, checkpoint_kind, read_weights_only, save_checkpoint
+from full import diffusers_io
 from full.config import RunConfig, config_from_dict, export_dict
 from full.model import make_model
 from full.released import edm_pickle, flax, guided_diffusion, hub
@@ -76,13 +78,17 @@ def load(path: str | os.PathLike, arch: str = "", kind: str = "") -> dict:
     Files are read with weights_only (pickles never run); a missing, corrupt or foreign file -> one-line
     CMError. arch / kind override what import_official infers for an official file (ignored otherwise). A
     released name (`cd_imagenet64_l2`, full/released/hub.py) means its cached file, downloaded if need be."""
-    path = hub.resolve(path)
+    path = Path(hub.resolve(path))
+    if diffusers_io.is_folder(path):  # a diffusers pipeline folder (model_index.json)
+        return diffusers_io.read_folder(path, kind)
     if path.is_dir():  # a Flax run folder (full/released/flax.py): its newest checkpoint_<N>
         path = flax.find_checkpoint(path)
     if not path.is_file():
         raise CMError(f"no checkpoint at {path}")
     with open(path, "rb") as fh:
         head = fh.read(16)
+    if diffusers_io.is_safetensors(head, path.stat().st_size):
+        return diffusers_io.read_safetensors(path)
     if not (head.startswith(b"PK") or head.startswith(_TORCH_LEGACY)):  # not torch.save: .pkl, msgpack, ...
         return import_official(path, None, arch, kind)
     state = read_weights_only(path)  # cm.py's reader: weights_only, one-line errors

@@ -3,12 +3,16 @@
     python -m full.convert cd-lpips/checkpoints/checkpoint_80 --out cd_cifar10_lpips.pt
     python -m full.convert edm_cifar10_ema --out edm_cifar10.pt                 # the CD teacher
     python -m full.convert ct-lpips/checkpoints --kind ct --out ct_cifar10_lpips.pt
+    python -m full.convert cd_imagenet64_l2.pt --to diffusers --out cd_imagenet64_l2   # diffusers folder
+    python -m full.convert export.pt --to safetensors --out export.safetensors
 
 The paper's CIFAR-10 Flax checkpoints (full/released/flax.py) are converted once, so that sampling, editing,
 FID and CD training read a plain torch file afterwards. `--kind` (edm | cd | ct) overrides the kind read off
 the file; `--resolution` / `--attn` place the attention layers of a non-CIFAR-10 NCSN++ (they are not
 visible in the weights). The export holds one EMA (the file's params_ema at its EMA rate), the config of
-the matching cifar10 preset and the step; an atomic write (cm.save_checkpoint).
+the matching cifar10 preset and the step; an atomic write (cm.save_checkpoint). `--to diffusers` writes
+an ADM consistency model as a diffusers ConsistencyModelPipeline folder, `--to safetensors` the export as
+a .safetensors file (full/diffusers_io.py); `--checkpoint` reads both back.
 """
 from __future__ import annotations
 
@@ -16,14 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cm import CMError, exit_on, save_checkpoint
-from full import checkpoints
+from full import checkpoints, diffusers_io
 from full.config import CLIParser
 from full.released import flax
 
 
 def convert(src: str | Path, out: str | Path, kind: str = "", resolution: int = 32,
-            attn: Sequence[int] = (16,)) -> dict:
-    """Read `src` (full/ file, Flax checkpoint file or folder) and write it to `out` as an export dict."""
+            attn: Sequence[int] = (16,), to: str = "pt") -> dict:
+    """Read `src` (full/ file, Flax checkpoint file or folder) and write it to `out` as an export dict
+    (`to`: pt, safetensors, or diffusers: a pipeline folder)."""
     src = Path(src)
     if flax.is_flax(src):  # direct, for --resolution / --attn
         state = flax.import_flax(src, kind, resolution, tuple(attn))
@@ -33,7 +38,12 @@ def convert(src: str | Path, out: str | Path, kind: str = "", resolution: int = 
     export = {k: state[k] for k in ("ema", "config", "step", "format")} | {"kind": "full", "export": True}
     if "official" in state:
         export["official"] = state["official"]
-    save_checkpoint(Path(out), export)
+    if to == "diffusers":
+        diffusers_io.write_folder(f, checkpoints.config_of(export), out)
+    elif to == "safetensors":
+        diffusers_io.write_safetensors(export, out)
+    else:
+        save_checkpoint(Path(out), export)
     return export
 
 
@@ -41,7 +51,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = CLIParser(description="Convert a checkpoint (e.g. the paper's CIFAR-10 Flax files) to a "
                               "full/ export.")
     p.add_argument("checkpoint", help="a Flax checkpoint_<N> file or its folder, or a full/ checkpoint")
-    p.add_argument("--out", required=True, help="the export file to write (.pt)")
+    p.add_argument("--out", required=True, help="the export file (.pt, .safetensors) or folder to write")
+    p.add_argument("--to", default="pt", choices=("pt", "safetensors", "diffusers"),
+                   help="pt: a full/ export | safetensors: the same as .safetensors | diffusers: an ADM "
+                        "consistency model as a diffusers ConsistencyModelPipeline folder")
     p.add_argument("--kind", default="", choices=("", "edm", "cd", "ct"),
                    help="edm (the EDM teacher, a denoiser) | cd | ct (CM students); default: inferred")
     p.add_argument("--resolution", type=int, default=32, help="image size (CIFAR-10: 32)")
@@ -52,9 +65,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             attn = tuple(int(a) for a in args.attn.split(",") if a)
         except ValueError:
             raise CMError(f"--attn takes comma-separated integers, got {args.attn!r}") from None
-        state = convert(args.checkpoint, args.out, args.kind, args.resolution, attn)
+        state = convert(args.checkpoint, args.out, args.kind, args.resolution, attn, args.to)
         info = state.get("official", {})
-        how = f" ({info['kind']}: {info['kind_from']})" if info else ""
+        how = f" ({info['kind']}: {info.get('kind_from', info.get('source', 'inferred'))})" if info else ""
         n = sum(v.numel() for v in next(iter(state["ema"].values())).values())
         print(f"wrote {args.out}: {state['config']['preset']}{how}, step {state['step']}, {n:,} values")
     except CMError as e:

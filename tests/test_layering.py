@@ -20,7 +20,7 @@ LAYERS = [["cm"],
           ["full", "full.files", "full.networks"],
           ["full.config", "full.model", "full.data", "full.dist"],
           ["full.presets", "full.released", "full.released.guided_diffusion", "full.released.edm_pickle",
-           "full.released.flax", "full.released.hub", "full.released.__main__"],
+           "full.released.flax", "full.released.hub", "full.released.__main__", "full.diffusers_io"],
           ["full.checkpoints", "full.evaluate"],
           ["full.train", "full.sample", "full.edit", "full.bench", "full.convert"],
           ["scripts.compare", "scripts.gpu_check", "scripts.make_jax_fixture"]]
