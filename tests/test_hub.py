@@ -76,9 +76,9 @@ class Server:
                 self.end_headers()
                 if self.path in server.cut:
                     body = body[:server.cut.pop(self.path)]
+                server.log.append((self.path, rng, len(body)))  # first: the client may finish before
                 self.wfile.write(body)
                 self.wfile.flush()
-                server.log.append((self.path, rng, len(body)))
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
