@@ -18,14 +18,27 @@ an "official" entry saying what was inferred.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import typing
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
-from cm import FORMAT, CMError, ConsistencyFunction, checkpoint_kind, read_weights_only, save_checkpoint
-from full.config import RunConfig, config_from_dict, export_dict
+from cm import (
+    FORMAT,
+    CMError,
+    ConsistencyFunction,
+    check_int,
+    check_rng,
+    check_state_dict,
+    checkpoint_kind,
+    read_weights_only,
+    save_checkpoint,
+)
+from full.config import NET_CONFIGS, RunConfig, _type_ok, config_from_dict, export_dict
 from full.model import make_model
 from full.released import edm_pickle, flax, guided_diffusion
 
@@ -83,14 +96,23 @@ def load(path: str | os.PathLike, arch: str = "", kind: str = "") -> dict:
     with open(path, "rb") as fh:
         head = fh.read(16)
     if not (head.startswith(b"PK") or head.startswith(_TORCH_LEGACY)):  # not torch.save: .pkl, msgpack, ...
-        return import_official(path, None, arch, kind)
-    state = read_weights_only(path)  # cm.py's reader: weights_only, one-line errors
-    found = checkpoint_kind(state)
-    if found == "full":
+        state = import_official(path, None, arch, kind)
+        try:
+            check_state(state)
+        except CMError as e:
+            raise CMError(f"{path}: {e}") from None
         return state
+    state = read_weights_only(path)  # cm.py's reader: weights_only, checksum, finite tensors, one line
+    found = checkpoint_kind(state)
     if found == "cm":
         raise CMError(f"{path} is a cm.py checkpoint, not a full/ one: use python cm.py --checkpoint {path}")
-    return import_official(path, state, arch, kind)
+    if found != "full":
+        state = import_official(path, state, arch, kind)
+    try:
+        check_state(state)
+    except CMError as e:
+        raise CMError(f"{path}: {e}") from None
+    return state
 
 
 _TORCH_LEGACY = b"\x80\x02\x8a\x0a"  # torch.save's pre-zip format: pickle protocol 2, then a magic number
@@ -125,8 +147,119 @@ def load_weights(module: nn.Module, state_dict: dict, what: str, path: str | os.
                       f"(another network or config?): {first}") from None
 
 
+# Structural sizes of a stored network config, bounded before anything is built from it (the largest
+# released networks: 256 channels, 4 levels, 4 blocks; these leave room, and keep a tampered file from
+# building millions of modules or terabytes of weights).
+NET_BOUNDS = dict(img_resolution=(1, 4096), image_size=(1, 4096), in_channels=(1, 64), out_channels=(1, 64),
+                  model_channels=(1, 4096), num_blocks=(1, 64), num_res_blocks=(1, 64),
+                  num_classes=(0, 100_000), num_head_channels=(1, 4096))
+NET_TUPLES = dict(channel_mult=(1, 64, 12), attn_resolutions=(1, 4096, 16),
+                  attention_resolutions=(1, 4096, 16), resample_filter=(-1000, 1000, 16))
+
+
 def config_of(state: dict) -> RunConfig:
-    return config_from_dict(state["config"])
+    """The stored RunConfig, every field of its declared type and in range (config.validate), its
+    network's sizes within NET_BOUNDS; else a one-line CMError."""
+    d = state.get("config")
+    if not isinstance(d, dict) or d.get("arch") not in NET_CONFIGS or not isinstance(d.get("net"), dict):
+        raise CMError("the checkpoint has no config dict with an arch and a net section")
+    for k, (_, _, most) in NET_TUPLES.items():  # before the net config turns them into tuples
+        v = d["net"].get(k, ())
+        if not isinstance(v, (list, tuple)) or len(v) > most:
+            raise CMError(f"its config field net.{k} is not a list of at most {most} integers")
+    try:
+        cfg = config_from_dict(d)
+    except (ArithmeticError, MemoryError, RecursionError) as e:
+        raise CMError(f"the stored config does not form a run config ({type(e).__name__})") from None
+    for sec in dataclasses.fields(cfg):
+        obj = getattr(cfg, sec.name)
+        if not dataclasses.is_dataclass(obj):
+            continue
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if not _type_ok(v, hints[f.name]):
+                raise CMError(f"its config field {sec.name}.{f.name}={str(v)[:40]!r} has the wrong type")
+            if isinstance(v, float) and not (v == v and abs(v) != float("inf")) and \
+                    (sec.name, f.name) != ("cm", "P_mean"):
+                raise CMError(f"its config field {sec.name}.{f.name} is {v}, not a finite number")
+    for k, (lo, hi) in NET_BOUNDS.items():
+        if hasattr(cfg.net, k):
+            check_int(getattr(cfg.net, k), f"config field net.{k}", lo, hi)
+    for k, (lo, hi, _) in NET_TUPLES.items():
+        for i, x in enumerate(getattr(cfg.net, k, ())):
+            check_int(x, f"config field net.{k}[{i}]", lo, hi)
+    if not cfg.net.channel_mult:
+        raise CMError("its config field net.channel_mult is empty")
+    return cfg
+
+
+def weight_bound(net) -> int:
+    """An upper bound on the number of weights of the network a config declares (each of its levels x
+    (blocks + 2) blocks: at most 64 c² weights at the widest level's c; the class embedding), from its
+    sizes alone: what is built is never far larger than the file that declares it."""
+    blocks = getattr(net, "num_blocks", getattr(net, "num_res_blocks", 1))
+    c = net.model_channels * max(net.channel_mult)
+    return 64 * len(net.channel_mult) * (blocks + 2) * c * c + 4 * c * (net.num_classes + 1)
+
+
+def check_state(state: dict) -> None:
+    """A full/ resume or export dict as data, before anything is built from it (read_weights_only has
+    checked every tensor finite and the checksum): the config (config_of), the EMA rates and their state
+    dicts, which must hold as many weights as the config's network roughly has (weight_bound: so the
+    network later built is not far larger than the file), the step; a resume file's model, target,
+    optimiser, scaler, RNG and data entries; the preconditioning an imported EDM pickle records."""
+    cfg = config_of(state)
+    ema = state.get("ema")
+    if not isinstance(ema, dict) or not 0 < len(ema) <= 64:
+        raise CMError("its ema entry is not a dict of 1 to 64 EMA rates")
+    for r, sd in ema.items():
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+            raise CMError(f"its EMA rate {str(r)[:40]!r} is not a number in [0, 1)")
+        check_state_dict(sd, f"EMA {r}")
+    resume = not state.get("export")
+    if resume:
+        check_state_dict(state.get("model"), "model")
+        check_state_dict(state.get("target"), "target", optional=True)
+    held = min(sum(v.numel() for v in sd.values()) for sd in ema.values())
+    if weight_bound(cfg.net) > 100 * held + 10 ** 6:  # every shape: load_weights, strict, before use
+        raise CMError(f"its config declares a network of up to {weight_bound(cfg.net):,} weights, its EMA "
+                      f"weights hold {held:,}: the config is not the one of these weights")
+    check_int(state.get("step"), "step", 0, cfg.opt.steps if resume else 2 ** 62)
+    if not resume:
+        official = state.get("official", {})
+        if not isinstance(official, dict):
+            raise CMError(f"its official entry is a {type(official).__name__}, not a dict")
+        if "precond" in official:
+            edm_pickle.check_precond(official["precond"])
+        return
+    opt = state.get("opt")
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or \
+            not isinstance(opt.get("param_groups"), list) or \
+            not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"]):
+        raise CMError("its optimiser state is not a dict of a state dict and a list of param groups")
+    for g in opt["param_groups"]:
+        for k, v in g.items():
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 if k in ("lr", "eps") \
+                else isinstance(v, tuple) and len(v) == 2 and all(isinstance(b, float) and 0 <= b < 1
+                                                                  for b in v) if k == "betas" else True
+            if not ok:
+                raise CMError(f"its optimiser setting {k}={str(v)[:40]} is out of range")
+    if not isinstance(state.get("scaler"), dict):
+        raise CMError("its scaler state is not a dict")
+    rng, data = state.get("rng"), state.get("data")
+    if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), list) or \
+            not isinstance(rng.get("cuda"), list) or not 0 < len(rng["cpu"]) == len(rng["cuda"]) <= 1 << 16:
+        raise CMError("its rng entry is not one CPU and one CUDA generator state list per process")
+    for i, (c, g) in enumerate(zip(rng["cpu"], rng["cuda"])):
+        check_rng(c, f"rng cpu[{i}]", torch.get_rng_state())
+        if g is not None:
+            check_rng(g, f"rng cuda[{i}]")
+    if not isinstance(data, dict):
+        raise CMError("its data entry is not a dict")
+    check_int(data.get("start_step"), "data start_step", 0, 2 ** 62)
+    check_int(data.get("world"), "data world", 1, 1 << 16)
+    check_int(data.get("batch"), "data batch", 1, 1 << 24)
 
 
 def ema_rates(state: dict) -> list[float]:
