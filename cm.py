@@ -1273,6 +1273,9 @@ def check_cm_state(state: dict) -> None:
     if not isinstance(state.get("opt"), dict):
         raise CMError(f"its optimiser state is a {type(state.get('opt')).__name__}, not a dict")
     cfg = config_of(state)
+    held = sum(v.numel() for v in state["ema"].values())
+    if cfg.channels ** 2 > 100 * held + 10 ** 6:  # each layer of MLP and UNet has >= channels² weights / 9
+        raise CMError(f"its config's {cfg.channels} channels do not fit its {held:,} EMA weights")
     try:
         check(dataclasses.replace(cfg, out=""))  # the run folder may have moved since
     except CMError as e:
@@ -1634,6 +1637,21 @@ RUN_FIELDS = ("dataset", "channels", "steps", "batch_size", "lr", "dropout", "pr
               "init_from_teacher", "teacher")
 
 
+# Sizes of the settings that a grid, a schedule or a network is made from, bounded before a stored config
+# is checked or used (the papers' largest: N = 1281 grid points, s1 = 1280, a few hundred channels).
+STORED_BOUNDS = dict(grid_steps=10 ** 5, N=10 ** 5, s0=10 ** 6, s1=10 ** 6, channels=4096, batch_size=1 << 20,
+                     batch=1 << 24, microbatch=1 << 24, resolution=4096, steps=1 << 40, teacher_steps=1 << 40,
+                     stage_steps=1 << 40, tangent_warmup=1 << 40, sample_num=1 << 20, fid_samples=1 << 24)
+
+
+def check_stored_sizes(d: dict, prefix: str = "") -> None:
+    """The integers of STORED_BOUNDS in a stored config section within their bounds (one-line CMError)."""
+    for k, hi in STORED_BOUNDS.items():
+        v = d.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and not -hi <= v <= hi:
+            raise CMError(f"its config field {prefix}{k}={v} is out of range (at most {hi})")
+
+
 def config_of(state: dict) -> TrainConfig:
     """The TrainConfig stored in a checkpoint (also the flat one of older files); a field of the wrong
     type (a str step, a float channel count, a bool for a number) is a one-line CMError."""
@@ -1650,6 +1668,7 @@ def config_of(state: dict) -> TrainConfig:
     math_ = {k: v for k, v in math_.items() if k in MATH_FIELDS}
     train_ = {k: v for k, v in saved.items() if k in TRAIN_FIELDS}
     for cls, d, prefix in ((CMConfig, math_, "cm."), (TrainConfig, train_, "")):
+        check_stored_sizes(d, prefix)
         hints = typing.get_type_hints(cls)
         for k, v in d.items():
             tp = hints[k]

@@ -34,6 +34,7 @@ from cm import (
     check_int,
     check_rng,
     check_state_dict,
+    check_stored_sizes,
     checkpoint_kind,
     read_weights_only,
     save_checkpoint,
@@ -167,6 +168,12 @@ def config_of(state: dict) -> RunConfig:
         v = d["net"].get(k, ())
         if not isinstance(v, (list, tuple)) or len(v) > most:
             raise CMError(f"its config field net.{k} is not a list of at most {most} integers")
+    for sec in ("cm", "opt", "data", "run"):  # before validate (run at construction) makes grids of them
+        if isinstance(d.get(sec), dict):
+            check_stored_sizes(d[sec], f"{sec}.")
+            for k in ("ts", "sigmas", "rates", "betas"):
+                if isinstance(d[sec].get(k), (list, tuple)) and len(d[sec][k]) > 64:
+                    raise CMError(f"its config field {sec}.{k} holds more than 64 values")
     try:
         cfg = config_from_dict(d)
     except (ArithmeticError, MemoryError, RecursionError) as e:
