@@ -1220,7 +1220,8 @@ def checkpoint_kind(state) -> str | None:
     if not isinstance(state, dict) or state.get("format") != FORMAT or \
             not isinstance(state.get("config"), dict):
         return None
-    return state.get("kind") or ("full" if "arch" in state["config"] else "cm")
+    kind = state.get("kind") or ("full" if "arch" in state["config"] else "cm")
+    return kind if isinstance(kind, str) and kind in KINDS else None
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str = "cm") -> dict:

@@ -7,7 +7,11 @@ Resume file `<run>/ckpt-{step:07d}.pt` (the last `keep_last` are kept):
 Export file (for sampling, teachers):
     {"ema": {rate: state_dict}, "config", "step", "format": 1, "export": True}.
 State dicts come from the unwrapped module (no DDP `module.` or torch.compile `_orig_mod.` prefixes). Files
-hold only tensors and Python primitives, so `torch.load(p, weights_only=True)` always reads them.
+hold only tensors and Python primitives, so `torch.load(p, weights_only=True)` always reads them, and a
+"sha256" entry (cm.save_checkpoint: the digest of everything else) that load verifies. Before anything is
+built from a file, load checks it as data (check_state): finite tensors everywhere, every config field of
+its type and range, network sizes bounded by the file's own weights, the step within the run, the RNG,
+optimiser and data entries; any failure is one line (CMError).
 
 Released checkpoints of the official code bases are converted in memory into an export dict by
 `import_official` (one reader per format, tried in order; each answers None for a file that is not its

@@ -48,7 +48,7 @@ def files(tmp_path_factory):
 
 
 def tree(path: Path) -> dict:
-    return torch.load(path, weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def write(state: dict, path: Path, sign: str = "afresh") -> Path:
@@ -241,6 +241,7 @@ CM_FIELDS = {
     "sigma-data-nan": lambda s: s["config"]["cm"].update(sigma_data=float("nan")),
     "sigma-max-negative": lambda s: s["config"]["cm"].update(sigma_max=-1.0),
     "mode-a-list": lambda s: s["config"]["cm"].update(mode=["ct"]),
+    "kind-unknown": lambda s: s.update(kind="x"), "kind-a-list": lambda s: s.update(kind=[1]),
     "cm-a-list": lambda s: s["config"].update(cm=[1]), "config-a-str": lambda s: s.update(config="x"),
     "shape-a-str": lambda s: s.update(shape="2"), "shape-huge": lambda s: s.update(shape=[2 ** 40]),
     "key-a-tensor": lambda s: s["opt"].update({0: 1}) or s["opt"].__setitem__("state", {(1, 2): 1}),
