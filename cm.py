@@ -1258,6 +1258,27 @@ def check_rng(v, what: str, like: Tensor | None = None) -> None:
                       f"{f' of {like.numel()} bytes' if like is not None else ''})")
 
 
+def check_opt_state(opt) -> None:
+    """An optimiser state_dict: {"state": {index: {name: tensor or number}}, "param_groups": [{"params":
+    [index, ...], setting: value}]}, its lr and eps numbers >= 0 and betas two numbers in [0, 1)."""
+    ok = isinstance(opt, dict) and isinstance(opt.get("state"), dict) and \
+        isinstance(opt.get("param_groups"), list)
+    ok = ok and all(isinstance(k, int) and isinstance(v, dict) and all(
+        isinstance(x, (Tensor, int, float)) for x in v.values()) for k, v in opt["state"].items())
+    ok = ok and all(isinstance(g, dict) and isinstance(g.get("params"), list) and
+                    all(isinstance(i, int) and not isinstance(i, bool) for i in g["params"])
+                    for g in opt["param_groups"])
+    if not ok:
+        raise CMError("its optimiser state is not a dict of per-parameter states and a list of param groups")
+    for g in opt["param_groups"]:
+        for k, v in g.items():
+            num = isinstance(v, (int, float)) and not isinstance(v, bool)
+            betas = isinstance(v, tuple) and len(v) == 2 and all(isinstance(b, float) and 0 <= b < 1
+                                                                 for b in v)
+            if k in ("lr", "eps") and not (num and v >= 0) or k == "betas" and not betas:
+                raise CMError(f"its optimiser setting {k}={str(v)[:40]} is out of range")
+
+
 def check_int(v, what: str, lo: int, hi: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise CMError(f"its {what} is {str(v)[:40]!r}, not an integer in [{lo}, {hi}]")
@@ -1270,9 +1291,10 @@ def check_cm_state(state: dict) -> None:
     the shape of the data (scan_tree has checked every tensor finite)."""
     for name in ("model", "ema"):
         check_state_dict(state.get(name), name)
-    check_state_dict(state.get("target"), "target", optional=True)
-    if not isinstance(state.get("opt"), dict):
-        raise CMError(f"its optimiser state is a {type(state.get('opt')).__name__}, not a dict")
+    if "target" not in state:
+        raise CMError("it has no target entry (θ⁻'s state dict, or None)")
+    check_state_dict(state["target"], "target", optional=True)
+    check_opt_state(state.get("opt"))
     cfg = config_of(state)
     held = sum(v.numel() for v in state["ema"].values())
     if cfg.channels ** 2 > 100 * held + 10 ** 6:  # each layer of MLP and UNet has >= channels² weights / 9

@@ -36,6 +36,7 @@ from cm import (
     CMError,
     ConsistencyFunction,
     check_int,
+    check_opt_state,
     check_rng,
     check_state_dict,
     check_stored_sizes,
@@ -231,7 +232,9 @@ def check_state(state: dict) -> None:
     resume = not state.get("export")
     if resume:
         check_state_dict(state.get("model"), "model")
-        check_state_dict(state.get("target"), "target", optional=True)
+        if "target" not in state:
+            raise CMError("it has no target entry (θ⁻'s state dict, or None)")
+        check_state_dict(state["target"], "target", optional=True)
     held = min(sum(v.numel() for v in sd.values()) for sd in ema.values())
     if weight_bound(cfg.net) > 100 * held + 10 ** 6:  # every shape: load_weights, strict, before use
         raise CMError(f"its config declares a network of up to {weight_bound(cfg.net):,} weights, its EMA "
@@ -244,18 +247,7 @@ def check_state(state: dict) -> None:
         if "precond" in official:
             edm_pickle.check_precond(official["precond"])
         return
-    opt = state.get("opt")
-    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or \
-            not isinstance(opt.get("param_groups"), list) or \
-            not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"]):
-        raise CMError("its optimiser state is not a dict of a state dict and a list of param groups")
-    for g in opt["param_groups"]:
-        for k, v in g.items():
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 if k in ("lr", "eps") \
-                else isinstance(v, tuple) and len(v) == 2 and all(isinstance(b, float) and 0 <= b < 1
-                                                                  for b in v) if k == "betas" else True
-            if not ok:
-                raise CMError(f"its optimiser setting {k}={str(v)[:40]} is out of range")
+    check_opt_state(state.get("opt"))
     if not isinstance(state.get("scaler"), dict):
         raise CMError("its scaler state is not a dict")
     rng, data = state.get("rng"), state.get("data")
