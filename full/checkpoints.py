@@ -159,6 +159,8 @@ def load_weights(module: nn.Module, state_dict: dict, what: str, path: str | os.
 NET_BOUNDS = dict(img_resolution=(1, 4096), image_size=(1, 4096), in_channels=(1, 64), out_channels=(1, 64),
                   model_channels=(1, 4096), num_blocks=(1, 64), num_res_blocks=(1, 64),
                   num_classes=(0, 100_000), num_head_channels=(1, 4096))
+# (lo, hi], dropout [lo, hi): a residual sum scaled up by 1e6 overflows in a few blocks
+NET_FLOATS = dict(skip_scale=(0.0, 1.0), fourier_scale=(0.0, 1000.0), dropout=(0.0, 1.0))
 NET_TUPLES = dict(channel_mult=(1, 64, 12), attn_resolutions=(1, 4096, 16),
                   attention_resolutions=(1, 4096, 16), resample_filter=(-1000, 1000, 16))
 
@@ -201,6 +203,10 @@ def config_of(state: dict) -> RunConfig:
     for k, (lo, hi, _) in NET_TUPLES.items():
         for i, x in enumerate(getattr(cfg.net, k, ())):
             check_int(x, f"config field net.{k}[{i}]", lo, hi)
+    for k, (lo, hi) in NET_FLOATS.items():
+        v = getattr(cfg.net, k, None)
+        if v is not None and not (lo <= v < hi if k == "dropout" else lo < v <= hi):
+            raise CMError(f"its config field net.{k}={v} is out of range")
     if not cfg.net.channel_mult:
         raise CMError("its config field net.channel_mult is empty")
     return cfg

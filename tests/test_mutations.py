@@ -297,6 +297,7 @@ FULL_FIELDS = {
     "channel-mult-1e6-levels": lambda s: _net(s).update(channel_mult=[1] * 10 ** 6),
     "img-resolution-a-str": lambda s: _net(s).update(img_resolution="8"),
     "dropout-nan": lambda s: _net(s).update(dropout=float("nan")),
+    "skip-scale-1e6": lambda s: _net(s).update(skip_scale=1e6 * _net(s)["skip_scale"]),
     "sigma-data-nan": lambda s: s["config"]["cm"].update(sigma_data=float("nan")),
     "arch-unknown": lambda s: s["config"].update(arch="x"),
     "net-a-list": lambda s: s["config"].update(net=[]),
