@@ -294,7 +294,7 @@ FULL_FIELDS = {
     "num-blocks-1e7": lambda s: _net(s).update(num_blocks=10 ** 7),
     "model-channels-2**20": lambda s: _net(s).update(model_channels=2 ** 20),
     "model-channels-4096": lambda s: _net(s).update(model_channels=4096),
-    "channel-mult-1e6-levels": lambda s: _net(s).update(channel_mult=[1] * 10 ** 6),
+    "channel-mult-1e5-levels": lambda s: _net(s).update(channel_mult=[1] * 10 ** 5),
     "img-resolution-a-str": lambda s: _net(s).update(img_resolution="8"),
     "dropout-nan": lambda s: _net(s).update(dropout=float("nan")),
     "skip-scale-1e6": lambda s: _net(s).update(skip_scale=1e6 * _net(s)["skip_scale"]),
@@ -314,7 +314,7 @@ def test_tampered_full_fields_are_one_line(files, tmp_path, case):
     refused(full_consume, write(s, tmp_path / "ckpt-0000002.pt"))
 
 
-@pytest.mark.parametrize("case", ["num-blocks-1e7", "model-channels-2**20", "channel-mult-1e6-levels",
+@pytest.mark.parametrize("case", ["num-blocks-1e7", "model-channels-2**20", "channel-mult-1e5-levels",
                                   "ema-empty", "step-abc", "sigma-data-nan"])
 def test_tampered_export_fields_are_one_line(files, tmp_path, case):
     s = tree(files["export"])
