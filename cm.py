@@ -1152,9 +1152,9 @@ def scan_tree(state, digest: bool = True) -> str:
             for k, x in reversed(items):
                 if k is not None and not isinstance(k, (bool, int, float, str)):
                     raise CMError(f"{where} has a key of type {type(k).__name__}, not a name or number")
-                stack.append((x, f"{at}.{k}" if at else str(k), depth + 1, in_config or (depth, k) == (0,
-                                                                                                    "config")))
-                stack.append((k, f"{at}[key]", depth + 1, True))
+                config = in_config or (depth == 0 and k == "config")
+                stack.append((x, f"{at}.{k}" if at else str(k), depth + 1, config))
+                stack.append((k, f"{at}[key]", depth + 1, True))  # keys: checked where they are read
         elif isinstance(v, (list, tuple)):
             if h:
                 h.update(b"%s%d;" % (b"l" if isinstance(v, list) else b"t", len(v)))
@@ -1209,7 +1209,7 @@ def read_weights_only(path: str | os.PathLike):
         digest = scan_tree(state, digest=signed)
     except CMError as e:
         raise CMError(f"{path}: {e}") from None
-    if signed and state[CHECKSUM] != digest:
+    if signed and not (isinstance(state[CHECKSUM], str) and state[CHECKSUM] == digest):
         raise CMError(f"{path}: its contents do not match the checksum written with it (a changed or "
                       "corrupted file)")
     return state

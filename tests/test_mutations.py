@@ -242,6 +242,8 @@ CM_FIELDS = {
     "sigma-data-nan": lambda s: s["config"]["cm"].update(sigma_data=float("nan")),
     "sigma-max-negative": lambda s: s["config"]["cm"].update(sigma_max=-1.0),
     "mode-a-list": lambda s: s["config"]["cm"].update(mode=["ct"]),
+    "checksum-a-tensor": lambda s: s.update(sha256=torch.zeros(2)),
+    "checksum-none": lambda s: s.update(sha256=None),
     "kind-unknown": lambda s: s.update(kind="x"), "kind-a-list": lambda s: s.update(kind=[1]),
     "cm-a-list": lambda s: s["config"].update(cm=[1]), "config-a-str": lambda s: s.update(config="x"),
     "shape-a-str": lambda s: s.update(shape="2"), "shape-huge": lambda s: s.update(shape=[2 ** 40]),
@@ -267,7 +269,7 @@ def test_tampered_cm_fields_are_one_line(files, tmp_path, case):
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(20_000)  # for torch.save of the 3000-deep list
     try:
-        p = write(s, tmp_path / "ckpt.pt", sign="none")
+        p = write(s, tmp_path / "ckpt.pt", sign="stale" if case.startswith("checksum") else "none")
     finally:
         sys.setrecursionlimit(limit)
     refused(cm_consume, p)
