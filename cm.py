@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -46,6 +47,7 @@ import re
 import stat
 import sys
 import time
+import typing
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -1173,24 +1175,107 @@ def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
     return path
 
 
+CHECKSUM = "sha256"  # the top-level entry holding scan_tree's digest of everything else in the file
+TREE_DEPTH, TREE_NODES = 32, 4_000_000  # a checkpoint's nesting is 5 (opt > state > 0 > exp_avg); entries
+
+
+def _tensor_fits(v: Tensor) -> bool:
+    """A dense tensor whose view lies inside its storage and reads no byte twice, so copying it costs no
+    more memory than the file holds."""
+    if v.layout != torch.strided or v.is_quantized:
+        return False
+    if not v.numel():
+        return True
+    end = v.storage_offset() + sum((n - 1) * st for n, st in zip(v.shape, v.stride())) + 1
+    nbytes = v.untyped_storage().nbytes()
+    return min(v.stride(), default=1) >= 0 and end * v.element_size() <= nbytes and \
+        v.numel() * v.element_size() <= nbytes
+
+
+def scan_tree(state, digest: bool = True) -> str:
+    """Check a checkpoint's contents as data, in one walk without recursion: only dicts, lists, tuples,
+    None, bools, numbers, strings, bytes and dense real tensors (their views inside their storage), at
+    most TREE_DEPTH deep and TREE_NODES entries (a cyclic or self-sharing pickle stops there); no NaN or
+    infinite float tensor anywhere, and no non-finite float number outside the top-level "config" (whose
+    fields the configs' own checks read). Returns the sha256 (hex) over every key, value and type in
+    order (a tensor: dtype, shape, bytes), the top-level CHECKSUM entry left out; '' without `digest`."""
+    h = hashlib.sha256() if digest else None
+    stack, nodes = [(state, "", 0, False)], 0
+    while stack:
+        v, at, depth, in_config = stack.pop()
+        nodes += 1
+        if depth > TREE_DEPTH or nodes > TREE_NODES:
+            raise CMError(f"the checkpoint is nested deeper than {TREE_DEPTH} levels or holds more than "
+                          f"{TREE_NODES} entries (at {at[:80] or 'the top'}): a cyclic or tampered file")
+        where = at or "the top level"
+        if isinstance(v, dict):
+            items = [(k, x) for k, x in v.items() if not (depth == 0 and k == CHECKSUM)]
+            if h:
+                h.update(b"d%d;" % len(items))
+            for k, x in reversed(items):
+                if k is not None and not isinstance(k, (bool, int, float, str)):
+                    raise CMError(f"{where} has a key of type {type(k).__name__}, not a name or number")
+                config = in_config or (depth == 0 and k == "config")
+                stack.append((x, f"{at}.{k}" if at else str(k), depth + 1, config))
+                stack.append((k, f"{at}[key]", depth + 1, True))  # keys: checked where they are read
+        elif isinstance(v, (list, tuple)):
+            if h:
+                h.update(b"%s%d;" % (b"l" if isinstance(v, list) else b"t", len(v)))
+            stack += [(x, f"{at}[{i}]", depth + 1, in_config) for i, x in reversed(list(enumerate(v)))]
+        elif isinstance(v, Tensor):
+            if not _tensor_fits(v) or v.is_complex():
+                raise CMError(f"{where} is a {v.dtype} {v.layout} tensor whose view does not fit its storage "
+                              "or that is not real: a tampered tensor record")
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise CMError(f"{where} holds NaN or infinite values")
+            if h:
+                b = v.detach().cpu().reshape(-1).contiguous()
+                h.update(f"T{str(v.dtype)[6:]}{list(v.shape)};".encode())
+                h.update(b.view(torch.uint8).numpy().tobytes() if b.numel() else b"")
+        elif v is None or isinstance(v, (bool, int, float, str, bytes)):
+            if isinstance(v, float) and not in_config and not math.isfinite(v):
+                raise CMError(f"{where} is {v}, not a finite number")
+            if h:
+                h.update(f"{type(v).__name__[0]}{v!r};".encode())
+        else:
+            raise CMError(f"{where} is a {type(v).__name__[:40]}, not a tensor, number, string or container")
+    return h.hexdigest() if h else ""
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """torch.save through atomic_write (tensors and Python primitives only, so weights_only reads it)."""
+    """torch.save through atomic_write (tensors and Python primitives only, so weights_only reads it),
+    with the sha256 of its contents under CHECKSUM (read_weights_only verifies it)."""
+    try:
+        state = {**state, CHECKSUM: scan_tree(state)}
+    except CMError as e:
+        raise CMError(f"refusing to write {path}: {e}") from None
     atomic_write(path, lambda fh: torch.save(state, fh))
 
 
 def read_weights_only(path: str | os.PathLike):
     """torch.load(weights_only=True): a pickle that would run code is refused unread; a missing, corrupt
-    or truncated file is a one-line CMError."""
+    or truncated file is a one-line CMError. The contents are then checked as data (scan_tree: only
+    containers, numbers and finite real tensors, bounded), and a CHECKSUM entry (every file
+    save_checkpoint writes; older files have none) must match them: a flipped bit is one line."""
     path = Path(path)
     if not path.is_file():
         raise CMError(f"no checkpoint at {path}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, pickled code
         raise CMError(f"cannot read checkpoint {path}: corrupt or truncated, or not a weights-only "
                       f"PyTorch file ({type(e).__name__})") from None
+    signed = isinstance(state, dict) and CHECKSUM in state
+    try:
+        digest = scan_tree(state, digest=signed)
+    except CMError as e:
+        raise CMError(f"{path}: {e}") from None
+    if signed and not (isinstance(state[CHECKSUM], str) and state[CHECKSUM] == digest):
+        raise CMError(f"{path}: its contents do not match the checksum written with it (a changed or "
+                      "corrupted file)")
+    return state
 
 
 def checkpoint_kind(state) -> str | None:
@@ -1198,18 +1283,98 @@ def checkpoint_kind(state) -> str | None:
     if not isinstance(state, dict) or state.get("format") != FORMAT or \
             not isinstance(state.get("config"), dict):
         return None
-    return state.get("kind") or ("full" if "arch" in state["config"] else "cm")
+    kind = state.get("kind") or ("full" if "arch" in state["config"] else "cm")
+    return kind if isinstance(kind, str) and kind in KINDS else None
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str = "cm") -> dict:
-    """A checkpoint of `kind`, read weights-only; a foreign file or one of the other kind: one line."""
+    """A checkpoint of `kind`, read weights-only and checked as data (a cm.py one: check_cm_state); a
+    foreign file or one of the other kind: one line."""
     state = read_weights_only(path)
     found = checkpoint_kind(state)
     if found != kind:
         what, how = KINDS[found] if found else ("", "")
         raise CMError(f"{path} is not {KINDS[kind][0]} (format {FORMAT})" +
                       (f"; it is {what}: use {how.replace('PATH', str(path))}" if found else ""))
+    if kind == "cm":
+        try:
+            check_cm_state(state)
+        except CMError as e:
+            raise CMError(f"{path}: {e}") from None
     return state
+
+
+def check_state_dict(sd, what: str, optional: bool = False) -> None:
+    """A state dict: names -> tensors (None where `optional`)."""
+    if sd is None and optional:
+        return
+    if not isinstance(sd, dict) or \
+            not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()):
+        raise CMError(f"its {what} is a {type(sd).__name__}, not a state dict of named tensors")
+
+
+def check_rng(v, what: str, like: Tensor | None = None) -> None:
+    """A generator state: a 1-D uint8 tensor (of the size of `like`, the CPU generator's state)."""
+    ok = isinstance(v, Tensor) and v.dtype == torch.uint8 and v.ndim == 1 and 0 < v.numel() <= 1 << 20
+    if not ok or (like is not None and v.shape != like.shape):
+        raise CMError(f"its {what} is not a random generator state (a 1-D uint8 tensor"
+                      f"{f' of {like.numel()} bytes' if like is not None else ''})")
+
+
+def check_opt_state(opt) -> None:
+    """An optimiser state_dict: {"state": {index: {name: tensor or number}}, "param_groups": [{"params":
+    [index, ...], setting: value}]}, its lr and eps numbers >= 0 and betas two numbers in [0, 1)."""
+    ok = isinstance(opt, dict) and isinstance(opt.get("state"), dict) and \
+        isinstance(opt.get("param_groups"), list)
+    ok = ok and all(isinstance(k, int) and isinstance(v, dict) and all(
+        isinstance(x, (Tensor, int, float)) for x in v.values()) for k, v in opt["state"].items())
+    ok = ok and all(isinstance(g, dict) and isinstance(g.get("params"), list) and
+                    all(isinstance(i, int) and not isinstance(i, bool) for i in g["params"])
+                    for g in opt["param_groups"])
+    if not ok:
+        raise CMError("its optimiser state is not a dict of per-parameter states and a list of param groups")
+    for g in opt["param_groups"]:
+        for k, v in g.items():
+            num = isinstance(v, (int, float)) and not isinstance(v, bool)
+            betas = isinstance(v, tuple) and len(v) == 2 and all(isinstance(b, float) and 0 <= b < 1
+                                                                 for b in v)
+            if k in ("lr", "eps") and not (num and v >= 0) or k == "betas" and not betas:
+                raise CMError(f"its optimiser setting {k}={str(v)[:40]} is out of range")
+
+
+def check_int(v, what: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise CMError(f"its {what} is {str(v)[:40]!r}, not an integer in [{lo}, {hi}]")
+    return v
+
+
+def check_cm_state(state: dict) -> None:
+    """Every entry of a cm.py checkpoint as data, before anything is built from it: the state dicts,
+    the config's field types and ranges (config_of, check), the step within the run, the RNG states and
+    the shape of the data (scan_tree has checked every tensor finite)."""
+    for name in ("model", "ema"):
+        check_state_dict(state.get(name), name)
+    if "target" not in state:
+        raise CMError("it has no target entry (θ⁻'s state dict, or None)")
+    check_state_dict(state["target"], "target", optional=True)
+    check_opt_state(state.get("opt"))
+    cfg = config_of(state)
+    held = sum(v.numel() for v in state["ema"].values())
+    if cfg.channels ** 2 > 100 * held + 10 ** 6:  # each layer of MLP and UNet has >= channels² weights / 9
+        raise CMError(f"its config's {cfg.channels} channels do not fit its {held:,} EMA weights")
+    try:
+        check(dataclasses.replace(cfg, out=""))  # the run folder may have moved since
+    except CMError as e:
+        raise CMError(f"its config: {e}") from None
+    check_int(state.get("step"), "step", 0, cfg.steps)
+    check_rng(state.get("rng"), "rng", torch.get_rng_state())
+    if "rng_cuda" in state:
+        check_rng(state["rng_cuda"], "rng_cuda")
+    shape = state.get("shape")
+    if not isinstance(shape, list) or len(shape) not in (1, 3):
+        raise CMError(f"its data shape {str(shape)[:40]} is not [dim] or [channels, height, width]")
+    for i, n in enumerate(shape):
+        check_int(n, f"shape[{i}]", 1, 4096 if i else (2 if len(shape) == 1 else 64))
 
 
 def out_folder(path: str | os.PathLike, make: bool = False) -> Path:
@@ -1578,15 +1743,46 @@ RUN_FIELDS = ("dataset", "channels", "steps", "batch_size", "lr", "dropout", "pr
               "init_from_teacher", "teacher")
 
 
+# Sizes of the settings that a grid, a schedule or a network is made from, bounded before a stored config
+# is checked or used (the papers' largest: N = 1281 grid points, s1 = 1280, a few hundred channels).
+STORED_BOUNDS = dict(grid_steps=10 ** 5, N=10 ** 5, s0=10 ** 6, s1=10 ** 6, channels=4096, batch_size=1 << 20,
+                     batch=1 << 24, microbatch=1 << 24, resolution=4096, steps=1 << 40, teacher_steps=1 << 40,
+                     stage_steps=1 << 40, tangent_warmup=1 << 40, sample_num=1 << 20, fid_samples=1 << 24)
+
+
+def check_stored_sizes(d: dict, prefix: str = "") -> None:
+    """The integers of STORED_BOUNDS in a stored config section within their bounds (one-line CMError)."""
+    for k, hi in STORED_BOUNDS.items():
+        v = d.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and not -hi <= v <= hi:
+            raise CMError(f"its config field {prefix}{k}={v} is out of range (at most {hi})")
+
+
 def config_of(state: dict) -> TrainConfig:
-    """The TrainConfig stored in a checkpoint (also the flat one of older files)."""
+    """The TrainConfig stored in a checkpoint (also the flat one of older files); a field of the wrong
+    type (a str step, a float channel count, a bool for a number) is a one-line CMError."""
+    if not isinstance(state.get("config"), dict):
+        raise CMError("the checkpoint has no config dict")
     saved = dict(state["config"])
     saved.setdefault("grid_steps", saved.pop("ts_grid", 18))
-    math_ = dict(saved.pop("cm", None) or {k: saved[k] for k in MATH_FIELDS if k in saved})
+    math_ = saved.pop("cm", None) or {k: saved[k] for k in MATH_FIELDS if k in saved}
+    if not isinstance(math_, dict):
+        raise CMError(f"its config's cm entry is a {type(math_).__name__}, not a dict")
+    math_ = dict(math_)
     if not isinstance(math_.get("P_mean", 0.0), float) or math_.get("P_mean") != math_.get("P_mean"):
         math_.pop("P_mean", None)  # an older file's "unset"
-    return TrainConfig(cm=CMConfig(**{k: v for k, v in math_.items() if k in MATH_FIELDS}),
-                       **{k: v for k, v in saved.items() if k in TRAIN_FIELDS})
+    math_ = {k: v for k, v in math_.items() if k in MATH_FIELDS}
+    train_ = {k: v for k, v in saved.items() if k in TRAIN_FIELDS}
+    for cls, d, prefix in ((CMConfig, math_, "cm."), (TrainConfig, train_, "")):
+        check_stored_sizes(d, prefix)
+        hints = typing.get_type_hints(cls)
+        for k, v in d.items():
+            tp = hints[k]
+            ok = isinstance(v, bool) if tp is bool else isinstance(v, tp) and not isinstance(v, bool) \
+                if tp in (int, str) else isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not ok:
+                raise CMError(f"its config field {prefix}{k}={str(v)[:40]!r} is not of type {tp.__name__}")
+    return TrainConfig(cm=CMConfig(**math_), **train_)
 
 
 def model_from_checkpoint(state: dict, key: str = "ema") -> tuple[nn.Module, TrainConfig]:
@@ -1712,8 +1908,10 @@ class Run:
         print(f"resumed from {self.ckpt} at step {self.step}")
 
     def save(self) -> None:
-        """The resume checkpoint; never of non-finite weights."""
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+        """The resume checkpoint; never of non-finite weights (θ, θ⁻ or the EMA)."""
+        nets = [m for m in (self.model, self.target, self.ema) if m is not None]
+        if not all(torch.isfinite(v).all() for m in nets for v in m.state_dict().values()
+                   if v.is_floating_point()):
             raise CMError(f"non-finite weights at step {self.step}; " + self.last_good())
         rng_cuda = dict(rng_cuda=torch.cuda.get_rng_state(self.dev)) if self.dev.type == "cuda" else {}
         save_checkpoint(self.ckpt, dict(

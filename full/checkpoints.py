@@ -7,7 +7,11 @@ Resume file `<run>/ckpt-{step:07d}.pt` (the last `keep_last` are kept):
 Export file (for sampling, teachers):
     {"ema": {rate: state_dict}, "config", "step", "format": 1, "export": True}.
 State dicts come from the unwrapped module (no DDP `module.` or torch.compile `_orig_mod.` prefixes). Files
-hold only tensors and Python primitives, so `torch.load(p, weights_only=True)` always reads them.
+hold only tensors and Python primitives, so `torch.load(p, weights_only=True)` always reads them, and a
+"sha256" entry (cm.save_checkpoint: the digest of everything else) that load verifies. Before anything is
+built from a file, load checks it as data (check_state): finite tensors everywhere, every config field of
+its type and range, network sizes bounded by the file's own weights, the step within the run, the RNG,
+optimiser and data entries; any failure is one line (CMError).
 
 Released checkpoints of the official code bases are converted in memory into an export dict by
 `import_official` (one reader per format, tried in order; each answers None for a file that is not its
@@ -19,15 +23,30 @@ model_index.json) and a .safetensors export are read by full/diffusers_io.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import typing
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
-from cm import FORMAT, CMError, ConsistencyFunction, checkpoint_kind, read_weights_only, save_checkpoint
+from cm import (
+    FORMAT,
+    CMError,
+    ConsistencyFunction,
+    check_int,
+    check_opt_state,
+    check_rng,
+    check_state_dict,
+    check_stored_sizes,
+    checkpoint_kind,
+    read_weights_only,
+    save_checkpoint,
+)
 from full import diffusers_io
-from full.config import RunConfig, config_from_dict, export_dict
+from full.config import NET_CONFIGS, RunConfig, _type_ok, config_from_dict, export_dict
 from full.model import make_model
 from full.released import edm_pickle, flax, guided_diffusion, hub
 
@@ -79,6 +98,15 @@ def load(path: str | os.PathLike, arch: str = "", kind: str = "") -> dict:
     CMError. arch / kind override what import_official infers for an official file (ignored otherwise). A
     released name (`cd_imagenet64_l2`, full/released/hub.py) means its cached file, downloaded if need be."""
     path = Path(hub.resolve(path))
+    state = _read(path, arch, kind)
+    try:
+        check_state(state)  # every format, as data: types, sizes, finite tensors
+    except CMError as e:
+        raise CMError(f"{path}: {e}") from None
+    return state
+
+
+def _read(path: Path, arch: str, kind: str) -> dict:
     if diffusers_io.is_folder(path):  # a diffusers pipeline folder (model_index.json)
         return diffusers_io.read_folder(path, kind)
     if path.is_dir():  # a Flax run folder (full/released/flax.py): its newest checkpoint_<N>
@@ -91,13 +119,11 @@ def load(path: str | os.PathLike, arch: str = "", kind: str = "") -> dict:
         return diffusers_io.read_safetensors(path)
     if not (head.startswith(b"PK") or head.startswith(_TORCH_LEGACY)):  # not torch.save: .pkl, msgpack, ...
         return import_official(path, None, arch, kind)
-    state = read_weights_only(path)  # cm.py's reader: weights_only, one-line errors
+    state = read_weights_only(path)  # cm.py's reader: weights_only, checksum, finite tensors, one line
     found = checkpoint_kind(state)
-    if found == "full":
-        return state
     if found == "cm":
         raise CMError(f"{path} is a cm.py checkpoint, not a full/ one: use python cm.py --checkpoint {path}")
-    return import_official(path, state, arch, kind)
+    return state if found == "full" else import_official(path, state, arch, kind)
 
 
 _TORCH_LEGACY = b"\x80\x02\x8a\x0a"  # torch.save's pre-zip format: pickle protocol 2, then a magic number
@@ -132,8 +158,122 @@ def load_weights(module: nn.Module, state_dict: dict, what: str, path: str | os.
                       f"(another network or config?): {first}") from None
 
 
+# Structural sizes of a stored network config, bounded before anything is built from it (the largest
+# released networks: 256 channels, 4 levels, 4 blocks; these leave room, and keep a tampered file from
+# building millions of modules or terabytes of weights).
+NET_BOUNDS = dict(img_resolution=(1, 4096), image_size=(1, 4096), in_channels=(1, 64), out_channels=(1, 64),
+                  model_channels=(1, 4096), num_blocks=(1, 64), num_res_blocks=(1, 64),
+                  num_classes=(0, 100_000), num_head_channels=(1, 4096))
+# (lo, hi], dropout [lo, hi): a residual sum scaled up by 1e6 overflows in a few blocks
+NET_FLOATS = dict(skip_scale=(0.0, 1.0), fourier_scale=(0.0, 1000.0), dropout=(0.0, 1.0))
+NET_TUPLES = dict(channel_mult=(1, 64, 12), attn_resolutions=(1, 4096, 16),
+                  attention_resolutions=(1, 4096, 16), resample_filter=(-1000, 1000, 16))
+
+
 def config_of(state: dict) -> RunConfig:
-    return config_from_dict(state["config"])
+    """The stored RunConfig, every field of its declared type and in range (config.validate), its
+    network's sizes within NET_BOUNDS; else a one-line CMError."""
+    d = state.get("config")
+    if not isinstance(d, dict) or d.get("arch") not in NET_CONFIGS or not isinstance(d.get("net"), dict):
+        raise CMError("the checkpoint has no config dict with an arch and a net section")
+    for k, (_, _, most) in NET_TUPLES.items():  # before the net config turns them into tuples
+        v = d["net"].get(k, ())
+        if not isinstance(v, (list, tuple)) or len(v) > most:
+            raise CMError(f"its config field net.{k} is not a list of at most {most} integers")
+    for sec in ("cm", "opt", "data", "run"):  # before validate (run at construction) makes grids of them
+        if isinstance(d.get(sec), dict):
+            check_stored_sizes(d[sec], f"{sec}.")
+            for k in ("ts", "sigmas", "rates", "betas"):
+                if isinstance(d[sec].get(k), (list, tuple)) and len(d[sec][k]) > 64:
+                    raise CMError(f"its config field {sec}.{k} holds more than 64 values")
+    try:
+        cfg = config_from_dict(d)
+    except (ArithmeticError, MemoryError, RecursionError) as e:
+        raise CMError(f"the stored config does not form a run config ({type(e).__name__})") from None
+    for sec in dataclasses.fields(cfg):
+        obj = getattr(cfg, sec.name)
+        if not dataclasses.is_dataclass(obj):
+            continue
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if not _type_ok(v, hints[f.name]):
+                raise CMError(f"its config field {sec.name}.{f.name}={str(v)[:40]!r} has the wrong type")
+            if isinstance(v, float) and not (v == v and abs(v) != float("inf")) and \
+                    (sec.name, f.name) != ("cm", "P_mean"):
+                raise CMError(f"its config field {sec.name}.{f.name} is {v}, not a finite number")
+    for k, (lo, hi) in NET_BOUNDS.items():
+        if hasattr(cfg.net, k):
+            check_int(getattr(cfg.net, k), f"config field net.{k}", lo, hi)
+    for k, (lo, hi, _) in NET_TUPLES.items():
+        for i, x in enumerate(getattr(cfg.net, k, ())):
+            check_int(x, f"config field net.{k}[{i}]", lo, hi)
+    for k, (lo, hi) in NET_FLOATS.items():
+        v = getattr(cfg.net, k, None)
+        if v is not None and not (lo <= v < hi if k == "dropout" else lo < v <= hi):
+            raise CMError(f"its config field net.{k}={v} is out of range")
+    if not cfg.net.channel_mult:
+        raise CMError("its config field net.channel_mult is empty")
+    return cfg
+
+
+def weight_bound(net) -> int:
+    """An upper bound on the number of weights of the network a config declares (each of its levels x
+    (blocks + 2) blocks: at most 64 c² weights at the widest level's c; the class embedding), from its
+    sizes alone: what is built is never far larger than the file that declares it."""
+    blocks = getattr(net, "num_blocks", getattr(net, "num_res_blocks", 1))
+    c = net.model_channels * max(net.channel_mult)
+    return 64 * len(net.channel_mult) * (blocks + 2) * c * c + 4 * c * (net.num_classes + 1)
+
+
+def check_state(state: dict) -> None:
+    """A full/ resume or export dict as data, before anything is built from it (read_weights_only has
+    checked every tensor finite and the checksum): the config (config_of), the EMA rates and their state
+    dicts, which must hold as many weights as the config's network roughly has (weight_bound: so the
+    network later built is not far larger than the file), the step; a resume file's model, target,
+    optimiser, scaler, RNG and data entries; the preconditioning an imported EDM pickle records."""
+    cfg = config_of(state)
+    ema = state.get("ema")
+    if not isinstance(ema, dict) or not 0 < len(ema) <= 64:
+        raise CMError("its ema entry is not a dict of 1 to 64 EMA rates")
+    for r, sd in ema.items():
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+            raise CMError(f"its EMA rate {str(r)[:40]!r} is not a number in [0, 1)")
+        check_state_dict(sd, f"EMA {r}")
+    resume = not state.get("export")
+    if resume:
+        check_state_dict(state.get("model"), "model")
+        if "target" not in state:
+            raise CMError("it has no target entry (θ⁻'s state dict, or None)")
+        check_state_dict(state["target"], "target", optional=True)
+    held = min(sum(v.numel() for v in sd.values()) for sd in ema.values())
+    if weight_bound(cfg.net) > 100 * held + 10 ** 6:  # every shape: load_weights, strict, before use
+        raise CMError(f"its config declares a network of up to {weight_bound(cfg.net):,} weights, its EMA "
+                      f"weights hold {held:,}: the config is not the one of these weights")
+    check_int(state.get("step"), "step", 0, cfg.opt.steps if resume else 2 ** 62)
+    if not resume:
+        official = state.get("official", {})
+        if not isinstance(official, dict):
+            raise CMError(f"its official entry is a {type(official).__name__}, not a dict")
+        if "precond" in official:
+            edm_pickle.check_precond(official["precond"])
+        return
+    check_opt_state(state.get("opt"))
+    if not isinstance(state.get("scaler"), dict):
+        raise CMError("its scaler state is not a dict")
+    rng, data = state.get("rng"), state.get("data")
+    if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), list) or \
+            not isinstance(rng.get("cuda"), list) or not 0 < len(rng["cpu"]) == len(rng["cuda"]) <= 1 << 16:
+        raise CMError("its rng entry is not one CPU and one CUDA generator state list per process")
+    for i, (c, g) in enumerate(zip(rng["cpu"], rng["cuda"])):
+        check_rng(c, f"rng cpu[{i}]", torch.get_rng_state())
+        if g is not None:
+            check_rng(g, f"rng cuda[{i}]")
+    if not isinstance(data, dict):
+        raise CMError("its data entry is not a dict")
+    check_int(data.get("start_step"), "data start_step", 0, 2 ** 62)
+    check_int(data.get("world"), "data world", 1, 1 << 16)
+    check_int(data.get("batch"), "data batch", 1, 1 << 24)
 
 
 def ema_rates(state: dict) -> list[float]:

@@ -168,7 +168,7 @@ def test_corrupt_and_foreign_checkpoints(teacher, tmp_path):
     # a ct run cannot serve as a teacher
     state = torch.load(teacher, weights_only=True)
     state["config"]["cm"]["mode"] = "ct"
-    torch.save(state, tmp_path / "ct.pt")
+    cm.save_checkpoint(tmp_path / "ct.pt", state)  # with a checksum of the edited contents
     r = run_cli("--mode", "cd", "--dataset", "toy", "--teacher", str(tmp_path / "ct.pt"), "--out",
                 str(tmp_path / "run"), cwd=tmp_path)
     assert r.returncode != 0 and "must be an edm checkpoint" in r.stderr

@@ -251,7 +251,7 @@ def test_print_config(capsys):
 def test_teacher_of_other_data_is_refused(teacher, tmp_path, capsys):
     state = torch.load(teacher / "ckpt-0000010.pt", weights_only=True)
     state["config"]["data"]["resolution"] = 16  # as if the teacher had been trained on 16x16 images
-    torch.save(state, tmp_path / "teacher16.pt")
+    cm.save_checkpoint(tmp_path / "teacher16.pt", state)  # with a checksum of the edited contents
     msg = _main_error(capsys, "--preset", "tiny-cd", f"run.out={str(tmp_path / 'cd')!r}",
                       f"run.teacher={str(tmp_path / 'teacher16.pt')!r}")
     assert "run.teacher was trained with data.resolution=16" in msg, msg

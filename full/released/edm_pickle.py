@@ -504,6 +504,19 @@ def _num(st: dict, key: str, default: float, lo: float, hi: float, what: str, lo
     return float(v)
 
 
+def check_precond(p) -> None:
+    """The preconditioning an export dict records (precond_constants' first result, read back from a
+    file): a known class and constants in the ranges precond_constants allows; else CMError."""
+    if not isinstance(p, dict) or p.get("class") not in PRECONDS:
+        raise CMError(f"its recorded preconditioning is not one of {', '.join(PRECONDS)}")
+    _num(p, "sigma_data", 0.5, 0.0, 1e3, "precond", lo_open=True)
+    _num(p, "beta_d", 19.9, 0.0, 100.0, "precond", lo_open=True)
+    _num(p, "beta_min", 0.1, 0.0, 100.0, "precond")
+    M = p.get("M", 1000)
+    if isinstance(M, bool) or not isinstance(M, int) or not 1 < M <= 10 ** 6:
+        raise CMError(f"precond.M={str(M)[:40]} is not an integer in [2, 1000000]")
+
+
 def precond_constants(name: str, st: dict) -> tuple[dict, float, float]:
     """The recorded constants of the preconditioning class, checked, and the network's supported
     [sigma_min, sigma_max] as EDM's classes compute them."""

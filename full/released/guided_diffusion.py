@@ -112,6 +112,9 @@ def read_state_dict(path: Path, obj, arch: str = "", kind: str = "") -> dict | N
     """checkpoints.import_official's reader for CM's .pt files: an export dict, or None if not this format."""
     if not is_guided_diffusion(obj):
         return None
+    bad = next((k for k, v in obj.items() if not v.is_floating_point()), None)
+    if bad is not None:  # NaN and infinite values: read_weights_only has refused them
+        raise CMError(f"{path}: {bad} is a {obj[bad].dtype} tensor, not a floating-point weight")
     try:
         name = infer_arch(obj, arch)
         mode = infer_kind(path, kind)
