@@ -59,6 +59,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -610,6 +611,15 @@ def main(argv=None) -> dict | int:
         if args.rounds < 0 or args.reps < 1 or args.warmup < 0 or small_batch:
             raise cm.CMError(f"need --batch-size >= 1, --rounds >= 0, --reps >= 1, --warmup >= 0 (got "
                              f"{args.batch_size}, {args.rounds}, {args.reps}, {args.warmup})")
+        try:
+            grids = [int(v) for v in args.grids.split(",")]
+        except ValueError:
+            raise cm.CMError(f"--grids must be comma-separated grid sizes, got {args.grids!r}") from None
+        if not all(2 <= n <= cm.MAX_LEVELS for n in grids):
+            raise cm.CMError(f"--grids sizes must lie in 2..{cm.MAX_LEVELS}, got {args.grids}")
+        where = Path(args.json).parent if args.json else None  # checked now, not after the benchmark
+        if where and (Path(args.json).is_dir() or not where.is_dir() or not os.access(where, os.W_OK)):
+            raise cm.CMError(f"--json {args.json}: not a file in a writable folder")
         dev = cm.pick_device(args.device)
         if args.ddp:
             gpu = dev.type == "cuda"
@@ -620,7 +630,7 @@ def main(argv=None) -> dict | int:
             return loss_error(
                 args.net,
                 others,
-                [int(v) for v in args.grids.split(",")],
+                grids,
                 args.batch_size or 16,
                 dev,
                 checkpoint=args.checkpoint,
@@ -636,7 +646,10 @@ def main(argv=None) -> dict | int:
         last = [t for t in tables if t != "options" or i == len(precisions) - 1]
         results.append(bench(s, last, args.compile))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        try:
+            cm.atomic_write(args.json, lambda fh: fh.write(json.dumps(results, indent=1).encode()))
+        except cm.CMError as e:
+            cm.exit_on(e)
     return results[0] if len(results) == 1 else {"by_precision": results}
 
 

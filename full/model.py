@@ -9,9 +9,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import torch
 import torch.nn as nn
 
-from cm import CMConfig, ConsistencyFunction, parameterize
+from cm import CMConfig, CMError, ConsistencyFunction, parameterize
 from full.networks import build_network
 
 
@@ -22,6 +23,16 @@ def make_model(cfg, denoiser: bool | None = None) -> nn.Module:
         return parameterize(cfg.cm, build_network(cfg.net))
     return ConsistencyFunction(build_network(cfg.net), cfg.cm.sigma_data,
                                0.0 if denoiser else cfg.cm.sigma_min, cfg.cm.noise_cond)
+
+
+def check_buildable(cfg) -> None:
+    """The net.* settings build a network (widths the group norms divide, dropout in [0, 1), ...), checked
+    on the meta device (shapes only, no memory): a bad one is a one-line CMError before step 0."""
+    try:
+        with torch.device("meta"):
+            build_network(cfg.net)
+    except (ValueError, RuntimeError, ZeroDivisionError, TypeError, AssertionError, IndexError) as e:
+        raise CMError(f"the net.* settings do not build a {cfg.arch} network: {str(e)[:100]}") from None
 
 
 def for_sampling(cfg, f: nn.Module) -> tuple[nn.Module, CMConfig]:

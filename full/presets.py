@@ -34,6 +34,7 @@ from full.config import (
     to_json,
     validate,
 )
+from full.model import check_buildable
 from full.networks import ADMConfig, NCSNppConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -236,6 +237,7 @@ def resolve(preset: str, overrides: Sequence[str] = ()) -> RunConfig:
     for item in overrides:
         cfg = apply_override(cfg, item)
     validate(cfg)
+    check_buildable(cfg)
     return cfg
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -89,6 +91,9 @@ class ClampDenoised(torch.nn.Module):
         return self.f(x, sigma, class_labels).clamp(-1, 1)
 
 
+MAX_SAMPLES = 10 ** 7  # 200 times the 50k of an FID
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = CLIParser(description="Sample from a full/ checkpoint (one step by default).")
     p.add_argument("--checkpoint", required=True,
@@ -126,9 +131,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "official code's for the data set, 8 for ImageNet-64/LSUN, 2 for CIFAR-10)")
     args = p.parse_args(argv)
     try:
-        if args.num < 1 or args.batch < 1 or (args.grid_steps is not None and args.grid_steps < 2):
-            raise CMError("need --num-samples >= 1, --batch-size >= 1 and --grid-steps >= 2")
-        out = out_folder(args.out or Path(args.checkpoint).parent)
+        if not (1 <= args.num <= MAX_SAMPLES and 1 <= args.batch <= 2 ** 16) or \
+                (args.grid_steps is not None and not 2 <= args.grid_steps <= 2 ** 16):
+            raise CMError(f"need 1 <= --num-samples <= {MAX_SAMPLES}, 1 <= --batch-size <= 65536 and "
+                          "2 <= --grid-steps <= 65536")
+        out = out_folder(args.out or Path(args.checkpoint).parent, make=True)  # fails before sampling
+        if not os.access(out, os.W_OK):
+            raise CMError(f"cannot write into {out}: not writable")
         dev = dist.init(args.device)
         state = checkpoints.load(args.checkpoint, args.arch, args.kind)
         f, cfg = checkpoints.model_from_state(state, args.ema, args.checkpoint)
@@ -144,7 +153,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         grid_steps = args.grid_steps or cfg.run.grid_steps
         net = cfg.net
         shape = image_shape(net)
-        labels = [int(v) for v in args.class_labels.split(",")] if args.class_labels else None
+        try:
+            labels = [int(v) for v in args.class_labels.split(",")] if args.class_labels else None
+        except ValueError:
+            raise CMError(f"--class-labels must be comma-separated integers, got {args.class_labels!r}"
+                          ) from None
+        if args.num * math.prod(shape) * 4 > 2 ** 36:  # the samples are held in memory as float32
+            raise CMError(f"--num-samples {args.num} of {'x'.join(map(str, shape))} would hold "
+                          f"{args.num * math.prod(shape) * 4 / 2 ** 30:.0f} GiB in memory; sample in parts "
+                          "(--seed sets where a part starts)")
         num_classes = getattr(net, "num_classes", 0)
         if labels is not None and not all(0 <= v < num_classes for v in labels):
             raise CMError(f"--class-labels must lie in [0, {num_classes - 1}]" if num_classes else
@@ -164,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if heun and args.clip_denoised and state.get("official", {}).get("clamp"):
             f = ClampDenoised(f)  # CM's Heun sampler clamps every denoised image too
         levels = None if heun else levels_from_args(args.ts, args.sigmas, grid_steps, cfg)
+        if args.sampler == "onestep" and len(levels) > 1:
+            raise CMError(f"--sampler onestep samples from T alone; --ts/--sigmas give {len(levels)} levels: "
+                          "use --sampler multistep, or drop them")
         mine = range(dist.rank(), args.num, dist.world())
         k = num_classes if cfg.data.class_cond else 0
         x, y = generate(f, cm_sampling, shape, mine, levels, args.seed, cfg.run.grid_steps, k, labels,

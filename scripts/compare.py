@@ -44,10 +44,14 @@ def cell(result: dict, key: str, digits: bool) -> str:
     return f"{result[key]:.4f}"
 
 
-def compare(dataset: str, modes: list[str], out: Path, **settings) -> list[dict]:
+def compare(dataset: str, modes: list[str], out: Path, overwrite: bool = False, **settings) -> list[dict]:
     """Train the teacher (if a mode needs one) and each mode; returns one row per mode. `settings` are
     settings of cm.config for every run (device; steps etc. for a quick look), the rest are cm.py's
-    defaults."""
+    defaults. Earlier runs in <out>/<mode> are refused before anything trains, unless `overwrite`."""
+    folders = [out / m for m in (["teacher"] if any(cm.RECIPES[m].teacher for m in modes) else []) + modes]
+    if not overwrite and (held := [f.name for f in folders if (f / "ckpt.pt").exists()]):
+        raise cm.CMError(f"{out} holds earlier runs ({', '.join(held)}); pass --overwrite to replace them, "
+                         "or another --out")
 
     def config(mode, **kw):
         return cm.config(dataset, mode, overwrite=True, **settings, **kw)
@@ -86,7 +90,7 @@ def table(rows: list[dict], dataset: str) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = cm.Parser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="digits", choices=["toy", "digits"])
     p.add_argument("--modes", default="cd,ect,ct,ict,sct,scd",
@@ -95,6 +99,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="", help="default: cuda if available, else cpu")
     p.add_argument("--steps", type=int, default=0, help="steps of every run, teacher included, for a quick "
                    "look (default 0: each mode's cm.py default, as in docs/results.md)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison's runs in --out")
     args = p.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     try:
@@ -105,12 +110,12 @@ def main(argv=None) -> None:
         out = Path(args.out or f"runs/compare-{args.dataset}")
         t0 = time.time()
         rows = compare(
-            args.dataset, modes, out, device=args.device, **({"steps": args.steps} if args.steps else {})
-        )
+            args.dataset, modes, out, args.overwrite, device=args.device,
+            **({"steps": args.steps} if args.steps else {}))
         text = table(rows, args.dataset)
         print("\n" + text + f"In all {time.time() - t0:.0f} s.")
-        (out / "table.md").write_text(text)
-        (out / "rows.json").write_text(json.dumps(rows, indent=1))
+        cm.atomic_write(out / "table.md", lambda fh: fh.write(text.encode()))
+        cm.atomic_write(out / "rows.json", lambda fh: fh.write(json.dumps(rows, indent=1).encode()))
     except cm.CMError as e:
         cm.exit_on(e)
 

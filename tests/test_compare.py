@@ -38,6 +38,12 @@ def test_compare_tabulates_every_mode_from_one_teacher(tmp_path, capsys):
     ]  # the paper order
     assert (tmp_path / "teacher" / "ckpt.pt").is_file() and (tmp_path / "ect" / "ckpt.pt").is_file()
     assert "In all" in capsys.readouterr().out
+    before = {p: p.read_bytes() for p in tmp_path.rglob("ckpt.pt")}
+    with pytest.raises(SystemExit) as e:  # a second comparison into the same --out replaces nothing
+        compare.main(tiny)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1 and "--overwrite" in err and "teacher" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("ckpt.pt")} == before
 
 
 def test_compare_refuses_unknown_modes(capsys):
