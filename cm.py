@@ -1151,9 +1151,47 @@ def exit_on(e: CMError):
     raise SystemExit(1) from None
 
 
+def interrupts_as_errors():
+    """Ctrl-C and SIGTERM (torchrun's, a scheduler's) stop a command as a one-line CMError after the clean-ups
+    run: a file being written is abandoned with its temporary file removed, the last complete one stays."""
+    import contextlib
+    import signal
+    import threading
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    @contextlib.contextmanager
+    def scope():
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGTERM, on_term) if main else None
+        try:
+            yield
+        except KeyboardInterrupt as e:
+            raise CMError(f"stopped by {e.args[0] if e.args else 'Ctrl-C'}; every file written so far is "
+                          "complete (a run keeps its last checkpoint: --resume continues it)") from None
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+    return scope()
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """atomic_write's temporary files left by killed processes (kill -9): the pid in the name is gone."""
+    for tmp in folder.glob(".*.tmp"):
+        try:
+            pid = int(tmp.name.rsplit(".", 2)[-2])
+            os.kill(pid, 0)  # raises if no such process
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, OSError):  # not ours, or a live process of another user
+            pass
+
+
 def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
     """write(fh) into a temporary file, fsync, rename over `path` (and fsync the folder): a crash never
-    leaves a half-written file, a failed write (disk full) leaves nothing behind but a one-line CMError."""
+    leaves a half-written file, a failed write (disk full) leaves nothing behind but a one-line CMError,
+    an interrupt (Ctrl-C, SIGTERM) removes the temporary file on its way out."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -1168,8 +1206,13 @@ def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:  # also KeyboardInterrupt: no temporary file outlives the write
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a file system that turned read-only: the next run's start removes it
+            pass
+        if not isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as RuntimeError
+            raise
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
         raise CMError(f"cannot write {path}: {why}") from None
     return path
@@ -1418,6 +1461,7 @@ class RunFolder:
             self.fh.close()
             raise CMError(f"another process is running in {self.out} (it holds {self.out / '.lock'}); "
                           "wait for it or use another --out") from None
+        remove_stale_temporaries(self.out)
 
     def release(self) -> None:
         self.fh.close()
@@ -2058,7 +2102,7 @@ class Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = Parser(description="Consistency models: train (cd, ct, ict, ect, edm) or sample.",
-                                argument_default=argparse.SUPPRESS)  # unset flags keep the defaults
+               argument_default=argparse.SUPPRESS)  # unset flags keep the defaults
     add_field_flags(p, TrainConfig, skip=("cm",))
     add_field_flags(p, CMConfig, skip=("lpips_pretrained",))
     p.add_argument("--checkpoint", "--sample", metavar="CKPT", dest="checkpoint",
@@ -2069,10 +2113,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.get("resume") and args.get("overwrite"):
             raise CMError("--resume continues the run and --overwrite starts afresh: pass one of them")
-        if "checkpoint" in args:
-            return sample_grids(args.pop("checkpoint"), args)
-        cfg = config(**args)
-        print(json.dumps(dataclasses.asdict(cfg), indent=1)) if show else train(cfg)
+        with interrupts_as_errors():
+            if "checkpoint" in args:
+                return sample_grids(args.pop("checkpoint"), args)
+            cfg = config(**args)
+            print(json.dumps(dataclasses.asdict(cfg), indent=1)) if show else train(cfg)
     except CMError as e:
         exit_on(e)
 

@@ -29,7 +29,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cm import CMError, atomic_write, check_levels, exit_on, generate, out_folder, save_grid, ts_to_sigmas
+from cm import (
+    CMError,
+    atomic_write,
+    check_levels,
+    exit_on,
+    generate,
+    interrupts_as_errors,
+    out_folder,
+    save_grid,
+    ts_to_sigmas,
+)
 from full import checkpoints, dist
 from full.config import CLIParser
 from full.edit import run_edit, superres_factor
@@ -131,83 +141,89 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "official code's for the data set, 8 for ImageNet-64/LSUN, 2 for CIFAR-10)")
     args = p.parse_args(argv)
     try:
-        if not (1 <= args.num <= MAX_SAMPLES and 1 <= args.batch <= 2 ** 16) or \
-                (args.grid_steps is not None and not 2 <= args.grid_steps <= 2 ** 16):
-            raise CMError(f"need 1 <= --num-samples <= {MAX_SAMPLES}, 1 <= --batch-size <= 65536 and "
-                          "2 <= --grid-steps <= 65536")
-        out = out_folder(args.out or Path(args.checkpoint).parent, make=True)  # fails before sampling
-        if not os.access(out, os.W_OK):
-            raise CMError(f"cannot write into {out}: not writable")
-        dev = dist.init(args.device)
-        state = checkpoints.load(args.checkpoint, args.arch, args.kind)
-        f, cfg = checkpoints.model_from_state(state, args.ema, args.checkpoint)
-        f = f.to(dev)
-        if args.clip_denoised is None:
-            args.clip_denoised = cfg.run.clamp_mid
-        f, cm_sampling = for_sampling(cfg, f)
-        if cfg.cm.mode == "edm" and (args.ts or args.sigmas or args.grid_steps) and not args.edit:
-            raise CMError(
-                f"{args.checkpoint} is an edm denoiser, sampled with EDM's Heun sampler; --ts, "
-                "--sigmas and --grid-steps are for consistency models (--steps sets the Heun levels)"
-            )
-        grid_steps = args.grid_steps or cfg.run.grid_steps
-        net = cfg.net
-        shape = image_shape(net)
-        try:
-            labels = [int(v) for v in args.class_labels.split(",")] if args.class_labels else None
-        except ValueError:
-            raise CMError(f"--class-labels must be comma-separated integers, got {args.class_labels!r}"
-                          ) from None
-        if args.num * math.prod(shape) * 4 > 2 ** 36:  # the samples are held in memory as float32
-            raise CMError(f"--num-samples {args.num} of {'x'.join(map(str, shape))} would hold "
-                          f"{args.num * math.prod(shape) * 4 / 2 ** 30:.0f} GiB in memory; sample in parts "
-                          "(--seed sets where a part starts)")
-        num_classes = getattr(net, "num_classes", 0)
-        if labels is not None and not all(0 <= v < num_classes for v in labels):
-            raise CMError(f"--class-labels must lie in [0, {num_classes - 1}]" if num_classes else
-                          "--class-labels given, but the model is not class-conditional")
-        if args.edit:
-            return run_edit_cli(args, f, cfg, shape, out)
-        heun = cfg.cm.mode == "edm"
-        if args.sampler and (args.sampler == "heun") != heun:
-            raise CMError(f"--sampler {args.sampler} does not fit this checkpoint: it is "
-                          + ("a denoiser (edm); use --sampler heun" if heun else
-                             f"a consistency model ({cfg.cm.mode}); use onestep or multistep"))
-        if args.steps:
-            if args.steps < 2 or not heun:
-                raise CMError("--steps N (N >= 2) sets the Heun grid of a denoiser; a consistency model "
-                                 "takes --ts/--grid-steps")
-            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, grid_steps=args.steps))
-        if heun and args.clip_denoised and state.get("official", {}).get("clamp"):
-            f = ClampDenoised(f)  # CM's Heun sampler clamps every denoised image too
-        levels = None if heun else levels_from_args(args.ts, args.sigmas, grid_steps, cfg)
-        if args.sampler == "onestep" and len(levels) > 1:
-            raise CMError(f"--sampler onestep samples from T alone; --ts/--sigmas give {len(levels)} levels: "
-                          "use --sampler multistep, or drop them")
-        mine = range(dist.rank(), args.num, dist.world())
-        k = num_classes if cfg.data.class_cond else 0
-        x, y = generate(f, cm_sampling, shape, mine, levels, args.seed, cfg.run.grid_steps, k, labels,
-                        args.batch, args.clip_denoised)
-        parts = dist.all_gather_object((list(mine), to_uint8(x, cfg.run.uint8),
-                                        None if y is None else y.numpy()))
-        if dist.rank() == 0:
-            imgs = np.empty((args.num, *to_uint8(x[:1]).shape[1:]), dtype=np.uint8)
-            labs = np.zeros(args.num, dtype=np.int64)
-            for idx, arr, lab in parts:
-                imgs[idx] = arr
-                if lab is not None:
-                    labs[idx] = lab
-            out.mkdir(parents=True, exist_ok=True)
-            extra = {"arr_1": labs} if y is not None else {}
-            atomic_write(out / "samples.npz", lambda fh: np.savez(fh, arr_0=imgs, **extra))
-            grid = uint8_to_unit(imgs[:64]).permute(0, 3, 1, 2)
-            save_grid(grid, out / "samples.png")
-            how = "heun" if heun else f"{len(levels)}-step {[round(t, 4) for t in levels]}"
-            print(f"wrote {args.num} samples ({how}) to {out / 'samples.npz'} and {out / 'samples.png'}")
+        with interrupts_as_errors():
+            sample(args)
     except CMError as e:
         exit_on(e)
     finally:
         dist.cleanup()
+
+
+def sample(args) -> None:
+    """What main does with the parsed flags (so Ctrl-C and SIGTERM end it as one line)."""
+    if not (1 <= args.num <= MAX_SAMPLES and 1 <= args.batch <= 2 ** 16) or \
+            (args.grid_steps is not None and not 2 <= args.grid_steps <= 2 ** 16):
+        raise CMError(f"need 1 <= --num-samples <= {MAX_SAMPLES}, 1 <= --batch-size <= 65536 and "
+                      "2 <= --grid-steps <= 65536")
+    out = out_folder(args.out or Path(args.checkpoint).parent, make=True)  # fails before sampling
+    if not os.access(out, os.W_OK):
+        raise CMError(f"cannot write into {out}: not writable")
+    dev = dist.init(args.device)
+    state = checkpoints.load(args.checkpoint, args.arch, args.kind)
+    f, cfg = checkpoints.model_from_state(state, args.ema, args.checkpoint)
+    f = f.to(dev)
+    if args.clip_denoised is None:
+        args.clip_denoised = cfg.run.clamp_mid
+    f, cm_sampling = for_sampling(cfg, f)
+    if cfg.cm.mode == "edm" and (args.ts or args.sigmas or args.grid_steps) and not args.edit:
+        raise CMError(
+            f"{args.checkpoint} is an edm denoiser, sampled with EDM's Heun sampler; --ts, "
+            "--sigmas and --grid-steps are for consistency models (--steps sets the Heun levels)"
+        )
+    grid_steps = args.grid_steps or cfg.run.grid_steps
+    net = cfg.net
+    shape = image_shape(net)
+    try:
+        labels = [int(v) for v in args.class_labels.split(",")] if args.class_labels else None
+    except ValueError:
+        raise CMError(f"--class-labels must be comma-separated integers, got {args.class_labels!r}"
+                      ) from None
+    if args.num * math.prod(shape) * 4 > 2 ** 36:  # the samples are held in memory as float32
+        raise CMError(f"--num-samples {args.num} of {'x'.join(map(str, shape))} would hold "
+                      f"{args.num * math.prod(shape) * 4 / 2 ** 30:.0f} GiB in memory; sample in parts "
+                      "(--seed sets where a part starts)")
+    num_classes = getattr(net, "num_classes", 0)
+    if labels is not None and not all(0 <= v < num_classes for v in labels):
+        raise CMError(f"--class-labels must lie in [0, {num_classes - 1}]" if num_classes else
+                      "--class-labels given, but the model is not class-conditional")
+    if args.edit:
+        return run_edit_cli(args, f, cfg, shape, out)
+    heun = cfg.cm.mode == "edm"
+    if args.sampler and (args.sampler == "heun") != heun:
+        raise CMError(f"--sampler {args.sampler} does not fit this checkpoint: it is "
+                      + ("a denoiser (edm); use --sampler heun" if heun else
+                         f"a consistency model ({cfg.cm.mode}); use onestep or multistep"))
+    if args.steps:
+        if args.steps < 2 or not heun:
+            raise CMError("--steps N (N >= 2) sets the Heun grid of a denoiser; a consistency model "
+                             "takes --ts/--grid-steps")
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, grid_steps=args.steps))
+    if heun and args.clip_denoised and state.get("official", {}).get("clamp"):
+        f = ClampDenoised(f)  # CM's Heun sampler clamps every denoised image too
+    levels = None if heun else levels_from_args(args.ts, args.sigmas, grid_steps, cfg)
+    if args.sampler == "onestep" and len(levels) > 1:
+        raise CMError(f"--sampler onestep samples from T alone; --ts/--sigmas give {len(levels)} levels: "
+                      "use --sampler multistep, or drop them")
+    mine = range(dist.rank(), args.num, dist.world())
+    k = num_classes if cfg.data.class_cond else 0
+    x, y = generate(f, cm_sampling, shape, mine, levels, args.seed, cfg.run.grid_steps, k, labels,
+                    args.batch, args.clip_denoised)
+    parts = dist.all_gather_object((list(mine), to_uint8(x, cfg.run.uint8),
+                                    None if y is None else y.numpy()))
+    if dist.rank() == 0:
+        imgs = np.empty((args.num, *to_uint8(x[:1]).shape[1:]), dtype=np.uint8)
+        labs = np.zeros(args.num, dtype=np.int64)
+        for idx, arr, lab in parts:
+            imgs[idx] = arr
+            if lab is not None:
+                labs[idx] = lab
+        out.mkdir(parents=True, exist_ok=True)
+        extra = {"arr_1": labs} if y is not None else {}
+        atomic_write(out / "samples.npz", lambda fh: np.savez(fh, arr_0=imgs, **extra))
+        grid = uint8_to_unit(imgs[:64]).permute(0, 3, 1, 2)
+        save_grid(grid, out / "samples.png")
+        how = "heun" if heun else f"{len(levels)}-step {[round(t, 4) for t in levels]}"
+        print(f"wrote {args.num} samples ({how}) to {out / 'samples.npz'} and {out / 'samples.png'}")
 
 
 def run_edit_cli(args, f, cfg, shape, out: Path) -> None:

@@ -60,6 +60,7 @@ from cm import (
     exit_on,
     generate,
     grid_name,
+    interrupts_as_errors,
     keeps_target_copy,
     make_metric,
     recipe_loss,
@@ -484,7 +485,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(to_json(cfg))
             return
         full.parent_alive_or_exit()
-        result = train(cfg, allow_config_change=args.allow_config_change, overwrite=args.overwrite)
+        with interrupts_as_errors():
+            result = train(cfg, allow_config_change=args.allow_config_change, overwrite=args.overwrite)
         dist.print0(f"done: step {result['step']}, loss {result['loss']}, checkpoint {result['checkpoint']}")
     except CMError as e:
         exit_on(e)

@@ -1,0 +1,68 @@
+"""Flag values that pass argparse but not the program: one line, before any work is done.
+
+Each class here once gave a traceback, a late failure or a silent surprise: sizes without an upper bound
+(--num-samples 10^12 allocated, then MemoryError), an --out made only after every sample was drawn, text where
+numbers go (--class-labels x, --grids a,b), flags that contradict (--sampler onestep with two levels), network
+settings that do not build (net.dropout=1.5, widths the group norms cannot divide), an unwritable --json found
+only after the benchmark had run.
+"""
+from pathlib import Path
+
+import pytest
+from test_reliability import assert_one_line, run_main
+
+import full.bench
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full") / "run"
+    code, err = run_main("full.train", ["--preset", "tiny-ct", "opt.steps=1", "run.sample_every=0",
+                                        "run.device=cpu", f"run.out={str(out)!r}"])
+    assert code == 0, err
+    return out / "export.pt"
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--class-labels", "x"], "--class-labels"),
+    (["--class-labels", "1,two"], "--class-labels"),
+    (["--num-samples", str(10 ** 12)], "--num-samples"),
+    (["--num-samples", str(10 ** 6 * 5)], "GiB"),  # within the count bound, beyond the memory bound
+    (["--batch-size", str(10 ** 9)], "--batch-size"),
+    (["--grid-steps", str(10 ** 9)], "--grid-steps"),
+    (["--sampler", "onestep", "--ts", "0,8,17"], "--sampler onestep"),
+    (["--sampler", "onestep", "--sigmas", "80,1"], "--sampler onestep"),
+])
+def test_full_sample_refuses_in_one_line_and_writes_nothing(export, tmp_path, flags, needle):
+    out = tmp_path / "s"
+    code, err = run_main("full.sample", ["--checkpoint", str(export), "--out", str(out), "--device", "cpu",
+                                         *flags])
+    assert_one_line(code, err, needle)
+    assert not (out / "samples.npz").exists()
+
+
+def test_full_sample_checks_out_before_it_samples(export, tmp_path, monkeypatch):
+    import full.sample
+    monkeypatch.setattr(full.sample, "generate", lambda *a, **k: pytest.fail("sampled before --out"))
+    (tmp_path / "file").write_text("")
+    for bad in (tmp_path / "file", tmp_path / "file" / "below"):
+        code, err = run_main("full.sample", ["--checkpoint", str(export), "--out", str(bad),
+                                             "--device", "cpu"])
+        assert_one_line(code, err, str(tmp_path / "file"))
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--grids", "a,b"], "--grids"), (["--grids", "1,18"], "--grids"),
+    (["--json", "/no/such/folder/x.json"], "--json"), (["--json", "."], "--json"),
+])
+def test_full_bench_checks_its_flags_before_the_benchmark(monkeypatch, flags, needle):
+    monkeypatch.setattr(full.bench, "bench", lambda *a, **k: pytest.fail("benchmarked before the check"))
+    code, err = run_main("full.bench", ["--device", "cpu", *flags])
+    assert_one_line(code, err, needle)
+
+
+@pytest.mark.parametrize("override", ["net.dropout=1.5", "net.dropout=-0.1", "net.model_channels=7",
+                                      "net.model_channels=0"])
+def test_network_settings_that_do_not_build_are_refused_under_print_config(override):
+    code, err = run_main("full.train", ["--preset", "tiny-ct", override, "--print-config"])
+    assert_one_line(code, err, "net")

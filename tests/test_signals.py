@@ -1,0 +1,92 @@
+"""Ctrl-C and SIGTERM: one line, no temporary file left, the last checkpoint intact and resumable.
+
+A SIGTERM (torchrun stopping its workers, a cluster's scheduler) used to kill a run wherever it was, and
+Ctrl-C printed a 34-line traceback; either left atomic_write's `.tmp` file behind when it came during a
+checkpoint write, and a killed paper-scale run leaves gigabytes of them. Temporaries of processes that
+are gone are removed when the next run takes the folder.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_reliability import ENV, ROOT
+
+import cm
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"the last good checkpoint")
+
+    def interrupted(fh):
+        fh.write(b"half of a new one")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cm.atomic_write(path, interrupted)
+    assert path.read_bytes() == b"the last good checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_a_run_folder_removes_the_temporaries_of_dead_processes_only(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()  # its pid is free now (reuse within this test is vanishingly unlikely)
+    stale = tmp_path / f".ckpt.pt.{dead.pid}.tmp"
+    live = tmp_path / f".samples.npz.{os.getpid()}.tmp"  # a process still writing next to the run
+    other = tmp_path / ".notes.tmp"  # not atomic_write's name
+    for p in (stale, live, other):
+        p.write_bytes(b"x")
+    with cm.RunFolder(tmp_path):
+        pass
+    assert not stale.exists() and live.exists() and other.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_cm_py_in_one_line_and_the_run_resumes(tmp_path, sig):
+    out = tmp_path / "run"
+    argv = [str(ROOT / "cm.py"), "--mode", "ct", "--dataset", "toy", "--channels", "16", "--batch-size", "32",
+            "--device", "cpu", "--steps", "100000", "--ckpt-every", "5", "--log-every", "5", "--no-report",
+            "--out", str(out)]
+    p = subprocess.Popen([sys.executable, *argv], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)  # well inside the loop, often inside a checkpoint write
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 1, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: stopped by") and "Traceback" not in err, err
+    assert not list(out.glob(".*.tmp"))
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert step >= 5 and step % 5 == 0
+    r = subprocess.run([sys.executable, *argv[:-2], "--steps", str(step + 5), "--out", str(out), "--resume",
+                        "--allow-config-change"],
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == step + 5
+
+
+@pytest.mark.slow
+def test_sigterm_stops_full_train_in_one_line(tmp_path):
+    out = tmp_path / "run"
+    argv = ["-m", "full.train", "--preset", "tiny-ct", "opt.steps=100000", "run.ckpt_every=2",
+            "run.sample_every=0", "run.device=cpu", f"run.out={str(out)!r}"]
+    p = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(out.glob("ckpt-*.pt")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 1, err
+    assert err.strip().splitlines()[-1].startswith("error: stopped by SIGTERM") and "Traceback" not in err
+    assert not list(Path(out).glob(".*.tmp"))
