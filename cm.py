@@ -2097,6 +2097,8 @@ def step_flops(loss_fn: Callable[[], Tensor], model: nn.Module, dev: torch.devic
     of loss_fn(); the RNG streams and the gradients of `model` are left as they were."""
     from torch.utils.flop_counter import FlopCounterMode
     grads = [p.grad for p in model.parameters()]
+    for p in model.parameters():  # backward would add into these tensors in place
+        p.grad = None
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         with FlopCounterMode(display=False) as counter:
             loss_fn().backward()
@@ -2105,14 +2107,16 @@ def step_flops(loss_fn: Callable[[], Tensor], model: nn.Module, dev: torch.devic
     return int(counter.get_total_flops())
 
 
-def tensorboard_writer(out: str | os.PathLike, purge_step: int = 0, flag: str = "--tensorboard"):
-    """A torch.utils.tensorboard SummaryWriter into <out>/tb (events of steps >= purge_step of an earlier
-    run there are dropped, so a resume continues the curves); the package is imported only here."""
+def tensorboard_writer(out: str | os.PathLike, step: int = 0, flag: str = "--tensorboard"):
+    """A torch.utils.tensorboard SummaryWriter into <out>/tb for a run starting at `step` (0, or the
+    resumed checkpoint's): earlier events there of later steps are dropped (those logged after that
+    checkpoint, or all of an overwritten run), so the curves go on without repeats. The package is
+    imported only here."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise CMError(f"{flag} needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(Path(out) / "tb"), purge_step=purge_step or None)
+    return SummaryWriter(str(Path(out) / "tb"), purge_step=step + 1)
 
 
 def tensorboard_scalars(writer, rec: dict, step: int, mode: str) -> None:
