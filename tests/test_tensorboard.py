@@ -179,6 +179,17 @@ def test_full_events_accounting_fid_and_resume(tmp_path, monkeypatch):
     assert final["flops_per_step"] == summary["flops_per_step"]  # the same step, measured again
 
 
+def test_full_resume_from_an_earlier_checkpoint_drops_the_later_events(tmp_path):
+    """A run resumed from step 2 after logging steps 3 and 4 (a lost checkpoint): the events of 3 and 4
+    are replaced, not repeated."""
+    run = tmp_path / "r"
+    full_run(run, "opt.steps=4", "run.ckpt_every=2")
+    checkpoints.ckpt_path(run, 4).unlink()
+    assert steps_of(events(run), "loss") == [1, 2, 3, 4]
+    full_run(run, "opt.steps=4", "run.ckpt_every=2", "run.resume=True")
+    assert steps_of(events(run), "loss") == [1, 2, 3, 4]
+
+
 def test_full_flops_do_not_depend_on_microbatches(tmp_path):
     """flops_per_step is of the whole step: one microbatch measured, times the accumulation rounds."""
     per = {}
