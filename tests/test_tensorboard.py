@@ -213,3 +213,20 @@ def test_plot_log_without_fid_lines_is_one_line(tmp_path):
     (tmp_path / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5, "device_hours": 0.1}) + "\n")
     with pytest.raises(cm.CMError, match="no FID lines"):
         full.plot_log.plot_fid(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [{"device_hours": -1.0, "flops_per_step": 1}, {"device_hours": "1"},
+                                 {"device_hours": 1.0, "flops_per_step": 2.5}, [1.0],
+                                 {"device_hours": 1.0, "flops": -3}])
+def test_bad_accounting_entry_is_one_line(tmp_path, bad):
+    run = tmp_path / "r"
+    code, err = run_main("cm.py", [*TOY, "--mode", "ct", "--steps", "1", "--no-report", "--out", str(run)])
+    assert code == 0, err
+    state = torch.load(run / "ckpt.pt", weights_only=True)
+    state.pop(cm.CHECKSUM)
+    cm.save_checkpoint(run / "ckpt.pt", state | {"accounting": bad})
+    with pytest.raises(cm.CMError, match="accounting"):
+        cm.load_checkpoint(run / "ckpt.pt")
+    code, err = run_main("cm.py", [*TOY, "--mode", "ct", "--steps", "2", "--no-report", "--resume",
+                                   "--allow-config-change", "--out", str(run)])
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "accounting" in err, err
