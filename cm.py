@@ -1418,6 +1418,22 @@ def check_cm_state(state: dict) -> None:
         raise CMError(f"its data shape {str(shape)[:40]} is not [dim] or [channels, height, width]")
     for i, n in enumerate(shape):
         check_int(n, f"shape[{i}]", 1, 4096 if i else (2 if len(shape) == 1 else 64))
+    check_accounting(state.get("accounting"))
+
+
+def check_accounting(acc) -> None:
+    """A checkpoint's compute record (absent in older files): {"device_hours": a finite number >= 0,
+    "flops_per_step": an int >= 0 or None}, an export's also "images" and "flops" (ints >= 0 or None)."""
+    if acc is None:
+        return
+    if not isinstance(acc, dict):
+        raise CMError(f"its accounting entry is a {type(acc).__name__}, not a dict")
+    h = acc.get("device_hours")
+    if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 <= h < 1e12:
+        raise CMError(f"its accounting device_hours {str(h)[:40]} is not a number in [0, 1e12)")
+    for k in ("flops_per_step", "images", "flops"):
+        if acc.get(k) is not None:
+            check_int(acc[k], f"accounting {k}", 0, 1 << 100)
 
 
 def out_folder(path: str | os.PathLike, make: bool = False) -> Path:
@@ -1663,6 +1679,7 @@ class TrainConfig:
     # output
     seed: int = 0                   # everything random derives from it
     log_every: int = 50             # steps between lines in log.jsonl
+    tensorboard: bool = False       # also write TensorBoard events into <out>/tb (pip install tensorboard)
     sample_every: int = 0           # steps between sample grids (0 -> 4 grids per run)
     grid_minutes: float = 10.0      # also a grid every this many minutes of training (0: only by steps)
     ckpt_every: int = 500           # steps between checkpoints
@@ -1927,6 +1944,7 @@ class Run:
         self.opt = opt(self.model.parameters(), lr=cfg.lr, betas=betas)
         self.metric = make_metric(c, dev)
         self.step, self.saved = 0, None  # saved: the last good checkpoint of this run
+        self.acc = Accounting(cfg.batch_size, 1, state.get("accounting") if state is not None else None)
         if state is not None:
             self.restore(state)
         text = json.dumps(dataclasses.asdict(cfg), indent=1).encode()
@@ -1962,7 +1980,7 @@ class Run:
             model=self.model.state_dict(), target=None if self.target is None else self.target.state_dict(),
             ema=self.ema.state_dict(), opt=self.opt.state_dict(), step=self.step, rng=torch.get_rng_state(),
             **rng_cuda, config=dataclasses.asdict(self.cfg), shape=list(self.shape), format=FORMAT,
-            kind="cm"))
+            kind="cm", accounting=self.acc.state()))
         self.saved = self.ckpt
 
     def last_good(self) -> str:
@@ -1978,10 +1996,9 @@ class Run:
             x = torch.where(torch.rand(len(x), 1, 1, 1).to(dev) < 0.5, x.flip(3), x)
         return x
 
-    def train_step(self) -> tuple[Tensor, Schedule]:
-        """One optimiser step of the mode's loss at its schedule, then θ⁻ and the evaluation EMA."""
+    def loss(self, s: Schedule) -> Tensor:
+        """The mode's loss at schedule s on a fresh batch."""
         cfg, c = self.cfg, self.cfg.cm
-        s = schedule(c, self.step, cfg.steps)
         x = self.batch()
         z = torch.randn(x.shape, device=self.dev)
         # only the networks run under autocast (--precision bf16), never the metric or the ODE arithmetic
@@ -1990,7 +2007,13 @@ class Run:
         if self.shared_dropout:  # θ and θ⁻ draw the same dropout masks [iCT Sec. 3.1]
             share = SharedDropout(self.dev)
             f, f_target = share.wrap(f), share.wrap(f_target)
-        loss = recipe_loss(c, s, f, f_target, D, x, z, self.metric)
+        return recipe_loss(c, s, f, f_target, D, x, z, self.metric)
+
+    def train_step(self) -> tuple[Tensor, Schedule]:
+        """One optimiser step of the mode's loss at its schedule, then θ⁻ and the evaluation EMA."""
+        cfg = self.cfg
+        s = schedule(cfg.cm, self.step, cfg.steps)
+        loss = self.loss(s)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -2008,9 +2031,12 @@ class Run:
             tqdm = None
         bar = tqdm(initial=self.step, total=cfg.steps, desc=f"{cfg.cm.mode} {cfg.dataset}", mininterval=1.0,
                    disable=None) if tqdm else None
+        tb = tensorboard_writer(self.out, self.step) if cfg.tensorboard else None  # before step 0
         self.data_dev = None if self.data is None else self.data.to(self.dev)  # the whole set, moved once
         bad = torch.zeros((), dtype=torch.long, device=self.dev)  # first step of a non-finite loss (0: none)
-        t0 = t_log = t_grid = time.time()
+        s0 = schedule(cfg.cm, self.step, cfg.steps)
+        self.acc.flops_per_step = step_flops(lambda: self.loss(s0), self.model, self.dev)
+        t0 = t_log = t_grid = self.acc.t0 = time.time()
         step_log = self.step
         with open(self.out / "log.jsonl", "a" if self.resumed else "w") as log:
             while self.step < cfg.steps:
@@ -2028,7 +2054,10 @@ class Run:
                     now = time.time()
                     ips, t_log, step_log = cfg.batch_size * (k - step_log) / max(now - t_log, 1e-9), now, k
                     rec = dict(step=k, loss=loss.item(), N=s.N, mu=s.mu, stage=s.stage, sec=now - t0,
-                               img_per_s=ips, **(dict(r=s.r) if RECIPES[cfg.cm.mode].trigflow else {}))
+                               img_per_s=ips, **(dict(r=s.r) if RECIPES[cfg.cm.mode].trigflow else {}),
+                               **self.acc.fields(k))
+                    if tb is not None:
+                        tensorboard_scalars(tb, rec | dict(lr=cfg.lr), k, cfg.cm.mode)
                     if bar is not None:
                         bar.set_postfix({n: rec[n] for n in ("N", "stage") if rec[n]},
                                         loss=f"{rec['loss']:.4g}", mu=f"{s.mu:.4f}", img_s=f"{ips:.0f}")
@@ -2037,17 +2066,22 @@ class Run:
                 if ckpt_now:  # before the grids: they may fail
                     self.save()
                 if grid_now or k == cfg.steps:
-                    write_grids(self.ema, cfg, self.shape, self.out, k)
+                    grids = write_grids(self.ema, cfg, self.shape, self.out, k)
+                    if tb is not None:
+                        tensorboard_grids(tb, grids, k)
                     t_grid = time.time()
         if bar is not None:
             bar.close()
+        if tb is not None:
+            tb.close()
+        print(summary_line(self.acc.summary(self.step)))
         return report(self.ema, cfg, self.data, self.shape, self.teacher) if cfg.report else {}
 
 
-def write_grids(model: nn.Module, cfg: TrainConfig, shape: Sequence[int], out: Path, step: int) -> None:
+def write_grids(model: nn.Module, cfg: TrainConfig, shape: Sequence[int], out: Path, step: int) -> list[Path]:
     n = 512 if len(shape) == 1 else 64
-    for how in ("heun",) if cfg.cm.mode == "edm" else ("1-step", "2-step"):
-        save_grid(sample(model, cfg, shape, n, cfg.seed, how), out / grid_name(how, step))
+    return [save_grid(sample(model, cfg, shape, n, cfg.seed, how), out / grid_name(how, step))
+            for how in (("heun",) if cfg.cm.mode == "edm" else ("1-step", "2-step"))]
 
 
 def sample(model: nn.Module, cfg: TrainConfig, shape: Sequence[int], n: int, seed: int, how: str) -> Tensor:
@@ -2073,6 +2107,87 @@ def report(model: nn.Module, cfg: TrainConfig, data: Tensor | None, shape, teach
         samples["teacher Heun, 18 levels (35 NFE)"] = sample(teacher, cfg, shape, n, seed, "heun")
     return distance_table(samples, real, f"{n} samples each, {cfg.dataset}, {cfg.cm.mode}",
                           features=cfg.dataset == "digits")
+
+
+class Accounting:
+    """The compute a run has spent: images seen (step × global batch), device hours (wall hours × number
+    of processes, summed over resumes through the checkpoint's "accounting" entry) and the FLOPs of one
+    training step (measured once, step_flops), so flops = flops_per_step × steps done."""
+
+    def __init__(self, batch: int, world: int = 1, stored: dict | None = None):
+        self.batch, self.world = batch, world
+        self.hours0 = float((stored or {}).get("device_hours", 0.0))
+        self.flops_per_step = (stored or {}).get("flops_per_step")
+        self.t0 = time.time()
+
+    def device_hours(self) -> float:
+        return self.hours0 + (time.time() - self.t0) / 3600 * self.world
+
+    def fields(self, step: int) -> dict:
+        """What every log.jsonl line carries."""
+        return dict(images=step * self.batch, device_hours=self.device_hours())
+
+    def state(self) -> dict:
+        """The checkpoint entry."""
+        return dict(device_hours=self.device_hours(), flops_per_step=self.flops_per_step)
+
+    def summary(self, step: int) -> dict:
+        f = self.flops_per_step
+        return self.fields(step) | dict(flops_per_step=f, flops=None if f is None else f * step)
+
+
+def step_flops(loss_fn: Callable[[], Tensor], model: nn.Module, dev: torch.device) -> int:
+    """The FLOPs (torch.utils.flop_counter: matrix products and convolutions) of one forward and backward
+    of loss_fn(); the RNG streams and the gradients of `model` are left as they were."""
+    from torch.utils.flop_counter import FlopCounterMode
+    grads = [p.grad for p in model.parameters()]
+    for p in model.parameters():  # backward would add into these tensors in place
+        p.grad = None
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        with FlopCounterMode(display=False) as counter:
+            loss_fn().backward()
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g
+    return int(counter.get_total_flops())
+
+
+def tensorboard_writer(out: str | os.PathLike, step: int = 0, flag: str = "--tensorboard"):
+    """A torch.utils.tensorboard SummaryWriter into <out>/tb for a run starting at `step` (0, or the
+    resumed checkpoint's): earlier events there of later steps are dropped (those logged after that
+    checkpoint, or all of an overwritten run), so the curves go on without repeats. The package is
+    imported only here."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise CMError(f"{flag} needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(Path(out) / "tb"), purge_step=step + 1)
+
+
+def tensorboard_scalars(writer, rec: dict, step: int, mode: str) -> None:
+    """A log line's numbers as TensorBoard scalars: loss, lr, img/s, images, device_hours, and N, μ and
+    ECT's stage where the recipe has them (N, stage: nonzero; μ: not edm)."""
+    ips = rec.get("img_per_s", rec.get("img/s"))
+    for tag, v in dict(loss=rec.get("loss"), lr=rec.get("lr"), **{"img/s": ips}, images=rec.get("images"),
+                       device_hours=rec.get("device_hours"), N=rec.get("N") or None,
+                       mu=None if mode == "edm" else rec.get("mu"), stage=rec.get("stage") or None,
+                       fid=rec.get("fid")).items():
+        if v is not None:
+            writer.add_scalar(tag, float(v), step)
+
+
+def summary_line(acc: dict) -> str:
+    """The final line of a run: its compute (Accounting.summary) as JSON, after 'compute: '."""
+    return "compute: " + json.dumps(acc)
+
+
+def tensorboard_grids(writer, paths: Sequence[Path], step: int) -> None:
+    """The PNG grids just written (images or scatter plots), as TensorBoard images grid/<how>."""
+    import numpy as np
+    from PIL import Image
+    for p in paths:
+        with Image.open(p) as im:
+            img = np.asarray(im.convert("RGB"))
+        writer.add_image("grid/" + p.stem.split("-")[1], img, step, dataformats="HWC")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 Resume file `<run>/ckpt-{step:07d}.pt` (the last `keep_last` are kept):
     {"model", "target", "ema": {rate: state_dict}, "opt", "scaler", "step",
      "rng": {"cpu": [per rank], "cuda": [[per device] per rank]}, "data": {"start_step", "world", "batch"},
-     "config": asdict(RunConfig), "format": 1}
+     "config": asdict(RunConfig), "format": 1, "accounting": {"device_hours", "flops_per_step"}}
 Export file (for sampling, teachers):
-    {"ema": {rate: state_dict}, "config", "step", "format": 1, "export": True}.
+    {"ema": {rate: state_dict}, "config", "step", "format": 1, "export": True, "accounting": {"images",
+     "device_hours", "flops_per_step", "flops"}} (accounting: absent in older files).
 State dicts come from the unwrapped module (no DDP `module.` or torch.compile `_orig_mod.` prefixes). Files
 hold only tensors and Python primitives, so `torch.load(p, weights_only=True)` always reads them, and a
 "sha256" entry (cm.save_checkpoint: the digest of everything else) that load verifies. Before anything is
@@ -36,6 +37,7 @@ from cm import (
     FORMAT,
     CMError,
     ConsistencyFunction,
+    check_accounting,
     check_int,
     check_opt_state,
     check_rng,
@@ -251,6 +253,7 @@ def check_state(state: dict) -> None:
         raise CMError(f"its config declares a network of up to {weight_bound(cfg.net):,} weights, its EMA "
                       f"weights hold {held:,}: the config is not the one of these weights")
     check_int(state.get("step"), "step", 0, cfg.opt.steps if resume else 2 ** 62)
+    check_accounting(state.get("accounting"))
     if not resume:
         official = state.get("official", {})
         if not isinstance(official, dict):
@@ -297,8 +300,11 @@ def model_from_state(state: dict, rate: float | None = None, path: str | os.Path
     return f.eval().requires_grad_(False), cfg
 
 
-def export(path: str | os.PathLike, emas: dict[float, nn.Module], cfg: RunConfig, step: int) -> Path:
-    """Write an export file: EMA weights + config only (a tenth of a resume file with Adam states)."""
+def export(path: str | os.PathLike, emas: dict[float, nn.Module], cfg: RunConfig, step: int,
+           accounting: dict | None = None) -> Path:
+    """Write an export file: EMA weights + config only (a tenth of a resume file with Adam states), and
+    the run's compute (cm.Accounting.summary) where given."""
     path = Path(path)
-    save_checkpoint(path, export_dict(cfg, {r: unwrap(m).state_dict() for r, m in emas.items()}, step))
+    d = export_dict(cfg, {r: unwrap(m).state_dict() for r, m in emas.items()}, step)
+    save_checkpoint(path, d | ({"accounting": accounting} if accounting is not None else {}))
     return path

@@ -89,6 +89,7 @@ class RunSection:
     sample_num: int = 64              # images per grid
     fid_every: int = 0                # steps between FIDs of one-step samples vs the training set (0: off)
     fid_samples: int = 5000           # samples per such FID (the papers' FIDs use 50,000: full.evaluate)
+    tensorboard: bool = False         # also write TensorBoard events into <run>/tb (pip install tensorboard)
     ts: tuple[int, ...] = (0, 11, 17)  # two-step grid levels, official index convention (cm.ts_to_sigmas)
     grid_steps: int = 18              # the grid size the ts indices refer to (formerly ts_grid)
     sigmas: tuple[float, ...] = ()    # two-step levels as numbers, e.g. (80.0, 0.821) [iCT, ECT]; replaces ts

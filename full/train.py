@@ -49,6 +49,7 @@ import torch.nn as nn
 import full
 from cm import (
     RECIPES,
+    Accounting,
     CMError,
     RunFolder,
     SharedDropout,
@@ -66,6 +67,11 @@ from cm import (
     recipe_loss,
     save_grid,
     schedule,
+    step_flops,
+    summary_line,
+    tensorboard_grids,
+    tensorboard_scalars,
+    tensorboard_writer,
 )
 from full import checkpoints, dist, evaluate
 from full.config import CLIParser, RunConfig, to_json, two_step_levels
@@ -130,6 +136,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.opt.precision == "fp16")
         self.metric = make_metric(cfg.cm, device) if cfg.cm.mode != "edm" else None
         self.step_k = 0
+        self.acc = Accounting(cfg.opt.batch, self.world)  # restore() continues the stored device hours
         self.bad_step = torch.zeros((), dtype=torch.long, device=device)  # first non-finite loss (0: none)
         self.bad_loss = torch.zeros((), device=device)
         # Different dropout masks and noise on each rank from here on (the init above was shared).
@@ -195,6 +202,18 @@ class Trainer:
         return {"step": k + 1, "loss": total, "N": sched.N, "mu": sched.mu, "stage": sched.stage,
                 "r": sched.r, "lr": lr}  # loss stays a device tensor; r: sCM's tangent warm-up
 
+    def measure_flops(self, x: torch.Tensor, labels: torch.Tensor | None) -> int:
+        """The FLOPs of one optimiser step of all processes: one microbatch's forward and backward of the
+        loss (cm.step_flops; no all-reduce), times the accumulation rounds and the processes."""
+        x = x[:self.micro].to(self.device)
+        if labels is not None:
+            labels = labels[:self.micro].to(self.device) if self.cfg.data.class_cond else None
+        sched = schedule(self.cfg.cm, self.step_k, self.cfg.opt.steps)
+        with dist.ddp_sync(self.ddp, False):
+            flops = step_flops(lambda: self.loss(x, labels, sched), self.model, self.device)
+        self.acc.flops_per_step = flops * self.accum * self.world
+        return self.acc.flops_per_step
+
     def first_nonfinite(self) -> str:
         """'' or 'loss is nan at step k' for the first step whose loss was NaN or inf (one host read)."""
         bad = int(self.bad_step)
@@ -211,7 +230,7 @@ class Trainer:
                 "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step_k,
                 "rng": {"cpu": [r["cpu"] for r in rngs], "cuda": [r["cuda"] for r in rngs]},
                 "data": {"start_step": self.step_k, "world": self.world, "batch": self.per_rank},
-                "config": dataclasses.asdict(self.cfg)}
+                "config": dataclasses.asdict(self.cfg), "accounting": self.acc.state()}
 
     def restore(self, state: dict, path: Path) -> None:
         """Load a resume dict; the RNG state last, so nothing built afterwards shifts it."""
@@ -229,6 +248,7 @@ class Trainer:
         except (ValueError, KeyError, RuntimeError) as e:
             raise CMError(f"{path}: the optimiser state does not fit ({e})") from None
         self.step_k = int(state["step"])
+        self.acc = Accounting(self.cfg.opt.batch, self.world, state.get("accounting"))
         rng = state["rng"]
         if len(rng["cpu"]) == self.world:
             torch.set_rng_state(rng["cpu"][self.rank])
@@ -401,6 +421,7 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
         dist.print0(f"resumed from {ckpt} at step {start}")
     last_ckpt = ckpt
     main = dist.rank() == 0
+    tb = tensorboard_writer(out, start, "run.tensorboard=True") if main and cfg.run.tensorboard else None
     if main:
         atomic_write(out / "config.json", lambda fh: fh.write(to_json(cfg).encode()))
         if not state:
@@ -413,11 +434,15 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
         bar = tqdm(initial=start, total=cfg.opt.steps, desc=f"{cfg.preset} {cfg.cm.mode}", mininterval=1.0,
                    disable=None, file=sys.stderr, dynamic_ncols=True)
     shape = (ds.channels, ds.resolution, ds.resolution)
-    t0 = t_log = time.time()
     k_log, rec, fid_cache = start, None, {}
+    first = next(loader) if tr.step_k < cfg.opt.steps else None
+    if first is not None:
+        tr.measure_flops(*first)
+    t0 = t_log = tr.acc.t0 = time.time()
     try:
         while tr.step_k < cfg.opt.steps:
-            x, y = next(loader)
+            x, y = first if first is not None else next(loader)
+            first = None
             rec = tr.step(x, y)
             k = tr.step_k
             log_now, ckpt_now = k % cfg.run.log_every == 0, k % cfg.run.ckpt_every == 0
@@ -430,9 +455,12 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
             if main and (log_now or k == cfg.opt.steps):
                 now = time.time()
                 rec.update({"loss": rec["loss"].item(), "sec": now - t0,
-                            "img/s": cfg.opt.batch * (k - k_log) / max(now - t_log, 1e-9)})
+                            "img/s": cfg.opt.batch * (k - k_log) / max(now - t_log, 1e-9),
+                            **tr.acc.fields(k)})
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+                if tb is not None:
+                    tensorboard_scalars(tb, rec, k, cfg.cm.mode)
                 k_log, t_log = k, now
                 bar.set_postfix({n: rec[n] for n in ("N", "stage") if rec[n]}, loss=f"{rec['loss']:.4g}",
                                 img_s=f"{rec['img/s']:.0f}")
@@ -447,23 +475,34 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
                 if on_checkpoint is not None:
                     on_checkpoint(k, last_ckpt)
             if main and (grid_now or k == cfg.opt.steps):
-                write_grids(cfg, tr.emas[cfg.ema.for_eval()], shape, out, k)
+                grids = write_grids(cfg, tr.emas[cfg.ema.for_eval()], shape, out, k)
+                if tb is not None:
+                    tensorboard_grids(tb, grids, k)
             if main and cfg.run.fid_every and k % cfg.run.fid_every == 0:
                 f_eval = tr.emas[cfg.ema.for_eval()]
                 fid = evaluate.fid_during_training(f_eval, cfg, shape, ds, out, fid_cache, dev)
                 if fid is not None:
                     bar.write(f"step {k}: FID {fid:.2f} ({cfg.run.fid_samples} one-step samples, "
                               "training set)")
-                    log.write(json.dumps({"step": k, "fid": fid, "sec": time.time() - t0}) + "\n")
+                    log.write(json.dumps({"step": k, "fid": fid, "sec": time.time() - t0,
+                                          "device_hours": tr.acc.device_hours()}) + "\n")
                     log.flush()
+                    if tb is not None:
+                        tb.add_scalar("fid", fid, k)
+        summary = tr.acc.summary(tr.step_k)
         if main:
-            checkpoints.export(out / "export.pt", tr.emas, cfg, tr.step_k)
+            checkpoints.export(out / "export.pt", tr.emas, cfg, tr.step_k, summary)
+            text = json.dumps(dataclasses.asdict(cfg) | {"accounting": summary}, indent=1).encode()
+            atomic_write(out / "config.json", lambda fh: fh.write(text))  # the settings, then the compute
+            bar.write(summary_line(summary), file=sys.stdout)
         dist.barrier()
     finally:
         if bar is not None:
             bar.close()
         if log is not None:
             log.close()
+        if tb is not None:
+            tb.close()
     return {"step": tr.step_k, "loss": float(rec["loss"]) if rec else None, "checkpoint": last_ckpt,
             "trainer": tr}
 

@@ -208,8 +208,8 @@ def test_nan_loss_stops_without_saving(tmp_path, capsys, monkeypatch):
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):  # the loss of cm.py for two steps, then NaN
-        calls["n"] += 1
-        return cm.recipe_loss(*args, **kwargs) * (float("nan") if calls["n"] > 2 else 1.0)
+        calls["n"] += 1  # the first call measures the FLOPs of a step (Trainer.measure_flops)
+        return cm.recipe_loss(*args, **kwargs) * (float("nan") if calls["n"] > 3 else 1.0)
 
     monkeypatch.setattr(full.train, "recipe_loss", poisoned)
     msg = _main_error(capsys, "--preset", "tiny-ct", f"run.out={str(tmp_path)!r}", "run.ckpt_every=1")

@@ -22,7 +22,8 @@ LAYERS = [["cm"],
           ["full.presets", "full.released", "full.released.guided_diffusion", "full.released.edm_pickle",
            "full.released.flax", "full.released.hub", "full.released.__main__", "full.diffusers_io"],
           ["full.checkpoints", "full.evaluate"],
-          ["full.train", "full.sample", "full.edit", "full.bench", "full.convert"],
+          ["full.train", "full.sample", "full.edit", "full.bench", "full.convert",
+           "full.plot_log"],
           ["scripts.compare", "scripts.gpu_check", "scripts.make_jax_fixture"]]
 LAYER = {m: i for i, names in enumerate(LAYERS) for m in names}
 
