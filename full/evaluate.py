@@ -344,6 +344,9 @@ def check_stats(mu: np.ndarray, sigma: np.ndarray, what: str) -> None:
     scale = max(1.0, float(np.abs(sigma).max(initial=0.0)))
     if not np.allclose(sigma, sigma.T, rtol=0, atol=1e-6 * scale) or (np.diagonal(sigma) < 0).any():
         raise CMError(f"{what}: sigma is not a covariance (not symmetric, or a negative variance)")
+    lowest = float(np.linalg.eigvalsh((sigma + sigma.T) / 2).min(initial=0.0))
+    if lowest < -1e-6 * scale:  # a covariance is positive semi-definite; otherwise FID can come out < 0
+        raise CMError(f"{what}: sigma is not a covariance (an eigenvalue of {lowest:.3g} < 0)")
 
 
 def evaluate(images, ref_mu: np.ndarray, ref_sigma: np.ndarray, extractor: Extractor,

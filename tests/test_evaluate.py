@@ -376,3 +376,21 @@ def test_import_has_no_side_effects():
     code = "import full.evaluate, sys; assert 'torch_fidelity' not in sys.modules; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+@given(st.integers(2, 6), st.lists(st.floats(0.0, 5.0), min_size=6, max_size=6), st.floats(0.05, 1.0),
+       st.integers(0, 2 ** 16))
+def test_reference_statistics_must_be_a_covariance(d, eigenvalues, negative, seed):
+    """sigma = Q diag(λ) Qᵀ with every λ >= 0 is a covariance and accepted; with one λ = -negative it is
+    not positive semi-definite (FID could come out below 0) and refused, though it is symmetric and its
+    diagonal, a mix of the λ, is mostly positive: [[1, 2], [2, 1]] has eigenvalues 3 and -1."""
+    lam = np.array(eigenvalues[:d])
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
+    psd = (q * lam) @ q.T
+    ev.check_stats(np.zeros(d), (psd + psd.T) / 2, "ref")
+    lam[0] = -negative * max(1.0, lam.max())
+    bad = (q * lam) @ q.T
+    with pytest.raises(cm.CMError, match="not a covariance"):
+        ev.check_stats(np.zeros(d), (bad + bad.T) / 2, "ref")
+    with pytest.raises(cm.CMError, match="eigenvalue"):
+        ev.check_stats(np.zeros(2), np.array([[1.0, 2.0], [2.0, 1.0]]), "ref")
