@@ -887,6 +887,34 @@ def generate(f: nn.Module, c: CMConfig, shape: Sequence[int], indices: Sequence[
     return torch.cat(xs), (torch.cat(ys) if num_classes else None)
 
 
+def ternary_search(criterion: Callable[[int], float], lo: int, hi: int) -> tuple[int, dict[int, float]]:
+    """argmin of a unimodal criterion on the integers lo..hi, and {index: value} of the ones evaluated (in
+    order, each once). Two inner points a third in from each end; the larger one's outer third goes (the
+    minimum cannot lie there), until at most 3 candidates are left, which are compared directly: about
+    2 log_{3/2}(hi - lo) evaluations. How the official scripts pick the middle index of two-step ts."""
+    if lo > hi:
+        raise ValueError(f"empty search range [{lo}, {hi}]")
+    tried: dict[int, float] = {}
+
+    def value(i: int) -> float:
+        if i not in tried:
+            v = float(criterion(i))
+            if math.isnan(v):
+                raise ValueError(f"the criterion at {i} is NaN")
+            tried[i] = v
+        return tried[i]
+
+    while hi - lo >= 3:
+        third = (hi - lo) // 3
+        m1, m2 = lo + third, hi - third
+        if value(m1) < value(m2):
+            hi = m2
+        else:
+            lo = m1
+    best = min(range(lo, hi + 1), key=value)
+    return best, tried
+
+
 # ----------------------------------------------------------------------------------------------
 # 8. Target network and evaluation EMA: both are θ_avg ← μ θ_avg + (1 - μ) θ
 
