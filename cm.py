@@ -915,6 +915,48 @@ def ternary_search(criterion: Callable[[int], float], lo: int, hi: int) -> tuple
     return best, tried
 
 
+def two_step_candidates(N: int, c: CMConfig, log_sigma: bool = False) -> list[float]:
+    """The N levels the two-step search indexes, descending from T to ε (the ends are never searched):
+    the Karras grid of the official ts convention (ts = 0, i, N-1), or N levels evenly spaced in log σ."""
+    if N < 3:
+        raise ValueError(f"the search needs a grid of >= 3 levels (ts = 0, i, N-1 with 0 < i < N-1), got {N}")
+    if log_sigma:
+        hi, lo = math.log(c.sigma_max), math.log(c.sigma_min)
+        return [math.exp(hi + j / (N - 1) * (lo - hi)) for j in range(N)]
+    return karras_sigmas(N, c.sigma_min, c.sigma_max, c.rho).flip(0).tolist()
+
+
+def search_two_step(score: Callable[[list[float]], float], N: int, c: CMConfig, log_sigma: bool = False,
+                    name: str = "criterion") -> dict:
+    """Ternary search of the two-step middle level: score(levels) of the samples of [T, σ_i], lower is
+    better, for i in 1..N-2 of two_step_candidates. Returns the rows tried, the evaluation order, the best
+    row, its levels and (on the Karras grid) its ts. The caller keeps the noise fixed across candidates."""
+    sigmas = two_step_candidates(N, c, log_sigma)
+    best, tried = ternary_search(lambda i: score([c.sigma_max, sigmas[i]]), 1, N - 2)
+    key = "sigma_index" if log_sigma else "ts_index"
+    rows = [{key: i, "sigma": sigmas[i], name: v} for i, v in sorted(tried.items())]
+    result = {"criterion": name, "space": "log-sigma" if log_sigma else "karras-grid", "grid_steps": N,
+              "tried": rows, "evaluated_in_order": list(tried),
+              "best": {key: best, "sigma": sigmas[best], name: tried[best]},
+              "levels": [c.sigma_max, sigmas[best]]}
+    if not log_sigma:
+        result["ts"] = [0, best, N - 1]
+    return result
+
+
+def search_table(result: dict) -> str:
+    """search_two_step's result as the printed table (one row per level tried) and the chosen flags."""
+    name, N, best = result["criterion"], result["grid_steps"], result["best"]
+    key = "ts_index" if "ts" in result else "sigma_index"
+    lines = [f"{'ts' if 'ts' in result else 'i':>4}  {'sigma':>10}  {name}"]
+    for r in result["tried"]:
+        mark = "  <- chosen" if r[key] == best[key] else ""
+        lines.append(f"{r[key]:>4}  {r['sigma']:>10.6g}  {r[name]:.6g}{mark}")
+    how = f"--ts 0,{best[key]},{N - 1} --grid-steps {N}" if "ts" in result else \
+        f"--sigmas {result['levels'][0]:g},{best['sigma']:.6g}"
+    return "\n".join(lines + [f"chosen: {how} ({name} {best[name]:.6g}, {len(result['tried'])} evaluations)"])
+
+
 # ----------------------------------------------------------------------------------------------
 # 8. Target network and evaluation EMA: both are θ_avg ← μ θ_avg + (1 - μ) θ
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -90,19 +89,6 @@ def load_mask(path: str, shape: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(m)[None, None].float()
 
 
-def search_candidates(grid_steps: int, by_sigma: bool, c) -> list[float]:
-    """The N middle levels the step search indexes (0 and N-1 are the ends, never searched): the
-    grid_steps-point Karras grid counted from T (the official ts convention), or with by_sigma N levels
-    evenly spaced in log σ from T down to ε."""
-    if grid_steps < 3:
-        raise CMError(f"--search-ts needs a grid of >= 3 levels (ts = 0, i, N-1 with 0 < i < N-1); "
-                      f"got --grid-steps {grid_steps}")
-    if by_sigma:
-        hi, lo = math.log(c.sigma_max), math.log(c.sigma_min)
-        return [math.exp(hi + j / (grid_steps - 1) * (lo - hi)) for j in range(grid_steps)]
-    return cm.karras_sigmas(grid_steps, c.sigma_min, c.sigma_max, c.rho).flip(0).tolist()
-
-
 def search_criterion(ref: str, cfg, shape, device, batch: int) -> tuple[str, Callable]:
     """(name, score) of the step search: score(x) of samples x (B, C, H, W) in [-1, 1], lower is better.
     FID against the statistics in `ref`; else, for digits, the digits feature distance to all 1,797."""
@@ -120,16 +106,18 @@ def search_criterion(ref: str, cfg, shape, device, batch: int) -> tuple[str, Cal
 
 def run_search(args, f, cm_sampling, cfg, shape, num_classes: int, labels, grid_steps: int,
                out: Path) -> dict:
-    """--search-ts: ternary search of the two-step middle level; prints the table, writes search.json."""
+    """--search-ts: cm.search_two_step with the criterion of search_criterion on --num-samples samples
+    drawn from the same seeds for every candidate; prints the table, writes search.json."""
     if args.num < 2:
         raise CMError("--search-ts needs --num-samples >= 2 (a distance between sample sets)")
-    sigmas = search_candidates(grid_steps, args.search_sigma, cfg.cm)
+    if grid_steps < 3:
+        raise CMError(f"--search-ts needs a grid of >= 3 levels (ts = 0, i, N-1 with 0 < i < N-1); "
+                      f"got --grid-steps {grid_steps}")
     name, score = search_criterion(args.ref, cfg, shape, next(f.parameters()).device, args.batch)
     mine = range(dist.rank(), args.num, dist.world())
     k = num_classes if cfg.data.class_cond else 0
 
-    def criterion(i: int) -> float:
-        levels = [cfg.cm.sigma_max, sigmas[i]]  # every candidate: the same seeds, so the same z and z'
+    def criterion(levels: list[float]) -> float:
         x, _ = generate(f, cm_sampling, shape, mine, levels, args.seed, grid_steps, k, labels, args.batch,
                         args.clip_denoised)
         parts = dist.all_gather_object((list(mine), x))
@@ -139,32 +127,16 @@ def run_search(args, f, cm_sampling, cfg, shape, num_classes: int, labels, grid_
             for idx, part in parts:
                 xs[idx] = part
             value = score(xs)
-            dist.print0(f"  {'sigma' if args.search_sigma else 'ts'} {i}: sigma {sigmas[i]:.6g}  "
-                        f"{name} {value:.6g}")
+            dist.print0(f"  sigma {levels[1]:.6g}: {name} {value:.6g}")
         return dist.all_gather_object(value)[0]
 
     try:
-        best, tried = cm.ternary_search(criterion, 1, grid_steps - 2)
+        result = cm.search_two_step(criterion, grid_steps, cfg.cm, args.search_sigma, name)
     except ValueError as e:  # a NaN criterion
         raise CMError(f"--search-ts: {e}") from None
-    key = "sigma_index" if args.search_sigma else "ts_index"
-    rows = [{key: i, "sigma": sigmas[i], name: v} for i, v in sorted(tried.items())]
-    result = {"criterion": name, "space": "log-sigma" if args.search_sigma else "karras-grid",
-              "grid_steps": grid_steps, "num_samples": args.num, "seed": args.seed,
-              "ref": args.ref or None, "tried": rows, "evaluated_in_order": list(tried),
-              "best": {key: best, "sigma": sigmas[best], name: tried[best]},
-              "levels": [cfg.cm.sigma_max, sigmas[best]]}
-    if not args.search_sigma:
-        result["ts"] = [0, best, grid_steps - 1]
+    result.update(num_samples=args.num, seed=args.seed, ref=args.ref or None)
     if dist.rank() == 0:
-        head = "ts" if not args.search_sigma else "i"
-        print(f"{head:>4}  {'sigma':>10}  {name}")
-        for r in rows:
-            mark = "  <- chosen" if r[key] == best else ""
-            print(f"{r[key]:>4}  {r['sigma']:>10.6g}  {r[name]:.6g}{mark}")
-        how = f"--ts 0,{best},{grid_steps - 1} --grid-steps {grid_steps}" if not args.search_sigma else \
-            f"--sigmas {cfg.cm.sigma_max:g},{sigmas[best]:.6g}"
-        print(f"chosen: {how} ({name} {tried[best]:.6g}, {len(tried)} evaluations)")
+        print(cm.search_table(result))
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "search.json", lambda fh: fh.write(json.dumps(result, indent=1).encode()))
         print(f"wrote {out / 'search.json'}")

@@ -193,8 +193,8 @@ def test_bad_inputs_are_one_line(digits_run, tmp_path, capsys, extra, message):
 
 def test_grid_of_fewer_than_three_levels_and_stray_flags(digits_run, tmp_path, capsys):
     _, cfg = checkpoints.model_from_state(checkpoints.load(digits_run))
-    with pytest.raises(cm.CMError, match=">= 3 levels"):
-        full.sample.search_candidates(2, False, cfg.cm)
+    with pytest.raises(ValueError, match=">= 3 levels"):
+        cm.search_two_step(lambda levels: 0.0, 2, cfg.cm)
     assert "belong to --search-ts" in error_of(capsys, ["--checkpoint", str(digits_run), "--search-sigma"])
 
 
