@@ -2134,11 +2134,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--checkpoint", "--sample", metavar="CKPT", dest="checkpoint",
                    help="write sample grids from a cm.py checkpoint and exit")
     p.add_argument("--print-config", action="store_true", help="print the run's settings and exit")
+    p.add_argument("--search-ts", action="store_true", help="with --checkpoint: pick the two-step middle "
+                   "level by a ternary search (energy distance on toy, digits feature distance on digits)")
+    p.add_argument("--search-sigma", action="store_true", help="--search-ts over log sigma instead")
+    p.add_argument("--num-samples", type=int, help="--search-ts: samples per candidate (default 1000)")
     args = vars(p.parse_args(argv))
     show = args.pop("print_config", False)
+    search = {k: args.pop(k) for k in ("search_ts", "search_sigma", "num_samples") if k in args}
     try:
         if args.get("resume") and args.get("overwrite"):
             raise CMError("--resume continues the run and --overwrite starts afresh: pass one of them")
+        if search and not (search.get("search_ts") and "checkpoint" in args):
+            raise CMError("--search-sigma and --num-samples go with --checkpoint CKPT --search-ts")
+        if search:
+            return search_cli(args.pop("checkpoint"), args, search.get("search_sigma", False),
+                              search.get("num_samples", 1000))
         if "checkpoint" in args:
             return sample_grids(args.pop("checkpoint"), args)
         cfg = config(**args)
@@ -2159,6 +2169,49 @@ def sample_grids(path: str, flags: dict) -> None:
     out = out_folder(flags.get("out") or Path(path).parent, make=True)
     write_grids(model.to(pick_device(cfg.device)), cfg, state["shape"], out, state["step"])
     print(f"wrote sample grids to {out}")
+
+
+def search_cli(path: str, flags: dict, log_sigma: bool, n: int) -> dict:
+    """--checkpoint CKPT --search-ts: search_two_step on n samples of the checkpoint's EMA (seeds seed + i
+    for every candidate) against one fixed draw of the data: the energy distance to 2,000 ring points
+    (toy), the digits feature distance to the 1,797 digits; prints the table, writes <out>/search.json."""
+    state = load_checkpoint(path)
+    model, cfg = model_from_checkpoint(state)
+    keep = ("grid_steps", "seed", "device")
+    if set(flags) - {*keep, "out"}:
+        raise CMError("--search-ts takes --grid-steps, --seed, --device, --out and --num-samples; not "
+                      + ", ".join("--" + k.replace("_", "-") for k in sorted(set(flags) - {*keep, "out"})))
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if k in keep})
+    if cfg.cm.mode == "edm":
+        raise CMError(f"{path} is an edm denoiser (Heun sampler); --search-ts is for consistency models")
+    if n < 2:
+        raise CMError("--search-ts needs --num-samples >= 2 (a distance between sample sets)")
+    if cfg.dataset == "toy":
+        real, name, dist = toy_ring(2000, torch.Generator().manual_seed(cfg.seed + 123)), "energy_distance", \
+            energy_distance
+    elif cfg.dataset == "digits":
+        real, net, name = load_digits(), digits_classifier(verbose=False), "digits_feature_distance"
+        dist = lambda x, y: digits_feature_distance(x, y, net)  # noqa: E731
+    else:
+        raise CMError(f"--search-ts scores the toy and digits data; for {cfg.dataset} use "
+                      "python -m full.sample --search-ts --ref STATS.npz (FID)")
+    model = model.to(pick_device(cfg.device))
+
+    def score(levels: list[float]) -> float:
+        value = dist(generate(model, cfg.cm, state["shape"], range(n), levels, cfg.seed)[0], real)
+        print(f"  sigma {levels[1]:.6g}: {name} {value:.6g}", flush=True)
+        return value
+
+    try:
+        result = search_two_step(score, cfg.grid_steps, cfg.cm, log_sigma, name)
+    except ValueError as e:
+        raise CMError(f"--search-ts: {e}") from None
+    result.update(num_samples=n, seed=cfg.seed)
+    print(search_table(result))
+    out = out_folder(flags.get("out") or Path(path).parent, make=True)
+    atomic_write(out / "search.json", lambda fh: fh.write(json.dumps(result, indent=1).encode()))
+    print(f"wrote {out / 'search.json'}")
+    return result
 
 
 if __name__ == "__main__":

@@ -207,3 +207,52 @@ def test_edm_checkpoint_and_other_data_are_one_line(edm_export, digits_run, tmp_
     other = checkpoints.export(tmp_path / "other.pt", {cfg.ema.eval_rate: f}, cfg, step=0)
     assert "needs --ref" in error_of(capsys, ["--checkpoint", str(other), "--search-ts",
                                               "--out", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------------------------
+# cm.py --checkpoint CKPT --search-ts (its toy and digits checkpoints)
+
+TINY = dict(dataset="toy", channels=32, batch_size=64, log_every=5, ckpt_every=10, device="cpu", report=False)
+
+
+@pytest.fixture(scope="module")
+def toy_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    cm.train(cm.config(mode="ct", steps=10, out=str(out / "ct"), **TINY))
+    cm.train(cm.config(mode="edm", steps=2, out=str(out / "edm"), **TINY))
+    return out / "ct" / "ckpt.pt", out / "edm" / "ckpt.pt"
+
+
+def cm_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "cm.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=ENV)
+
+
+def test_cm_cli_searches_by_energy_distance(toy_runs, tmp_path):
+    p = cm_cli("--checkpoint", str(toy_runs[0]), "--search-ts", "--num-samples", "300", "--grid-steps", "9",
+               "--seed", "2", "--out", str(tmp_path))
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows, res = table(p.stdout), json.loads((tmp_path / "search.json").read_text())
+    assert res["criterion"] == "energy_distance" and [r[0] for r in rows] == sorted(res["evaluated_in_order"])
+    best = min(res["tried"], key=lambda t: t["energy_distance"])
+    assert res["best"] == best and [r[0] for r in rows if r[3]] == [best["ts_index"]]
+    model, cfg = cm.model_from_checkpoint(cm.load_checkpoint(toy_runs[0]))
+    real = cm.toy_ring(2000, torch.Generator().manual_seed(2 + 123))
+    for t in res["tried"]:
+        assert t["sigma"] == pytest.approx(karras(t["ts_index"], 9), rel=1e-5)
+        x, _ = cm.generate(model, cfg.cm, (2,), range(300), [80.0, karras(t["ts_index"], 9)], seed=2)
+        assert cm.energy_distance(x, real) == pytest.approx(t["energy_distance"], rel=1e-5)
+
+
+@pytest.mark.parametrize("which, extra, message", [
+    (1, [], "edm denoiser"),
+    (0, ["--ts", "0,3,17"], "not --ts"),
+    (0, ["--grid-steps", "2"], ">= 3 levels"),
+    (0, ["--num-samples", "1"], "--num-samples >= 2"),
+    (None, ["--search-sigma"], "go with --checkpoint"),
+])
+def test_cm_cli_bad_inputs_are_one_line(toy_runs, tmp_path, which, extra, message):
+    ckpt = [] if which is None else ["--checkpoint", str(toy_runs[which]), "--search-ts"]
+    p = cm_cli(*ckpt, *extra, "--out", str(tmp_path))
+    err = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
