@@ -24,7 +24,8 @@ i, N-1 of a `--grid-steps` grid with i in 1..N-2, or with `--search-sigma` the i
 evenly in log σ between ε and T (the ends excluded). Each candidate samples `--num-samples` images from
 the same seeds and is scored by FID against `--ref` statistics (full.evaluate), or without `--ref`, for a
 digits run, by cm.digits_feature_distance to the digits data set. The table of the levels tried and the
-chosen one are printed and written to `<out>/search.json`.
+chosen one are printed and written to `<out>/search.json`. (`python cm.py --checkpoint CKPT --search-ts`
+runs the same cm.search_two_step on a cm.py checkpoint.)
 """
 from __future__ import annotations
 
@@ -110,9 +111,6 @@ def run_search(args, f, cm_sampling, cfg, shape, num_classes: int, labels, grid_
     drawn from the same seeds for every candidate; prints the table, writes search.json."""
     if args.num < 2:
         raise CMError("--search-ts needs --num-samples >= 2 (a distance between sample sets)")
-    if grid_steps < 3:
-        raise CMError(f"--search-ts needs a grid of >= 3 levels (ts = 0, i, N-1 with 0 < i < N-1); "
-                      f"got --grid-steps {grid_steps}")
     name, score = search_criterion(args.ref, cfg, shape, next(f.parameters()).device, args.batch)
     mine = range(dist.rank(), args.num, dist.world())
     k = num_classes if cfg.data.class_cond else 0
@@ -132,7 +130,7 @@ def run_search(args, f, cm_sampling, cfg, shape, num_classes: int, labels, grid_
 
     try:
         result = cm.search_two_step(criterion, grid_steps, cfg.cm, args.search_sigma, name)
-    except ValueError as e:  # a NaN criterion
+    except ValueError as e:  # a grid of < 3 levels, a NaN criterion
         raise CMError(f"--search-ts: {e}") from None
     result.update(num_samples=args.num, seed=args.seed, ref=args.ref or None)
     if dist.rank() == 0:
