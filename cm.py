@@ -887,6 +887,76 @@ def generate(f: nn.Module, c: CMConfig, shape: Sequence[int], indices: Sequence[
     return torch.cat(xs), (torch.cat(ys) if num_classes else None)
 
 
+def ternary_search(criterion: Callable[[int], float], lo: int, hi: int) -> tuple[int, dict[int, float]]:
+    """argmin of a unimodal criterion on the integers lo..hi, and {index: value} of the ones evaluated (in
+    order, each once). Two inner points a third in from each end; the larger one's outer third goes (the
+    minimum cannot lie there), until at most 3 candidates are left, which are compared directly: about
+    2 log_{3/2}(hi - lo) evaluations. How the official scripts pick the middle index of two-step ts."""
+    if lo > hi:
+        raise ValueError(f"empty search range [{lo}, {hi}]")
+    tried: dict[int, float] = {}
+
+    def value(i: int) -> float:
+        if i not in tried:
+            v = float(criterion(i))
+            if math.isnan(v):
+                raise ValueError(f"the criterion at {i} is NaN")
+            tried[i] = v
+        return tried[i]
+
+    while hi - lo >= 3:
+        third = (hi - lo) // 3
+        m1, m2 = lo + third, hi - third
+        if value(m1) < value(m2):
+            hi = m2
+        else:
+            lo = m1
+    best = min(range(lo, hi + 1), key=value)
+    return best, tried
+
+
+def two_step_candidates(N: int, c: CMConfig, log_sigma: bool = False) -> list[float]:
+    """The N levels the two-step search indexes, descending from T to ε (the ends are never searched):
+    the Karras grid of the official ts convention (ts = 0, i, N-1), or N levels evenly spaced in log σ."""
+    if N < 3:
+        raise ValueError(f"the search needs a grid of >= 3 levels (ts = 0, i, N-1 with 0 < i < N-1), got {N}")
+    if log_sigma:
+        hi, lo = math.log(c.sigma_max), math.log(c.sigma_min)
+        return [math.exp(hi + j / (N - 1) * (lo - hi)) for j in range(N)]
+    return karras_sigmas(N, c.sigma_min, c.sigma_max, c.rho).flip(0).tolist()
+
+
+def search_two_step(score: Callable[[list[float]], float], N: int, c: CMConfig, log_sigma: bool = False,
+                    name: str = "criterion") -> dict:
+    """Ternary search of the two-step middle level: score(levels) of the samples of [T, σ_i], lower is
+    better, for i in 1..N-2 of two_step_candidates. Returns the rows tried, the evaluation order, the best
+    row, its levels and (on the Karras grid) its ts. The caller keeps the noise fixed across candidates."""
+    sigmas = two_step_candidates(N, c, log_sigma)
+    best, tried = ternary_search(lambda i: score([c.sigma_max, sigmas[i]]), 1, N - 2)
+    key = "sigma_index" if log_sigma else "ts_index"
+    rows = [{key: i, "sigma": sigmas[i], name: v} for i, v in sorted(tried.items())]
+    result = {"criterion": name, "space": "log-sigma" if log_sigma else "karras-grid", "grid_steps": N,
+              "tried": rows, "evaluated_in_order": list(tried),
+              "best": {key: best, "sigma": sigmas[best], name: tried[best]},
+              "levels": [c.sigma_max, sigmas[best]]}
+    if not log_sigma:
+        result["ts"] = [0, best, N - 1]
+    return result
+
+
+def search_table(result: dict) -> str:
+    """search_two_step's result as the printed table (one row per level tried) and the chosen flags."""
+    name, N, best = result["criterion"], result["grid_steps"], result["best"]
+    key = "ts_index" if "ts" in result else "sigma_index"
+    lines = [f"{'ts' if 'ts' in result else 'i':>4}  {'sigma':>10}  {name}"]
+    for r in result["tried"]:
+        mark = "  <- chosen" if r[key] == best[key] else ""
+        lines.append(f"{r[key]:>4}  {r['sigma']:>10.6g}  {r[name]:.6g}{mark}")
+    how = f"--ts 0,{best[key]},{N - 1} --grid-steps {N}" if "ts" in result else \
+        f"--sigmas {result['levels'][0]:g},{best['sigma']:.6g}"
+    return "\n".join(lines + [f"chosen: {how} ({name} {best[name]:.6g}, {len(result['tried'])} evaluations)"])
+
+
 # ----------------------------------------------------------------------------------------------
 # 8. Target network and evaluation EMA: both are θ_avg ← μ θ_avg + (1 - μ) θ
 
@@ -2223,12 +2293,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--checkpoint", "--sample", metavar="CKPT", dest="checkpoint",
                    help="write sample grids from a cm.py checkpoint and exit")
     p.add_argument("--print-config", action="store_true", help="print the run's settings and exit")
+    p.add_argument("--search-ts", action="store_true", help="with --checkpoint: pick the two-step middle "
+                   "level by a ternary search (energy distance on toy, digits feature distance on digits)")
+    p.add_argument("--search-sigma", action="store_true", help="--search-ts over log sigma instead")
+    p.add_argument("--num-samples", type=int, help="--search-ts: samples per candidate (default 1000)")
     args = vars(p.parse_args(argv))
     show = args.pop("print_config", False)
+    search = {k: args.pop(k) for k in ("search_ts", "search_sigma", "num_samples") if k in args}
     try:
         if args.get("resume") and args.get("overwrite"):
             raise CMError("--resume continues the run and --overwrite starts afresh: pass one of them")
+        if search and not (search.get("search_ts") and "checkpoint" in args):
+            raise CMError("--search-sigma and --num-samples go with --checkpoint CKPT --search-ts")
         with interrupts_as_errors():
+            if search:
+                return search_cli(args.pop("checkpoint"), args, search.get("search_sigma", False),
+                                  search.get("num_samples", 1000))
             if "checkpoint" in args:
                 return sample_grids(args.pop("checkpoint"), args)
             cfg = config(**args)
@@ -2249,6 +2329,49 @@ def sample_grids(path: str, flags: dict) -> None:
     out = out_folder(flags.get("out") or Path(path).parent, make=True)
     write_grids(model.to(pick_device(cfg.device)), cfg, state["shape"], out, state["step"])
     print(f"wrote sample grids to {out}")
+
+
+def search_cli(path: str, flags: dict, log_sigma: bool, n: int) -> dict:
+    """--checkpoint CKPT --search-ts: search_two_step on n samples of the checkpoint's EMA (seeds seed + i
+    for every candidate) against one fixed draw of the data: the energy distance to 2,000 ring points
+    (toy), the digits feature distance to the 1,797 digits; prints the table, writes <out>/search.json."""
+    state = load_checkpoint(path)
+    model, cfg = model_from_checkpoint(state)
+    keep = ("grid_steps", "seed", "device")
+    if set(flags) - {*keep, "out"}:
+        raise CMError("--search-ts takes --grid-steps, --seed, --device, --out and --num-samples; not "
+                      + ", ".join("--" + k.replace("_", "-") for k in sorted(set(flags) - {*keep, "out"})))
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if k in keep})
+    if cfg.cm.mode == "edm":
+        raise CMError(f"{path} is an edm denoiser (Heun sampler); --search-ts is for consistency models")
+    if n < 2:
+        raise CMError("--search-ts needs --num-samples >= 2 (a distance between sample sets)")
+    if cfg.dataset == "toy":
+        real, name, dist = toy_ring(2000, torch.Generator().manual_seed(cfg.seed + 123)), "energy_distance", \
+            energy_distance
+    elif cfg.dataset == "digits":
+        real, net, name = load_digits(), digits_classifier(verbose=False), "digits_feature_distance"
+        dist = lambda x, y: digits_feature_distance(x, y, net)  # noqa: E731
+    else:
+        raise CMError(f"--search-ts scores the toy and digits data; for {cfg.dataset} use "
+                      "python -m full.sample --search-ts --ref STATS.npz (FID)")
+    model = model.to(pick_device(cfg.device))
+
+    def score(levels: list[float]) -> float:
+        value = dist(generate(model, cfg.cm, state["shape"], range(n), levels, cfg.seed)[0], real)
+        print(f"  sigma {levels[1]:.6g}: {name} {value:.6g}", flush=True)
+        return value
+
+    try:
+        result = search_two_step(score, cfg.grid_steps, cfg.cm, log_sigma, name)
+    except ValueError as e:
+        raise CMError(f"--search-ts: {e}") from None
+    result.update(num_samples=n, seed=cfg.seed)
+    print(search_table(result))
+    out = out_folder(flags.get("out") or Path(path).parent, make=True)
+    atomic_write(out / "search.json", lambda fh: fh.write(json.dumps(result, indent=1).encode()))
+    print(f"wrote {out / 'search.json'}")
+    return result
 
 
 if __name__ == "__main__":

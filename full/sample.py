@@ -4,6 +4,7 @@
     python -m full.sample --checkpoint runs/cifar10-cd-lpips/export.pt --num 64 --ts 0,11,17 --grid-steps 18
     torchrun --standalone --nproc_per_node=8 -m full.sample --checkpoint ... --num-samples 50000
     python -m full.sample --checkpoint ... --edit inpaint --reference img.png --mask mask.png
+    python -m full.sample --checkpoint runs/cifar10-cd-lpips/export.pt --search-ts --ref ref.npz --num 5000
 
 Samplers [CM Alg. 1]. One step: x = f(T z, T) (cm.sample_onestep). Multistep: the descending levels
 τ_1 > τ_2 > ... of cm.sample_multistep; `--ts` takes them in the official index convention (ascending
@@ -16,19 +17,30 @@ from torch.Generator().manual_seed(seed + i) on the CPU, so images do not depend
 device count or the rank that draws them (EDM's per-seed idea). Under torchrun rank r draws i = r, r+W, ...
 and rank 0 gathers and writes `<out>/samples.png` (the first 64) and `<out>/samples.npz` (arr_0 uint8
 (N, H, W, C), arr_1 int64 labels when class-conditional), the format FID tools read.
+
+Step search (`--search-ts`). The middle level of two-step sampling is picked by a ternary search
+(cm.ternary_search), as the official scripts/ternary_search.py picks it for the released models: ts = 0,
+i, N-1 of a `--grid-steps` grid with i in 1..N-2, or with `--search-sigma` the i-th of N levels spaced
+evenly in log σ between ε and T (the ends excluded). Each candidate samples `--num-samples` images from
+the same seeds and is scored by FID against `--ref` statistics (full.evaluate), or without `--ref`, for a
+digits run, by cm.digits_feature_distance to the digits data set. The table of the levels tried and the
+chosen one are printed and written to `<out>/search.json`. (`python cm.py --checkpoint CKPT --search-ts`
+runs the same cm.search_two_step on a cm.py checkpoint.)
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import cm
 from cm import (
     CMError,
     atomic_write,
@@ -90,6 +102,57 @@ def load_mask(path: str, shape: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(m)[None, None].float()
 
 
+def search_criterion(ref: str, cfg, shape, device, batch: int) -> tuple[str, Callable]:
+    """(name, score) of the step search: score(x) of samples x (B, C, H, W) in [-1, 1], lower is better.
+    FID against the statistics in `ref`; else, for digits, the digits feature distance to all 1,797."""
+    if ref:
+        from full import evaluate as ev
+        mu, sigma, _ = ev.load_stats(ref)
+        extractor = ev.make_extractor(device)
+        return "fid", lambda x: ev.evaluate(to_uint8(x, cfg.run.uint8), mu, sigma, extractor, batch)["fid"]
+    if cfg.data.name == "digits" and tuple(shape) == (1, 8, 8):
+        real, net = cm.load_digits(), cm.digits_classifier(verbose=False)
+        return "digits_feature_distance", lambda x: cm.digits_feature_distance(x, real, net)
+    raise CMError(f"--search-ts needs --ref STATS.npz (FID; python -m full.evaluate --make-ref) for "
+                  f"data.name={cfg.data.name!r} at {tuple(shape)}; without it only 8x8 digits are scored")
+
+
+def run_search(args, f, cm_sampling, cfg, shape, num_classes: int, labels, grid_steps: int,
+               out: Path) -> dict:
+    """--search-ts: cm.search_two_step with the criterion of search_criterion on --num-samples samples
+    drawn from the same seeds for every candidate; prints the table, writes search.json."""
+    if args.num < 2:
+        raise CMError("--search-ts needs --num-samples >= 2 (a distance between sample sets)")
+    name, score = search_criterion(args.ref, cfg, shape, next(f.parameters()).device, args.batch)
+    mine = range(dist.rank(), args.num, dist.world())
+    k = num_classes if cfg.data.class_cond else 0
+
+    def criterion(levels: list[float]) -> float:
+        x, _ = generate(f, cm_sampling, shape, mine, levels, args.seed, grid_steps, k, labels, args.batch,
+                        args.clip_denoised)
+        parts = dist.all_gather_object((list(mine), x))
+        value = None
+        if dist.rank() == 0:
+            xs = torch.empty((args.num, *x.shape[1:]))
+            for idx, part in parts:
+                xs[idx] = part
+            value = score(xs)
+            dist.print0(f"  sigma {levels[1]:.6g}: {name} {value:.6g}")
+        return dist.all_gather_object(value)[0]
+
+    try:
+        result = cm.search_two_step(criterion, grid_steps, cfg.cm, args.search_sigma, name)
+    except ValueError as e:  # a grid of < 3 levels, a NaN criterion
+        raise CMError(f"--search-ts: {e}") from None
+    result.update(num_samples=args.num, seed=args.seed, ref=args.ref or None)
+    if dist.rank() == 0:
+        print(cm.search_table(result))
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "search.json", lambda fh: fh.write(json.dumps(result, indent=1).encode()))
+        print(f"wrote {out / 'search.json'}")
+    return result
+
+
 class ClampDenoised(torch.nn.Module):
     """f (or D) with its output clamped to [-1, 1], as the official sampler's `clip_denoised=True`."""
 
@@ -122,6 +185,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--grid-steps", type=int, default=None,
                    help="grid size the --ts indices refer to (default: the checkpoint's)")
     p.add_argument("--sigmas", default="", help="multistep levels as numbers, descending, e.g. 80,0.8")
+    p.add_argument("--search-ts", action="store_true",
+                   help="pick the two-step middle level by a ternary search (ts = 0,i,N-1 of --grid-steps); "
+                        "FID against --ref, else the digits feature distance; writes <out>/search.json")
+    p.add_argument("--search-sigma", action="store_true",
+                   help="--search-ts over --grid-steps levels evenly spaced in log sigma instead")
+    p.add_argument("--ref", default="", help="--search-ts: FID reference statistics (.npz of full.evaluate)")
     p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
                    help="clamp every denoised step to [-1, 1] before re-noising (default: the run's "
                         "run.clamp_mid; the CM samplers clamp, ECT's does not)")
@@ -158,6 +227,11 @@ def sample(args) -> None:
     out = out_folder(args.out or Path(args.checkpoint).parent, make=True)  # fails before sampling
     if not os.access(out, os.W_OK):
         raise CMError(f"cannot write into {out}: not writable")
+    if (args.search_sigma or args.ref) and not args.search_ts:
+        raise CMError("--search-sigma and --ref belong to --search-ts")
+    if args.search_ts and (args.ts or args.sigmas or args.edit or args.sampler not in ("", "multistep")):
+        raise CMError("--search-ts picks the levels itself: give it no --ts, --sigmas, --edit or "
+                      "--sampler other than multistep")
     dev = dist.init(args.device)
     state = checkpoints.load(args.checkpoint, args.arch, args.kind)
     f, cfg = checkpoints.model_from_state(state, args.ema, args.checkpoint)
@@ -165,10 +239,11 @@ def sample(args) -> None:
     if args.clip_denoised is None:
         args.clip_denoised = cfg.run.clamp_mid
     f, cm_sampling = for_sampling(cfg, f)
-    if cfg.cm.mode == "edm" and (args.ts or args.sigmas or args.grid_steps) and not args.edit:
+    if cfg.cm.mode == "edm" and (args.ts or args.sigmas or args.grid_steps or args.search_ts) \
+            and not args.edit:
         raise CMError(
-            f"{args.checkpoint} is an edm denoiser, sampled with EDM's Heun sampler; --ts, "
-            "--sigmas and --grid-steps are for consistency models (--steps sets the Heun levels)"
+            f"{args.checkpoint} is an edm denoiser, sampled with EDM's Heun sampler; --ts, --sigmas, "
+            "--grid-steps and --search-ts are for consistency models (--steps sets the Heun levels)"
         )
     grid_steps = args.grid_steps or cfg.run.grid_steps
     net = cfg.net
@@ -188,6 +263,9 @@ def sample(args) -> None:
                       "--class-labels given, but the model is not class-conditional")
     if args.edit:
         return run_edit_cli(args, f, cfg, shape, out)
+    if args.search_ts:
+        run_search(args, f, cm_sampling, cfg, shape, num_classes, labels, grid_steps, out)
+        return
     heun = cfg.cm.mode == "edm"
     if args.sampler and (args.sampler == "heun") != heun:
         raise CMError(f"--sampler {args.sampler} does not fit this checkpoint: it is "
