@@ -1246,6 +1246,20 @@ def interrupts_as_errors():
     return scope()
 
 
+def log_line(fh, rec: dict) -> None:
+    """One record of log.jsonl as one unbuffered write of one line: a failed write (a full disk) is a one-line
+    CMError, and a part-written line is cut off so that every line of the log stays a whole record."""
+    end = fh.seek(0, os.SEEK_END)
+    try:
+        fh.write((json.dumps(rec) + "\n").encode())
+    except OSError as e:
+        try:
+            os.truncate(fh.name, end)
+        except OSError:
+            pass
+        raise CMError(f"cannot write {fh.name}: {e.strerror or e}") from None
+
+
 def remove_stale_temporaries(folder: Path) -> None:
     """atomic_write's temporary files left by killed processes (kill -9): the pid in the name is gone."""
     for tmp in folder.glob(".*.tmp"):
@@ -2108,7 +2122,7 @@ class Run:
         self.acc.flops_per_step = step_flops(lambda: self.loss(s0), self.model, self.dev)
         t0 = t_log = t_grid = self.acc.t0 = time.time()
         step_log = self.step
-        with open(self.out / "log.jsonl", "a" if self.resumed else "w") as log:
+        with open(self.out / "log.jsonl", "ab" if self.resumed else "wb", buffering=0) as log:
             while self.step < cfg.steps:
                 loss, s = self.train_step()
                 bad = torch.where((bad == 0) & ~torch.isfinite(loss), self.step, bad)
@@ -2131,8 +2145,7 @@ class Run:
                     if bar is not None:
                         bar.set_postfix({n: rec[n] for n in ("N", "stage") if rec[n]},
                                         loss=f"{rec['loss']:.4g}", mu=f"{s.mu:.4f}", img_s=f"{ips:.0f}")
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
+                    log_line(log, rec)
                 if ckpt_now:  # before the grids: they may fail
                     self.save()
                 if grid_now or k == cfg.steps:

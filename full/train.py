@@ -63,6 +63,7 @@ from cm import (
     grid_name,
     interrupts_as_errors,
     keeps_target_copy,
+    log_line,
     make_metric,
     recipe_loss,
     save_grid,
@@ -427,7 +428,7 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
         if not state:
             (out / "log.jsonl").write_text("")
     dist.barrier()
-    log = open(out / "log.jsonl", "a") if main else None  # closed in the finally below
+    log = open(out / "log.jsonl", "ab", buffering=0) if main else None  # closed in the finally below
     bar = None
     if main:
         from tqdm import tqdm
@@ -457,8 +458,7 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
                 rec.update({"loss": rec["loss"].item(), "sec": now - t0,
                             "img/s": cfg.opt.batch * (k - k_log) / max(now - t_log, 1e-9),
                             **tr.acc.fields(k)})
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                log_line(log, rec)
                 if tb is not None:
                     tensorboard_scalars(tb, rec, k, cfg.cm.mode)
                 k_log, t_log = k, now
@@ -484,9 +484,8 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
                 if fid is not None:
                     bar.write(f"step {k}: FID {fid:.2f} ({cfg.run.fid_samples} one-step samples, "
                               "training set)")
-                    log.write(json.dumps({"step": k, "fid": fid, "sec": time.time() - t0,
-                                          "device_hours": tr.acc.device_hours()}) + "\n")
-                    log.flush()
+                    log_line(log, {"step": k, "fid": fid, "sec": time.time() - t0,
+                                   "device_hours": tr.acc.device_hours()})
                     if tb is not None:
                         tb.add_scalar("fid", fid, k)
         summary = tr.acc.summary(tr.step_k)

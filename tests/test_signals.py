@@ -89,3 +89,28 @@ def test_ctrl_c_stops_full_train_in_one_line(tmp_path):
     assert p.returncode == 1, err
     assert err.strip().splitlines()[-1].startswith("error: stopped by Ctrl-C") and "Traceback" not in err
     assert not list(Path(out).glob(".*.tmp"))
+
+
+def test_a_failed_log_write_is_one_line_and_leaves_whole_records(tmp_path):
+    """A full disk in the middle of a log line: CMError naming the file, and the half line is cut off, so
+    every line of log.jsonl still parses."""
+    import errno
+    import json
+
+    class HalfThenFull:  # writes half of what it is given, then fails as a full disk does
+        def __init__(self, fh):
+            self.fh, self.name = fh, fh.name
+
+        def seek(self, *a):
+            return self.fh.seek(*a)
+
+        def write(self, b):
+            self.fh.write(b[:len(b) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    path = tmp_path / "log.jsonl"
+    with open(path, "ab", buffering=0) as fh:
+        cm.log_line(fh, {"step": 1, "loss": 0.5})
+        with pytest.raises(cm.CMError, match="No space left"):
+            cm.log_line(HalfThenFull(fh), {"step": 2, "loss": 0.25})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1, "loss": 0.5}]
