@@ -1525,7 +1525,7 @@ def out_folder(path: str | os.PathLike, make: bool = False) -> Path:
     out = Path(path)
     try:
         if out.exists() and not out.is_dir():
-            raise CMError(f"--out {out} is a file, not a folder")
+            raise CMError(f"the output folder {out} is a file, not a folder")
     except OSError as e:  # a name too long for the file system, a loop of links
         raise CMError(f"cannot use {str(out)[:80]} as the run folder: {e.strerror or e}") from None
     if make:
