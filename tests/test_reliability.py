@@ -270,7 +270,7 @@ def bad_input_cases(runs: Path, tmp: Path) -> list[tuple[str, list[str], str]]:
                          "--reference", str(tmp / "no-arr0.npz")], "arr_0"),
         ("full.sample", ["--checkpoint", str(ct), "--edit", "denoise", "--sigmas", "0.5", "--out", str(tmp),
                          "--reference", str(ct)], "cannot read image"),
-        ("full.sample", ["--checkpoint", str(ct), "--num-samples", "0"], "--num-samples >= 1"),
+        ("full.sample", ["--checkpoint", str(ct), "--num-samples", "0"], "1 <= --num-samples"),
         # full.evaluate
         *[("full.evaluate", [str(samples), "--ref", str(tmp / f"{n}.npz")], m)
           for n, m in (("nan-sigma", "NaN"), ("nan-mu", "NaN"), ("asym", "not a covariance"))],
