@@ -532,7 +532,10 @@ def trig_jvp(F: Callable, x_t: Tensor, t: Tensor, dxdt: Tensor, how: str = "exac
     No gradient flows through either (θ⁻ = stopgrad θ)."""
     with torch.no_grad():
         if how == "exact":  # attention on its math kernel: CUDA's fused kernels have no forward-mode AD
-            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            math_kernel = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
+            with math_kernel, warnings.catch_warnings():
+                # torch's own forward-mode decompositions still call torch.jit.script on first use
+                warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
                 return torch.func.jvp(F, (x_t, t), (dxdt, torch.ones_like(t)))
         h = FD_STEP
         ahead, back = F(x_t + h * dxdt, t + h), F(x_t - h * dxdt, t - h)
