@@ -36,6 +36,7 @@ trainer's settings · 13 the trainer · 14 command line. Importing this module h
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -44,8 +45,10 @@ import json
 import math
 import os
 import re
+import signal
 import stat
 import sys
+import threading
 import time
 import typing
 import warnings
@@ -226,7 +229,6 @@ def read_hub_weights(url: str, what: str) -> dict:
     """The tensors of a weight file in torch.hub's cache (downloaded once), read before any library sees
     them: the sha256 prefix in the file's name is checked and the file is loaded with weights_only=True, so
     a file planted or corrupted in the cache can neither run code nor pass as the real weights."""
-    import hashlib
     import socket
 
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
@@ -251,9 +253,16 @@ def read_hub_weights(url: str, what: str) -> dict:
     if not sha.hexdigest().startswith(prefix):
         raise CMError(f"{what} weights {path}: sha256 {sha.hexdigest()[:12]}... is not the {prefix}... its "
                       "name states (a corrupt or replaced file): delete it to download it again")
+    return read_tensors(path, what)
+
+
+def read_tensors(path: str | os.PathLike, what: str) -> dict:
+    """A state dict of tensors from a weight file, read with weights_only=True: no file can run code."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickled code, a text file, a truncated zip
         raise CMError(f"{what} weights {path}: not a weights-only PyTorch file ({type(e).__name__})"
                       ) from None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
@@ -1224,29 +1233,24 @@ def exit_on(e: CMError):
     raise SystemExit(1) from None
 
 
+def _raise_sigterm(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
+
+
+@contextlib.contextmanager
 def interrupts_as_errors():
     """Ctrl-C and SIGTERM (torchrun's, a scheduler's) stop a command as a one-line CMError after the clean-ups
     run: a file being written is abandoned with its temporary file removed, the last complete one stays."""
-    import contextlib
-    import signal
-    import threading
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
-
-    @contextlib.contextmanager
-    def scope():
-        main = threading.current_thread() is threading.main_thread()
-        old = signal.signal(signal.SIGTERM, on_term) if main else None
-        try:
-            yield
-        except KeyboardInterrupt as e:
-            raise CMError(f"stopped by {e.args[0] if e.args else 'Ctrl-C'}; every file written so far is "
-                          "complete (a run keeps its last checkpoint: --resume continues it)") from None
-        finally:
-            if old is not None:
-                signal.signal(signal.SIGTERM, old)
-    return scope()
+    main = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    old = signal.signal(signal.SIGTERM, _raise_sigterm) if main else None
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        raise CMError(f"stopped by {e.args[0] if e.args else 'Ctrl-C'}; every file written so far is "
+                      "complete (a run keeps its last checkpoint: --resume continues it)") from None
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 def log_line(fh, rec: dict) -> None:
@@ -2383,11 +2387,15 @@ def search_cli(path: str, flags: dict, log_sigma: bool, n: int) -> dict:
     except ValueError as e:
         raise CMError(f"--search-ts: {e}") from None
     result.update(num_samples=n, seed=cfg.seed)
+    write_search(result, out_folder(flags.get("out") or Path(path).parent, make=True))
+    return result
+
+
+def write_search(result: dict, out: Path) -> None:
+    """The step search's table on stdout and as <out>/search.json."""
     print(search_table(result))
-    out = out_folder(flags.get("out") or Path(path).parent, make=True)
     atomic_write(out / "search.json", lambda fh: fh.write(json.dumps(result, indent=1).encode()))
     print(f"wrote {out / 'search.json'}")
-    return result
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -52,7 +51,16 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from cm import CMError, atomic_write, exit_on, generate, load_cifar10, pick_device, read_hub_weights
+from cm import (
+    CMError,
+    atomic_write,
+    exit_on,
+    generate,
+    load_cifar10,
+    pick_device,
+    read_hub_weights,
+    read_tensors,
+)
 from full.data import find_images
 from full.files import IMAGE_EXTENSIONS, as_nhwc_uint8, open_image, read_npz_images, to_uint8
 from full.model import for_sampling
@@ -221,22 +229,11 @@ def load_inception_weights(weights_path=None) -> dict:
         path = Path(weights_path)
         if not path.is_file():
             raise CMError(f"cannot load Inception weights {path}: no such file")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickled code, a text file, a truncated zip
-            raise CMError(f"cannot load Inception weights {path}: not a weights-only PyTorch file "
-                                  f"({type(e).__name__})") from None
-    else:
-        try:  # the cache file's hash is checked on every use, not only on download
-            state = read_hub_weights(URL_INCEPTION_V3, "Inception")
-        except CMError as e:
-            raise CMError(f"{e}, or pass --inception-weights PATH") from None
-        path = inception_weights_cache_path()
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise CMError(f"Inception weights {path}: not a state dict of tensors")
-    return state
+        return read_tensors(path, "Inception")
+    try:  # the cache file's hash is checked on every use, not only on download
+        return read_hub_weights(URL_INCEPTION_V3, "Inception")
+    except CMError as e:
+        raise CMError(f"{e}, or pass --inception-weights PATH") from None
 
 
 class InceptionExtractor:

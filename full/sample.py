@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -146,10 +145,7 @@ def run_search(args, f, cm_sampling, cfg, shape, num_classes: int, labels, grid_
         raise CMError(f"--search-ts: {e}") from None
     result.update(num_samples=args.num, seed=args.seed, ref=args.ref or None)
     if dist.rank() == 0:
-        print(cm.search_table(result))
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "search.json", lambda fh: fh.write(json.dumps(result, indent=1).encode()))
-        print(f"wrote {out / 'search.json'}")
+        cm.write_search(result, out)  # out was made before sampling
     return result
 
 
@@ -295,7 +291,6 @@ def sample(args) -> None:
             imgs[idx] = arr
             if lab is not None:
                 labs[idx] = lab
-        out.mkdir(parents=True, exist_ok=True)
         extra = {"arr_1": labs} if y is not None else {}
         atomic_write(out / "samples.npz", lambda fh: np.savez(fh, arr_0=imgs, **extra))
         grid = uint8_to_unit(imgs[:64]).permute(0, 3, 1, 2)
@@ -328,7 +323,6 @@ def run_edit_cli(args, f, cfg, shape, out: Path) -> None:
     except ValueError as e:  # run_edit's checks of the task, mask and levels
         raise CMError(f"--edit {args.edit}: {e}") from None
     if dist.rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / f"edit-{args.edit}.npz",
                      lambda fh: np.savez(fh, arr_0=to_uint8(x, cfg.run.uint8)))
         pair = torch.cat([ref.cpu(), x]) if len(ref) == len(x) else x  # references above, edits below
