@@ -638,6 +638,8 @@ class CMConfig:
             if f.type in ("float", "int") and (isinstance(v, bool) or not isinstance(v, (int, float))
                                               or not math.isfinite(v)):
                 raise CMError(f"{prefix}{f.name} must be a finite number, got {v!r}")
+            if f.type == "str" and not isinstance(v, str):
+                raise CMError(f"{prefix}{f.name} must be a string, got {str(v)[:40]!r}")
         if not 0 < self.sigma_min < self.sigma_max <= SIGMA_MAX_LIMIT:
             raise CMError(f"need 0 < {prefix}sigma_min < {prefix}sigma_max <= {SIGMA_MAX_LIMIT:g} "
                           f"(got {self.sigma_min}, {self.sigma_max})")

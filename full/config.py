@@ -135,7 +135,20 @@ CHOICES = {("opt", "optimizer"): ("radam", "adam"),
 
 
 def validate(cfg: RunConfig) -> None:
-    """Range and choice checks of every setting, before step 0; each failure is a one-line CMError."""
+    """Type, range and choice checks of every setting, before step 0; each failure is a one-line CMError.
+    Types first: every later check (and cm.check) may then compute with a field as its annotation says."""
+    for sec in dataclasses.fields(cfg):
+        obj = getattr(cfg, sec.name)
+        if not dataclasses.is_dataclass(obj):
+            continue
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if not _type_ok(v, hints[f.name]):
+                raise CMError(f"{sec.name}.{f.name}={str(v)[:40]!r} has the wrong type ({hints[f.name]} "
+                              "expected)".replace("<class '", "").replace("'>", ""))
+            if any(isinstance(x, float) and not math.isfinite(x) for x in (v if type(v) is tuple else [v])):
+                raise CMError(f"{sec.name}.{f.name}={v} holds a number that is not finite")
     for (sec, name), valid in CHOICES.items():
         if getattr(getattr(cfg, sec), name) not in valid:
             raise CMError(f"{sec}.{name}={getattr(getattr(cfg, sec), name)!r} is not one of "
