@@ -25,13 +25,18 @@ from full.config import CLIParser
 from full.released import flax
 
 
-def convert(src: str | Path, out: str | Path, kind: str = "", resolution: int = 32,
-            attn: Sequence[int] = (16,), to: str = "pt") -> dict:
+def convert(src: str | Path, out: str | Path, kind: str = "", resolution: int | None = None,
+            attn: Sequence[int] | None = None, to: str = "pt") -> dict:
     """Read `src` (full/ file, Flax checkpoint file or folder) and write it to `out` as an export dict
-    (`to`: pt, safetensors, or diffusers: a pipeline folder)."""
+    (`to`: pt, safetensors, or diffusers: a pipeline folder). `resolution` / `attn` (default 32 / (16,),
+    CIFAR-10's) place a Flax NCSN++'s attention; any other file's config fixes them, so they are refused."""
     src = Path(src)
     if flax.is_flax(src):  # direct, for --resolution / --attn
-        state = flax.import_flax(src, kind, resolution, tuple(attn))
+        state = flax.import_flax(src, kind, 32 if resolution is None else resolution,
+                                 (16,) if attn is None else tuple(attn))
+    elif resolution is not None or attn is not None:
+        raise CMError(f"--resolution and --attn apply to the paper's Flax checkpoints only; {src}'s own "
+                      "config fixes them")
     else:
         state = checkpoints.load(src, kind=kind)
     f, _ = checkpoints.model_from_state(state, path=src)  # the weights must load before anything is written
@@ -57,12 +62,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "consistency model as a diffusers ConsistencyModelPipeline folder")
     p.add_argument("--kind", default="", choices=("", "edm", "cd", "ct"),
                    help="edm (the EDM teacher, a denoiser) | cd | ct (CM students); default: inferred")
-    p.add_argument("--resolution", type=int, default=32, help="image size (CIFAR-10: 32)")
-    p.add_argument("--attn", default="16", help="resolutions with attention, comma-separated (CIFAR-10: 16)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="a Flax file's image size (default 32, CIFAR-10)")
+    p.add_argument("--attn", default=None,
+                   help="a Flax file's resolutions with attention, comma-separated (default 16, CIFAR-10)")
     args = p.parse_args(argv)
     try:
         try:
-            attn = tuple(int(a) for a in args.attn.split(",") if a)
+            attn = None if args.attn is None else tuple(int(a) for a in args.attn.split(",") if a)
         except ValueError:
             raise CMError(f"--attn takes comma-separated integers, got {args.attn!r}") from None
         state = convert(args.checkpoint, args.out, args.kind, args.resolution, attn, args.to)

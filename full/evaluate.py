@@ -61,6 +61,7 @@ from cm import (
     read_hub_weights,
     read_tensors,
 )
+from full.config import CLIParser
 from full.data import find_images
 from full.files import IMAGE_EXTENSIONS, as_nhwc_uint8, open_image, read_npz_images, to_uint8
 from full.model import for_sampling
@@ -373,7 +374,7 @@ def make_reference(images, extractor: Extractor, batch_size: int = 250) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CLIParser(
         prog="python -m full.evaluate",
         description="FID and Inception Score (TF-Inception, torch-fidelity) against reference statistics.",
     )

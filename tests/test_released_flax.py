@@ -300,6 +300,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "x.pt").exists()
     code, err = run_cli(capsys, "full.convert", str(CKPT), "--attn", "x", "--out", str(tmp_path / "x.pt"))
     assert code == 1 and err.count("\n") == 1 and "--attn" in err, err
+    assert run_cli(capsys, "full.convert", str(CKPT), "--out", str(tmp_path / "y.pt"))[0] == 0
+    for flag, v in (("--resolution", "3"), ("--attn", "8")):  # a full/ file's config fixes both
+        code, err = run_cli(capsys, "full.convert", str(tmp_path / "y.pt"), flag, v, "--out",
+                            str(tmp_path / "z.pt"))
+        assert code == 1 and err.count("\n") == 1 and "Flax checkpoints only" in err, err
+    assert not (tmp_path / "z.pt").exists()
 
 
 def test_cd_training_with_a_flax_teacher(tmp_path, skip_md5):  # noqa: F811

@@ -271,6 +271,7 @@ def bad_input_cases(runs: Path, tmp: Path) -> list[tuple[str, list[str], str]]:
         ("full.sample", ["--checkpoint", str(ct), "--edit", "denoise", "--sigmas", "0.5", "--out", str(tmp),
                          "--reference", str(ct)], "cannot read image"),
         ("full.sample", ["--checkpoint", str(ct), "--num-samples", "0"], "1 <= --num-samples"),
+        ("full.sample", ["--checkpoint", str(ct), "--ts", "a,b", "--out", str(tmp)], "--ts takes"),
         # full.evaluate
         *[("full.evaluate", [str(samples), "--ref", str(tmp / f"{n}.npz")], m)
           for n, m in (("nan-sigma", "NaN"), ("nan-mu", "NaN"), ("asym", "not a covariance"))],
@@ -306,6 +307,15 @@ def test_bad_inputs_are_one_line_and_change_no_earlier_run(runs, tmp_path, monke
 
 
 REAL_LOAD = torch.nn.Module.load_state_dict
+
+
+@pytest.mark.parametrize("name", sorted(MAINS))
+def test_usage_errors_are_one_line(name):
+    """An unknown flag, and for full.evaluate no inputs at all: the usage error is one line, status 2."""
+    for argv in (["--no-such-flag"], *([[]] if name == "full.evaluate" else [])):
+        code, err = run_main(name, argv)
+        assert code == 2, (argv, err)
+        assert_one_line(code, err, "error: ")
 
 
 def test_each_entry_point_as_a_process():
