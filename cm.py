@@ -1883,12 +1883,16 @@ def two_step_levels(cfg: TrainConfig) -> list[float]:
     c = cfg.cm
     if c.mode in ("ict", "ect", "sct", "scd") and not cfg.ts:
         return check_levels([c.sigma_max, cfg.mid_t], c.sigma_min, c.sigma_max)
-    default = [0, 11, 17] if c.mode == "cd" else [0, 8, 17]
-    try:
-        ts = [int(i) for i in cfg.ts.split(",")] if cfg.ts else default
-    except ValueError:
-        raise ValueError(f"ts must be comma-separated grid indices such as 0,8,17, got {cfg.ts!r}") from None
+    ts = parse_ts(cfg.ts) if cfg.ts else [0, 11, 17] if c.mode == "cd" else [0, 8, 17]
     return ts_to_sigmas(ts, cfg.grid_steps, c.sigma_min, c.sigma_max, c.rho)
+
+
+def parse_ts(text: str) -> list[int]:
+    """'0,8,17' -> [0, 8, 17], the official indices as --ts takes them; a ValueError for anything else."""
+    try:
+        return [int(i) for i in text.split(",")]
+    except ValueError:
+        raise ValueError(f"ts must be comma-separated grid indices such as 0,8,17, got {text!r}") from None
 
 
 # Settings that change what a run computes (with CMConfig.run_fields): a resume with other values is

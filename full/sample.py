@@ -48,6 +48,7 @@ from cm import (
     generate,
     interrupts_as_errors,
     out_folder,
+    parse_ts,
     save_grid,
     ts_to_sigmas,
 )
@@ -63,14 +64,9 @@ def levels_from_args(ts: str, sigmas: str, grid_steps: int, cfg) -> list[float]:
     c = cfg.cm
     if ts and sigmas:
         raise CMError("give --ts or --sigmas, not both")
-    if ts:
-        try:
-            idx = [int(i) for i in ts.split(",")]
-        except ValueError:
-            raise CMError(f"--ts takes comma-separated grid indices such as 0,8,17, got {ts!r}") from None
     try:
         if ts:
-            return ts_to_sigmas(idx, grid_steps, c.sigma_min, c.sigma_max, c.rho)
+            return ts_to_sigmas(parse_ts(ts), grid_steps, c.sigma_min, c.sigma_max, c.rho)
         levels = [float(s) for s in sigmas.split(",")] if sigmas else [c.sigma_max]
     except ValueError as e:
         raise CMError(f"--ts/--sigmas: {e}") from None

@@ -271,7 +271,8 @@ def bad_input_cases(runs: Path, tmp: Path) -> list[tuple[str, list[str], str]]:
         ("full.sample", ["--checkpoint", str(ct), "--edit", "denoise", "--sigmas", "0.5", "--out", str(tmp),
                          "--reference", str(ct)], "cannot read image"),
         ("full.sample", ["--checkpoint", str(ct), "--num-samples", "0"], "1 <= --num-samples"),
-        ("full.sample", ["--checkpoint", str(ct), "--ts", "a,b", "--out", str(tmp)], "--ts takes"),
+        ("full.sample", ["--checkpoint", str(ct), "--ts", "a,b", "--out", str(tmp)],
+         "--ts/--sigmas: ts must be comma-separated grid indices"),
         # full.evaluate
         *[("full.evaluate", [str(samples), "--ref", str(tmp / f"{n}.npz")], m)
           for n, m in (("nan-sigma", "NaN"), ("nan-mu", "NaN"), ("asym", "not a covariance"))],
