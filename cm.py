@@ -995,9 +995,11 @@ def ema_update(avg: nn.Module, model: nn.Module, mu: float) -> None:
 def timestep_embedding(c_noise: Tensor, dim: int, scale: float = 100.0,
                        max_period: float = 10_000.0) -> Tensor:
     """Sinusoidal embedding of the scalar c_noise, (B,) -> (B, dim), frequencies scale down to
-    scale / max_period. c_noise = ln(t)/4 only spans about [-1.6, 1.1], so it is scaled by 100. TrigFlow's
-    c_noise = t (sct) takes scale 1: the sCT/sCD tangent holds dF/dt, and frequencies of 100 make it
-    large and the training unstable, the failure sCM traces to large Fourier scales [sCM Sec. 4.1]."""
+    scale / max_period. c_noise = ln(t)/4 only spans about [-1.6, 1.1], so the 2023 modes scale it by 100.
+    sct and scd (TrainConfig.time_scale) take scale 1: their tangent holds dF/dt, frequencies of 100 make
+    it large and the training unstable, the failure sCM traces to large Fourier scales [sCM Sec. 4.1];
+    sCM's own DDPM++ teacher embeds c_noise at frequencies up to 1 too. sCD's student and teacher share the
+    network, so its EDM teacher is trained at scale 1 (on the digits: stable, 21.7 from 75-208)."""
     half = torch.arange(dim // 2, device=c_noise.device, dtype=c_noise.dtype) / (dim // 2)
     args = scale * c_noise[:, None] * torch.exp(-math.log(max_period) * half)[None]  # (B, dim/2)
     return torch.cat([args.cos(), args.sin()], dim=1)
@@ -1213,7 +1215,7 @@ def load_data(cfg: TrainConfig) -> Tensor | None:
 
 
 def make_net(cfg: TrainConfig, shape: Sequence[int]) -> nn.Module:
-    time_scale = 1.0 if cfg.cm.noise_cond == "trig" else 100.0  # see timestep_embedding
+    time_scale = cfg.time_scale  # see timestep_embedding
     if len(shape) == 1:
         return MLP(shape[0], cfg.channels, dropout=cfg.dropout, time_scale=time_scale)
     small = shape[-1] <= 8  # 8x8 digits: one block per level keeps a CPU step near 0.1 s
@@ -1767,6 +1769,7 @@ class TrainConfig:
     flip: bool = False              # random horizontal flips of the images (cifar10 sets it, ect does not)
     channels: int = 32              # network width
     dropout: float = 0.0            # dropout in the network
+    time_scale: float = 100.0       # of c_noise in the time embedding (timestep_embedding); 1 for sct, scd
     precision: str = "fp32"         # fp32 | bf16 (autocast of F only; c_skip x stays in fp32)
     init_from_teacher: bool = True  # cd: start f_theta from the teacher's weights (as the official runs)
     # output
@@ -1832,6 +1835,8 @@ def config(dataset: str = "digits", mode: str = "cd", **flags) -> TrainConfig:
         lpips = dataset == "cifar10" and mode in ("cd", "ct")
         c.update(mu_rule="code", metric="lpips" if lpips else metric,
                  s1=1280 if mode == "ict" else 150)
+    if RECIPES[mode].trigflow:  # time features of frequency <= 1, also in sCD's teacher: timestep_embedding
+        t["time_scale"] = 1.0
     t.update({k: v for k, v in flags.items() if k in TRAIN_FIELDS})
     c.update({k: v for k, v in flags.items() if k in MATH_FIELDS})
     c.setdefault("stage_steps", max(-(-t["steps"] // 8), 1))  # ⌈K/8⌉: eight stages, never a ninth
@@ -1866,9 +1871,10 @@ def check(cfg: TrainConfig) -> TrainConfig:
         except (ValueError, RuntimeError, ZeroDivisionError) as e:
             raise CMError(f"channels={cfg.channels} does not fit the UNet ({str(e)[:80]}); "
                           "a multiple of 32 always does") from None
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0 and 0 <= cfg.dropout < 1 and 0 <= cfg.ema < 1):
-        raise CMError(f"need a finite lr > 0, 0 <= dropout < 1 and 0 <= ema < 1 "
-                      f"(got lr={cfg.lr}, dropout={cfg.dropout}, ema={cfg.ema})")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0 and 0 <= cfg.dropout < 1 and 0 <= cfg.ema < 1
+            and 1e-4 <= cfg.time_scale <= 1e4):
+        raise CMError(f"need a finite lr > 0, 0 <= dropout < 1, 0 <= ema < 1 and 1e-4 <= time-scale <= 1e4 "
+                      f"(got lr={cfg.lr}, dropout={cfg.dropout}, ema={cfg.ema}, time-scale={cfg.time_scale})")
     out_folder(cfg.out)
     try:
         two_step_levels(cfg)  # a bad --ts or --mid-t fails now, not after the first sample_every steps
@@ -1897,8 +1903,8 @@ def parse_ts(text: str) -> list[int]:
 
 # Settings that change what a run computes (with CMConfig.run_fields): a resume with other values is
 # refused, naming them, unless --allow-config-change; folders, intervals and the device may differ.
-RUN_FIELDS = ("dataset", "channels", "steps", "batch_size", "lr", "dropout", "precision", "ema", "seed",
-              "init_from_teacher", "teacher")
+RUN_FIELDS = ("dataset", "channels", "time_scale", "steps", "batch_size", "lr", "dropout", "precision", "ema",
+              "seed", "init_from_teacher", "teacher")
 
 
 # Sizes of the settings that a grid, a schedule or a network is made from, bounded before a stored config
@@ -1931,6 +1937,9 @@ def config_of(state: dict) -> TrainConfig:
         math_.pop("P_mean", None)  # an older file's "unset"
     math_ = {k: v for k, v in math_.items() if k in MATH_FIELDS}
     train_ = {k: v for k, v in saved.items() if k in TRAIN_FIELDS}
+    if math_.get("noise_cond") == "trig" and "time_scale" not in train_:  # 100 for the ln(σ)/4 others
+        raise CMError("its config has no time_scale, and an sct file without one may have either 1 or 100 "
+                      "(the TrigFlow time embedding changed): retrain it")
     for cls, d, prefix in ((CMConfig, math_, "cm."), (TrainConfig, train_, "")):
         check_stored_sizes(d, prefix)
         hints = typing.get_type_hints(cls)
@@ -1978,7 +1987,8 @@ def train(cfg: TrainConfig) -> dict:
         flags = {k: getattr(cfg, k) for k in ("data_dir", "seed", "device", "precision", "log_every",
                                                "ckpt_every", "grid_minutes", "overwrite")}
         flags.update(sigma_min=cfg.cm.sigma_min, sigma_max=cfg.cm.sigma_max, sigma_data=cfg.cm.sigma_data,
-                     rho=cfg.cm.rho, channels=cfg.channels, out=f"{cfg.out}/teacher", resume=True,
+                     rho=cfg.cm.rho, channels=cfg.channels, time_scale=cfg.time_scale,
+                     out=f"{cfg.out}/teacher", resume=True,
                      report=False)
         if cfg.teacher_steps:
             flags["steps"] = cfg.teacher_steps
@@ -2010,7 +2020,7 @@ class Run:
             if tcfg.cm.mode != "edm" or tcfg.dataset != cfg.dataset:
                 raise CMError(f"--teacher must be an edm checkpoint of {cfg.dataset} "
                               f"(got mode {tcfg.cm.mode}, dataset {tcfg.dataset})")
-            cfg = dataclasses.replace(cfg, channels=tcfg.channels)
+            cfg = dataclasses.replace(cfg, channels=tcfg.channels, time_scale=tcfg.time_scale)
             self.teacher = teacher.to(dev)
         if self.ckpt.is_file() or (out / "log.jsonl").is_file():
             if cfg.resume and self.ckpt.is_file():

@@ -290,15 +290,59 @@ def test_gaussian_flow_map_samples_through_the_existing_sampler():
 def test_time_features_of_trigflow_time_have_frequencies_at_most_one(dataset, mode, t):
     """The sinusoidal features of c_noise are cos(s ω c), sin(s ω c) with ω = 1 down to 1e-4, so their
     largest slope in c is s ω_max = s, reached by the first sin feature at c = 0. sCT feeds c_noise = t and
-    must keep s ω ≤ 1 (large frequencies make dF/dt, inside the sCT tangent, blow up [sCM Sec. 4.1]); the
-    ln(σ)/4 conditioning of the other modes (and of sCD's EDM teacher) spans only [-1.6, 1.1] and takes
-    s = 100."""
+    must keep s ω ≤ 1 (large frequencies make dF/dt, inside the sCT tangent, blow up [sCM Sec. 4.1]); sCD
+    differentiates through its network's ln(σ)/4 the same way and takes s = 1 too. The 2023 modes' ln(σ)/4
+    spans only [-1.6, 1.1] and takes s = 100."""
     cfg = cm.config(dataset, mode)
     shape = (2,) if dataset == "toy" else (1, 8, 8)
     emb = cm.make_net(cfg, shape).emb
     dim = emb.mlp[0].in_features
     c = torch.tensor([t], dtype=torch.float64)
     _, slope = torch.func.jvp(lambda u: cm.timestep_embedding(u, dim, emb.scale), (c,), (torch.ones_like(c),))
-    bound = 1.0 if mode == "sct" else 100.0
+    bound = 1.0 if mode in ("sct", "scd") else 100.0
     assert slope.abs().max().item() <= bound * (1 + 1e-9)
     assert math.isclose(slope[0, dim // 2].item(), bound * math.cos(bound * t), abs_tol=1e-9)
+
+
+TINY_RUN = dict(channels=32, batch_size=16, log_every=1, ckpt_every=1, report=False,
+                device="cpu")
+
+
+def stored_scale(path) -> float:
+    return torch.load(path, weights_only=True)["config"]["time_scale"]
+
+
+def test_scd_student_takes_its_teachers_time_scale(tmp_path):
+    """The student starts from the teacher's weights, so it must embed time as the teacher does: a teacher
+    trained for scd gets scd's scale 1; a --teacher of scale 100 (any edm run) gives a student of scale 100,
+    whatever the scd default."""
+    cm.train(cm.config("toy", "scd", steps=1, teacher_steps=2, out=str(tmp_path / "a"), **TINY_RUN))
+    a = tmp_path / "a"
+    assert stored_scale(a / "teacher" / "ckpt.pt") == stored_scale(a / "ckpt.pt") == 1
+    cm.train(cm.config("toy", "edm", steps=2, out=str(tmp_path / "edm"), **TINY_RUN))
+    teacher = tmp_path / "edm" / "ckpt.pt"
+    assert stored_scale(teacher) == 100
+    cm.train(cm.config("toy", "scd", steps=1, teacher=str(teacher), out=str(tmp_path / "b"), **TINY_RUN))
+    assert stored_scale(tmp_path / "b" / "ckpt.pt") == 100
+    model, _ = cm.model_from_checkpoint(torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True))
+    assert model.net.emb.scale == 100
+
+
+def test_a_trig_checkpoint_without_its_time_scale_is_refused(tmp_path):
+    """sct files once embedded TrigFlow's t at scale 100 and later at 1, with no field to tell: such a file
+    is refused, not loaded at a guess; the ln(σ)/4 modes have always used 100 and load as before."""
+    for mode in ("sct", "edm"):
+        cm.train(cm.config("toy", mode, steps=1, out=str(tmp_path / mode), **TINY_RUN))
+        state = torch.load(tmp_path / mode / "ckpt.pt", weights_only=True)
+        del state["config"]["time_scale"]
+        if mode == "sct":
+            with pytest.raises(cm.CMError, match="no time_scale"):
+                cm.config_of(state)
+        else:
+            assert cm.config_of(state).time_scale == 100
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), 1e5])
+def test_time_scale_is_range_checked(bad):
+    with pytest.raises(cm.CMError, match="time-scale"):
+        cm.config("toy", "sct", time_scale=bad)
