@@ -5,8 +5,9 @@
     python scripts/compare.py --dataset digits --modes ct,ict --out runs/compare-digits
     python scripts/compare.py --dataset toy --modes sct,scd      # the continuous-time pair [sCM]
 
-One command per data set trains, in this order and each with its cm.py defaults: the EDM teacher, CD, ECT
-and sCD from that one teacher, then CT, iCT and sCT (no teacher), as --modes lists them. Every run prints
+One command per data set trains, in this order and each with its cm.py defaults: the EDM teacher, CD and
+ECT from that one teacher, sCD from a second one whose time embedding has sCD's scale 1 (the student is
+its teacher's network, cm.timestep_embedding), then CT, iCT and sCT (no teacher), as --modes lists them. Every run prints
 its distances to fresh data (cm.report); this collects them into one markdown table with the wall clock
 of each run. A row's time includes its teacher where it needs one (CD, ECT), since the defaults give each
 row about the same wall-clock budget: the runs of `python cm.py --mode X` from a fresh clone, which train
@@ -48,23 +49,25 @@ def compare(dataset: str, modes: list[str], out: Path, overwrite: bool = False, 
     """Train the teacher (if a mode needs one) and each mode; returns one row per mode. `settings` are
     settings of cm.config for every run (device; steps etc. for a quick look), the rest are cm.py's
     defaults. Earlier runs in <out>/<mode> are refused before anything trains, unless `overwrite`."""
-    folders = [out / m for m in (["teacher"] if any(cm.RECIPES[m].teacher for m in modes) else []) + modes]
+    def config(mode, **kw):
+        return cm.config(dataset, mode, overwrite=True, **settings, **kw)
+    scales = {m: config(m, out=str(out / m)).time_scale for m in modes if cm.RECIPES[m].teacher}
+    teachers = {s: out / ("teacher" if s == 100 else f"teacher-time-scale-{s:g}") for s in scales.values()}
+    folders = [*teachers.values(), *(out / m for m in modes)]
     if not overwrite and (held := [f.name for f in folders if (f / "ckpt.pt").exists()]):
         raise cm.CMError(f"{out} holds earlier runs ({', '.join(held)}); pass --overwrite to replace them, "
                          "or another --out")
-
-    def config(mode, **kw):
-        return cm.config(dataset, mode, overwrite=True, **settings, **kw)
-    rows, teacher, teacher_s, teacher_steps = [], "", 0.0, 0
-    if any(cm.RECIPES[m].teacher for m in modes):
-        _, teacher_s, tcfg = run(config("edm", out=str(out / "teacher"), report=False))
-        teacher, teacher_steps = str(out / "teacher" / "ckpt.pt"), tcfg.steps
-        print(f"teacher: {tcfg.steps} steps in {teacher_s:.0f} s")
+    trained = {}  # time scale -> (teacher checkpoint, its steps, its seconds)
+    for scale, folder in teachers.items():
+        _, sec, tcfg = run(config("edm", out=str(folder), time_scale=scale, report=False))
+        trained[scale] = (str(folder / "ckpt.pt"), tcfg.steps, sec)
+        print(f"teacher (time scale {scale:g}): {tcfg.steps} steps in {sec:.0f} s")
+    rows = []
     for mode in modes:
-        uses_teacher = bool(cm.RECIPES[mode].teacher)
-        result, sec, rcfg = run(config(mode, out=str(out / mode), teacher=teacher if uses_teacher else ""))
-        rows.append(dict(mode=mode, steps=rcfg.steps, teacher_steps=teacher_steps * uses_teacher,
-                         sec=sec + teacher_s * uses_teacher, own_sec=sec, result=result))
+        teacher, teacher_steps, teacher_s = trained[scales[mode]] if mode in scales else ("", 0, 0.0)
+        result, sec, rcfg = run(config(mode, out=str(out / mode), teacher=teacher))
+        rows.append(dict(mode=mode, steps=rcfg.steps, teacher_steps=teacher_steps, teacher=teacher,
+                         sec=sec + teacher_s, own_sec=sec, result=result))
         print(f"{mode}: {rcfg.steps} steps in {sec:.0f} s")
     return rows
 

@@ -1,10 +1,11 @@
-"""scripts/compare.py: one command trains the teacher once, CD, ECT and sCD from it, CT, iCT and sCT,
-and tabulates them."""
+"""scripts/compare.py: one command trains the teacher once, CD and ECT from it, sCD from a teacher of its own
+time scale, CT, iCT and sCT, and tabulates them."""
 import importlib.util
 import json
 import pathlib
 
 import pytest
+import torch
 
 _spec = importlib.util.spec_from_file_location(
     'compare', pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'compare.py'
@@ -19,11 +20,17 @@ def test_compare_tabulates_every_mode_from_one_teacher(tmp_path, capsys):
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["mode"] for r in rows] == ["cd", "ect", "ct", "ict", "sct", "scd"]
     assert all(r["steps"] == 3 for r in rows)
-    assert [r["teacher_steps"] for r in rows] == [3, 3, 0, 0, 0, 3]  # the one teacher's, for CD, ECT, sCD
-    teacher_s = rows[0]["sec"] - rows[0]["own_sec"]
-    assert teacher_s > 0  # the distilled are charged the one teacher's time, the rest nothing
+    assert [r["teacher_steps"] for r in rows] == [3, 3, 0, 0, 0, 3]  # CD, ECT, sCD distil a teacher
+    teacher_s = {r["mode"]: r["sec"] - r["own_sec"] for r in rows}
+    assert teacher_s["cd"] == teacher_s["ect"] > 0 and teacher_s["scd"] > 0  # charged their teacher's time
+    assert all(teacher_s[m] == 0 for m in ("ct", "ict", "sct"))
+    # CD and ECT share the one scale-100 teacher; sCD's student is its teacher's network, at scale 1
+    teachers = {r["mode"]: r["teacher"] for r in rows}
+    assert teachers["cd"] == teachers["ect"] != teachers["scd"]
+    for m, scale in (("cd", 100), ("scd", 1)):
+        assert torch.load(teachers[m], weights_only=True)["config"]["time_scale"] == scale
+        assert torch.load(tmp_path / m / "ckpt.pt", weights_only=True)["config"]["time_scale"] == scale
     for r in rows:
-        assert r["sec"] == pytest.approx(r["own_sec"] + teacher_s * (r["mode"] in ("cd", "ect", "scd")))
         assert {"1-step", "2-step", compare.FLOOR} <= set(r["result"])
     assert ("teacher Heun, 18 levels (35 NFE)" in rows[0]["result"]) and not rows[2]["result"].keys() & {
         compare.TEACHER}
