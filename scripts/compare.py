@@ -9,11 +9,11 @@ One command per data set trains, in this order and each with its cm.py defaults:
 ECT from that one teacher, sCD from a second one whose time embedding has sCD's scale 1 (the student is
 its teacher's network, cm.timestep_embedding), then CT, iCT and sCT (no teacher), as --modes lists them.
 Every run prints its distances to fresh data (cm.report); this collects them into one markdown table with
-the wall clock of each run. A row's time includes its teacher where it needs one (CD, ECT, sCD), since the defaults give each
-row about the same wall-clock budget: the runs of `python cm.py --mode X` from a fresh clone, which train
-their own teacher. On the digits the distance is the classifier-feature Fréchet distance (energy distance
-in brackets); on the toy ring it is the energy distance. Each run's folder (<out>/<mode>) keeps its grids
-and checkpoint.
+the wall clock of each run. A row's time includes its teacher where it needs one (CD, ECT, sCD), since the
+defaults give each row about the same wall-clock budget: the runs of `python cm.py --mode X` from a fresh
+clone, which train their own teacher. On the digits the distance is the classifier-feature Fréchet distance
+(energy distance in brackets); on the toy ring it is the energy distance. Each run's folder (<out>/<mode>)
+keeps its grids and checkpoint.
 """
 from __future__ import annotations
 
