@@ -1783,7 +1783,7 @@ class TrainConfig:
     report: bool = True             # end with the distance table (a teacher trained for cd skips its own)
     ts: str = ""                    # two-step sampling levels, official index convention ('' -> default)
     grid_steps: int = 18            # the grid size N the ts indices refer to
-    mid_t: float = 1.0              # ict, ect: the second level of two-step sampling without --ts
+    mid_t: float = 1.0              # ict, ect, sct, scd: the second level of two-step sampling without --ts
     device: str = ""                # '' -> cuda if available, else cpu
     resume: bool = False            # continue from <out>/ckpt.pt if it exists
     overwrite: bool = False         # start afresh in a folder that holds a run (its ckpt.pt is replaced)
@@ -1820,6 +1820,8 @@ def config(dataset: str = "digits", mode: str = "cd", **flags) -> TrainConfig:
         t = dict(steps=dict(edm=1500, cd=800, ct=3000, ict=3000, ect=1500, sct=1500, scd=600)[mode],
                  batch_size=128, channels=32, lr=2e-4)  # scd: its distance is flat after 400 steps
         c.update(tangent_warmup=300)
+        if RECIPES[mode].trigflow:  # --search-ts --search-sigma on sCT and sCD runs: the best middle level
+            t.update(mid_t=0.05)    # is low (0.045-0.084); at 1.0 sCD's two steps are worse than one
         c.update(s1=160 if mode == "ict" else 40, P_mean=0.0)  # not -1.1: more high-noise draws halve the
         #                                                        digits' one-step distance (docs/results.md)
     else:  # cifar10 [CM Tab. 3]; edm: EDM's 200M images at batch 512; ict [iCT]; ect (locuslab/ect)
