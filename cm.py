@@ -1882,7 +1882,8 @@ def check(cfg: TrainConfig) -> TrainConfig:
     try:
         two_step_levels(cfg)  # a bad --ts or --mid-t fails now, not after the first sample_every steps
     except ValueError as e:
-        raise CMError(str(e)) from None
+        uses_mid_t = cfg.cm.mode in ("ict", "ect", "sct", "scd") and not cfg.ts
+        raise CMError(f"--mid-t {cfg.mid_t}: {e}" if uses_mid_t else str(e)) from None
     return cfg
 
 

@@ -166,7 +166,8 @@ def validate(cfg: RunConfig) -> None:
         if cfg.cm.mode != "edm":  # the two-step grids fail now, not after the first sample_every steps
             two_step_levels(cfg)
     except ValueError as e:
-        raise CMError(f"{e}".replace("ts must", "run.ts must")) from None
+        msg = f"run.sigmas: {e}" if cfg.run.sigmas else f"{e}".replace("ts must", "run.ts must")
+        raise CMError(msg) from None
     if o.eps <= 0 or o.weight_decay < 0 or o.grad_clip < 0 or \
             not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas) or len(o.betas) != 2:
         raise CMError("need opt.eps > 0, opt.weight_decay >= 0, opt.grad_clip >= 0 and two opt.betas in "
