@@ -1444,12 +1444,16 @@ def load_checkpoint(path: str | os.PathLike, kind: str = "cm") -> dict:
 
 
 def check_state_dict(sd, what: str, optional: bool = False) -> None:
-    """A state dict: names -> tensors (None where `optional`)."""
+    """A state dict: names -> floating-point tensors (None where `optional`); the networks here hold no
+    integer or boolean buffers, so such a weight is a tampered file, not one to cast."""
     if sd is None and optional:
         return
     if not isinstance(sd, dict) or \
             not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()):
         raise CMError(f"its {what} is a {type(sd).__name__}, not a state dict of named tensors")
+    for k, v in sd.items():
+        if not v.is_floating_point():
+            raise CMError(f"its {what} weight {k[:80]} is {str(v.dtype)[6:]}, not floating point")
 
 
 def check_rng(v, what: str, like: Tensor | None = None) -> None:
@@ -1627,9 +1631,18 @@ def grid_name(how: str, step: int) -> str:
     return f"grid-{how.replace('-', '')}-{step:07d}.png"
 
 
+def finite_samples(x: Tensor, what: str) -> Tensor:
+    """x, or a CMError if a sample is NaN or infinite: weights that are finite but absurd (a tampered or
+    diverged checkpoint) must not become a black grid or a NaN score."""
+    if not torch.isfinite(x).all():
+        raise CMError(f"{what}: the samples are not finite (NaN or inf): the weights are corrupt or diverged")
+    return x
+
+
 def save_grid(x: Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
     """PNG grid of images in [-1, 1] (tiny ones upscaled to 32 pixels), or a scatter plot of 2-D points,
-    written atomically into a folder it creates."""
+    written atomically into a folder it creates; non-finite samples are refused (finite_samples)."""
+    finite_samples(x, f"{Path(path).name[:80]}")  # a last guard; the samplers' callers check first
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if x.ndim == 2:
@@ -1956,14 +1969,34 @@ def config_of(state: dict) -> TrainConfig:
     return TrainConfig(cm=CMConfig(**math_), **train_)
 
 
+def check_outputs(f: nn.Module, c: CMConfig, shape: Sequence[int], what: str, num_classes: int = 0) -> None:
+    """f's outputs on noisy inputs at σ_min, 1 and σ_max are finite. Weights that are each finite can still
+    be absurd (a tampered file, ×1e30): refused when they are loaded, not after a run or as a black grid.
+    Draws from its own generator, so a resume stays bit-exact."""
+    p = next(f.parameters())
+    g = torch.Generator().manual_seed(0)
+    sigma = torch.tensor([c.sigma_min, 1.0, c.sigma_max])
+    x = (torch.randn(3, *shape, generator=g) * append_dims(sigma, 1 + len(shape))).to(p.device, p.dtype)
+    was = f.training
+    y = (torch.zeros(3, dtype=torch.long, device=p.device),) if num_classes else ()
+    with torch.no_grad():
+        ok = torch.isfinite(f.eval()(x, sigma.to(p.device, p.dtype), *y)).all()
+    f.train(was)
+    if not ok:
+        raise CMError(f"{what} give NaN or infinite outputs: finite but absurd weights (a tampered or "
+                      "diverged file)")
+
+
 def model_from_checkpoint(state: dict, key: str = "ema") -> tuple[nn.Module, TrainConfig]:
-    """Rebuild f (D for an edm or ect checkpoint, TrigFlow for sct, scd) with the weights under `key`."""
+    """Rebuild f (D for an edm or ect checkpoint, TrigFlow for sct, scd) with the weights under `key`,
+    checked to give finite outputs."""
     try:
         cfg = config_of(state)
         model = parameterize(cfg.cm, make_net(cfg, state["shape"]))
         model.load_state_dict(state[key])
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise CMError(f"checkpoint weights do not match its network ({type(e).__name__})") from e
+    check_outputs(model, cfg.cm, state["shape"], f"the checkpoint's {key} weights")
     return model.eval().requires_grad_(False), cfg
 
 
@@ -2071,6 +2104,7 @@ class Run:
                 except (RuntimeError, KeyError, ValueError, TypeError) as e:
                     raise CMError(f"{self.ckpt}: the {name} state does not fit this run "
                                   f"({type(e).__name__})") from None
+        check_outputs(self.ema, self.cfg.cm, self.shape, f"{self.ckpt}: its ema weights")
         for g in self.opt.param_groups:  # the lr of this command, also when --allow-config-change changed it
             g["lr"] = self.cfg.lr
         torch.set_rng_state(state["rng"])
@@ -2197,7 +2231,8 @@ def write_grids(model: nn.Module, cfg: TrainConfig, shape: Sequence[int], out: P
 def sample(model: nn.Module, cfg: TrainConfig, shape: Sequence[int], n: int, seed: int, how: str) -> Tensor:
     """n samples (seeds seed + i): 'heun' (a denoiser, 18 levels), '1-step' or '2-step'."""
     levels = None if how == "heun" else [cfg.cm.sigma_max] if how == "1-step" else two_step_levels(cfg)
-    return generate(model, cfg.cm, shape, range(n), levels, seed)[0]
+    return finite_samples(generate(model, cfg.cm, shape, range(n), levels, seed)[0],
+                          f"the {cfg.cm.mode} model ({how})")
 
 
 def report(model: nn.Module, cfg: TrainConfig, data: Tensor | None, shape, teacher=None) -> dict:
@@ -2398,7 +2433,8 @@ def search_cli(path: str, flags: dict, log_sigma: bool, n: int) -> dict:
     model = model.to(pick_device(cfg.device))
 
     def score(levels: list[float]) -> float:
-        value = dist(generate(model, cfg.cm, state["shape"], range(n), levels, cfg.seed)[0], real)
+        x = finite_samples(generate(model, cfg.cm, state["shape"], range(n), levels, cfg.seed)[0], path)
+        value = dist(x, real)
         print(f"  sigma {levels[1]:.6g}: {name} {value:.6g}", flush=True)
         return value
 

@@ -38,6 +38,7 @@ from cm import (
     check_accounting,
     check_int,
     check_opt_state,
+    check_outputs,
     check_rng,
     check_state_dict,
     check_stored_sizes,
@@ -47,7 +48,7 @@ from cm import (
 )
 from full import diffusers_io
 from full.config import NET_CONFIGS, RunConfig, config_from_dict, export_dict
-from full.model import make_model
+from full.model import image_shape, make_model
 from full.released import edm_pickle, flax, guided_diffusion, hub
 
 _NAME = re.compile(r"^ckpt-(\d{7,})\.pt$")
@@ -283,6 +284,8 @@ def model_from_state(state: dict, rate: float | None = None, path: str | os.Path
     load_weights(f, state["ema"][key], f"EMA {rate}", path)
     if "precond" in state.get("official", {}):  # an EDM pickle keeps its own preconditioning (VE, VP, EDM)
         f = edm_pickle.denoiser_from_state(state, f.net)
+    check_outputs(f, cfg.cm, image_shape(cfg.net), f"{path}: its EMA {rate} weights",
+                     cfg.net.num_classes if cfg.data.class_cond else 0)
     return f.eval().requires_grad_(False), cfg
 
 

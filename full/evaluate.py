@@ -55,6 +55,7 @@ from cm import (
     CMError,
     atomic_write,
     exit_on,
+    finite_samples,
     generate,
     load_cifar10,
     pick_device,
@@ -472,6 +473,7 @@ def fid_during_training(f, cfg, shape, ds, out: Path, cache: dict, device) -> fl
         fs, cs = for_sampling(cfg, f)
         x, _ = generate(fs, cs, shape, range(cfg.run.fid_samples), [cfg.cm.sigma_max], cfg.run.seed + 2,
                         num_classes=k, clip_denoised=cfg.run.clamp_mid)
+        x = finite_samples(x, "the EMA's one-step samples")
         return evaluate(to_uint8(x, cfg.run.uint8), *cache["ref"], cache["extractor"])["fid"]
     except (ImportError, CMError, OSError, RuntimeError) as e:
         cache["off"] = True

@@ -45,6 +45,7 @@ from cm import (
     atomic_write,
     check_levels,
     exit_on,
+    finite_samples,
     generate,
     interrupts_as_errors,
     out_folder,
@@ -136,9 +137,13 @@ def run_search(args, f, cm_sampling, cfg, shape, num_classes: int, labels, grid_
             xs = torch.empty((args.num, *x.shape[1:]))
             for idx, part in parts:
                 xs[idx] = part
-            value = score(xs)
-            dist.print0(f"  sigma {levels[1]:.6g}: {name} {value:.6g}")
-        return dist.all_gather_object(value)[0]
+            value = score(xs) if torch.isfinite(xs).all() else None  # refused below, on every rank
+            if value is not None:
+                dist.print0(f"  sigma {levels[1]:.6g}: {name} {value:.6g}")
+        value = dist.all_gather_object(value)[0]
+        if value is None:
+            finite_samples(torch.tensor(float("nan")), f"{args.checkpoint} at sigma {levels[1]:.6g}")
+        return value
 
     try:
         result = cm.search_two_step(criterion, grid_steps, cfg.cm, args.search_sigma, name)
@@ -284,11 +289,13 @@ def sample(args) -> None:
     x, y = generate(f, cm_sampling, shape, mine, levels, args.seed, cfg.run.grid_steps, k, labels,
                     args.batch, args.clip_denoised)
     parts = dist.all_gather_object((list(mine), to_uint8(x, cfg.run.uint8),
-                                    None if y is None else y.numpy()))
+                                    None if y is None else y.numpy(), bool(torch.isfinite(x).all())))
+    if not all(p[3] for p in parts):  # every rank refuses alike, so none is left waiting
+        finite_samples(torch.tensor(float("nan")), args.checkpoint)
     if dist.rank() == 0:
         imgs = np.empty((args.num, *to_uint8(x[:1]).shape[1:]), dtype=np.uint8)
         labs = np.zeros(args.num, dtype=np.int64)
-        for idx, arr, lab in parts:
+        for idx, arr, lab, _ in parts:
             imgs[idx] = arr
             if lab is not None:
                 labs[idx] = lab
@@ -323,6 +330,7 @@ def run_edit_cli(args, f, cfg, shape, out: Path) -> None:
                      clip_denoised=args.clip_denoised, **kw).cpu()
     except ValueError as e:  # run_edit's checks of the task, mask and levels
         raise CMError(f"--edit {args.edit}: {e}") from None
+    finite_samples(x, args.checkpoint)
     if dist.rank() == 0:
         atomic_write(out / f"edit-{args.edit}.npz",
                      lambda fh: np.savez(fh, arr_0=to_uint8(x, cfg.run.uint8)))

@@ -340,6 +340,73 @@ def test_every_config_field_of_an_export_retyped_is_one_line(files, tmp_path, se
             accepted(full_consume, write(s, tmp_path / "export.pt"))
 
 
+def scaled(sd: dict, by: float) -> None:
+    for k, v in sd.items():
+        if v.is_floating_point():
+            sd[k] = v * by
+
+
+def test_finite_but_absurd_ema_weights_are_refused_on_load(files, tmp_path):
+    """Every EMA weight ×1e30, each finite, the checksum written afresh (a forger's file): the network's
+    outputs overflow, so loading refuses it (for sampling and for a resume), as it would a NaN."""
+    s = tree(files["cm"])
+    scaled(s["ema"], 1e30)
+    refused(cm_consume, write(s, tmp_path / "cm" / "ckpt.pt"), "NaN or infinite outputs")
+    for which in ("resume", "export"):
+        s = tree(files[which])
+        for sd in s["ema"].values():
+            scaled(sd, 1e30)
+        refused(full_consume, write(s, tmp_path / which / files[which].name), "NaN or infinite outputs")
+
+
+def test_absurd_ema_weights_are_one_line_from_cm_checkpoint(files, tmp_path):
+    s = tree(files["cm"])
+    scaled(s["ema"], 1e30)
+    p = write(s, tmp_path / "ckpt.pt")
+    code, err = run_main("cm.py", ["--checkpoint", str(p), "--out", str(tmp_path / "o")])
+    assert_one_line(code, err, "NaN or infinite")
+    assert not list(tmp_path.rglob("*.png"))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.uint8])
+@pytest.mark.parametrize("which", ["cm", "resume", "export"])
+def test_weights_that_are_not_floating_point_are_refused(files, tmp_path, which, dtype):
+    """A weight retyped to an integer or boolean tensor: the networks hold none, so the file is refused
+    by name, not cast silently (a bool mask of a weight loads as 0/1 floats)."""
+    s = tree(files[which])
+    sd = s["ema"] if which == "cm" else next(iter(s["ema"].values()))
+    k = first_float(sd)
+    sd[k] = sd[k].to(dtype)
+    refused(cm_consume if which == "cm" else full_consume, write(s, tmp_path / files[which].name),
+            "not floating point", k[:20])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_save_grid_refuses_non_finite_samples_and_writes_nothing(tmp_path, bad):
+    for x in (torch.zeros(4, 1, 8, 8), torch.zeros(64, 2)):
+        x.view(-1)[x.numel() // 2] = bad
+        with pytest.raises(CMError, match="not finite"):
+            cm.save_grid(x, tmp_path / "g" / "grid.png")
+        assert not (tmp_path / "g").exists() or not list((tmp_path / "g").iterdir())
+
+
+def test_samples_from_a_diverging_model_are_refused_before_a_grid(files, tmp_path):
+    """A model whose outputs are finite at the load probe's points but not at every sample (the sampler's
+    own draws): cm.sample refuses the batch, so no grid, npz or score is made of it."""
+    model, cfg = cm.model_from_checkpoint(tree(files["cm"]))
+
+    class Flaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = model
+
+        def forward(self, x, sigma, *a):
+            return torch.where(x.abs() > 3.0, float("nan"), self.f(x, sigma, *a))
+
+    with pytest.raises(CMError, match="not finite"):
+        cm.sample(Flaky(), cfg, tree(files["cm"])["shape"], 256, 0, "1-step")
+
+
 # ----------------------------------------------------------------------------------------------
 # The properties
 
