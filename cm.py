@@ -643,8 +643,9 @@ class CMConfig:
         if not 0 < self.sigma_min < self.sigma_max <= SIGMA_MAX_LIMIT:
             raise CMError(f"need 0 < {prefix}sigma_min < {prefix}sigma_max <= {SIGMA_MAX_LIMIT:g} "
                           f"(got {self.sigma_min}, {self.sigma_max})")
-        if self.sigma_data <= 0 or not 0.1 <= self.rho <= 1000:
-            raise CMError(f"need {prefix}sigma_data > 0 and 0.1 <= {prefix}rho <= 1000 "
+        if not 1e-4 <= self.sigma_data <= SIGMA_MAX_LIMIT or not 0.1 <= self.rho <= 1000:  # σd² stays finite
+            raise CMError(f"need 1e-4 <= {prefix}sigma_data <= {SIGMA_MAX_LIMIT:g} and "
+                          f"0.1 <= {prefix}rho <= 1000 "
                           f"(got {self.sigma_data}, {self.rho})")
         if self.N < 2 or self.s0 < 2 or self.s1 < self.s0:
             raise CMError(f"need {prefix}N >= 2 and 2 <= {prefix}s0 <= {prefix}s1 "
@@ -665,8 +666,8 @@ class CMConfig:
         if abs(self.P_mean) > 20 or self.P_std > 10:  # beyond, e^(P_mean + P_std z) leaves float32's range
             raise CMError(f"need |{prefix}P_mean| <= 20 and {prefix}P_std <= 10 "
                           f"(got {self.P_mean}, {self.P_std})")
-        if self.stage_steps < 1 or self.q <= 1 or self.P_std <= 0:
-            raise CMError(f"need {prefix}stage_steps >= 1, {prefix}q > 1 and {prefix}P_std > 0 "
+        if self.stage_steps < 1 or self.q <= 1 or self.P_std < 1e-3:  # below, (ln t - P_mean)/P_std overflows
+            raise CMError(f"need {prefix}stage_steps >= 1, {prefix}q > 1 and {prefix}P_std >= 0.001 "
                           f"(got {self.stage_steps}, {self.q}, {self.P_std})")
         if self.noise_cond == "trig" and self.mode != "sct":
             raise CMError(f"{prefix}noise_cond trig (TrigFlow's c_noise(t) = t) is for mode sct only; "

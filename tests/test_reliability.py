@@ -452,11 +452,12 @@ def test_valid_numeric_settings_train_finitely(tmp_path_factory, monkeypatch, **
 
 BAD = {  # flag -> values outside the valid region
     "sigma-min": [0.0, -1.0, math.nan, math.inf, 2e4], "sigma-max": [math.nan, math.inf, -1.0, 1e-5, 2e4],
-    "sigma-data": [0.0, -0.5, math.nan],
+    "sigma-data": [0.0, -0.5, math.nan, 1e-300, 5e-5, 2e4, 1e308],  # σd² under- or overflows
     "lr": [-1e-3, math.nan, math.inf],
     "mu0": [0.0, 1.0, 1.5, math.nan], "mu": [1.0, -0.1, math.nan], "ema": [1.0, -0.1, 2.0, math.nan],
     "dropout": [1.0, 1.5, -0.5, math.nan], "s0": [1, -2], "steps": [-1, -5],
-    "P-std": [0.0, -1.0, 50.0], "q": [1.0, 0.5], "stage-steps": [-1], "P-mean": [math.inf, -math.inf, 1e3],
+    "P-std": [0.0, -1.0, 50.0, 1e-308, 5e-4],
+    "q": [1.0, 0.5], "stage-steps": [-1], "P-mean": [math.inf, -math.inf, 1e3],
     # sizes and numbers that pass a sign check and overflow or exhaust memory later
     "rho": [0.0, -2.0, math.nan, math.inf, 1e-300, 1e300], "seed": [-1, 10 ** 20], "batch-size": [10 ** 7],
     "channels": [10 ** 6], "N": [1, -3, 10 ** 13], "s1": [10 ** 13], "grid-steps": [1, 10 ** 12],
