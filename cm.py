@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import errno
 import hashlib
 import inspect
 import json
@@ -539,7 +540,9 @@ def trig_jvp(F: Callable, x_t: Tensor, t: Tensor, dxdt: Tensor, how: str = "exac
     'exact': one forward-mode pass (torch.func.jvp), about three forward passes of work; 'fd': central
     differences (three forward passes, error O(h²)), for networks or kernels without forward-mode AD.
     No gradient flows through either (θ⁻ = stopgrad θ)."""
-    with torch.no_grad():
+    # in float32 also under --precision bf16: autocast's casts inside a forward-mode pass fail on the CPU
+    # (a dual input meets a bf16 weight), and the tangent is the part of the loss that needs the precision
+    with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False):
         if how == "exact":  # attention on its math kernel: CUDA's fused kernels have no forward-mode AD
             math_kernel = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
             with math_kernel, warnings.catch_warnings():
@@ -1243,10 +1246,15 @@ def _raise_sigterm(signum, frame):
     raise KeyboardInterrupt("SIGTERM")
 
 
+PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)  # raised only by a path the user gave, wherever it is used
+
+
 @contextlib.contextmanager
 def interrupts_as_errors():
     """Ctrl-C and SIGTERM (torchrun's, a scheduler's) stop a command as a one-line CMError after the clean-ups
-    run: a file being written is abandoned with its temporary file removed, the last complete one stays."""
+    run: a file being written is abandoned with its temporary file removed, the last complete one stays.
+    A path the file system cannot resolve (a name too long, a loop of links) is one line too, wherever the
+    command first touches it."""
     main = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     old = signal.signal(signal.SIGTERM, _raise_sigterm) if main else None
     try:
@@ -1254,6 +1262,12 @@ def interrupts_as_errors():
     except KeyboardInterrupt as e:
         raise CMError(f"stopped by {e.args[0] if e.args else 'Ctrl-C'}; every file written so far is "
                       "complete (a run keeps its last checkpoint: --resume continues it)") from None
+    except OSError as e:
+        if e.errno not in PATH_ERRNOS:
+            raise
+        name = str(e.filename or "")
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise CMError(f"cannot use the path {shown}: {e.strerror}") from None
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
@@ -1398,8 +1412,11 @@ def read_weights_only(path: str | os.PathLike):
     containers, numbers and finite real tensors, bounded), and a CHECKSUM entry (every file
     save_checkpoint writes; older files have none) must match them: a flipped bit is one line."""
     path = Path(path)
-    if not path.is_file():
-        raise CMError(f"no checkpoint at {path}")
+    try:
+        if not path.is_file():
+            raise CMError(f"no checkpoint at {path}")
+    except OSError as e:  # a name too long for the file system, a loop of links
+        raise CMError(f"cannot read checkpoint {str(path)[:80]}...: {e.strerror or e}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -1897,7 +1914,8 @@ def check(cfg: TrainConfig) -> TrainConfig:
         two_step_levels(cfg)  # a bad --ts or --mid-t fails now, not after the first sample_every steps
     except ValueError as e:
         uses_mid_t = cfg.cm.mode in ("ict", "ect", "sct", "scd") and not cfg.ts
-        raise CMError(f"--mid-t {cfg.mid_t}: {e}" if uses_mid_t else str(e)) from None
+        flag = f"--mid-t {cfg.mid_t}: " if uses_mid_t else f"--ts {cfg.ts}: " if cfg.ts else ""
+        raise CMError(f"{flag}{e}") from None
     return cfg
 
 
@@ -2150,6 +2168,8 @@ class Run:
         # only the networks run under autocast (--precision bf16), never the metric or the ODE arithmetic
         f, f_target, D = (under_autocast(m, cfg.precision, self.dev) for m in
                           (self.model, self.model if self.target is None else self.target, self.teacher))
+        if RECIPES[c.mode].trigflow:  # θ⁻ runs only inside trig_jvp, which stays in float32
+            f_target = self.model if self.target is None else self.target
         if self.shared_dropout:  # θ and θ⁻ draw the same dropout masks [iCT Sec. 3.1]
             share = SharedDropout(self.dev)
             f, f_target = share.wrap(f), share.wrap(f_target)

@@ -57,6 +57,7 @@ from cm import (
     exit_on,
     finite_samples,
     generate,
+    interrupts_as_errors,
     load_cifar10,
     pick_device,
     read_hub_weights,
@@ -407,28 +408,31 @@ def main(argv=None) -> dict:
     elif args.samples is None or args.ref is None:
         parser.error("give SAMPLES --ref REF.npz, or --make-ref SOURCE --out REF.npz")
     try:
-        pick_device(args.device or "")  # a bad --device fails before any work
-        if args.batch_size < 1 or args.splits < 1:
-            raise CMError(f"need --batch-size >= 1 and --splits >= 1 (got {args.batch_size}, "
-                                  f"{args.splits})")
-        if args.make_ref is not None and Path(args.out).is_dir():
-            raise CMError(f"--out {args.out} is a folder; give a file name such as "
-                                  f"{Path(args.out) / 'ref.npz'}")
-        if args.make_ref is not None:
-            n, batches = iter_reference_images(args.make_ref, args.data_dir, args.download, args.batch_size)
+        with interrupts_as_errors():  # Ctrl-C and a path the file system cannot resolve: one line
+            pick_device(args.device or "")  # a bad --device fails before any work
+            if args.batch_size < 1 or args.splits < 1:
+                raise CMError(f"need --batch-size >= 1 and --splits >= 1 (got {args.batch_size}, "
+                                      f"{args.splits})")
+            if args.make_ref is not None and Path(args.out).is_dir():
+                raise CMError(f"--out {args.out} is a folder; give a file name such as "
+                                      f"{Path(args.out) / 'ref.npz'}")
+            if args.make_ref is not None:
+                n, batches = iter_reference_images(args.make_ref, args.data_dir, args.download,
+                                                   args.batch_size)
+                if n < 2:
+                    raise CMError(f"need at least 2 reference images, got {n}")
+                extractor = make_extractor(args.device, args.inception_weights)
+                stats = make_reference(batches, extractor, args.batch_size)
+                save_stats(args.out, stats["mu"], stats["sigma"], stats["n"])
+                print(f"wrote {args.out}: mu {stats['mu'].shape}, sigma {stats['sigma'].shape}, "
+                      f"n={stats['n']}")
+                return {"n": stats["n"], "out": args.out}
+            ref_mu, ref_sigma, ref_n = load_stats(args.ref)
+            n, batches = iter_images(args.samples, args.batch_size)
             if n < 2:
-                raise CMError(f"need at least 2 reference images, got {n}")
-            extractor = make_extractor(args.device, args.inception_weights)
-            stats = make_reference(batches, extractor, args.batch_size)
-            save_stats(args.out, stats["mu"], stats["sigma"], stats["n"])
-            print(f"wrote {args.out}: mu {stats['mu'].shape}, sigma {stats['sigma'].shape}, n={stats['n']}")
-            return {"n": stats["n"], "out": args.out}
-        ref_mu, ref_sigma, ref_n = load_stats(args.ref)
-        n, batches = iter_images(args.samples, args.batch_size)
-        if n < 2:
-            raise CMError(f"need at least 2 samples, got {n}")
-        result = evaluate(batches, ref_mu, ref_sigma, make_extractor(args.device, args.inception_weights),
-                          args.batch_size, args.splits)
+                raise CMError(f"need at least 2 samples, got {n}")
+            result = evaluate(batches, ref_mu, ref_sigma, make_extractor(args.device, args.inception_weights),
+                              args.batch_size, args.splits)
     except CMError as e:
         exit_on(e)
     ref_note = f", reference n={ref_n}" if ref_n is not None else ""

@@ -223,9 +223,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 def sample(args) -> None:
     """What main does with the parsed flags (so Ctrl-C and SIGTERM end it as one line)."""
     if not (1 <= args.num <= MAX_SAMPLES and 1 <= args.batch <= 2 ** 16) or \
-            (args.grid_steps is not None and not 2 <= args.grid_steps <= 2 ** 16):
-        raise CMError(f"need 1 <= --num-samples <= {MAX_SAMPLES}, 1 <= --batch-size <= 65536 and "
-                      "2 <= --grid-steps <= 65536")
+            (args.grid_steps is not None and not 2 <= args.grid_steps <= 2 ** 16) or \
+            not 0 <= args.steps <= 2 ** 16:
+        raise CMError(f"need 1 <= --num-samples <= {MAX_SAMPLES}, 1 <= --batch-size <= 65536, "
+                      "2 <= --grid-steps <= 65536 and --steps <= 65536")
     out = out_folder(args.out or Path(args.checkpoint).parent, make=True)  # fails before sampling
     if not os.access(out, os.W_OK):
         raise CMError(f"cannot write into {out}: not writable")

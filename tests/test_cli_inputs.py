@@ -66,3 +66,18 @@ def test_full_bench_checks_its_flags_before_the_benchmark(monkeypatch, flags, ne
 def test_network_settings_that_do_not_build_are_refused_under_print_config(override):
     code, err = run_main("full.train", ["--preset", "tiny-ct", override, "--print-config"])
     assert_one_line(code, err, "net")
+
+
+def test_full_sample_bounds_the_heun_grid_before_sampling(tmp_path, monkeypatch):
+    """--steps sets a denoiser's Heun grid: 10^9 levels would be 2·10^9 network calls (a hang) and a 4 GB
+    grid, so it is bounded like --grid-steps, before anything is sampled."""
+    import full.sample
+    out = tmp_path / "edm"
+    code, err = run_main("full.train", ["--preset", "tiny-edm", "opt.steps=1", "run.sample_every=0",
+                                        "run.device=cpu", f"run.out={str(out)!r}"])
+    assert code == 0, err
+    monkeypatch.setattr(full.sample, "generate", lambda *a, **k: pytest.fail("sampled before the check"))
+    for steps in (10 ** 9, 2 ** 16 + 1):
+        code, err = run_main("full.sample", ["--checkpoint", str(out / "export.pt"), "--out",
+                                             str(tmp_path / "s"), "--device", "cpu", "--steps", str(steps)])
+        assert_one_line(code, err, "--steps <= 65536")

@@ -150,6 +150,33 @@ def test_jvp_runs_through_attention_on_cpu():
         assert torch.isfinite(dF).all()
 
 
+@pytest.mark.parametrize("name", ["unet", "ncsnpp", "adm"])
+def test_jvp_under_bf16_autocast_is_the_float32_jvp(name):
+    """--precision bf16 runs the trained forward under autocast, but the JVP (forward-mode AD, which
+    autocast's casts break on the CPU) stays in float32: inside an enclosing bf16 autocast it gives the
+    float32 values exactly."""
+    net, shape = _networks()[name]
+    f = cm.TrigFlow(net.eval(), SD, "edm")
+    torch.manual_seed(2)
+    x, v, t = torch.randn(2, *shape) * SD, torch.randn(2, *shape), torch.tensor([0.4, 1.2])
+    F = lambda a, b: f(a, b, trig=True)[0]  # noqa: E731
+    want = cm.trig_jvp(F, x, t, v, "exact")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cm.trig_jvp(F, x, t, v, "exact")
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["sct", "scd"])
+def test_sct_and_scd_train_under_bf16(tmp_path, mode):
+    cfg = cm.config("toy", mode, steps=3, teacher_steps=2, channels=16, batch_size=16, precision="bf16",
+                    report=False, sample_every=3, device="cpu", out=str(tmp_path / mode))
+    cm.train(cfg)
+    state = cm.load_checkpoint(tmp_path / mode / "ckpt.pt")
+    assert state["step"] == 3
+
+
 # ==== the objective: Gaussian data's exact network is a fixed point, a perturbation is pulled back ====
 
 def _grad_theta(mode: str, theta: float, n: int = 4096, r: float = 1.0, seed: int = 0):

@@ -1,0 +1,142 @@
+"""Hostile paths behind every entry point's path-taking flags: a FIFO given directly (as an input, a
+reference statistics file, a checkpoint, an edit reference or mask, the run folder's `.lock`), a path
+component longer than the file system allows (ENAMETOOLONG), and writes of samples, edits and statistics
+that fail half way (a full disk) over earlier good files, or whose clean-up meets a read-only file system.
+
+Each one is a one-line refusal (status 1) that returns within seconds: nothing blocks on a FIFO, no
+earlier file is lost, no temporary file is left."""
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_images import deadline
+from test_reliability import TOY, assert_one_line, run_main
+
+import cm
+
+LONG = "n" * 300  # NAME_MAX is 255 on the usual Linux file systems
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("hostile-paths")
+    code, err = run_main("cm.py", [*TOY, "--mode", "ct", "--steps", "2", "--no-report",
+                                   "--out", str(d / "cm")])
+    assert code == 0, err
+    code, err = run_main("full.train", ["--preset", "tiny-ct", "opt.steps=1", "run.sample_every=0",
+                                        "run.device=cpu", f"run.out={str(d / 'full')!r}"])
+    assert code == 0, err
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(d / "ref.png")
+    imgs = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)
+    np.savez(d / "imgs.npz", imgs)
+    np.savez(d / "stats.npz", mu=np.zeros(4), sigma=np.eye(4), n=4)
+    return dict(cm=d / "cm" / "ckpt.pt", export=d / "full" / "export.pt", ref=d / "ref.png",
+                imgs=d / "imgs.npz", stats=d / "stats.npz")
+
+
+def fifo_cases(f: dict, fifo: Path, out: Path) -> list:
+    s = ["--checkpoint", str(f["export"]), "--out", str(out / "s"), "--device", "cpu"]
+    return [
+        ("cm.py", ["--checkpoint", str(fifo), "--out", str(out / "c")]),
+        ("cm.py", [*TOY, "--mode", "cd", "--teacher", str(fifo), "--out", str(out / "t")]),
+        ("full.sample", ["--checkpoint", str(fifo), "--out", str(out / "s"), "--device", "cpu"]),
+        ("full.sample", [*s, "--edit", "denoise", "--reference", str(fifo)]),
+        ("full.sample", [*s, "--edit", "inpaint", "--reference", str(f["ref"]), "--mask", str(fifo)]),
+        ("full.evaluate", [str(fifo), "--ref", str(f["stats"]), "--device", "cpu"]),
+        ("full.evaluate", [str(f["imgs"]), "--ref", str(fifo), "--device", "cpu"]),
+        ("full.evaluate", ["--make-ref", str(fifo), "--out", str(out / "ref.npz"), "--device", "cpu"]),
+    ]
+
+
+def test_a_fifo_given_directly_is_refused_unopened(files, tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for name, argv in fifo_cases(files, fifo, tmp_path):
+        with deadline(30):
+            code, err = run_main(name, argv)
+        assert_one_line(code, err)
+        assert "pipe" in err, (name, argv, err)
+
+
+@pytest.mark.parametrize("entry", ["cm.py", "full.train"])
+def test_a_fifo_named_lock_is_refused_without_blocking(tmp_path, entry):
+    out = tmp_path / "run"
+    out.mkdir()
+    os.mkfifo(out / ".lock")
+    argv = ([*TOY, "--mode", "ct", "--steps", "2", "--out", str(out)] if entry == "cm.py" else
+            ["--preset", "tiny-ct", "opt.steps=1", "run.device=cpu", f"run.out={str(out)!r}"])
+    with deadline(30):
+        code, err = run_main(entry, argv)
+    assert_one_line(code, err, ".lock")
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing else written
+
+
+def too_long_cases(f: dict, tmp: Path) -> list:
+    long = tmp / LONG
+    return [
+        ("cm.py", [*TOY, "--mode", "ct", "--steps", "2", "--out", str(long)]),
+        ("cm.py", ["--checkpoint", str(long / "ckpt.pt")]),
+        ("cm.py", ["--checkpoint", str(f["cm"]), "--out", str(long)]),
+        ("full.train", ["--preset", "tiny-ct", "opt.steps=1", "run.device=cpu", f"run.out={str(long)!r}"]),
+        ("full.sample", ["--checkpoint", str(long / "export.pt"), "--device", "cpu"]),
+        ("full.sample", ["--checkpoint", str(f["export"]), "--out", str(long), "--device", "cpu"]),
+        ("full.evaluate", [str(long), "--ref", str(f["stats"]), "--device", "cpu"]),
+        ("full.evaluate", ["--make-ref", str(f["imgs"]), "--out", str(long / "r.npz"), "--device", "cpu"]),
+        ("full.bench", ["--device", "cpu", "--json", str(long / "b.json")]),
+    ]
+
+
+def test_a_path_component_too_long_is_one_line_in_every_entry_point(files, tmp_path):
+    for name, argv in too_long_cases(files, tmp_path):
+        code, err = run_main(name, argv)
+        assert code == 1, (name, argv, err)
+        assert_one_line(code, err)
+        assert "too long" in err.lower(), (name, argv, err)
+
+
+def half_write_then_full_disk(fh, *a, **k):
+    fh.write(b"PK\x03\x04 half an npz")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failed_write_of_samples_edits_or_statistics_keeps_the_earlier_file(files, tmp_path, monkeypatch):
+    """samples.npz, edit-*.npz and --make-ref statistics are replaced only by a complete new file: a write
+    that fails half way leaves the earlier file byte for byte and no temporary file."""
+    s = ["--checkpoint", str(files["export"]), "--out", str(tmp_path), "--device", "cpu", "--num", "4"]
+    runs = [("full.sample", s, tmp_path / "samples.npz"),
+            ("full.sample", [*s, "--edit", "denoise", "--sigmas", "0.5", "--reference", str(files["ref"])],
+             tmp_path / "edit-denoise.npz"),
+            ("full.evaluate", ["--make-ref", str(files["imgs"]), "--out", str(tmp_path / "ref.npz"),
+                               "--device", "cpu"], tmp_path / "ref.npz")]
+    from test_evaluate import StandIn  # no Inception weights here: a small fixed feature network
+
+    import full.evaluate
+    monkeypatch.setattr(full.evaluate, "make_extractor", lambda device=None, weights_path=None: StandIn())
+    for name, argv, made in runs:
+        code, err = run_main(name, argv)
+        assert code == 0, (name, err)
+        before = made.read_bytes()
+        with monkeypatch.context() as m:
+            m.setattr(np, "savez", half_write_then_full_disk)
+            code, err = run_main(name, argv)
+        assert_one_line(code, err, f"cannot write {made}", "No space left")
+        assert made.read_bytes() == before, made
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_atomic_write_on_a_file_system_turned_read_only(tmp_path, monkeypatch):
+    """The write fails and so does the clean-up of its temporary file (EROFS): still one CMError, the
+    earlier file intact; the temporary file is left for the next run's start to remove."""
+    path = tmp_path / "samples.npz"
+    path.write_bytes(b"good")
+
+    def refuse(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with pytest.raises(cm.CMError, match="cannot write .*samples.npz: No space left") as e:
+        cm.atomic_write(path, lambda fh: half_write_then_full_disk(fh))
+    assert "\n" not in str(e.value)
+    assert path.read_bytes() == b"good"
