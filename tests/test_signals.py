@@ -85,7 +85,7 @@ def test_ctrl_c_stops_full_train_in_one_line(tmp_path):
         time.sleep(0.2)
     time.sleep(0.5)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
+    _, err = p.communicate(timeout=240)  # a loaded 2-core CI machine is slow to unwind
     assert p.returncode == 1, err
     assert err.strip().splitlines()[-1].startswith("error: stopped by Ctrl-C") and "Traceback" not in err
     assert not list(Path(out).glob(".*.tmp"))
