@@ -2168,10 +2168,10 @@ class Run:
         x = self.batch()
         z = torch.randn(x.shape, device=self.dev)
         # only the networks run under autocast (--precision bf16), never the metric or the ODE arithmetic
-        f, f_target, D = (under_autocast(m, cfg.precision, self.dev) for m in
-                          (self.model, self.model if self.target is None else self.target, self.teacher))
-        if RECIPES[c.mode].trigflow:  # θ⁻ runs only inside trig_jvp, which stays in float32
-            f_target = self.model if self.target is None else self.target
+        target = self.model if self.target is None else self.target
+        f, D = (under_autocast(m, cfg.precision, self.dev) for m in (self.model, self.teacher))
+        # sCT/sCD: θ⁻ runs only inside trig_jvp, which stays in float32
+        f_target = target if RECIPES[c.mode].trigflow else under_autocast(target, cfg.precision, self.dev)
         if self.shared_dropout:  # θ and θ⁻ draw the same dropout masks [iCT Sec. 3.1]
             share = SharedDropout(self.dev)
             f, f_target = share.wrap(f), share.wrap(f_target)

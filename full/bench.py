@@ -618,14 +618,9 @@ def main(argv=None) -> dict | int:
         if not all(2 <= n <= cm.MAX_LEVELS for n in grids):
             raise cm.CMError(f"--grids sizes must lie in 2..{cm.MAX_LEVELS}, got {args.grids}")
         where = Path(args.json).parent if args.json else None  # checked now, not after the benchmark
-        try:
-            unusable = where and (Path(args.json).is_dir() or not where.is_dir()
-                                  or not os.access(where, os.W_OK))
-        except OSError as e:  # a name too long for the file system, a loop of links
-            unusable = e.strerror
-        if unusable:
-            raise cm.CMError(f"--json {args.json[:80]}: not a file in a writable folder"
-                             + (f" ({unusable})" if isinstance(unusable, str) else ""))
+        with cm.interrupts_as_errors():  # a name too long for the file system: one line, as elsewhere
+            if where and (Path(args.json).is_dir() or not where.is_dir() or not os.access(where, os.W_OK)):
+                raise cm.CMError(f"--json {args.json}: not a file in a writable folder")
         dev = cm.pick_device(args.device)
         if args.ddp:
             gpu = dev.type == "cuda"
