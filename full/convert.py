@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from cm import CMError, exit_on, save_checkpoint
+from cm import CMError, exit_on, interrupts_as_errors, save_checkpoint
 from full import checkpoints, diffusers_io
 from full.config import CLIParser
 from full.released import flax
@@ -68,15 +68,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="a Flax file's resolutions with attention, comma-separated (default 16, CIFAR-10)")
     args = p.parse_args(argv)
     try:
-        try:
-            attn = None if args.attn is None else tuple(int(a) for a in args.attn.split(",") if a)
-        except ValueError:
-            raise CMError(f"--attn takes comma-separated integers, got {args.attn!r}") from None
-        state = convert(args.checkpoint, args.out, args.kind, args.resolution, attn, args.to)
-        info = state.get("official", {})
-        how = f" ({info['kind']}: {info.get('kind_from', info.get('source', 'inferred'))})" if info else ""
-        n = sum(v.numel() for v in next(iter(state["ema"].values())).values())
-        print(f"wrote {args.out}: {state['config']['preset']}{how}, step {state['step']}, {n:,} values")
+        with interrupts_as_errors():  # Ctrl-C and a path the file system cannot resolve: one line
+            try:
+                attn = None if args.attn is None else tuple(int(a) for a in args.attn.split(",") if a)
+            except ValueError:
+                raise CMError(f"--attn takes comma-separated integers, got {args.attn!r}") from None
+            state = convert(args.checkpoint, args.out, args.kind, args.resolution, attn, args.to)
+            info = state.get("official", {})
+            src = info.get("kind_from", info.get("source", "inferred"))
+            how = f" ({info['kind']}: {src})" if info else ""
+            n = sum(v.numel() for v in next(iter(state["ema"].values())).values())
+            print(f"wrote {args.out}: {state['config']['preset']}{how}, step {state['step']}, {n:,} values")
     except CMError as e:
         exit_on(e)
 

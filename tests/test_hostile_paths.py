@@ -48,6 +48,7 @@ def fifo_cases(f: dict, fifo: Path, out: Path) -> list:
         ("full.evaluate", [str(fifo), "--ref", str(f["stats"]), "--device", "cpu"]),
         ("full.evaluate", [str(f["imgs"]), "--ref", str(fifo), "--device", "cpu"]),
         ("full.evaluate", ["--make-ref", str(fifo), "--out", str(out / "ref.npz"), "--device", "cpu"]),
+        ("full.convert", [str(fifo), "--out", str(out / "e.pt")]),
     ]
 
 
@@ -86,6 +87,8 @@ def too_long_cases(f: dict, tmp: Path) -> list:
         ("full.evaluate", [str(long), "--ref", str(f["stats"]), "--device", "cpu"]),
         ("full.evaluate", ["--make-ref", str(f["imgs"]), "--out", str(long / "r.npz"), "--device", "cpu"]),
         ("full.bench", ["--device", "cpu", "--json", str(long / "b.json")]),
+        ("full.convert", [str(long / "ckpt.pt"), "--out", str(tmp / "e.pt")]),
+        ("full.convert", [str(f["export"]), "--out", str(long / "e.pt")]),
     ]
 
 

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 import cm
 import full.bench
+import full.convert
 import full.evaluate
 import full.sample
 import full.train
@@ -40,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 TOY = ["--dataset", "toy", "--channels", "16", "--batch-size", "32", "--device", "cpu"]
 MAINS = {"cm.py": cm.main, "full.train": full.train.main, "full.sample": full.sample.main,
-         "full.evaluate": full.evaluate.main, "full.bench": full.bench.main}
+         "full.evaluate": full.evaluate.main, "full.bench": full.bench.main,
+         "full.convert": full.convert.main}
 
 
 # ----------------------------------------------------------------------------------------------
