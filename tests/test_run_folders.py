@@ -87,6 +87,20 @@ def test_cm_resume_of_a_folder_with_a_log_but_no_checkpoint_keeps_the_log(tmp_pa
     assert_one_line(code, err, "--resume", "--overwrite")
 
 
+@pytest.mark.parametrize("kept", ["export.pt", "ckpt-0000002.pt"])
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_cm_refuses_a_folder_of_a_full_train_run(full_run, tmp_path, kept, resume):
+    """cm.py does not write its config.json, log and grids over a full.train run's folder."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in (kept, "config.json"):
+        (out / name).write_bytes((full_run / name).read_bytes())
+    before = _digests(out)
+    code, err = run_main("cm.py", [*CM, "--mode", "ct", "--out", str(out), *resume])
+    assert_one_line(code, err, kept, "--overwrite")
+    assert _digests(out) == before
+
+
 def test_cm_reuses_its_teacher_only_with_the_same_settings(tmp_path):
     """cd without --teacher trains one into <out>/teacher; another --channels is refused (not silently
     served by the old teacher's width); with --overwrite the teacher is trained again at the new width."""
