@@ -175,7 +175,8 @@ def config_of(state: dict) -> RunConfig:
     """The stored RunConfig, every field of its declared type and in range (config.validate), its
     network's sizes within NET_BOUNDS; else a one-line CMError."""
     d = state.get("config")
-    if not isinstance(d, dict) or d.get("arch") not in NET_CONFIGS or not isinstance(d.get("net"), dict):
+    if not isinstance(d, dict) or not isinstance(d.get("arch"), str) or d["arch"] not in NET_CONFIGS \
+            or not isinstance(d.get("net"), dict):
         raise CMError("the checkpoint has no config dict with an arch and a net section")
     for k, (_, _, most) in NET_TUPLES.items():  # before the net config turns them into tuples
         v = d["net"].get(k, ())

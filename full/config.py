@@ -274,6 +274,10 @@ def config_from_dict(d: dict) -> RunConfig:
         sections = {f.name: f for f in dataclasses.fields(RunConfig)}
         kw = {}
         for name, value in d.items():
+            want = str if name in ("preset", "arch") else dict if name in sections else object
+            if not isinstance(value, want):
+                raise CMError(f"the stored config's {name} is a {type(value).__name__}, not a "
+                              f"{'name' if want is str else 'section (a dict)'}")
             if name == "net":
                 kw[name] = _from_dict(net_cls, value)
             elif name in ("preset", "arch"):

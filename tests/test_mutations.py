@@ -340,6 +340,22 @@ def test_every_config_field_of_an_export_retyped_is_one_line(files, tmp_path, se
             accepted(full_consume, write(s, tmp_path / "export.pt"))
 
 
+@pytest.mark.parametrize("which", ["cm", "resume", "export"])
+def test_every_top_level_field_retyped_is_one_line(files, tmp_path, which):
+    """Every entry of the file and of its config dict (arch, net, the sections, step, ema, rng, ...) set in
+    turn to a NaN, a string, None and a dict, the checksum written afresh: a one-line refusal or a sound
+    load (a dict where the arch's name is looked up once raised TypeError: unhashable type)."""
+    consume = cm_consume if which == "cm" else full_consume
+    name = files[which].name
+    top = tree(files[which])
+    for keys in [[k] for k in top if k != CHECKSUM] + [["config", k] for k in top["config"]]:
+        for v in WRONG:
+            s = tree(files[which])
+            *up, last = keys
+            (s[up[0]] if up else s)[last] = v
+            accepted(consume, write(s, tmp_path / which / name))
+
+
 def scaled(sd: dict, by: float) -> None:
     for k, v in sd.items():
         if v.is_floating_point():
