@@ -89,7 +89,7 @@ def load_reference(path: str, shape: Sequence[int]) -> torch.Tensor:
         arr = np.asarray(img.resize(shape[1:][::-1]))[None]
     arr = arr[..., None] if arr.ndim == 3 else arr
     if tuple(arr.shape[1:]) != (shape[1], shape[2], shape[0]):
-        raise CMError(f"reference images are {tuple(arr.shape[1:])} (H, W, C); the model takes "
+        raise CMError(f"--reference {p}: its images are {tuple(arr.shape[1:])} (H, W, C); the model takes "
                       f"{(shape[1], shape[2], shape[0])}")
     return uint8_to_unit(arr).permute(0, 3, 1, 2)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_images import deadline
+from test_images import _png_header_only, deadline
 from test_reliability import TOY, assert_one_line, run_main
 
 import cm
@@ -60,6 +60,32 @@ def test_a_fifo_given_directly_is_refused_unopened(files, tmp_path):
             code, err = run_main(name, argv)
         assert_one_line(code, err)
         assert "pipe" in err, (name, argv, err)
+
+
+def test_hostile_edit_references_and_masks_are_one_line(files, tmp_path):
+    """A decompression bomb, a 0x0 image, a truncated PNG, and an npz whose header declares 10^7 images or
+    0x0 ones, given as an edit's --reference or --mask: one line naming the file, within seconds."""
+    bomb, zero, cut, big, flat = (tmp_path / n for n in ("bomb.png", "zero.png", "cut.png", "big.npz",
+                                                          "flat.npz"))
+    _png_header_only(bomb, 2**16, 2**16)
+    _png_header_only(zero, 0, 0)
+    cut.write_bytes(files["ref"].read_bytes()[:40])
+    np.savez(flat, np.zeros((3, 0, 0, 3), np.uint8))
+    import zipfile
+    with zipfile.ZipFile(big, "w") as z, z.open("arr_0.npy", "w") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                 "shape": (10**7, 64, 64, 3)})
+    s = ["--checkpoint", str(files["export"]), "--out", str(tmp_path / "s"), "--device", "cpu"]
+    cases = [[*s, "--edit", "denoise", "--sigmas", "0.5", "--reference", str(p)]
+             for p in (bomb, zero, cut, big, flat)]
+    cases += [[*s, "--edit", "inpaint", "--reference", str(files["ref"]), "--mask", str(p)]
+              for p in (bomb, zero, cut)]
+    for argv in cases:
+        with deadline(30):
+            code, err = run_main("full.sample", argv)
+        assert_one_line(code, err)
+        assert Path(argv[-1]).name in err, (argv, err)
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())
 
 
 @pytest.mark.parametrize("entry", ["cm.py", "full.train"])

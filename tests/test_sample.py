@@ -163,7 +163,7 @@ def test_mask_and_reference_checks(tmp_path):
     with pytest.raises(cm.CMError, match="cannot read image"):
         load_mask(str(tmp_path / "bad.png"), (1, 8, 8))
     np.savez(tmp_path / "ref.npz", np.zeros((2, 16, 16, 3), dtype=np.uint8))
-    with pytest.raises(cm.CMError, match="reference images are"):
+    with pytest.raises(cm.CMError, match="its images are"):
         load_reference(str(tmp_path / "ref.npz"), (1, 8, 8))
     Image.new("L", (8, 8), 255).save(tmp_path / "ok.png")
     assert load_mask(str(tmp_path / "ok.png"), (1, 8, 8)).sum() == 64
