@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import re
 import resource
 import shutil
 import signal
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import cm
@@ -443,18 +444,39 @@ def _toy_config(out: Path, mode, ds, s0, **v) -> cm.TrainConfig:
                      s1=s0 + ds, ckpt_every=1, teacher_steps=2, mid_t=v["sigma_max"] / 2, **v)
 
 
-@settings(max_examples=25, derandomize=True)  # one fixed draw: CI never meets a new divergent example
+DIVERGED = re.compile(r"(loss is not finite|non-finite weights) at step (\d+); (the last good checkpoint is "
+                      r"(\S+)|no checkpoint was written yet)")
+
+
+@settings(max_examples=25, derandomize=True)  # one fixed draw: every CI run checks the same examples
 @given(**VALID)
-def test_valid_numeric_settings_train_finitely(tmp_path_factory, monkeypatch, **v):
-    """Any setting inside the valid region trains: every logged loss is finite and so is every tensor
-    of the checkpoint (cm.train refuses non-finite losses and weights; this checks the result itself)."""
+def test_valid_numeric_settings_train_finitely_or_stop_at_the_divergence(tmp_path_factory, monkeypatch, **v):
+    """Any setting inside the valid region trains: every logged loss is finite and so is every tensor of the
+    checkpoint (cm.train refuses non-finite losses and weights; this checks the result itself).
+
+    The region admits learning rates up to 1e-2, where a few toy steps can diverge (once: cd, lr 0.0078,
+    sigma_data 5). That is the optimisation's outcome, not a bad input, so above lr 1e-3 (the toy default)
+    a run may instead stop with the one-line divergence refusal: then it names the step, every logged loss
+    is still finite, and the checkpoint left, if any, is a finite one of an earlier step."""
     monkeypatch.setattr(cm, "write_grids", lambda *a, **k: None)  # the property is about training
     monkeypatch.setattr(cm, "report", lambda *a, **k: {})
     out = tmp_path_factory.mktemp("valid")
-    cm.train(_toy_config(out, **v))
-    losses = [json.loads(r)["loss"] for r in (out / "log.jsonl").read_text().splitlines()]
-    assert losses and all(math.isfinite(x) for x in losses)
-    assert _finite(out / "ckpt.pt") and torch.load(out / "ckpt.pt", weights_only=True)["step"] == v["steps"]
+    diverged = None
+    try:
+        cm.train(_toy_config(out, **v))
+    except cm.CMError as e:
+        diverged = DIVERGED.fullmatch(str(e))
+        assert diverged and v["lr"] > 1e-3, e
+    event("diverged" if diverged else "trained")
+    log = out / "log.jsonl"
+    losses = [json.loads(r)["loss"] for r in log.read_text().splitlines()] if log.exists() else []
+    assert all(math.isfinite(x) for x in losses)
+    if diverged is None:
+        assert losses and _finite(out / "ckpt.pt")
+        assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == v["steps"]
+    elif (out / "ckpt.pt").exists():
+        assert _finite(out / "ckpt.pt")
+        assert torch.load(out / "ckpt.pt", weights_only=True)["step"] < int(diverged[2])
 
 
 BAD = {  # flag -> values outside the valid region
