@@ -2081,7 +2081,7 @@ class Run:
             cfg = dataclasses.replace(cfg, channels=tcfg.channels, time_scale=tcfg.time_scale)
             self.teacher = teacher.to(dev)
         foreign = sorted(p.name for p in [out / "export.pt", *out.glob("ckpt-*.pt")] if p.exists())
-        if foreign and not cfg.overwrite:  # a python -m full.train run: not ours to resume or write over
+        if foreign and not cfg.overwrite and not self.ckpt.is_file():  # a full.train run, not one of ours
             raise CMError(f"{out} holds a full.train run ({foreign[0]}); use another --out, or --overwrite "
                           "to train into it")
         if self.ckpt.is_file() or (out / "log.jsonl").is_file():
