@@ -7,6 +7,7 @@ Each one is a one-line refusal (status 1) that returns within seconds: nothing b
 earlier file is lost, no temporary file is left."""
 import errno
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,6 @@ def test_hostile_edit_references_and_masks_are_one_line(files, tmp_path):
     _png_header_only(zero, 0, 0)
     cut.write_bytes(files["ref"].read_bytes()[:40])
     np.savez(flat, np.zeros((3, 0, 0, 3), np.uint8))
-    import zipfile
     with zipfile.ZipFile(big, "w") as z, z.open("arr_0.npy", "w") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
                                                  "shape": (10**7, 64, 64, 3)})
