@@ -598,6 +598,7 @@ def scm_step(f: Callable, f_target: Callable, x0: Tensor, t: Tensor, z: Tensor, 
 
 SIGMA_MAX_LIMIT = 1e4  # far above any paper's T = 80; beyond it float32 images lose their signal
 MAX_LEVELS = 2 ** 16  # grid sizes: iCT's s1 is 1280
+MAX_SEED = 2 ** 62  # seeds made from a seed (+ a sample's index, + a rank's and a step's offset) fit int64
 
 
 @dataclass
@@ -1894,9 +1895,9 @@ def check(cfg: TrainConfig) -> TrainConfig:
                       f"got {cfg.resolution}")
     if cfg.teacher_steps < 0:
         raise CMError(f"teacher-steps must be >= 0, got {cfg.teacher_steps}")
-    if not (0 <= cfg.seed < 2 ** 63 and cfg.batch_size <= 2 ** 16 and cfg.channels <= 4096
+    if not (0 <= cfg.seed <= MAX_SEED and cfg.batch_size <= 2 ** 16 and cfg.channels <= 4096
             and 2 <= cfg.grid_steps <= MAX_LEVELS):
-        raise CMError(f"need 0 <= seed < 2^63, batch-size <= 65536, channels <= 4096 and 2 <= grid-steps <= "
+        raise CMError(f"need 0 <= seed <= 2^62, batch-size <= 65536, channels <= 4096 and 2 <= grid-steps <= "
                       f"{MAX_LEVELS} (got {cfg.seed}, {cfg.batch_size}, {cfg.channels}, {cfg.grid_steps})")
     if cfg.dataset != "toy":  # the UNet's group norms and attention heads must divide its widths
         side = {"digits": 8, "cifar10": 32}.get(cfg.dataset, cfg.resolution)

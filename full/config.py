@@ -8,6 +8,7 @@ The named paper runs are full/presets.py.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import json
 import math
@@ -16,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from cm import FORMAT, CMConfig, CMError, Parser, check_levels, ts_to_sigmas
+from cm import FORMAT, MAX_LEVELS, MAX_SEED, CMConfig, CMError, Parser, check_levels, ts_to_sigmas
 from full.networks import ADMConfig, NCSNppConfig
 
 NET_CONFIGS: dict[str, type] = {"ncsnpp": NCSNppConfig, "adm": ADMConfig}
@@ -133,6 +134,13 @@ CHOICES = {("opt", "optimizer"): ("radam", "adam"),
            ("data", "name"): ("cifar10", "imagenet64", "folder", "digits"),
            ("run", "uint8"): ("truncate", "round")}
 
+# Integer settings that size an allocation or a loop, with their ranges: a value outside is refused before
+# step 0 (not an OverflowError, a MemoryError or 10^6 worker processes later). Every other integer setting
+# lies within +-2^62, so the seeds and counters made from it stay inside torch's int64.
+INT_RANGES = {"run.seed": (0, MAX_SEED), "run.grid_steps": (2, MAX_LEVELS), "run.sample_num": (1, 4096),
+              "run.fid_samples": (0, 10 ** 7), "data.num_workers": (0, 128), "data.resolution": (0, 4096),
+              "opt.batch": (1, 1 << 20), "opt.microbatch": (0, 1 << 20)}
+
 
 def validate(cfg: RunConfig) -> None:
     """Type, range and choice checks of every setting, before step 0; each failure is a one-line CMError.
@@ -149,6 +157,9 @@ def validate(cfg: RunConfig) -> None:
                               "expected)".replace("<class '", "").replace("'>", ""))
             if any(isinstance(x, float) and not math.isfinite(x) for x in (v if type(v) is tuple else [v])):
                 raise CMError(f"{sec.name}.{f.name}={v} holds a number that is not finite")
+            lo, hi = INT_RANGES.get(f"{sec.name}.{f.name}", (-2 ** 62, 2 ** 62))
+            if any(type(x) is int and not lo <= x <= hi for x in (v if type(v) is tuple else [v])):
+                raise CMError(f"{sec.name}.{f.name}={str(v)[:40]} is out of range: it must lie in {lo}..{hi}")
     for (sec, name), valid in CHOICES.items():
         if getattr(getattr(cfg, sec), name) not in valid:
             raise CMError(f"{sec}.{name}={getattr(getattr(cfg, sec), name)!r} is not one of "
@@ -251,16 +262,20 @@ def apply_override(cfg: RunConfig, item: str) -> RunConfig:
     value = _coerce(value, hints[name])
     if not _type_ok(value, hints[name]):
         raise CMError(f"{sec}.{name}={text!r} has the wrong type: expected {_type_name(hints[name])}")
-    new = dataclasses.replace(obj, **{name: value}) if not isinstance(obj, (NCSNppConfig, ADMConfig)) \
-        else _replace_net(obj, name, value)
-    return dataclasses.replace(cfg, **{sec: new})
+    new, obj = copy.copy(cfg), copy.copy(obj)  # set, not yet checked: fields that go together
+    setattr(obj, name, value)                  # (img_resolution, attn_resolutions) may be set in any order
+    setattr(new, sec, obj)
+    return new
 
 
-def _replace_net(net, name: str, value):
+def checked(cfg: RunConfig) -> RunConfig:
+    """cfg after overrides, with every check run again: the network config's own (named fields, the
+    widths its group norms divide) and validate's."""
     try:
-        return dataclasses.replace(net, **{name: value})
-    except ValueError as e:  # the network configs' own checks
-        raise CMError(f"net.{name}={value!r}: {e}") from None
+        net = dataclasses.replace(cfg.net)
+    except ValueError as e:
+        raise CMError(f"net.*: {e}") from None
+    return dataclasses.replace(cfg, net=net)
 
 
 def _type_name(tp: Any) -> str:

@@ -30,9 +30,9 @@ from full.config import (
     RunConfig,
     RunSection,
     apply_override,
+    checked,
     ema_beta,
     to_json,
-    validate,
 )
 from full.model import check_buildable
 from full.networks import ADMConfig, NCSNppConfig
@@ -242,7 +242,7 @@ def resolve(preset: str, overrides: Sequence[str] = ()) -> RunConfig:
     cfg = get_preset(preset)
     for item in overrides:
         cfg = apply_override(cfg, item)
-    validate(cfg)
+    cfg = checked(cfg)
     check_buildable(cfg)
     return cfg
 

@@ -9,6 +9,9 @@ only after the benchmark had run.
 from pathlib import Path
 
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_reliability import assert_one_line, run_main
 
 import full.bench
@@ -81,3 +84,48 @@ def test_full_sample_bounds_the_heun_grid_before_sampling(tmp_path, monkeypatch)
         code, err = run_main("full.sample", ["--checkpoint", str(out / "export.pt"), "--out",
                                              str(tmp_path / "s"), "--device", "cpu", "--steps", str(steps)])
         assert_one_line(code, err, "--steps <= 65536")
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("run.seed=-1", "run.seed"), (f"run.seed={2 ** 64}", "run.seed"),
+    (f"run.grid_steps={10 ** 20}", "run.grid_steps"), (f"run.sample_num={10 ** 12}", "run.sample_num"),
+    (f"data.num_workers={10 ** 6}", "data.num_workers"), (f"opt.batch={10 ** 9}", "opt.batch"),
+    (f"opt.steps={2 ** 70}", "opt.steps"), ("net.num_blocks=-1", "num_blocks"),
+    ("net.num_blocks=0", "num_blocks"),
+    ("net.num_classes=-1", "num_classes"), (f"net.img_resolution={2 ** 40}", "img_resolution"),
+    ("net.attn_resolutions=(3,)", "attn_resolutions"), ("net.attn_resolutions=(16,)", "attn_resolutions"),
+])
+def test_full_train_sizes_and_counts_are_bounded_where_they_are_parsed(override, needle):
+    """Integers that once passed --print-config and then overflowed (seed 2^64, grid_steps 10^20), exhausted
+    memory (sample_num 10^12), started 10^6 worker processes, or trained another network than asked without
+    a word (attention at a resolution no level has: tiny-ct's levels are 8 and 4)."""
+    code, err = run_main("full.train", ["--preset", "tiny-ct", override, "--print-config"])
+    assert_one_line(code, err, needle)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.one_of(st.integers(-2 ** 70, 2 ** 70), st.integers(2 ** 62 - 5, 2 ** 63 + 5)))
+def test_an_accepted_seed_derives_seeds_torch_takes(seed):
+    """Any run.seed: refused in one line naming it, or every seed the trainer derives from it (a rank's
+    offset 1_000_003 (rank + 1), plus the step, for up to 2^16 ranks and 2^40 steps) is one
+    torch.manual_seed takes (an int64 that is not negative)."""
+    code, err = run_main("full.train", ["--preset", "tiny-ct", f"run.seed={seed}", "--print-config"])
+    if code == 0:
+        torch.Generator().manual_seed(seed)
+        torch.Generator().manual_seed(seed + 1_000_003 * 2 ** 16 + 2 ** 40)
+        assert seed >= 0
+    else:
+        assert_one_line(code, err, "run.seed")
+
+
+@settings(max_examples=10, deadline=None)
+@given(order=st.permutations(["net.img_resolution=16", "net.attn_resolutions=(8,)",
+                              "net.channel_mult=(1,2,2)", "cm.sigma_min=100.0", "cm.sigma_max=200.0"]))
+def test_overrides_that_go_together_are_accepted_in_any_order(order):
+    """Fields checked together (a resolution and its attention levels, sigma_min < sigma_max) are checked
+    once every override is applied: any order of a valid set gives the same config."""
+    from full.config import to_json
+    from full.presets import resolve
+    cfg = resolve("tiny-ct", list(order))
+    assert (cfg.net.img_resolution, cfg.net.attn_resolutions, cfg.cm.sigma_min) == (16, (8,), 100.0)
+    assert to_json(cfg) == to_json(resolve("tiny-ct", sorted(order)))
