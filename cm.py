@@ -811,7 +811,7 @@ def parameterize(c: CMConfig, net: nn.Module) -> nn.Module:
 def keeps_target_copy(c: CMConfig) -> bool:
     """θ⁻ needs its own copy only when μ can be > 0 (ct, or a constant μ > 0). With μ = 0 throughout
     (iCT, ECT, CIFAR-10 CD) θ⁻ = stopgrad(θ): the online net under no_grad is the target."""
-    return c.mode == "ct" or (c.mode != "edm" and c.mu > 0)
+    return c.mode == "ct" or ("mu" in RECIPES[c.mode].fields and c.mu > 0)
 
 
 def make_metric(c: CMConfig, device: torch.device | str = "cpu") -> Callable:
@@ -1825,6 +1825,20 @@ class TrainConfig:
 DATASETS = ("toy", "digits", "cifar10")
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"cm"}
 MATH_FIELDS = {f.name for f in dataclasses.fields(CMConfig)}
+FIELD_DEFAULTS = {f.name: f.default for c in (TrainConfig, CMConfig) for f in dataclasses.fields(c)}
+
+
+def readers(name: str) -> tuple[str, ...]:
+    """The modes that read the setting `name`: a recipe's CMConfig fields (Recipe.fields), the teacher's
+    settings where the recipe has one, the two-step levels where grids have two steps; others: every mode."""
+    if any(name in r.fields for r in RECIPES.values()):
+        return tuple(m for m, r in RECIPES.items() if name in r.fields)
+    if name in ("teacher", "teacher_steps", "init_from_teacher"):  # init: ect always starts from D_φ
+        return tuple(m for m, r in RECIPES.items() if r.teacher and (name != "init_from_teacher"
+                                                                     or r.teacher == "loss"))
+    if name in ("ts", "grid_steps", "mid_t"):  # edm grids: the Heun sampler; mid_t: the T, mid_t modes
+        return ("ict", "ect", "sct", "scd") if name == "mid_t" else tuple(m for m in RECIPES if m != "edm")
+    return tuple(RECIPES)
 
 
 def config(dataset: str = "digits", mode: str = "cd", **flags) -> TrainConfig:
@@ -1832,12 +1846,24 @@ def config(dataset: str = "digits", mode: str = "cd", **flags) -> TrainConfig:
     TrainConfig or CMConfig, by name), checked. The defaults make `python cm.py` end in minutes on a
     CPU; cifar10 takes the papers' values [CM Tab. 3, iCT Sec. 3-5, locuslab/ect run_ecm.sh]."""
     if dataset not in DATASETS and not os.path.isdir(dataset):
-        raise CMError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)} or an image folder")
+        try:
+            os.stat(dataset)
+            why = "not a folder"
+        except OSError as e:
+            why = e.strerror if e.errno in PATH_ERRNOS else "no such dataset or folder"
+        shown = dataset if len(dataset) <= 80 else dataset[:80] + "..."
+        raise CMError(f"--dataset {shown!r}: {why}; choose one of {', '.join(DATASETS)} or an image folder")
     if mode not in RECIPES:
         raise CMError(f"unknown mode {mode!r}; choose one of {', '.join(RECIPES)}")
     unknown = set(flags) - TRAIN_FIELDS - MATH_FIELDS
     if unknown:
         raise CMError(f"unknown setting(s) {', '.join(sorted(unknown))}")
+    unread = sorted(k for k in flags if mode not in readers(k) and flags[k] != FIELD_DEFAULTS[k])
+    if unread:  # --ablate for ct, --teacher for edm: ignored without a word, the run is not the one asked
+        raise CMError(f"--mode {mode} does not read " + "; ".join(
+            f"--{k.replace('_', '-')} (a setting of {', '.join(readers(k))})" for k in unread))
+    if "ts" in flags and "mid_t" in flags:
+        raise CMError("--ts sets both two-step levels and --mid-t the second one: pass one of them")
     metric = {"ict": "pseudo_huber", "ect": "l2_norm"}.get(mode, "l2")  # [iCT Sec. 3.3], [ECT Sec. 3]
     c = dict(mode=mode, metric=metric, s0=10 if mode == "ict" else 2, mu_rule="paper", P_mean=-1.1)
     if RECIPES[mode].trigflow:  # [sCM Sec. 4]: TrigFlow's own c_noise for sCT, the EDM teacher's for sCD
@@ -1908,6 +1934,12 @@ def check(cfg: TrainConfig) -> TrainConfig:
         except (ValueError, RuntimeError, ZeroDivisionError) as e:
             raise CMError(f"channels={cfg.channels} does not fit the UNet ({str(e)[:80]}); "
                           "a multiple of 32 always does") from None
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise CMError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
+    if cfg.grid_minutes < 0:
+        raise CMError(f"--grid-minutes must be >= 0 (0: grids by steps only), got {cfg.grid_minutes}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0 and 0 <= cfg.dropout < 1 and 0 <= cfg.ema < 1
             and 1e-4 <= cfg.time_scale <= 1e4):
         raise CMError(f"need a finite lr > 0, 0 <= dropout < 1, 0 <= ema < 1 and 1e-4 <= time-scale <= 1e4 "
@@ -2426,12 +2458,20 @@ def sample_grids(path: str, flags: dict) -> None:
     state = load_checkpoint(path)
     model, cfg = model_from_checkpoint(state)
     keep = ("ts", "grid_steps", "mid_t", "seed", "device")
+    only_flags(flags, (*keep, "out"), "--checkpoint")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if k in keep},
                               out=str(Path(path).parent))
     check(cfg)
     out = out_folder(flags.get("out") or Path(path).parent, make=True)
     write_grids(model.to(pick_device(cfg.device)), cfg, state["shape"], out, state["step"])
     print(f"wrote sample grids to {out}")
+
+
+def only_flags(flags: dict, allowed: Sequence[str], what: str) -> None:
+    """Refuse the flags `what` does not read (--steps, --resume, --lr with --checkpoint would be ignored)."""
+    if other := sorted(set(flags) - set(allowed)):
+        name = lambda k: "--" + k.replace("_", "-")  # noqa: E731
+        raise CMError(f"{what} takes {', '.join(map(name, allowed))}; not {', '.join(map(name, other))}")
 
 
 def search_cli(path: str, flags: dict, log_sigma: bool, n: int) -> dict:
@@ -2441,14 +2481,12 @@ def search_cli(path: str, flags: dict, log_sigma: bool, n: int) -> dict:
     state = load_checkpoint(path)
     model, cfg = model_from_checkpoint(state)
     keep = ("grid_steps", "seed", "device")
-    if set(flags) - {*keep, "out"}:
-        raise CMError("--search-ts takes --grid-steps, --seed, --device, --out and --num-samples; not "
-                      + ", ".join("--" + k.replace("_", "-") for k in sorted(set(flags) - {*keep, "out"})))
+    only_flags(flags, (*keep, "out", "num_samples"), "--search-ts")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if k in keep})
     if cfg.cm.mode == "edm":
         raise CMError(f"{path} is an edm denoiser (Heun sampler); --search-ts is for consistency models")
-    if n < 2:
-        raise CMError("--search-ts needs --num-samples >= 2 (a distance between sample sets)")
+    if not 2 <= n <= 10 ** 6:
+        raise CMError(f"--search-ts needs 2 <= --num-samples <= 10^6 (a distance of sample sets), got {n}")
     if cfg.dataset == "toy":
         real, name, dist = toy_ring(2000, torch.Generator().manual_seed(cfg.seed + 123)), "energy_distance", \
             energy_distance

@@ -104,6 +104,10 @@ def load(path: str | os.PathLike, arch: str = "", kind: str = "") -> dict:
         check_state(state)  # every format, as data: types, sizes, finite tensors
     except CMError as e:
         raise CMError(f"{path}: {e}") from None
+    named = _NAME.match(path.name)
+    if named and not state.get("export") and int(named.group(1)) != state["step"]:  # resume would go back
+        raise CMError(f"{path} holds step {state['step']}, its name says {int(named.group(1))}: a copied or "
+                      "renamed checkpoint; remove it, or rename it to the step it holds")
     return state
 
 
@@ -149,8 +153,17 @@ def import_official(path: str | os.PathLike, obj=None, arch: str = "", kind: str
                   "(a guided-diffusion state dict)")
 
 
-def load_weights(module: nn.Module, state_dict: dict, what: str, path: str | os.PathLike = "") -> None:
-    """load_state_dict(strict) with a one-line CMError on a key or shape mismatch (another network)."""
+def load_weights(module: nn.Module, state_dict: dict, what: str, path: str | os.PathLike = "",
+                 same_dtypes: bool = False) -> None:
+    """load_state_dict(strict) with a one-line CMError on a key or shape mismatch (another network), and
+    with same_dtypes (a resume: the file is this code's own) on a dtype other than the network's, which
+    load_state_dict would cast without a word (float16 weights resumed as float32 lose their low bits)."""
+    if same_dtypes:
+        own = module.state_dict()
+        for k, v in state_dict.items():
+            if k in own and isinstance(v, torch.Tensor) and v.dtype != own[k].dtype:
+                raise CMError(f"{path}: the {what} weight {k} is {v.dtype}, this network's is "
+                              f"{own[k].dtype}: not a checkpoint this code wrote")
     try:
         module.load_state_dict(state_dict)
     except (RuntimeError, KeyError, TypeError) as e:

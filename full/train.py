@@ -235,19 +235,24 @@ class Trainer:
 
     def restore(self, state: dict, path: Path) -> None:
         """Load a resume dict; the RNG state last, so nothing built afterwards shifts it."""
-        checkpoints.load_weights(self.model, state["model"], "model", path)
+        checkpoints.load_weights(self.model, state["model"], "model", path, same_dtypes=True)
         if self.target is not None:
-            checkpoints.load_weights(self.target, state["target"] or {}, "target", path)
+            checkpoints.load_weights(self.target, state["target"] or {}, "target", path, same_dtypes=True)
         saved = {float(r): s for r, s in state["ema"].items()}
         for rate, ema in self.emas.items():
             if rate not in saved:
                 raise CMError(f"{path} has no EMA at rate {rate} (it has {', '.join(map(str, saved))})")
-            checkpoints.load_weights(ema, saved[rate], f"EMA {rate}", path)
+            checkpoints.load_weights(ema, saved[rate], f"EMA {rate}", path, same_dtypes=True)
         try:
             self.opt.load_state_dict(state["opt"])
             self.scaler.load_state_dict(state["scaler"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise CMError(f"{path}: the optimiser state does not fit ({e})") from None
+        for i, p in enumerate(q for g in self.opt.param_groups for q in g["params"]):  # load_state_dict
+            for name, v in self.opt.state.get(p, {}).items():  # checks the groups' sizes, not the moments'
+                if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
+                    raise CMError(f"{path}: the optimiser's {name} of parameter {i} has shape "
+                                  f"{tuple(v.shape)}, the parameter {tuple(p.shape)}: another network")
         self.step_k = int(state["step"])
         self.acc = Accounting(self.cfg.opt.batch, self.world, state.get("accounting"))
         rng = state["rng"]
@@ -363,6 +368,9 @@ def claim_folder(cfg: RunConfig, out: Path, overwrite: bool) -> tuple[Path | Non
     ckpt = checkpoints.latest(out) if cfg.run.resume in (True, "auto") and not overwrite else None
     if cfg.run.resume is True and ckpt is None:
         raise CMError(f"run.resume=True but {out} has no ckpt-*.pt")
+    for p in (out / "log.jsonl", out / "config.json", out / "export.pt"):
+        if p.exists() and not p.is_file():  # opening a FIFO blocks; a folder cannot be appended to
+            raise CMError(f"{p} is not a regular file: move it out of the run folder")
     ckpts = checkpoints.list_checkpoints(out)
     others = [p for p in (out / "export.pt", out / "log.jsonl") if p.is_file() and p.stat().st_size > 0]
     earlier = ckpts + others
@@ -408,10 +416,12 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
         cfg.cm.mode in ("ct", "sct") and bool(cfg.run.teacher) and cfg.run.init_from_teacher)
     teacher = load_teacher(cfg, dev) if use_teacher else None
     tr = Trainer(cfg, dev, teacher)
-    if dist.rank() == 0:  # every check of the new run has passed: only now is the earlier one deleted
-        for p in earlier:
-            p.unlink(missing_ok=True)
+    main = dist.rank() == 0
     start = int(state["step"]) if state else 0
+    tb = tensorboard_writer(out, start, "run.tensorboard=True") if main and cfg.run.tensorboard else None
+    if main:  # every check of the new run has passed (the package of run.tensorboard too): only now is
+        for p in earlier:  # the earlier run deleted
+            p.unlink(missing_ok=True)
     loader = make_loader(ds, per_rank, dist.rank(), dist.world(), cfg.run.seed, cfg.data.num_workers,
                          start_step=start)  # built before the RNG restore: DataLoader draws a base seed
     if state:
@@ -421,8 +431,6 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
         tr.restore(state, ckpt)
         dist.print0(f"resumed from {ckpt} at step {start}")
     last_ckpt = ckpt
-    main = dist.rank() == 0
-    tb = tensorboard_writer(out, start, "run.tensorboard=True") if main and cfg.run.tensorboard else None
     if main:
         atomic_write(out / "config.json", lambda fh: fh.write(to_json(cfg).encode()))
         if not state:

@@ -6,6 +6,7 @@ numbers go (--class-labels x, --grids a,b), flags that contradict (--sampler one
 settings that do not build (net.dropout=1.5, widths the group norms cannot divide), an unwritable --json found
 only after the benchmark had run.
 """
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_reliability import assert_one_line, run_main
 
+import cm
 import full.bench
 
 
@@ -129,3 +131,95 @@ def test_overrides_that_go_together_are_accepted_in_any_order(order):
     cfg = resolve("tiny-ct", list(order))
     assert (cfg.net.img_resolution, cfg.net.attn_resolutions, cfg.cm.sigma_min) == (16, (8,), 100.0)
     assert to_json(cfg) == to_json(resolve("tiny-ct", sorted(order)))
+
+
+# ----------------------------------------------------------------------------------------------
+# cm.py: a flag its mode does not read, or that contradicts another, is refused
+
+
+class _Spy(cm.CMConfig):
+    """A CMConfig that records which of its fields are read while `recording` holds a set."""
+    recording = None
+
+    def __getattribute__(self, name):
+        seen = type(self).recording
+        if seen is not None and name in cm.MATH_FIELDS:
+            seen.add(name)
+        return object.__getattribute__(self, name)
+
+
+@pytest.mark.parametrize("mode", sorted(cm.RECIPES))
+def test_a_mode_reads_only_the_settings_it_claims(mode):
+    """cm.py refuses a math flag outside a recipe's Recipe.fields (--ablate for ct, --mu for ct); that is
+    only right if the recipe's schedule and loss never read it: one step of each, every field read
+    recorded, is within the fields it claims plus the scalings every mode has."""
+    cfg = cm.config("toy", mode, channels=8, batch_size=8, device="cpu")
+    c = _Spy(**{f: getattr(cfg.cm, f) for f in cm.MATH_FIELDS})
+    f = cm.parameterize(cfg.cm, cm.make_net(cfg, (2,)))
+    D = cm.parameterize(dataclasses.replace(cfg.cm, mode="edm"), cm.make_net(cfg, (2,))) \
+        if cm.RECIPES[mode].teacher else None
+    x, metric = cm.toy_ring(8), cm.make_metric(cfg.cm)  # the metric is built for every mode (d unused)
+    _Spy.recording = seen = set()
+    try:
+        for k in (0, 5, 9):
+            cm.recipe_loss(c, cm.schedule(c, k, 10), f, f, D, x, torch.randn_like(x), metric)
+            cm.keeps_target_copy(c)
+    finally:
+        _Spy.recording = None
+    common = {"mode", "sigma_min", "sigma_max", "sigma_data", "rho", "noise_cond", "lpips_pretrained"}
+    assert seen - common <= set(cm.RECIPES[mode].fields), (mode, seen)
+    assert all(mode in cm.readers(k) for k in seen)  # what it reads, cm.py accepts
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--mode", "ct", "--ablate", "weight"], "--ablate"), (["--mode", "ct", "--mu", "0.5"], "--mu"),
+    (["--mode", "cd", "--mu0", "0.5"], "--mu0"), (["--mode", "sct", "--metric", "l1"], "--metric"),
+    (["--mode", "edm", "--teacher", "t.pt"], "--teacher"),
+    (["--mode", "ct", "--teacher", "t.pt"], "--teacher"),
+    (["--mode", "ict", "--teacher-steps", "5"], "--teacher-steps"),
+    (["--mode", "ct", "--mid-t", "0.5"], "--mid-t"),
+    (["--mode", "edm", "--ts", "0,5,17"], "--ts"),
+    (["--mode", "ict", "--ts", "0,5,17", "--mid-t", "1.0"], "--mid-t"),
+    (["--grid-minutes", "nan"], "--grid-minutes"), (["--grid-minutes", "-1"], "--grid-minutes"),
+    (["--dataset", "x" * 300], "too long"), (["--dataset", __file__], "not a folder"),
+])
+def test_cm_refuses_flags_its_run_would_ignore(flags, needle, tmp_path):
+    """Flags that were accepted with exit 0 and did nothing (the run was not the one asked for), or that
+    passed and failed later: one line naming the flag, before training."""
+    argv = ["--dataset", "toy", *flags, "--out", str(tmp_path / "r"), "--print-config"]
+    code, err = run_main("cm.py", argv)
+    assert_one_line(code, err, needle)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--mode", "ict", "--ablate", "weight"], ["--mode", "cd", "--mu", "0.5"],
+    ["--mode", "ect", "--mid-t", "0.5"], ["--mode", "ct", "--mu0", "0.5"], ["--mode", "ct", "--ablate", ""],
+    ["--mode", "cd", "--teacher-steps", "5"],
+])
+def test_cm_accepts_the_same_flags_where_they_are_read(flags, tmp_path):
+    """The counterpart: each flag with a mode that reads it (or at its default value) passes."""
+    argv = ["--dataset", "toy", *flags, "--out", str(tmp_path / "r"), "--print-config"]
+    code, err = run_main("cm.py", argv)
+    assert code == 0, err
+
+
+@pytest.fixture(scope="module")
+def cm_ckpt(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cm") / "run"
+    code, err = run_main("cm.py", ["--dataset", "toy", "--mode", "ct", "--steps", "1", "--channels", "8",
+                                   "--batch-size", "8", "--device", "cpu", "--no-report", "--out", str(out)])
+    assert code == 0, err
+    return out / "ckpt.pt"
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--resume"], "--resume"), (["--steps", "5"], "--steps"), (["--lr", "0.1"], "--lr"),
+    (["--search-ts", "--steps", "3"], "--steps"),
+    (["--search-ts", "--num-samples", str(10 ** 12)], "--num-samples"),
+])
+def test_cm_checkpoint_refuses_training_flags_and_unbounded_sizes(cm_ckpt, tmp_path, flags, needle):
+    """--checkpoint writes grids from a finished run: a training flag with it did nothing (exit 0); a search
+    over 10^12 samples was a MemoryError traceback."""
+    code, err = run_main("cm.py", ["--checkpoint", str(cm_ckpt), *flags, "--out", str(tmp_path / "g")])
+    assert_one_line(code, err, needle)
+    assert not (tmp_path / "g").exists()

@@ -254,7 +254,7 @@ def test_resume_refuses_a_run_with_other_settings(tmp_path):
 @pytest.mark.parametrize("mode", ["ict", "ect"])
 def test_ict_ect_train_end_to_end_with_shared_dropout(mode, tmp_path):
     tiny = dict(dataset="toy", channels=32, batch_size=32, log_every=5, ckpt_every=10, device="cpu",
-                dropout=0.1, steps=8, teacher_steps=6, stage_steps=3)
+                dropout=0.1, steps=8, **(dict(teacher_steps=6, stage_steps=3) if mode == "ect" else {}))
     rows = cm.train(cm.config(mode=mode, out=str(tmp_path), **tiny))
     assert all(np.isfinite(v) for v in rows.values())
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)

@@ -305,6 +305,12 @@ FULL_FIELDS = {
     "net-a-list": lambda s: s["config"].update(net=[]),
     "opt-steps-a-str": lambda s: s["config"]["opt"].update(steps="2"),
     "ema-rates-a-str": lambda s: s["config"]["ema"].update(rates="x"),
+    # the optimiser's moments of another network (load_state_dict checks only the groups' sizes), and
+    # weights load_state_dict would cast without a word
+    "opt-exp-avg-other-shape": lambda s: s["opt"]["state"][0].update(exp_avg=torch.zeros(3)),
+    "model-float16": lambda s: s.update(model={k: v.half() for k, v in s["model"].items()}),
+    "ema-float64": lambda s: s.update(ema={r: {k: v.double() for k, v in sd.items()}
+                                           for r, sd in s["ema"].items()}),
 }
 
 
@@ -314,6 +320,14 @@ def test_tampered_full_fields_are_one_line(files, tmp_path, case):
     s = tree(files["resume"])
     FULL_FIELDS[case](s)
     refused(full_consume, write(s, tmp_path / "ckpt-0000002.pt"))
+
+
+def test_a_checkpoint_whose_name_and_step_disagree_is_refused(files, tmp_path):
+    """A copy of step 2 named ckpt-0000009.pt would be the newest and resume would go back 7 steps (and its
+    next save keep the wrong files): refused, naming both steps; under its own name it loads."""
+    s = tree(files["resume"])
+    refused(full_consume, write(s, tmp_path / "ckpt-0000009.pt"), "step 2", "9")
+    full_consume(write(s, tmp_path / f"ckpt-{s['step']:07d}.pt"))
 
 
 @pytest.mark.parametrize("case", ["num-blocks-1e7", "model-channels-2**20", "channel-mult-1e5-levels",

@@ -438,10 +438,16 @@ VALID = dict(mode=st.sampled_from(["ct", "ict", "ect", "cd"]), sigma_min=st.floa
              steps=st.integers(1, 3))
 
 
+def _read_by(mode: str, settings: dict) -> dict:
+    """The settings that `mode` reads (cm.py refuses the others: --ablate for ct, --teacher-steps for ict)."""
+    return {k: x for k, x in settings.items() if mode in cm.readers(k)}
+
+
 def _toy_config(out: Path, mode, ds, s0, **v) -> cm.TrainConfig:
     """A tiny toy run (8 channels, batch 16, a checkpoint every step; cd, ect: a 2-step teacher first)."""
-    return cm.config(mode=mode, dataset="toy", channels=8, batch_size=16, device="cpu", out=str(out), s0=s0,
-                     s1=s0 + ds, ckpt_every=1, teacher_steps=2, mid_t=v["sigma_max"] / 2, **v)
+    return cm.config(mode=mode, dataset="toy", channels=8, batch_size=16, device="cpu", out=str(out),
+                     ckpt_every=1, **_read_by(mode, dict(s0=s0, s1=s0 + ds, teacher_steps=2,
+                                                         mid_t=v["sigma_max"] / 2, **v)))
 
 
 DIVERGED = re.compile(r"(loss is not finite|non-finite weights) at step (\d+); (the last good checkpoint is "
@@ -500,12 +506,14 @@ def test_invalid_numeric_settings_are_refused_in_one_line(tmp_path_factory, flag
     """Each value outside the valid region, the rest drawn valid: exit 1 with one line on stderr, before
     any training (no checkpoint, no log)."""
     out = tmp_path_factory.mktemp("invalid")
-    argv = ["--mode", v["mode"], *TOY[:4], "--batch-size", "16", "--device", "cpu", "--out", str(out),
-            "--teacher-steps", "2", "--ckpt-every", "1"]
-    for k in ("sigma_min", "sigma_max", "sigma_data", "rho", "lr", "mu0", "mu", "ema", "dropout", "N", "s0",
-              "P_mean", "P_std", "q", "stage_steps", "steps"):
-        argv.append(f"--{k.replace('_', '-')}={v[k]!r}")  # '=': argparse takes "-2e-05" for a flag
-    argv += [f"--s1={v['s0'] + v['ds']}", f"--{flag}={value!r}"]  # the last of a repeated flag wins
+    mode = next(m for m in [v["mode"], *cm.RECIPES] if m in cm.readers(flag.replace("-", "_")))
+    settings = _read_by(mode, dict(teacher_steps=2, s1=v["s0"] + v["ds"], **{k: v[k] for k in (
+        "sigma_min", "sigma_max", "sigma_data", "rho", "lr", "mu0", "mu", "ema", "dropout", "N", "s0",
+        "P_mean", "P_std", "q", "stage_steps", "steps")}))
+    argv = ["--mode", mode, *TOY[:4], "--batch-size", "16", "--device", "cpu", "--out", str(out),
+            "--ckpt-every", "1"]
+    argv += [f"--{k.replace('_', '-')}={x!r}" for k, x in settings.items()]  # '=': argparse takes "-2e-05"
+    argv.append(f"--{flag}={value!r}")  # the last of a repeated flag wins
     code, err = run_main("cm.py", argv)
     assert code == 1, err
     assert_one_line(code, err)

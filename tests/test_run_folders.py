@@ -29,11 +29,15 @@ def full_run(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("bad", ["run.teacher='nope.pt'", "data.root='/no/such/folder'", "opt.lr=-1"])
-def test_overwrite_deletes_nothing_when_the_new_run_fails_its_checks(full_run, tmp_path, bad):
+@pytest.mark.parametrize("bad", ["run.teacher='nope.pt'", "data.root='/no/such/folder'", "opt.lr=-1",
+                                 "run.tensorboard=True"])
+def test_overwrite_deletes_nothing_when_the_new_run_fails_its_checks(full_run, tmp_path, monkeypatch, bad):
     """--overwrite with a setting that fails (a teacher file that is not there, data that is not there, a
-    bad value): one line, and every file of the earlier run is as it was."""
+    bad value, run.tensorboard=True without the package): one line, and every file of the earlier run is as
+    it was."""
     import shutil
+    import sys
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails: not installed
     out = tmp_path / "run"
     shutil.copytree(full_run, out)
     before = _digests(out)
@@ -44,6 +48,33 @@ def test_overwrite_deletes_nothing_when_the_new_run_fails_its_checks(full_run, t
         argv += ["data.name='folder'"]
     code, err = run_main("full.train", argv)
     assert_one_line(code, err)
+    assert _digests(out) == before
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_full_train_refuses_a_log_that_is_not_a_regular_file(full_run, tmp_path, kind):
+    """log.jsonl replaced by a folder (append fails) or a FIFO (opening it blocks for ever): a resume is one
+    line naming it, before anything is written (config.json and the checkpoint as they were)."""
+    import os
+    import shutil
+    import signal
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    (out / "log.jsonl").unlink()
+    (out / "log.jsonl").mkdir() if kind == "folder" else os.mkfifo(out / "log.jsonl")
+    before = _digests(out)
+
+    def hang(*_):
+        raise TimeoutError("full.train blocked on the FIFO")
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(60)
+    try:
+        code, err = run_main("full.train", [*FULL, "opt.steps=3", f"run.out={str(out)!r}",
+                                            "--allow-config-change"])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert_one_line(code, err, "log.jsonl", "not a regular file")
     assert _digests(out) == before
 
 
