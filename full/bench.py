@@ -219,7 +219,8 @@ class Setup:
 
 def run_config(s: Setup, mode: str, optimizer: str = "radam"):
     mode, _, jvp = mode.partition("-")  # sct-fd: sCT with the finite-difference JVP
-    return resolve(NETS[s.net], [f"cm.mode={mode!r}", "cm.metric='l2'", f"opt.batch={s.batch}",
+    l2 = ["cm.metric='l2'"] if mode in cm.readers("metric") else []  # sct, scd, edm have no metric
+    return resolve(NETS[s.net], [f"cm.mode={mode!r}", *l2, f"opt.batch={s.batch}",
                                  *([f"cm.jvp={jvp!r}"] if jvp else []),
                                  "opt.microbatch=0", f"opt.precision={s.precision!r}",
                                  f"opt.optimizer={optimizer!r}", "opt.warmup=0", "opt.grad_clip=0.0",

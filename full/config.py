@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from cm import FORMAT, MAX_LEVELS, MAX_SEED, CMConfig, CMError, Parser, check_levels, ts_to_sigmas
+from cm import FORMAT, MAX_LEVELS, MAX_SEED, RECIPES, CMConfig, CMError, Parser, check_levels, ts_to_sigmas
 from full.networks import ADMConfig, NCSNppConfig
 
 NET_CONFIGS: dict[str, type] = {"ncsnpp": NCSNppConfig, "adm": ADMConfig}
@@ -197,6 +197,13 @@ def validate(cfg: RunConfig) -> None:
         v = getattr(r, name)
         if not (v == -1 or 0 <= v < cfg.cm.sigma_max):
             raise CMError(f"run.{name} must be -1 (unset) or in [0, cm.sigma_max), got {v}")
+    teacher_modes = [m for m, rec in RECIPES.items() if rec.teacher] + ["ct", "sct"]  # ct, sct: may start
+    #                                                                                  from its weights
+    if r.teacher and cfg.cm.mode not in teacher_modes:
+        raise CMError(f"cm.mode={cfg.cm.mode} takes no run.teacher (the modes that read it: "
+                      f"{', '.join(teacher_modes)})")
+    if (r.teacher_arch or r.teacher_kind) and not r.teacher:
+        raise CMError("run.teacher_arch and run.teacher_kind describe run.teacher, which is not set")
     if cfg.data.resolution < 0 or cfg.data.num_workers < 0:
         raise CMError("need data.resolution >= 0 and data.num_workers >= 0")
 

@@ -21,7 +21,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
-from cm import CMConfig, CMError, exit_on
+from cm import CMConfig, CMError, exit_on, readers
 from full.config import (
     CLIParser,
     DataSection,
@@ -243,6 +243,11 @@ def resolve(preset: str, overrides: Sequence[str] = ()) -> RunConfig:
     for item in overrides:
         cfg = apply_override(cfg, item)
     cfg = checked(cfg)
+    given = {item.removeprefix("--").partition("=")[0].partition(".")[2] for item in overrides
+             if item.removeprefix("--").startswith("cm.")}
+    if unread := sorted(k for k in given if cfg.cm.mode not in readers(k)):  # cm.ablate for ct: ignored
+        raise CMError(f"cm.mode={cfg.cm.mode} does not read " + "; ".join(
+            f"cm.{k} (a setting of {', '.join(readers(k))})" for k in unread))
     check_buildable(cfg)
     return cfg
 

@@ -223,3 +223,21 @@ def test_cm_checkpoint_refuses_training_flags_and_unbounded_sizes(cm_ckpt, tmp_p
     code, err = run_main("cm.py", ["--checkpoint", str(cm_ckpt), *flags, "--out", str(tmp_path / "g")])
     assert_one_line(code, err, needle)
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("preset, override, needle, ok", [
+    ("tiny-ct", "cm.ablate='weight'", "cm.ablate", False), ("tiny-ict", "cm.ablate='weight'", "", True),
+    ("tiny-edm", "cm.mu=0.5", "cm.mu", False), ("tiny-cd", "cm.mu=0.5", "", True),
+    ("tiny-sct", "cm.metric='l1'", "cm.metric", False), ("tiny-ct", "cm.mu0=0.5", "", True),
+    ("tiny-edm", "run.teacher='t.pt'", "run.teacher", False),
+    ("tiny-ict", "run.teacher='t.pt'", "run.teacher", False),
+    ("tiny-ct", "run.teacher_kind='edm'", "run.teacher", False),
+])
+def test_full_train_refuses_settings_its_mode_does_not_read(preset, override, needle, ok):
+    """The same rule as cm.py's for full.train's overrides: a cm.* field outside the mode's recipe, or a
+    teacher for a mode that never loads one, was accepted and ignored; where the mode reads it, it passes."""
+    code, err = run_main("full.train", ["--preset", preset, override, "--print-config"])
+    if ok:
+        assert code == 0, err
+    else:
+        assert_one_line(code, err, needle)
