@@ -1258,7 +1258,8 @@ def interrupts_as_errors():
     command first touches it."""
     main = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     old = signal.signal(signal.SIGTERM, _raise_sigterm) if main else None
-    try:
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None  # Ctrl-C as
+    try:                                                                                 # KeyboardInterrupt
         yield
     except KeyboardInterrupt as e:
         raise CMError(f"stopped by {e.args[0] if e.args else 'Ctrl-C'}; every file written so far is "
@@ -1272,6 +1273,7 @@ def interrupts_as_errors():
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
+            signal.signal(signal.SIGINT, old_int)
 
 
 def log_line(fh, rec: dict) -> None:

@@ -1,8 +1,19 @@
 """Paper-scale backend for consistency models. Every formula is imported from cm.py."""
 import os
+import signal
 import sys
 
 _armed = False
+
+
+def _stopped_while_starting(signum, frame):
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    raise SystemExit(f"error: stopped by {name} while starting; nothing was written")
+
+
+if sys.argv[:1] == ["-m"]:  # python -m full.<tool>: a signal during the imports (seconds) is one line too;
+    for _s in (signal.SIGINT, signal.SIGTERM):  # cm.interrupts_as_errors takes over once main() runs
+        signal.signal(_s, _stopped_while_starting)
 
 
 def die_with_parent() -> None:

@@ -114,3 +114,18 @@ def test_a_failed_log_write_is_one_line_and_leaves_whole_records(tmp_path):
         with pytest.raises(cm.CMError, match="No space left"):
             cm.log_line(HalfThenFull(fh), {"step": 2, "loss": 0.25})
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1, "loss": 0.5}]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_a_full_tool_starts_is_one_line(sig):
+    """A SIGTERM or Ctrl-C in the seconds `python -m full.<tool>` spends importing torch (before main and
+    its interrupts_as_errors run) was an empty stderr and exit -15, or a KeyboardInterrupt traceback. The
+    process here is in the state `python -m` leaves it in (argv[0] '-m' while the package is imported)
+    and signals itself right after, during the remaining imports."""
+    code = (f"import sys, os, signal; sys.argv = ['-m']; import full; sys.argv = ['full/train.py']; "
+            f"os.kill(os.getpid(), {int(sig)}); import full.train; print('imported')")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
+    line = f"error: stopped by {name} while starting; nothing was written"
+    assert p.returncode == 1 and p.stderr.strip() == line and "imported" not in p.stdout, p.stderr
