@@ -59,9 +59,11 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,8 +74,8 @@ import cm
 from full import checkpoints
 from full.config import CLIParser
 from full.data import make_dataset
-from full.model import make_model
-from full.presets import resolve
+from full.model import image_shape, make_model
+from full.presets import get_preset, resolve
 from full.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -469,6 +471,9 @@ def loss_error(net_name: str, precisions: list[str], grids: list[int], batch: in
         teacher = checkpoints.model_from_state(checkpoints.load(teacher_path or checkpoint),
                                                denoiser=True)[0].to(dev)
         ds = make_dataset(cfg.data.name, cfg.data.root or None, cfg.data.resolution or None)
+        if batch > len(ds):
+            raise cm.CMError(f"--batch-size {batch}: {checkpoint}'s data set {cfg.data.name} holds {len(ds)} "
+                             "images")
         x = torch.stack([ds[i][0] for i in range(batch)]).to(dev)
     else:
         cfg = resolve(NETS[net_name])
@@ -528,16 +533,37 @@ def _ddp_worker(net: str, recipe: str, batch: int, steps: int, precision: str, o
     sec = timed(lambda: tr.step(x, y), dev, steps)
     dist.barrier()
     if dist.rank() == 0:
-        Path(out).write_text(json.dumps({"sec": sec, "world": world}))
+        cm.atomic_write(out, lambda fh: fh.write(json.dumps({"sec": sec, "world": world}).encode()))
     dist.cleanup()
+
+
+def child(cmd: list[str], env: dict, timeout: float, what: str) -> tuple[int, str]:
+    """Run cmd to its end: (exit status, stderr). An interrupt here (Ctrl-C, SIGTERM) is passed on as a
+    SIGTERM and waited for, so the child (torchrun and its workers) cleans up before this process goes on
+    to its own one-line exit; a child past `timeout` is stopped the same way and is a one-line error."""
+    import signal
+    import subprocess
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = p.communicate(timeout=timeout)
+        return p.returncode, err
+    except BaseException as e:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.communicate(timeout=60)
+            except BaseException:  # a second interrupt, or a child that ignores SIGTERM
+                p.kill()
+                p.wait()
+                raise
+        if isinstance(e, subprocess.TimeoutExpired):
+            raise cm.CMError(f"{what} took more than {timeout:.0f} s; stopped") from None
+        raise
 
 
 def ddp_table(net: str, recipe: str, batch: int, n_rounds: int, steps: int, precision: str,
               dev: torch.device) -> dict:
     """Per-step time of 1 and 2 processes at the same per-process batch, alternating, fresh processes."""
-    import os
-    import subprocess
-    import tempfile
     if dev.type == "cuda" and torch.cuda.device_count() < 2:
         raise cm.CMError(f"--ddp on CUDA needs two GPUs, this machine has {torch.cuda.device_count()}")
     threads = max(1, (os.cpu_count() or 2) // 2)
@@ -552,10 +578,10 @@ def ddp_table(net: str, recipe: str, batch: int, n_rounds: int, steps: int, prec
                 launch = [] if world == 1 else ["-m", "torch.distributed.run", "--standalone",
                                                 f"--nproc_per_node={world}"]
                 cmd = [sys.executable, *launch, *worker, "--json", str(out)]
-                p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-                if p.returncode or not out.is_file():
+                code, err = child(cmd, env, 1800, f"--ddp: the {world}-process run")
+                if code or not out.is_file():
                     raise cm.CMError(f"--ddp: the {world}-process run failed: "
-                                     f"{(p.stderr.strip().splitlines() or ['no output'])[-1]}")
+                                     f"{(err.strip().splitlines() or ['no output'])[-1]}")
                 times[world].append(json.loads(out.read_text())["sec"])
     t1, t2 = statistics.median(times[1]), statistics.median(times[2])
     row = dict(recipe=recipe, net=net, batch_per_process=batch, sec_1=t1, sec_2=t2, efficiency=t1 / t2,
@@ -569,21 +595,118 @@ def ddp_table(net: str, recipe: str, batch: int, n_rounds: int, steps: int, prec
     return row
 
 
+# integer flag -> (least, most) where it is parsed: past these a benchmark runs for days or cannot allocate
+LIMITS = {"--rounds": (0, 10_000), "--reps": (1, 10_000), "--warmup": (0, 10_000),
+          "--batch-size": (1, 2 ** 16)}
+INPUT_BYTES = 2 ** 30  # a batch's fp32 input images at most (the steps' activations are many times more)
+LIST_CAP = 32  # entries of a comma-separated flag
+LOSS_ERROR, DDP = "with --loss-error", "with --ddp"
+TABLES = "to the tables (not with --ddp or --loss-error)"
+# flag -> (where it applies, whether the command line is there): elsewhere it changes nothing, so it is
+# refused instead of being ignored
+NEEDS: dict[str, tuple[str, Callable]] = {
+    "--grids": (LOSS_ERROR, lambda a: a.loss_error),
+    "--checkpoint": (LOSS_ERROR, lambda a: a.loss_error),
+    "--teacher": ("with --checkpoint (the random networks bring their own teacher)", lambda a: a.checkpoint),
+    "--recipe": (DDP, lambda a: a.ddp),
+    "--loss-error": ("without --ddp (two different benchmarks: run one)", lambda a: not a.ddp),
+    "--net": ("without --checkpoint (the checkpoint's own network is measured)", lambda a: not a.checkpoint),
+    "--tables": (TABLES, lambda a: not (a.ddp or a.loss_error)),
+    "--warmup": (TABLES, lambda a: not (a.ddp or a.loss_error)),
+    "--compile": ("to the options table (--tables with options; not with --ddp or --loss-error)",
+                  lambda a: not (a.ddp or a.loss_error) and "options" in (a.tables or "options").split(",")),
+    "--rounds": ("to the tables and --ddp (not with --loss-error)", lambda a: not a.loss_error),
+    "--reps": ("to the tables and --ddp (not with --loss-error)", lambda a: not a.loss_error),
+}
+DEFAULTS = {"net": "ncsnpp-cifar10", "tables": "train,sample,options", "rounds": 0, "reps": 1, "warmup": 1,
+            "grids": "18,150,201", "checkpoint": "", "teacher": "", "recipe": "ct"}
+
+
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def _items(flag: str, value: str, choices: tuple = ()) -> list[str]:
+    """A comma-separated flag's entries: known ones (`choices`, when given), none twice, at most LIST_CAP."""
+    items = value.split(",")
+    if choices and (bad := [v for v in items if v not in choices]):
+        what = flag.removeprefix("--").removesuffix("s")
+        raise cm.CMError(f"{flag}: unknown {what} {bad[0]!r}; choose from {', '.join(choices)}")
+    if len(set(items)) < len(items) or len(items) > LIST_CAP:
+        raise cm.CMError(f"{flag} lists each entry once, at most {LIST_CAP} of them, got {value[:80]!r}")
+    return items
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Every flag within its range and where it has an effect (NEEDS), before anything runs."""
+    for flag, (least, most) in LIMITS.items():
+        v = getattr(args, _dest(flag))
+        if v is not None and not least <= v <= most:
+            raise cm.CMError(f"need {flag} >= {least} and <= {most}, got {v}")
+    for flag, (where, present) in NEEDS.items():
+        if getattr(args, _dest(flag)) not in (None, False) and not present(args):
+            raise cm.CMError(f"{flag} applies only {where}")
+    if args.batch_size is not None and not args.checkpoint:
+        net = args.net or DEFAULTS["net"]
+        shape = image_shape(get_preset(NETS[net]).net)
+        most = INPUT_BYTES // (4 * math.prod(shape))
+        if args.batch_size > most:
+            raise cm.CMError(f"--batch-size {args.batch_size}: at most {most} of {net}'s "
+                             f"{'x'.join(map(str, shape))} images fit the {INPUT_BYTES // 2 ** 30} GiB "
+                             "bound on a batch's inputs")
+
+
+def writable_file(flag: str, path: str) -> None:
+    """Write a probe byte next to `path` (then remove it): a folder that is missing, read-only, full or
+    under a file-size limit fails here, before the benchmark, in one line."""
+    target = Path(path)
+    if target.is_dir():
+        raise cm.CMError(f"{flag} {path}: a folder, not a file")
+    probe = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # atomic_write's name: a kill -9 leftover
+    try:  # is removed like atomic_write's own
+        with open(probe, "wb") as fh:
+            fh.write(b"{}")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        if e.errno in cm.PATH_ERRNOS:
+            raise
+        raise cm.CMError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def temp_dir() -> None:
+    """torch's lazily imported parts ask tempfile for a folder (its cache): a machine where no folder takes
+    a file (a file-size limit of 0, a full disk) is one line here rather than a traceback mid-run."""
+    try:
+        tempfile.gettempdir()  # the answer is cached for torch
+    except FileNotFoundError as e:
+        raise cm.CMError(f"no usable temporary folder ({e.strerror or e}; set TMPDIR to a writable one)") \
+            from None
+
+
 def main(argv=None) -> dict | int:
     p = CLIParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--net", default="ncsnpp-cifar10", choices=sorted(NETS))
+    # flags defaulting to None: check_flags tells a given flag from an absent one (DEFAULTS fill them in)
+    p.add_argument("--net", default=None, choices=sorted(NETS), help=f"default {DEFAULTS['net']}")
     p.add_argument("--batch-size", type=int, default=None,
                    help="per step (default: 2 on a CPU, 128 on a GPU)")
     p.add_argument("--batch", dest="batch_size", type=int, help=argparse.SUPPRESS)  # the old name
     p.add_argument("--precision", default="fp32",
                    help="for the train and sample tables; a comma-separated list runs each in turn")
     p.add_argument("--precisions", dest="precision", help=argparse.SUPPRESS)  # the old name
-    p.add_argument("--tables", default="train,sample,options", help="comma-separated: train, sample, options")
-    p.add_argument("--rounds", type=int, default=0,
+    p.add_argument("--tables", default=None, help="comma-separated: train, sample, options (default: all)")
+    p.add_argument("--rounds", type=int, default=None,
                    help="interleaved rounds, each row's median is reported (default: 3 on a CPU, 5 on a GPU)")
-    p.add_argument("--reps", type=int, default=1, help="calls per row and round (timed together)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per row before the rounds")
+    p.add_argument("--reps", type=int, default=None,
+                   help="calls per row and round (timed together; default 1)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls per row before the rounds (default 1)")
     p.add_argument("--compile", action="store_true", help="add a torch.compile row to the options table")
     p.add_argument("--device", default="", help="default: cuda if available, else cpu")
     p.add_argument("--json", default="", help="also write the numbers to this file")
@@ -592,67 +715,76 @@ def main(argv=None) -> dict | int:
         action="store_true",
         help="the change of the CT/CD loss and gradient under --precision against fp32 (see above)",
     )
-    p.add_argument("--grids", default="18,150,201", help="with --loss-error: grid sizes N")
-    p.add_argument("--checkpoint", default="", help="with --loss-error: a trained full/ checkpoint")
-    p.add_argument("--teacher", default="", help="with --loss-error and --checkpoint: the EDM teacher for CD")
+    p.add_argument("--grids", default=None,
+                   help=f"with --loss-error: grid sizes N (default {DEFAULTS['grids']})")
+    p.add_argument("--checkpoint", default=None, help="with --loss-error: a trained full/ checkpoint")
+    p.add_argument("--teacher", default=None,
+                   help="with --loss-error and --checkpoint: the EDM teacher for CD")
     p.add_argument("--ddp", action="store_true", help="DDP scaling: one process against two (see above)")
-    p.add_argument("--recipe", default="ct", choices=RECIPES, help="with --ddp: the step to time")
+    p.add_argument("--recipe", default=None, choices=RECIPES,
+                   help="with --ddp: the step to time (default ct)")
     p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.ddp_worker:
-        _ddp_worker(args.net, args.recipe, args.batch_size or 2, args.reps, args.precision, args.json)
-        return 0
     try:
-        tables, precisions = args.tables.split(","), args.precision.split(",")
-        if bad := [t for t in tables if t not in ("train", "sample", "options")]:
-            raise cm.CMError(f"unknown table {bad[0]!r}; choose from train, sample, options")
-        if bad := [q for q in precisions if q not in PRECISIONS]:
-            raise cm.CMError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
-        small_batch = args.batch_size is not None and args.batch_size < 1
-        if args.rounds < 0 or args.reps < 1 or args.warmup < 0 or small_batch:
-            raise cm.CMError(f"need --batch-size >= 1, --rounds >= 0, --reps >= 1, --warmup >= 0 (got "
-                             f"{args.batch_size}, {args.rounds}, {args.reps}, {args.warmup})")
-        try:
-            grids = [int(v) for v in args.grids.split(",")]
-        except ValueError:
-            raise cm.CMError(f"--grids must be comma-separated grid sizes, got {args.grids!r}") from None
-        if not all(2 <= n <= cm.MAX_LEVELS for n in grids):
-            raise cm.CMError(f"--grids sizes must lie in 2..{cm.MAX_LEVELS}, got {args.grids}")
-        where = Path(args.json).parent if args.json else None  # checked now, not after the benchmark
-        with cm.interrupts_as_errors():  # a name too long for the file system: one line, as elsewhere
-            if where and (Path(args.json).is_dir() or not where.is_dir() or not os.access(where, os.W_OK)):
-                raise cm.CMError(f"--json {args.json}: not a file in a writable folder")
-        dev = cm.pick_device(args.device)
-        if args.ddp:
-            gpu = dev.type == "cuda"
-            return ddp_table(args.net, args.recipe, args.batch_size or (128 if gpu else 2),
-                             args.rounds or 3, max(args.reps, 3), args.precision, dev)
-        if args.loss_error:
-            others = [q for q in precisions if q != "fp32"] or ["bf16", "fp16"]
-            return loss_error(
-                args.net,
-                others,
-                grids,
-                args.batch_size or 16,
-                dev,
-                checkpoint=args.checkpoint,
-                teacher_path=args.teacher,
-            )
+        with cm.interrupts_as_errors():  # Ctrl-C, SIGTERM and a path the file system cannot resolve: one line
+            if args.ddp_worker:
+                _ddp_worker(args.net or DEFAULTS["net"], args.recipe or DEFAULTS["recipe"],
+                            args.batch_size or 2, args.reps or DEFAULTS["reps"], args.precision, args.json)
+                return 0
+            check_flags(args)
+            for k, v in DEFAULTS.items():
+                setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+            result, numbers = run(args)
+            if args.json:
+                cm.atomic_write(args.json, lambda fh: fh.write(json.dumps(numbers, indent=1).encode()))
+            return result
     except cm.CMError as e:
         cm.exit_on(e)
+
+
+def run(args: argparse.Namespace) -> tuple[dict | list, dict | list]:
+    """The benchmark the checked flags ask for (--ddp, --loss-error or the tables): (what main returns,
+    what --json writes: the tables' results as a list, one entry per precision)."""
+    tables = _items("--tables", args.tables, ("train", "sample", "options"))
+    precisions = _items("--precision", args.precision, PRECISIONS)
+    grids = _items("--grids", args.grids)
+    try:
+        grids = [int(v) for v in grids]
+    except ValueError:
+        raise cm.CMError(f"--grids must be comma-separated grid sizes, got {args.grids!r}") from None
+    if not all(2 <= n <= cm.MAX_LEVELS for n in grids):
+        raise cm.CMError(f"--grids sizes must lie in 2..{cm.MAX_LEVELS}, got {args.grids}")
+    if args.ddp and len(precisions) > 1:
+        raise cm.CMError(f"--ddp times one --precision, got {args.precision!r}")
+    if args.json:  # checked now, not after the benchmark
+        writable_file("--json", args.json)
+    temp_dir()
+    dev = cm.pick_device(args.device)
     gpu = dev.type == "cuda"
-    results = []
-    for i, q in enumerate(precisions):  # the options table once, after the last precision's tables
-        s = Setup(args.net, args.batch_size or (128 if gpu else 2), dev, q, args.rounds or (5 if gpu else 3),
-                  args.reps, args.warmup)
-        last = [t for t in tables if t != "options" or i == len(precisions) - 1]
-        results.append(bench(s, last, args.compile))
-    if args.json:
-        try:
-            cm.atomic_write(args.json, lambda fh: fh.write(json.dumps(results, indent=1).encode()))
-        except cm.CMError as e:
-            cm.exit_on(e)
-    return results[0] if len(results) == 1 else {"by_precision": results}
+    try:
+        if args.ddp:
+            row = ddp_table(args.net, args.recipe, args.batch_size or (128 if gpu else 2),
+                            args.rounds or 3, max(args.reps, 3), args.precision, dev)
+            return row, row
+        if args.loss_error:
+            others = [q for q in precisions if q != "fp32"] or ["bf16", "fp16"]
+            rows = loss_error(args.net, others, grids, args.batch_size or 16, dev, checkpoint=args.checkpoint,
+                              teacher_path=args.teacher)
+            return rows, rows
+        results = []
+        for i, q in enumerate(precisions):  # the options table once, after the last precision's tables
+            s = Setup(args.net, args.batch_size or (128 if gpu else 2), dev, q,
+                      args.rounds or (5 if gpu else 3), args.reps, args.warmup)
+            last = [t for t in tables if t != "options" or i == len(precisions) - 1]
+            results.append(bench(s, last, args.compile))
+    except torch.OutOfMemoryError:
+        raise cm.CMError(f"out of {dev.type} memory at --batch-size {args.batch_size}: pass a smaller one") \
+            from None
+    except RuntimeError as e:  # the CPU allocator's refusal is a plain RuntimeError
+        if "can't allocate memory" not in str(e):
+            raise
+        raise cm.CMError(f"out of memory at --batch-size {args.batch_size}: pass a smaller one") from None
+    return (results[0] if len(results) == 1 else {"by_precision": results}), results
 
 
 if __name__ == "__main__":

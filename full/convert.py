@@ -16,13 +16,60 @@ a .safetensors file (full/diffusers_io.py); `--checkpoint` reads both back.
 """
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from cm import CMError, exit_on, interrupts_as_errors, save_checkpoint
+from cm import PATH_ERRNOS, CMError, exit_on, interrupts_as_errors, save_checkpoint
 from full import checkpoints, diffusers_io
 from full.config import CLIParser
 from full.released import flax
+
+# a file name's suffix -> the --to it says; --to safetensors writes .safetensors only, diffusers a folder
+SUFFIXES = {".pt": "pt", ".pth": "pt", ".ckpt": "pt", ".bin": "pt", ".safetensors": "safetensors"}
+RESOLUTIONS = (8, 1024)  # a Flax NCSN++'s --resolution: a power of two in this range (CIFAR-10: 32)
+
+
+def power_of_two(flag: str, v: int, least: int, most: int) -> int:
+    if not (least <= v <= most and v & (v - 1) == 0):
+        raise CMError(f"{flag} must be a power of two in {least}..{most}, got {v}")
+    return v
+
+
+def check_flax_flags(src: Path, resolution: int | None, attn: Sequence[int] | None) -> None:
+    """--resolution / --attn: only for a Flax checkpoint (any other file's config fixes them), a power of two
+    in RESOLUTIONS, and attention at the resolution or one of its halvings."""
+    if resolution is None and attn is None:
+        return
+    if not flax.is_flax(src):
+        raise CMError(f"--resolution and --attn apply to the paper's Flax checkpoints only; {src}'s own "
+                      "config fixes them")
+    if resolution is not None:
+        power_of_two("--resolution", resolution, *RESOLUTIONS)
+    for a in attn or ():
+        power_of_two("--attn", a, 1, resolution or 32)
+
+
+def check_out(out: str | os.PathLike, to: str) -> None:
+    """Before anything is read: --out's suffix says its --to, and the file system can resolve the path (a
+    name too long, a loop of links: interrupts_as_errors' one line), its folder exists."""
+    out = Path(out)
+    said = SUFFIXES.get(out.suffix.lower())
+    if (to == "safetensors") != (said == "safetensors") or (said and said != to):
+        want = {"pt": "a .pt file", "safetensors": "a .safetensors file", "diffusers": "a folder"}[to]
+        raise CMError(f"--out {out}: --to {to} writes {want}; pass --to {said}, or an --out of that kind"
+                      if said else f"--out {out}: --to {to} writes {want}")
+    try:
+        os.stat(out)
+    except OSError as e:  # a path the file system cannot resolve goes on to interrupts_as_errors
+        if e.errno in PATH_ERRNOS:
+            raise
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise CMError(f"--out {out}: {e.strerror or e}") from None
+    if to != "diffusers" and not out.absolute().parent.is_dir():  # a folder of diffusers is made
+        raise CMError(f"--out {out}: no folder {out.absolute().parent}")
 
 
 def convert(src: str | Path, out: str | Path, kind: str = "", resolution: int | None = None,
@@ -31,15 +78,17 @@ def convert(src: str | Path, out: str | Path, kind: str = "", resolution: int | 
     (`to`: pt, safetensors, or diffusers: a pipeline folder). `resolution` / `attn` (default 32 / (16,),
     CIFAR-10's) place a Flax NCSN++'s attention; any other file's config fixes them, so they are refused."""
     src = Path(src)
+    check_flax_flags(src, resolution, attn)
+    check_out(out, to)
     if flax.is_flax(src):  # direct, for --resolution / --attn
         state = flax.import_flax(src, kind, 32 if resolution is None else resolution,
                                  (16,) if attn is None else tuple(attn))
-    elif resolution is not None or attn is not None:
-        raise CMError(f"--resolution and --attn apply to the paper's Flax checkpoints only; {src}'s own "
-                      "config fixes them")
     else:
         state = checkpoints.load(src, kind=kind)
-    f, _ = checkpoints.model_from_state(state, path=src)  # the weights must load before anything is written
+    f, cfg = checkpoints.model_from_state(state, path=src)  # the weights must load before anything is written
+    if kind and cfg.cm.mode != kind:  # a full/ file keeps its own kind: --kind would be ignored
+        raise CMError(f"--kind {kind}: {src} is a cm.mode={cfg.cm.mode} file whose own config fixes its kind "
+                      "(--kind applies to the paper's released checkpoints)")
     export = {k: state[k] for k in ("ema", "config", "step", "format")} | {"kind": "full", "export": True}
     if "official" in state:
         export["official"] = state["official"]
@@ -50,6 +99,16 @@ def convert(src: str | Path, out: str | Path, kind: str = "", resolution: int | 
     else:
         save_checkpoint(Path(out), export)
     return export
+
+
+def temp_dir() -> None:
+    """torch's lazily imported parts ask tempfile for a folder: none usable (a file-size limit of 0, a full
+    disk) is one line here, before the conversion."""
+    try:
+        tempfile.gettempdir()  # the answer is cached for torch
+    except FileNotFoundError as e:
+        raise CMError(f"no usable temporary folder ({e.strerror or e}; set TMPDIR to a writable one)") \
+            from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -73,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 attn = None if args.attn is None else tuple(int(a) for a in args.attn.split(",") if a)
             except ValueError:
                 raise CMError(f"--attn takes comma-separated integers, got {args.attn!r}") from None
+            check_flax_flags(Path(args.checkpoint), args.resolution, attn)  # before anything is read
+            temp_dir()
             state = convert(args.checkpoint, args.out, args.kind, args.resolution, attn, args.to)
             info = state.get("official", {})
             src = info.get("kind_from", info.get("source", "inferred"))

@@ -53,13 +53,15 @@ import dataclasses
 import json
 import math
 import os
+import re
+import shutil
 import struct
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from cm import FORMAT, RECIPES, CMError, ConsistencyFunction
+from cm import FORMAT, PATH_ERRNOS, RECIPES, CMError, ConsistencyFunction, atomic_write
 from full import dist
 from full.config import RunConfig, config_from_dict, export_dict
 from full.networks import ADMConfig, build_network
@@ -306,9 +308,8 @@ def from_diffusers(theirs: dict[str, Tensor], net: ADMConfig, where: str = "") -
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def _read_json(path: Path) -> dict:
@@ -324,10 +325,19 @@ def _read_json(path: Path) -> dict:
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """safetensors' save_file into atomic_write's temporary file (the one open as fh, so that its fsync
+    covers what save_file wrote): a failed write (a full disk) is one line and leaves no file behind."""
+    save_file = _safetensors().torch.save_file
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    _safetensors().torch.save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+
+    def write(fh):
+        try:
+            save_file(tensors, fh.name, metadata=metadata)
+        except Exception as e:  # SafetensorError "... I/O error: File too large (os error 27)"
+            if found := re.search(r"os error (\d+)", str(e)):
+                raise OSError(int(found[1]), os.strerror(int(found[1]))) from None
+            raise RuntimeError(str(e) or type(e).__name__) from None
+    atomic_write(path, write)
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -374,13 +384,29 @@ def write_folder(f, cfg: RunConfig, out: str | os.PathLike) -> Path:
              "clip_denoised": bool(cfg.run.clamp_mid)}
     if out.exists() and not out.is_dir():
         raise CMError(f"{out} exists and is not a folder")
-    for sub in ("unet", "scheduler"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    _save_tensors(out / "unet" / WEIGHTS, tensors, {"format": "pt"})
-    _write_json(out / "unet" / "config.json", unet)
-    _write_json(out / "scheduler" / "scheduler_config.json", sched)
-    _write_json(out / "model_index.json", {"_class_name": PIPELINE, "scheduler": ["diffusers", SCHEDULER],
-                                           "unet": ["diffusers", UNET]})  # last: the folder is complete
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # The folder is written beside `out` under a temporary name and renamed into place once complete, so a
+    # failed write (a full disk) or an interrupt leaves no partial folder and an earlier folder unchanged.
+    tmp, old = (out.with_name(f".{out.name}.{os.getpid()}.{what}") for what in ("tmp", "old"))
+    try:
+        for sub in ("unet", "scheduler"):
+            (tmp / sub).mkdir(parents=True)
+        _save_tensors(tmp / "unet" / WEIGHTS, tensors, {"format": "pt"})
+        _write_json(tmp / "unet" / "config.json", unet)
+        _write_json(tmp / "scheduler" / "scheduler_config.json", sched)
+        _write_json(tmp / "model_index.json", {"_class_name": PIPELINE, "scheduler": ["diffusers", SCHEDULER],
+                                               "unet": ["diffusers", UNET]})
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException as e:
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno not in PATH_ERRNOS:
+            raise CMError(f"cannot write {out}: {e.strerror or e}") from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 

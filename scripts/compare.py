@@ -106,19 +106,23 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     try:
-        if not modes or set(modes) - set(ROWS):
+        if not modes or set(modes) - set(ROWS) or len(set(modes)) < len(modes):
             raise cm.CMError(
-                f"--modes takes a comma-separated subset of {', '.join(ROWS)}, got {args.modes!r}"
+                f"--modes takes a comma-separated subset of {', '.join(ROWS)}, each mode once, "
+                f"got {args.modes!r}"
             )
-        out = Path(args.out or f"runs/compare-{args.dataset}")
-        t0 = time.time()
-        rows = compare(
-            args.dataset, modes, out, args.overwrite, device=args.device,
-            **({"steps": args.steps} if args.steps else {}))
-        text = table(rows, args.dataset)
-        print("\n" + text + f"In all {time.time() - t0:.0f} s.")
-        cm.atomic_write(out / "table.md", lambda fh: fh.write(text.encode()))
-        cm.atomic_write(out / "rows.json", lambda fh: fh.write(json.dumps(rows, indent=1).encode()))
+        # Ctrl-C, SIGTERM and a path the file system cannot resolve: one line, after the run being trained
+        # (in this process) has removed its temporary files
+        with cm.interrupts_as_errors():
+            out = Path(args.out or f"runs/compare-{args.dataset}")
+            t0 = time.time()
+            rows = compare(
+                args.dataset, modes, out, args.overwrite, device=args.device,
+                **({"steps": args.steps} if args.steps else {}))
+            text = table(rows, args.dataset)
+            print("\n" + text + f"In all {time.time() - t0:.0f} s.")
+            cm.atomic_write(out / "table.md", lambda fh: fh.write(text.encode()))
+            cm.atomic_write(out / "rows.json", lambda fh: fh.write(json.dumps(rows, indent=1).encode()))
     except cm.CMError as e:
         cm.exit_on(e)
 
