@@ -46,9 +46,11 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import stat
 import sys
+import tempfile
 import threading
 import time
 import typing
@@ -1251,19 +1253,25 @@ PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)  # raised only by a path the use
 
 
 @contextlib.contextmanager
-def interrupts_as_errors():
+def interrupts_as_errors(note: str = "a run keeps its last checkpoint: --resume continues it"):
     """Ctrl-C and SIGTERM (torchrun's, a scheduler's) stop a command as a one-line CMError after the clean-ups
     run: a file being written is abandoned with its temporary file removed, the last complete one stays.
     A path the file system cannot resolve (a name too long, a loop of links) is one line too, wherever the
-    command first touches it."""
+    command first touches it, and so is a machine with no usable temporary folder (torch asks tempfile for
+    one when it first compiles or caches: a file-size limit of 0, a full disk), found at the start."""
     main = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     old = signal.signal(signal.SIGTERM, _raise_sigterm) if main else None
     old_int = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None  # Ctrl-C as
     try:                                                                                 # KeyboardInterrupt
+        try:
+            tempfile.gettempdir()  # cached: torch's later calls get the same answer
+        except FileNotFoundError as e:
+            raise CMError(f"no usable temporary folder ({e.strerror or e}; set TMPDIR to a writable one)") \
+                from None
         yield
     except KeyboardInterrupt as e:
         raise CMError(f"stopped by {e.args[0] if e.args else 'Ctrl-C'}; every file written so far is "
-                      "complete (a run keeps its last checkpoint: --resume continues it)") from None
+                      f"complete{f' ({note})' if note else ''}") from None
     except OSError as e:
         if e.errno not in PATH_ERRNOS:
             raise
@@ -1290,14 +1298,18 @@ def log_line(fh, rec: dict) -> None:
         raise CMError(f"cannot write {fh.name}: {e.strerror or e}") from None
 
 
-def remove_stale_temporaries(folder: Path) -> None:
-    """atomic_write's temporary files left by killed processes (kill -9): the pid in the name is gone."""
-    for tmp in folder.glob(".*.tmp"):
+def remove_stale_temporaries(folder: Path, name: str = "*") -> None:
+    """atomic_write's temporary files (and the temporary folders of folder writes), .NAME.PID.tmp, left by
+    killed processes (kill -9): the pid in the name is gone. name: only those of the file `name`."""
+    for tmp in Path(folder).glob(f".{name}.*.tmp"):
         try:
             pid = int(tmp.name.rsplit(".", 2)[-2])
             os.kill(pid, 0)  # raises if no such process
         except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
         except (ValueError, OSError):  # not ours, or a live process of another user
             pass
 

@@ -17,12 +17,12 @@ a .safetensors file (full/diffusers_io.py); `--checkpoint` reads both back.
 from __future__ import annotations
 
 import errno
+import glob
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from cm import PATH_ERRNOS, CMError, exit_on, interrupts_as_errors, save_checkpoint
+from cm import PATH_ERRNOS, CMError, exit_on, interrupts_as_errors, remove_stale_temporaries, save_checkpoint
 from full import checkpoints, diffusers_io
 from full.config import CLIParser
 from full.released import flax
@@ -70,6 +70,8 @@ def check_out(out: str | os.PathLike, to: str) -> None:
             raise CMError(f"--out {out}: {e.strerror or e}") from None
     if to != "diffusers" and not out.absolute().parent.is_dir():  # a folder of diffusers is made
         raise CMError(f"--out {out}: no folder {out.absolute().parent}")
+    if out.absolute().parent.is_dir():  # what a killed conversion to this --out left
+        remove_stale_temporaries(out.absolute().parent, glob.escape(out.name))
 
 
 def convert(src: str | Path, out: str | Path, kind: str = "", resolution: int | None = None,
@@ -101,15 +103,6 @@ def convert(src: str | Path, out: str | Path, kind: str = "", resolution: int | 
     return export
 
 
-def temp_dir() -> None:
-    """torch's lazily imported parts ask tempfile for a folder: none usable (a file-size limit of 0, a full
-    disk) is one line here, before the conversion."""
-    try:
-        tempfile.gettempdir()  # the answer is cached for torch
-    except FileNotFoundError as e:
-        raise CMError(f"no usable temporary folder ({e.strerror or e}; set TMPDIR to a writable one)") \
-            from None
-
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = CLIParser(description="Convert a checkpoint (e.g. the paper's CIFAR-10 Flax files) to a "
@@ -127,13 +120,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="a Flax file's resolutions with attention, comma-separated (default 16, CIFAR-10)")
     args = p.parse_args(argv)
     try:
-        with interrupts_as_errors():  # Ctrl-C and a path the file system cannot resolve: one line
+        with interrupts_as_errors(note=""):  # Ctrl-C and a path the file system cannot resolve: one line
             try:
                 attn = None if args.attn is None else tuple(int(a) for a in args.attn.split(",") if a)
             except ValueError:
                 raise CMError(f"--attn takes comma-separated integers, got {args.attn!r}") from None
             check_flax_flags(Path(args.checkpoint), args.resolution, attn)  # before anything is read
-            temp_dir()
             state = convert(args.checkpoint, args.out, args.kind, args.resolution, attn, args.to)
             info = state.get("official", {})
             src = info.get("kind_from", info.get("source", "inferred"))

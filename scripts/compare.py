@@ -113,7 +113,7 @@ def main(argv=None) -> None:
             )
         # Ctrl-C, SIGTERM and a path the file system cannot resolve: one line, after the run being trained
         # (in this process) has removed its temporary files
-        with cm.interrupts_as_errors():
+        with cm.interrupts_as_errors(note=""):
             out = Path(args.out or f"runs/compare-{args.dataset}")
             t0 = time.time()
             rows = compare(

@@ -8,6 +8,7 @@ itself (signals, file-size limits) run as subprocesses.
 """
 import importlib.util
 import json
+import os
 import resource
 import signal
 import subprocess
@@ -343,3 +344,19 @@ def test_a_failed_diffusers_folder_write_keeps_the_earlier_one_and_leaves_no_tem
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == diffusers_io.PIPELINE
     assert (out / "unet" / diffusers_io.WEIGHTS).read_bytes() != before[Path("unet") / diffusers_io.WEIGHTS]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cd_tiny"]
+
+
+def test_convert_removes_what_a_killed_conversion_to_its_out_left(capsys, ct_export, tmp_path):
+    """kill -9 mid-write leaves atomic_write's .NAME.PID.tmp (a file; a folder for --to diffusers): the next
+    conversion to that --out removes those of dead pids, and nothing else (a live writer's, another
+    file's)."""
+    dead = [subprocess.Popen([sys.executable, "-c", ""]) for _ in range(2)]
+    for d in dead:
+        d.wait()
+    stale_file, stale_dir = (tmp_path / f".e.pt.{d.pid}.tmp" for d in dead)
+    live, other = tmp_path / f".e.pt.{os.getppid()}.tmp", tmp_path / f".other.{dead[0].pid}.tmp"
+    for p in (stale_file, live, other):
+        p.write_bytes(b"x")
+    (stale_dir / "unet").mkdir(parents=True)
+    assert convert_main(capsys, ct_export, "--to", "pt", "--out", tmp_path / "e.pt") == (0, "")
+    assert not stale_file.exists() and not stale_dir.exists() and live.exists() and other.exists()
