@@ -1,0 +1,223 @@
+"""Hostile inputs of full.evaluate and full.sample: .npy headers that declare more bytes than they hold
+(wide dtypes, records, objects), reference statistics whose members are of another dtype, shape or size,
+16-bit edit references, stale temporary files of a killed full.sample, flags that belong to another
+mode, and EDM pickles with a non-finite sigma. Each is one line (status 1) or a correct result."""
+import math
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from test_reliability import assert_one_line, run_main
+
+import cm
+from full import evaluate as ev
+from full import files
+from full.sample import load_reference
+
+BOUND = files.MAX_NPY_BYTES
+
+
+def write_header(fh, descr, shape, data: bytes = b"") -> None:
+    """An .npy stream: its header declaring `descr` x `shape`, then `data` (a few bytes, or none)."""
+    np.lib.format.write_array_header_1_0(fh, {"descr": descr, "fortran_order": False, "shape": shape})
+    fh.write(data)
+
+
+def lying_npz(path: Path, descr, shape, key="arr_0", **others) -> Path:
+    """An .npz whose member `key` declares descr x shape over 64 bytes of data; `others` stored as is."""
+    with zipfile.ZipFile(path, "w") as z:
+        with z.open(f"{key}.npy", "w") as fh:
+            write_header(fh, descr, shape, b"\0" * 64)
+        for k, v in others.items():
+            with z.open(f"{k}.npy", "w") as fh:
+                np.lib.format.write_array(fh, np.asarray(v))
+    return path
+
+
+def lying_npy(path: Path, descr, shape) -> Path:
+    with open(path, "wb") as fh:
+        write_header(fh, descr, shape, b"\0" * 64)
+    return path
+
+
+# Wide dtypes, records and strings: the element count may lie within 2**33 while the bytes do not.
+DTYPES = ["<f8", "<c16", "<i4", "<u2", "<f2", "|V100000", "<U16", [("a", "<f8"), ("b", "<i8")]]
+
+
+@st.composite
+def over_the_bound(draw):
+    """(descr, shape) whose declared byte size, elements x itemsize, is over the bound."""
+    descr = draw(st.sampled_from(DTYPES))
+    itemsize = np.dtype(descr if isinstance(descr, str) else descr).itemsize
+    rest = draw(st.lists(st.integers(1, 64), max_size=3))
+    least = BOUND // (itemsize * math.prod(rest)) + 1  # one more leading row than fits
+    lead = draw(st.integers(least, least * 8))
+    return descr, (lead, *rest)
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=over_the_bound(), npz=st.booleans())
+def test_any_array_declaring_more_bytes_than_the_bound_is_refused_before_allocation(tmp_path_factory, case,
+                                                                                   npz):
+    descr, shape = case
+    d = tmp_path_factory.mktemp("lie")
+    path = lying_npz(d / "x.npz", descr, shape) if npz else lying_npy(d / "x.npy", descr, shape)
+    tracemalloc.start()
+    try:
+        with pytest.raises(cm.CMError, match="declares") as e:
+            files.read_npz_images(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**24, peak  # numpy traces its buffers: nothing near the declared size was allocated
+    assert str(path) in str(e.value) and "bytes" in str(e.value) and "\n" not in str(e.value)
+
+
+@settings(max_examples=15, deadline=None)
+@given(descr=st.sampled_from(["<f8", "<c16", "|u1", "<i2", "|V3"]),
+       shape=st.lists(st.integers(0, 5), max_size=3))
+def test_an_array_within_the_bound_reads_back_exactly(tmp_path_factory, descr, shape):
+    """The header check lets every honest array through, byte for byte (it bounds, it does not filter)."""
+    d = tmp_path_factory.mktemp("ok")
+    x = np.frombuffer(np.random.default_rng(0).bytes(np.dtype(descr).itemsize * math.prod(shape)),
+                      dtype=descr).reshape(shape)
+    np.save(d / "x.npy", x)
+    np.savez(d / "x.npz", x=x)
+    assert files.read_npy(d / "x.npy").tobytes() == x.tobytes()
+    with files.open_npz(d / "x.npz") as f:
+        got = files.npz_member(f, "x", d / "x.npz")
+    assert got.dtype == x.dtype and got.shape == x.shape and got.tobytes() == x.tobytes()
+
+
+@settings(max_examples=25, deadline=None)
+@given(descr=st.sampled_from(["|u1", "<f8", "<c16", "|V7", [("a", "<f4"), ("b", "|u1")]]),
+       shape=st.lists(st.integers(1, 40), min_size=1, max_size=3), npz=st.booleans())
+def test_the_bound_is_on_bytes_not_elements(tmp_path_factory, monkeypatch, descr, shape, npz):
+    """With the bound lowered to 4096 bytes, a complete, honest array is refused exactly when its elements
+    x itemsize exceed it, whatever its element count."""
+    monkeypatch.setattr(files, "MAX_NPY_BYTES", 4096)
+    d = tmp_path_factory.mktemp("bound")
+    x = np.zeros(shape, dtype=descr)
+    path = d / ("x.npz" if npz else "x.npy")
+    np.savez(path, x) if npz else np.save(path, x)
+    if math.prod(shape) * np.dtype(descr).itemsize > 4096:
+        with pytest.raises(cm.CMError, match="over the limit of 4096 bytes"):
+            files.read_npy(path) if not npz else files.read_npz_images(path)
+    else:
+        if npz:
+            with files.open_npz(path) as f:
+                got = files.npz_member(f, "arr_0", path)
+        else:
+            got = files.read_npy(path)
+        assert got.shape == tuple(shape) and got.dtype == x.dtype
+
+
+def test_an_object_array_is_refused_unread(tmp_path):
+    np.save(tmp_path / "o.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "o.npz", np.array([1, None], dtype=object))
+    for p in (tmp_path / "o.npy", tmp_path / "o.npz"):
+        with pytest.raises(cm.CMError, match="objects"):
+            files.read_npz_images(p)
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("inputs")
+    np.savez(d / "imgs.npz", np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    np.savez(d / "ref.npz", mu=np.zeros(4), sigma=np.eye(4), n=np.int64(10))
+    return dict(imgs=d / "imgs.npz", ref=d / "ref.npz")
+
+
+def test_lying_inputs_of_full_evaluate_are_one_line(good, tmp_path):
+    """The samples (.npz, .npy) and each member of --ref, declaring 64 GB to 7 TB: one line naming it."""
+    ev_args = ["--device", "cpu", "--inception-weights", str(tmp_path / "unused.pth")]
+    cases = [
+        (lying_npz(tmp_path / "f8.npz", "<f8", (2**33,)), good["ref"], "f8.npz[arr_0]"),
+        (lying_npz(tmp_path / "v.npz", "|V100000", (10**6,)), good["ref"], "v.npz[arr_0]"),
+        (lying_npy(tmp_path / "f8.npy", "<f8", (2**33,)), good["ref"], "f8.npy"),
+        (good["imgs"], lying_npz(tmp_path / "s.npz", "<f8", (10**6, 10**6), "sigma", mu=np.zeros(10**6)),
+         "s.npz[sigma]"),
+        (good["imgs"], lying_npz(tmp_path / "m.npz", "<f8", (2**33,), "mu", sigma=np.eye(2)), "m.npz[mu]"),
+    ]
+    for samples, ref, needle in cases:
+        code, err = run_main("full.evaluate", [str(samples), "--ref", str(ref), *ev_args])
+        assert_one_line(code, err, needle)
+
+
+def _stats(path: Path, **members) -> Path:
+    np.savez(path, **members)
+    return path
+
+
+def _empty(path: Path) -> Path:
+    path.write_bytes(b"")
+    return path
+
+
+def _npy_named_npz(path: Path) -> Path:
+    with open(path, "wb") as fh:
+        np.save(fh, np.zeros(3))
+    return path
+
+
+REFS = {  # a reference statistics file -> the words its refusal names
+    "empty": (_empty, ["not an .npz"]),
+    "npy": (_npy_named_npz, ["not an .npz"]),
+    "n-str": (lambda p: _stats(p, mu=np.zeros(2), sigma=np.eye(2), n=np.array("8")), ["[n]", "integers"]),
+    "n-2d": (lambda p: _stats(p, mu=np.zeros(2), sigma=np.eye(2), n=np.ones((2, 2), np.int64)),
+             ["[n]", "scalar"]),
+    "n-float": (lambda p: _stats(p, mu=np.zeros(2), sigma=np.eye(2), n=np.float64(8.5)), ["[n]", "integers"]),
+    "n-1": (lambda p: _stats(p, mu=np.zeros(2), sigma=np.eye(2), n=np.int64(1)), ["[n]", "at least 2"]),
+    "mu-2d": (lambda p: _stats(p, mu=np.zeros((2, 2)), sigma=np.eye(2)), ["[mu]", "(d,)"]),
+    "mu-complex": (lambda p: _stats(p, mu=np.zeros(2, complex), sigma=np.eye(2)), ["[mu]", "complex128"]),
+    "mu-str": (lambda p: _stats(p, mu=np.array(["a", "b"]), sigma=np.eye(2)), ["[mu]", "<U1"]),
+    "sigma-d": (lambda p: _stats(p, mu=np.zeros(3), sigma=np.eye(2)), ["[sigma]", "(3, 3)"]),
+    "sigma-1d": (lambda p: _stats(p, mu=np.zeros(2), sigma=np.ones(2)), ["[sigma]", "(2, 2)"]),
+    "sigma-object": (lambda p: _stats(p, mu=np.zeros(2), sigma=np.array([None, 1], dtype=object)),
+                     ["[sigma]", "objects"]),
+    "no-sigma": (lambda p: _stats(p, mu=np.zeros(2)), ["lacks", "sigma"]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFS))
+def test_every_member_of_the_reference_statistics_is_checked_before_use(good, tmp_path, kind):
+    make, words = REFS[kind]
+    ref = make(tmp_path / "ref.npz")
+    code, err = run_main("full.evaluate", [str(good["imgs"]), "--ref", str(ref), "--device", "cpu",
+                                           "--inception-weights", str(tmp_path / "unused.pth")])
+    assert_one_line(code, err, str(ref), *words)
+
+
+def test_honest_reference_statistics_load_as_written(tmp_path):
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(5, 3))
+    sigma, mu = a.T @ a, rng.normal(size=3).astype(np.float32)  # float32 mu is read as float64
+    np.savez(tmp_path / "r.npz", mu=mu, sigma=sigma, n=np.int32(7))
+    got_mu, got_sigma, n = ev.load_stats(tmp_path / "r.npz")
+    assert got_mu.dtype == np.float64 and np.array_equal(got_mu, mu.astype(np.float64))
+    assert np.array_equal(got_sigma, sigma) and n == 7 and type(n) is int
+    np.savez(tmp_path / "pytorch-fid.npz", mu=mu, sigma=sigma)  # pytorch-fid records no n
+    assert ev.load_stats(tmp_path / "pytorch-fid.npz")[2] is None
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), shape=st.sampled_from([(1, 8, 8), (3, 8, 8), (3, 4, 4), (1, 16, 16)]))
+def test_a_16_bit_reference_reads_as_its_8_bit_counterpart(tmp_path_factory, seed, shape):
+    """A 16-bit PNG (PIL mode I;16) holding v * 257 is the 8-bit picture v at full 16-bit scale: as an edit
+    reference it gives the same tensor, exactly (not clipped to white, not truncated to its low byte)."""
+    d = tmp_path_factory.mktemp("i16")
+    v = np.random.default_rng(seed).integers(0, 256, (8, 8)).astype(np.uint16)
+    Image.fromarray(v * 257).save(d / "r16.png")
+    Image.fromarray(v.astype(np.uint8)).save(d / "r8.png")
+    with Image.open(d / "r16.png") as im:
+        assert im.mode == "I;16"
+    a, b = load_reference(str(d / "r16.png"), shape), load_reference(str(d / "r8.png"), shape)
+    assert a.shape == (1, *shape) and torch.equal(a, b)
+    if shape[1:] == (8, 8):  # no resize: the tensor is v / 127.5 - 1 itself
+        assert torch.equal(b[0, 0], torch.from_numpy(v.astype(np.float32)) / 127.5 - 1)
