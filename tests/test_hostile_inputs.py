@@ -3,6 +3,9 @@
 16-bit edit references, stale temporary files of a killed full.sample, flags that belong to another
 mode, and EDM pickles with a non-finite sigma. Each is one line (status 1) or a correct result."""
 import math
+import os
+import subprocess
+import sys
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -13,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from test_reliability import assert_one_line, run_main
+from test_reliability import assert_one_line, export, run_main
 
 import cm
 from full import evaluate as ev
@@ -221,3 +224,92 @@ def test_a_16_bit_reference_reads_as_its_8_bit_counterpart(tmp_path_factory, see
     assert a.shape == (1, *shape) and torch.equal(a, b)
     if shape[1:] == (8, 8):  # no resize: the tensor is v / 127.5 - 1 itself
         assert torch.equal(b[0, 0], torch.from_numpy(v.astype(np.float32)) / 127.5 - 1)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("exports")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)).save(d / "ref.png")
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(d / "mask.png")
+    return dict(ct=export(d / "ct.pt", "tiny-ct"), edm=export(d / "edm.pt", "tiny-edm"), ref=d / "ref.png",
+                mask=d / "mask.png")
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()  # reaped: no process has this pid now
+    return p.pid
+
+
+@pytest.mark.parametrize("edit", [False, True])
+def test_full_sample_removes_the_temporaries_of_a_killed_run_and_keeps_a_live_ones(exports, tmp_path, edit):
+    out = tmp_path / "s"
+    out.mkdir()
+    dead, live = _dead_pid(), os.getppid()  # not our own pid: this process writes .samples.npz.<pid>.tmp
+    stale = [out / f".samples.npz.{dead}.tmp", out / f".edit-denoise.npz.{dead}.tmp"]
+    kept = [out / f".samples.npz.{live}.tmp", out / "notes.tmp", out / "samples.npz.old"]
+    for p in stale + kept:
+        p.write_bytes(b"half written")
+    argv = ["--checkpoint", str(exports["ct"]), "--device", "cpu", "--out", str(out)]
+    argv += ["--edit", "denoise", "--sigmas", "0.5", "--reference", str(exports["ref"])] if edit else \
+        ["--num-samples", "2"]
+    code, err = run_main("full.sample", argv)
+    assert code == 0, err
+    assert not any(p.exists() for p in stale)
+    assert all(p.read_bytes() == b"half written" for p in kept)  # a live writer's file, and files not ours
+    assert (out / ("edit-denoise.npz" if edit else "samples.npz")).is_file()
+
+
+MODE_CASES = [  # flags outside the mode they belong to -> the flag the one-line refusal names
+    (["--reference", "REF"], "--reference"),
+    (["--factor", "2"], "--factor"),
+    (["--edit", "denoise", "--sigmas", "0.5", "--reference", "REF", "--factor", "2"], "--factor"),
+    (["--mask", "MASK"], "--mask"),
+    (["--edit", "denoise", "--sigmas", "0.5", "--reference", "REF", "--mask", "MASK"], "--mask"),
+    (["--edit", "denoise", "--sigmas", "0.5", "--reference", "REF", "--sampler", "onestep"], "--sampler"),
+    (["--edit", "denoise", "--sigmas", "0.5", "--reference", "REF", "--steps", "4"], "--steps"),
+    (["--edit", "denoise", "--sigmas", "0.5", "--reference", "REF", "--class-labels", "1"], "--class-labels"),
+    (["--edit", "superres", "--reference", "REF", "--grid-steps", "40"], "--grid-steps"),
+    (["--grid-steps", "40"], "--grid-steps"),
+    (["--sampler", "onestep", "--steps", "4"], "--steps"),
+    (["--search-ts", "--steps", "4"], "--steps"),
+    (["--search-ts", "--sampler", "heun"], "--sampler"),
+    (["--ref", "stats.npz"], "--ref"),
+    (["--edit", "superres", "--reference", "REF", "--factor", "0"], "--factor"),
+    (["--edit", "superres", "--reference", "REF", "--factor", "1"], "--factor"),
+    (["--edit", "superres", "--reference", "REF", "--factor", "-2"], "--factor"),
+    (["--edit", "superres", "--reference", "REF", "--factor", "3"], "--factor 3 does not divide"),
+    (["EDM", "--sampler", "heun", "--steps", "0"], "--steps"),
+    (["EDM", "--sampler", "heun", "--steps", "-0"], "--steps"),
+    (["EDM", "--steps", "1"], "--steps"),
+    (["--steps", "4"], "--steps"),  # a consistency model has no Heun grid
+]
+
+
+@pytest.mark.parametrize("extra, needle", MODE_CASES)
+def test_a_flag_outside_its_mode_or_range_is_one_line(exports, tmp_path, extra, needle):
+    ck = exports["edm"] if extra[:1] == ["EDM"] else exports["ct"]
+    names = {"REF": str(exports["ref"]), "MASK": str(exports["mask"])}
+    extra = [names.get(a, a) for a in extra if a != "EDM"]
+    out = tmp_path / "s"
+    code, err = run_main("full.sample", ["--checkpoint", str(ck), "--device", "cpu", "--num-samples", "2",
+                                         "--out", str(out), *extra])
+    assert_one_line(code, err, needle)
+    assert not out.exists() or not any(out.iterdir())  # refused before anything was written
+
+
+def test_the_flags_in_their_modes_still_work(exports, tmp_path):
+    """The counterparts of the refusals above: each flag where it belongs samples and writes its file."""
+    for ck, extra, wrote in [
+        ("ct", ["--edit", "superres", "--reference", str(exports["ref"]), "--factor", "4"],
+         "edit-superres.npz"),
+        ("ct", ["--edit", "inpaint", "--reference", str(exports["ref"]), "--mask", str(exports["mask"]),
+                "--ts", "0,17", "--grid-steps", "18"], "edit-inpaint.npz"),
+        ("edm", ["--sampler", "heun", "--steps", "2", "--num-samples", "2"], "samples.npz"),
+        ("ct", ["--ts", "0,2", "--grid-steps", "3", "--num-samples", "2"], "samples.npz"),
+    ]:
+        out = tmp_path / wrote / ck
+        code, err = run_main("full.sample", ["--checkpoint", str(exports[ck]), "--device", "cpu",
+                                             "--out", str(out), *extra])
+        assert code == 0, (extra, err)
+        assert (out / wrote).is_file()
