@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from test_released import persistence, write_edm_pickle  # noqa: F401 (persistence is a fixture)
 from test_reliability import assert_one_line, export, run_main
 
 import cm
@@ -313,3 +314,40 @@ def test_the_flags_in_their_modes_still_work(exports, tmp_path):
                                              "--out", str(out), *extra])
         assert code == 0, (extra, err)
         assert (out / wrote).is_file()
+
+
+SIGMA_FIELDS = {"VEPrecond": ["sigma_min", "sigma_max"],
+                "EDMPrecond": ["sigma_min", "sigma_max", "sigma_data"]}
+
+
+@settings(max_examples=40, deadline=None)
+@given(precond=st.sampled_from(sorted(SIGMA_FIELDS)), data=st.data(),
+       bad=st.one_of(st.sampled_from([math.nan, math.inf, -math.inf, 10 ** 400, -(10 ** 400)]),
+                     st.floats(max_value=-1e-300, allow_nan=False)))
+def test_every_sigma_of_an_edm_preconditioning_is_finite_and_positive(precond, data, bad):
+    """A noise level or data scale of NaN, +-inf, below zero or beyond a float is refused in one line naming
+    it; the one exception is +inf for EDMPrecond's sigma_max, EDM's own default (no upper bound), whose
+    sampling range is still clamped to 80."""
+    from full.released import edm_pickle
+    field = data.draw(st.sampled_from(SIGMA_FIELDS[precond]))
+    if (precond, field, bad) == ("EDMPrecond", "sigma_max", math.inf):
+        _, lo, hi = edm_pickle.precond_constants(precond, {field: bad})
+        assert hi == math.inf and min(80.0, hi) == 80.0
+        return
+    with pytest.raises(cm.CMError, match=f"{precond}.{field}=") as e:
+        edm_pickle.precond_constants(precond, {field: bad})
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.usefixtures("persistence")
+def test_an_edm_pickle_with_an_infinite_ve_sigma_max_is_one_line(tmp_path):
+    write_edm_pickle(tmp_path / "inf.pkl", "VEPrecond", sigma_min=0.02, sigma_max=math.inf)
+    write_edm_pickle(tmp_path / "edm.pkl", "EDMPrecond", sigma_min=0, sigma_max=math.inf, sigma_data=0.5)
+    argv = ["--sampler", "heun", "--steps", "2", "--num-samples", "2", "--device", "cpu"]
+    code, err = run_main("full.sample", ["--checkpoint", str(tmp_path / "inf.pkl"), *argv,
+                                         "--out", str(tmp_path / "s")])
+    assert_one_line(code, err, "inf.pkl", "VEPrecond.sigma_max=inf")
+    code, err = run_main("full.sample", ["--checkpoint", str(tmp_path / "edm.pkl"), *argv,
+                                         "--out", str(tmp_path / "e")])
+    assert code == 0, err
+    assert np.load(tmp_path / "e" / "samples.npz")["arr_0"].shape == (2, 8, 8, 1)
