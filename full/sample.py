@@ -268,10 +268,12 @@ def check_flags(args) -> None:
     if args.batch is None:
         args.batch = 256
     if not (1 <= args.num <= MAX_SAMPLES and 1 <= args.batch <= 2 ** 16) or \
-            (args.grid_steps is not None and not 2 <= args.grid_steps <= 2 ** 16) or \
-            (args.steps is not None and not 2 <= args.steps <= 2 ** 16):
-        raise CMError(f"need 1 <= --num-samples <= {MAX_SAMPLES}, 1 <= --batch-size <= 65536, "
-                      "2 <= --grid-steps <= 65536 and 2 <= --steps <= 65536 (the Heun grid's levels)")
+            (args.grid_steps is not None and not 2 <= args.grid_steps <= 2 ** 16):
+        raise CMError(f"need 1 <= --num-samples <= {MAX_SAMPLES}, 1 <= --batch-size <= 65536 and "
+                      "2 <= --grid-steps <= 65536")
+    if args.steps is not None and not 2 <= args.steps <= 2 ** 16:
+        raise CMError(f"--steps {args.steps}: the Heun grid has 2 to 65536 levels (EDM's sampler needs two, "
+                      "the first and the last)")
     if args.factor is not None and not 2 <= args.factor <= 2 ** 16:
         raise CMError(f"--factor {args.factor}: the superres patch size must be an integer >= 2 that "
                       "divides the image size")
