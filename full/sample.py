@@ -272,8 +272,8 @@ def check_flags(args) -> None:
         raise CMError(f"need 1 <= --num-samples <= {MAX_SAMPLES}, 1 <= --batch-size <= 65536 and "
                       "2 <= --grid-steps <= 65536")
     if args.steps is not None and not 2 <= args.steps <= 2 ** 16:
-        raise CMError(f"--steps {args.steps}: the Heun grid has 2 to 65536 levels (EDM's sampler needs two, "
-                      "the first and the last)")
+        raise CMError(f"--steps {args.steps}: need 2 <= --steps <= 65536, the levels of the Heun grid (EDM's "
+                      "sampler needs at least its two ends)")
     if args.factor is not None and not 2 <= args.factor <= 2 ** 16:
         raise CMError(f"--factor {args.factor}: the superres patch size must be an integer >= 2 that "
                       "divides the image size")
