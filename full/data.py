@@ -25,7 +25,6 @@ is loaded to skip) and yields bit-identical batches to a run that never stopped.
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -34,7 +33,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cm import CMError, atomic_write, load_cifar10
-from full.files import IMAGE_EXTENSIONS, find_images, hwc_to_unit, open_image, to_uint8, uint8_to_unit
+from full.files import (
+    IMAGE_EXTENSIONS,
+    find_images,
+    hwc_to_unit,
+    npz_member,
+    open_image,
+    open_npz,
+    read_npy,
+    to_uint8,
+    uint8_to_unit,
+)
 
 _FLIP_STREAM = 0xF11F  # separates the flip stream from any other use of (seed, epoch)
 
@@ -179,12 +188,11 @@ def load_imagenet64_arrays(files: Sequence[Path]) -> tuple[np.ndarray, np.ndarra
     output is preallocated (labels are read first; reading one npz member leaves the others on disk).
     """
     def read(f: Path, key: str, dtype) -> np.ndarray:
-        try:
-            with np.load(f, allow_pickle=False) as z:  # object arrays (pickles) are refused unread
-                return np.asarray(z[key], dtype=dtype)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-            raise CMError(f"cannot read {key!r} of {f} as a downsampled-ImageNet npz "
-                               f"({type(e).__name__})") from None
+        with open_npz(f, "downsampled-ImageNet npz") as z:  # headers checked, object arrays refused unread
+            if key not in z:
+                raise CMError(f"cannot read {key!r} of {f} as a downsampled-ImageNet npz (no such array)")
+            x = npz_member(z, key, f, "iu" if key == "labels" else "u")
+        return np.asarray(x, dtype=dtype)
 
     labels = [read(f, "labels", np.int64).reshape(-1) for f in files]
     n = sum(len(y) for y in labels)
@@ -229,7 +237,7 @@ class ImageNet64Dataset(ImageDataset):
         split = Path(root) / ("train" if train else "val")
         npy = (Path(f"{split}_data.npy"), Path(f"{split}_labels.npy"))
         if npy[0].is_file() and npy[1].is_file():
-            self.data, self.targets = np.load(npy[0], mmap_mode="r"), np.load(npy[1])
+            self.data, self.targets = read_npy(npy[0], "u", mmap=True), read_npy(npy[1], "iu")
         else:
             self.data, self.targets = load_imagenet64_arrays(imagenet64_files(root, train))
         side = int(round((self.data.shape[1] / 3) ** 0.5))

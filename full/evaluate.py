@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -65,7 +64,15 @@ from cm import (
 )
 from full.config import CLIParser
 from full.data import find_images
-from full.files import IMAGE_EXTENSIONS, as_nhwc_uint8, open_image, read_npz_images, to_uint8
+from full.files import (
+    IMAGE_EXTENSIONS,
+    as_nhwc_uint8,
+    npz_member,
+    open_image,
+    open_npz,
+    read_npz_images,
+    to_uint8,
+)
 from full.model import for_sampling
 
 PAPER_NUM_SAMPLES = 50_000  # [CM Sec. 6]: FID/IS of 50k samples
@@ -314,22 +321,30 @@ def save_stats(path, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
 
 
 def load_stats(path) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """(mu, sigma, n) from a reference .npz; n is None if the file does not record it (pytorch-fid's)."""
+    """(mu, sigma, n) from a reference .npz; n is None if the file does not record it (pytorch-fid's).
+
+    Every member read is checked by its .npy header before it is loaded (full.files.npz_member): mu real
+    numbers of shape (d,), sigma real numbers of shape (d, d) with the same d, n a scalar integer >= 2;
+    each failure one line naming the file and the member."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CMError(f"reference statistics not found: {path} (make them with --make-ref)")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("mu", "sigma") if k not in f]
-            if missing:
-                raise CMError(f"reference file {path} lacks {missing} (keys: {list(f.keys())}); "
-                                      "make one with --make-ref")
-            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-            n = int(f["n"]) if "n" in f else None
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        if isinstance(e, CMError):
-            raise
-        raise CMError(f"cannot read reference statistics {path}: {e}") from None
+    what = "reference statistics"
+    with open_npz(path, what) as f:
+        missing = [k for k in ("mu", "sigma") if k not in f]
+        if missing:
+            raise CMError(f"reference file {path} lacks {missing} (keys: {list(f.keys())}); "
+                          "make one with --make-ref")
+        mu = npz_member(f, "mu", path, "fiu", lambda s: None if len(s) == 1 and s[0] >= 1 else "is not (d,)")
+        d = len(mu)
+        sigma = npz_member(f, "sigma", path, "fiu",
+                           lambda s: None if s == (d, d) else f"is not ({d}, {d}), the size of mu")
+        n = None
+        if "n" in f:
+            n = int(npz_member(f, "n", path, "iu", lambda s: None if s == () else "is not a scalar"))
+            if n < 2:
+                raise CMError(f"{path}[n]: {n} images; reference statistics need at least 2")
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
     check_stats(mu, sigma, f"reference file {path}")
     return mu, sigma, n
 

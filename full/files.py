@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,11 @@ from cm import CMError, uint8_to_unit
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 MAX_PIXELS = 2**28  # one image's width x height, read from its header before any pixel is decoded
-MAX_NPZ_VALUES = 2**33  # an array's declared element count (8 GB of uint8), read from its .npy header
+MAX_NPY_BYTES = 2**33  # an array's declared byte size (8 GiB: elements x itemsize), read from its .npy header
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_NPZ_VALUES", "MAX_PIXELS", "as_nhwc_uint8", "find_images", "hwc_to_unit",
-           "open_image", "read_npz_images", "regular_file", "to_uint8", "uint8_to_unit"]
+__all__ = ["IMAGE_EXTENSIONS", "MAX_NPY_BYTES", "MAX_PIXELS", "as_nhwc_uint8", "check_npy_header",
+           "find_images", "hwc_to_unit", "npz_member", "open_image", "open_npz", "read_npy",
+           "read_npz_images", "regular_file", "to_uint8", "uint8_to_unit"]
 
 
 def regular_file(path: str | os.PathLike, what: str = "file") -> Path:
@@ -96,24 +98,17 @@ def read_npz_images(path: str | os.PathLike) -> np.ndarray:
     or an .npy, as they are stored; an object array (a pickle) is refused unread."""
     path = regular_file(path, "array file")
     key = None
-    try:
-        if path.suffix == ".npy":
-            with open(path, "rb") as fh:
-                _check_npy_header(fh, path)
-            arr = np.load(path, allow_pickle=False)
-        else:
-            with np.load(path, allow_pickle=False) as f:
-                keys = list(f.keys())
-                key = next((k for k in ("arr_0", "images") if k in keys), None)
-                if key is None and {"mu", "sigma"} <= set(keys):
-                    raise CMError(f"{path} holds reference statistics (mu, sigma), not images")
-                if key is None:
-                    raise CMError(f"{path}: no 'arr_0' or 'images' array (keys: {keys})")
-                with f.zip.open(f"{key}.npy") as fh:
-                    _check_npy_header(fh, path)
-                arr = f[key]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise CMError(f"cannot read {path} as .npz/.npy ({type(e).__name__}: {str(e)[:100]})") from None
+    if path.suffix == ".npy":
+        arr = read_npy(path)
+    else:
+        with open_npz(path) as f:
+            keys = list(f.keys())
+            key = next((k for k in ("arr_0", "images") if k in keys), None)
+            if key is None and {"mu", "sigma"} <= set(keys):
+                raise CMError(f"{path} holds reference statistics (mu, sigma), not images")
+            if key is None:
+                raise CMError(f"{path}: no 'arr_0' or 'images' array (keys: {keys})")
+            arr = npz_member(f, key, path)
     if arr.dtype != np.uint8:  # a cast would wrap 256 to 0 and read floats in [-1, 1] as black
         raise CMError(
             f"{path}{f'[{key}]' if key else ''} must hold uint8 images in [0, 255], got {arr.dtype}"
@@ -121,15 +116,87 @@ def read_npz_images(path: str | os.PathLike) -> np.ndarray:
     return arr
 
 
-def _check_npy_header(fh, path: Path) -> None:
-    """Bound an array by the shape its .npy header declares, before numpy allocates it."""
+# The one reader of .npy data, whether a file of its own or a member of an .npz: every array's header is
+# read first and its declared size bounded before numpy allocates anything.
+
+_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError)
+
+
+def _npy_name(path: Path, key: str | None) -> str:
+    return f"{path}[{key}]" if key is not None else str(path)
+
+
+def check_npy_header(fh, path: Path, key: str | None = None, stored: int | None = None,
+                     kinds: str | None = None, limit: int | None = None) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of the .npy stream `fh` from its header alone, before numpy allocates the array.
+
+    Refused in one line naming the file (and the npz member `key`): an object dtype, or one holding
+    objects (a pickle); a dtype kind outside `kinds` (numpy kind letters, e.g. "u", "fiu"); a declared
+    byte size (elements x itemsize) over `limit` (default MAX_NPY_BYTES), or over the `stored` bytes that
+    follow the header."""
+    name, limit = _npy_name(path, key), MAX_NPY_BYTES if limit is None else limit
     version = np.lib.format.read_magic(fh)
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, _ = read(fh)
+    shape, _, dtype = read(fh)
+    if dtype.hasobject:
+        raise CMError(f"{name} holds Python objects (a pickle, dtype {dtype}); refused unread")
+    if kinds is not None and dtype.kind not in kinds:
+        raise CMError(f"{name} holds {dtype} values, not {_KIND_NAMES.get(kinds, kinds)}")
     n = int(np.prod(shape, dtype=object)) if shape else 1
-    if n > MAX_NPZ_VALUES:
-        raise CMError(f"{path} declares an array of shape {shape} ({n} values), over the limit of "
-                      f"{MAX_NPZ_VALUES}")
+    nbytes = n * dtype.itemsize
+    if nbytes > limit:
+        raise CMError(f"{name} declares an array of shape {shape} and dtype {dtype} ({nbytes} bytes), over "
+                      f"the limit of {limit} bytes")
+    if stored is not None and nbytes > stored - fh.tell():
+        raise CMError(f"{name} declares an array of shape {shape} and dtype {dtype} ({nbytes} bytes) but "
+                      f"holds {max(stored - fh.tell(), 0)} bytes of data (truncated or lying header)")
+    return tuple(shape), dtype
+
+
+_KIND_NAMES = {"u": "unsigned integers", "fiu": "real numbers", "iu": "integers"}
+
+
+def open_npz(path: str | os.PathLike, what: str = "array file"):
+    """An .npz opened for `npz_member` (use as a context manager); not a zip archive (an empty file, an
+    .npy, anything else): one line naming the file."""
+    path = regular_file(path, what)
+    try:
+        if not zipfile.is_zipfile(path):
+            raise CMError(f"cannot read {what} {path}: not an .npz (zip) archive")
+        return np.load(path, allow_pickle=False)
+    except _READ_ERRORS as e:
+        raise CMError(f"cannot read {what} {path} as .npz ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def npz_member(f, key: str, path: Path, kinds: str | None = None, shape: Callable | None = None,
+               limit: int | None = None) -> np.ndarray:
+    """The array `key` of the open .npz `f`, loaded only after check_npy_header passed on its header
+    (and `shape(declared_shape)`, if given, which returns a reason to refuse it or None)."""
+    member = f"{key}.npy"
+    try:
+        info = f.zip.getinfo(member)
+        with f.zip.open(info) as fh:
+            declared, _ = check_npy_header(fh, path, key, info.file_size, kinds, limit)
+        why = shape(declared) if shape is not None else None
+        if why:
+            raise CMError(f"{_npy_name(path, key)}: shape {declared} {why}")
+        return f[key]
+    except _READ_ERRORS as e:
+        raise CMError(f"cannot read {_npy_name(path, key)} ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def read_npy(path: str | os.PathLike, kinds: str | None = None, limit: int | None = None,
+             mmap: bool = False) -> np.ndarray:
+    """The array of an .npy file, loaded (or memory-mapped, where `limit` does not apply) only after
+    check_npy_header passed on its header."""
+    path = regular_file(path, "array file")
+    try:
+        with open(path, "rb") as fh:
+            check_npy_header(fh, path, None, os.fstat(fh.fileno()).st_size, kinds,
+                             limit if not mmap else 2**62)
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except _READ_ERRORS as e:
+        raise CMError(f"cannot read {path} as .npy ({type(e).__name__}: {str(e)[:100]})") from None
 
 
 def open_image(path: str | os.PathLike, mode: str = "RGB"):

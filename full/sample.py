@@ -176,13 +176,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "EDM's .pkl; docs/released-weights.md), or a released name (python -m full.released)")
     p.add_argument("--sampler", default="", choices=["", "onestep", "multistep", "heun"],
                    help="default: heun for a denoiser (edm), else one step (multistep with --ts/--sigmas)")
-    p.add_argument("--steps", type=int, default=0, help="--sampler heun: grid levels (default: the file's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="--sampler heun: grid levels, >= 2 (default: the file's)")
     p.add_argument("--arch", default="", help="released .pt: architecture (imagenet64, lsun256), "
                                               "overriding the one inferred from keys and shapes")
     p.add_argument("--kind", default="", help="released .pt: edm | cd | ct, overriding the file name")
-    p.add_argument("--num", "--num-samples", dest="num", type=int, default=64,
+    p.add_argument("--num", "--num-samples", dest="num", type=int, default=None,
                    help="number of samples (use --num-samples under torchrun, whose parser takes --num "
-                        "for a prefix of its --numa-binding)")
+                        "for a prefix of its --numa-binding; default 64)")
     p.add_argument("--ts", default="", help="multistep levels as official indices, e.g. 0,11,17")
     p.add_argument("--grid-steps", type=int, default=None,
                    help="grid size the --ts indices refer to (default: the checkpoint's)")
@@ -197,8 +198,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="clamp every denoised step to [-1, 1] before re-noising (default: the run's "
                         "run.clamp_mid; the CM samplers clamp, ECT's does not)")
     p.add_argument("--class-labels", default="", help="comma-separated labels, cycled (default: random)")
-    p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=256,
-                   help="samples per forward pass")
+    p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=None,
+                   help="samples per forward pass (default 256)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--ema", type=float, default=None,
                    help="EMA rate to load (default: the run's ema.eval_rate, the one the paper evaluates)")
@@ -208,8 +209,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                                               "interpolate, denoise (full/edit.py)")
     p.add_argument("--reference", default="", help="--edit input: an image or an .npz")
     p.add_argument("--mask", default="", help="--edit inpaint: PNG, white = known pixel")
-    p.add_argument("--factor", type=int, default=0, help="--edit superres: patch size p (default: the "
-                   "official code's for the data set, 8 for ImageNet-64/LSUN, 2 for CIFAR-10)")
+    p.add_argument("--factor", type=int, default=None, help="--edit superres: patch size p >= 2, dividing "
+                   "the resolution (default: the official code's for the data set, 8 for ImageNet-64/LSUN, 2 "
+                   "for CIFAR-10)")
     args = p.parse_args(argv)
     try:
         with interrupts_as_errors():
@@ -220,21 +222,70 @@ def main(argv: Sequence[str] | None = None) -> None:
         dist.cleanup()
 
 
+# Which flags belong to which mode (--edit TASK, --search-ts, plain sampling and its --sampler): a flag
+# given outside its mode would do nothing, so it is refused, in one line, before anything is loaded. Each
+# row: the flags, whether they belong with the other flags given (args -> bool), and the refusal. Whether
+# a checkpoint is a denoiser (--sampler heun, --steps) or a consistency model is known only once it is
+# loaded, and is checked in sample().
+EDIT_FLAGS = "--reference, --mask (inpaint), --factor (superres)"
+FLAG_MODES: list[tuple[tuple[str, ...], Callable, str]] = [
+    (("--reference",), lambda a: bool(a.edit),
+     f"does nothing without --edit (the flags of --edit: {EDIT_FLAGS})"),
+    (("--mask",), lambda a: a.edit == "inpaint", "belongs to --edit inpaint (white = known pixel)"),
+    (("--factor",), lambda a: a.edit == "superres", "is the patch size of --edit superres"),
+    (("--ref", "--search-sigma"), lambda a: a.search_ts,
+     "does nothing without --search-ts (the flags that belong to --search-ts: --ref, --search-sigma)"),
+    (("--ts", "--sigmas", "--edit"), lambda a: not a.search_ts,
+     "is not for --search-ts: --search-ts picks the levels itself"),
+    (("--sampler",), lambda a: not a.edit and (not a.search_ts or a.sampler == "multistep"),
+     "does not fit: --edit runs its own sampler (CM Alg. 4), --search-ts samples in two steps (multistep)"),
+    (("--steps",), lambda a: not a.edit and not a.search_ts and a.sampler in ("", "heun"),
+     "sets the grid of --sampler heun (a denoiser); it does nothing with --edit, --search-ts, or "
+     "--sampler onestep/multistep"),
+    (("--grid-steps",), lambda a: bool(a.ts) or a.search_ts,
+     "is the grid that --ts indices (or --search-ts) count in; without them it does nothing (the Heun "
+     "grid of a denoiser is --steps)"),
+    (("--class-labels",), lambda a: not a.edit,
+     "does nothing with --edit: the edits of full.edit take no class labels"),
+]
+FLAG_DEST = {"--reference": "reference", "--mask": "mask", "--factor": "factor", "--ref": "ref",
+             "--search-sigma": "search_sigma", "--ts": "ts", "--sigmas": "sigmas", "--edit": "edit",
+             "--sampler": "sampler", "--steps": "steps", "--grid-steps": "grid_steps",
+             "--class-labels": "class_labels"}
+
+
+def check_flags(args) -> None:
+    """The flags given (not left at their default: None, "" or False) fit the mode chosen (FLAG_MODES),
+    and their values lie in range; else one CMError naming the flag. Sets --num-samples and --batch-size
+    to their defaults (64, 256) where not given."""
+    for flags, fits, why in FLAG_MODES:
+        for flag in flags:
+            value = getattr(args, FLAG_DEST[flag])
+            if value is not None and value is not False and value != "" and not fits(args):
+                raise CMError(f"{flag} {why}")
+    if args.num is None:
+        args.num = 64
+    if args.batch is None:
+        args.batch = 256
+    if not (1 <= args.num <= MAX_SAMPLES and 1 <= args.batch <= 2 ** 16) or \
+            (args.grid_steps is not None and not 2 <= args.grid_steps <= 2 ** 16):
+        raise CMError(f"need 1 <= --num-samples <= {MAX_SAMPLES}, 1 <= --batch-size <= 65536 and "
+                      "2 <= --grid-steps <= 65536")
+    if args.steps is not None and not 2 <= args.steps <= 2 ** 16:
+        raise CMError(f"--steps {args.steps}: need 2 <= --steps <= 65536, the levels of the Heun grid (EDM's "
+                      "sampler needs at least its two ends)")
+    if args.factor is not None and not 2 <= args.factor <= 2 ** 16:
+        raise CMError(f"--factor {args.factor}: the superres patch size must be an integer >= 2 that "
+                      "divides the image size")
+
+
 def sample(args) -> None:
     """What main does with the parsed flags (so Ctrl-C and SIGTERM end it as one line)."""
-    if not (1 <= args.num <= MAX_SAMPLES and 1 <= args.batch <= 2 ** 16) or \
-            (args.grid_steps is not None and not 2 <= args.grid_steps <= 2 ** 16) or \
-            not 0 <= args.steps <= 2 ** 16:
-        raise CMError(f"need 1 <= --num-samples <= {MAX_SAMPLES}, 1 <= --batch-size <= 65536, "
-                      "2 <= --grid-steps <= 65536 and --steps <= 65536")
+    check_flags(args)  # and sets the defaults of --num-samples and --batch-size
     out = out_folder(args.out or Path(args.checkpoint).parent, make=True)  # fails before sampling
     if not os.access(out, os.W_OK):
         raise CMError(f"cannot write into {out}: not writable")
-    if (args.search_sigma or args.ref) and not args.search_ts:
-        raise CMError("--search-sigma and --ref belong to --search-ts")
-    if args.search_ts and (args.ts or args.sigmas or args.edit or args.sampler not in ("", "multistep")):
-        raise CMError("--search-ts picks the levels itself: give it no --ts, --sigmas, --edit or "
-                      "--sampler other than multistep")
+    cm.remove_stale_temporaries(out)  # of samples.npz, edit-*.npz, search.json by a killed full.sample
     dev = dist.init(args.device)
     state = checkpoints.load(args.checkpoint, args.arch, args.kind)
     f, cfg = checkpoints.model_from_state(state, args.ema, args.checkpoint)
@@ -274,10 +325,10 @@ def sample(args) -> None:
         raise CMError(f"--sampler {args.sampler} does not fit this checkpoint: it is "
                       + ("a denoiser (edm); use --sampler heun" if heun else
                          f"a consistency model ({cfg.cm.mode}); use onestep or multistep"))
-    if args.steps:
-        if args.steps < 2 or not heun:
-            raise CMError("--steps N (N >= 2) sets the Heun grid of a denoiser; a consistency model "
-                             "takes --ts/--grid-steps")
+    if args.steps is not None:
+        if not heun:
+            raise CMError(f"--steps sets the Heun grid of a denoiser; {args.checkpoint} is a consistency "
+                          f"model ({cfg.cm.mode}), which takes --ts/--grid-steps")
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, grid_steps=args.steps))
     if heun and args.clip_denoised and state.get("official", {}).get("clamp"):
         f = ClampDenoised(f)  # CM's Heun sampler clamps every denoised image too
@@ -322,9 +373,8 @@ def run_edit_cli(args, f, cfg, shape, out: Path) -> None:
     levels = (levels_from_args(args.ts, args.sigmas, args.grid_steps or cfg.run.grid_steps, cfg)
               if args.ts or args.sigmas else None)
     g = torch.Generator().manual_seed(args.seed)
-    if args.factor < 0 or (args.factor and args.edit != "superres"):
-        raise CMError(f"--factor is a patch size >= 1 of --edit superres "
-                      f"(got {args.factor}, --edit {args.edit})")
+    if args.factor is not None and (shape[1] % args.factor or shape[2] % args.factor):
+        raise CMError(f"--factor {args.factor} does not divide the model's image size {shape[1]}x{shape[2]}")
     kw = {"factor": args.factor or superres_factor(cfg.data.name)} if args.edit == "superres" else {}
     try:
         x = run_edit(args.edit, f, ref, mask=mask, levels=levels, sigma_min=cfg.cm.sigma_min, generator=g,

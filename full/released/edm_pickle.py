@@ -493,15 +493,22 @@ def denoiser_from_state(state: dict, net: nn.Module) -> EDMDenoiser:
                        p.get("beta_min", 0.1), p.get("M", 1000))
 
 
-def _num(st: dict, key: str, default: float, lo: float, hi: float, what: str, lo_open: bool = False) -> float:
-    """A preconditioning constant: a real number (not NaN) in [lo, hi] ((lo, hi] when lo_open), else
-    CMError."""
+def _num(st: dict, key: str, default: float, lo: float, hi: float, what: str, lo_open: bool = False,
+         inf_ok: bool = False) -> float:
+    """A preconditioning constant: a finite real number (not NaN, not inf) in [lo, hi] ((lo, hi] when
+    lo_open), else CMError. inf_ok lets +inf through where hi is inf and inf is what EDM itself stores
+    (EDMPrecond's sigma_max, no upper bound); an int too large for a float is refused."""
     v = st.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v > hi or v < lo or \
-            (lo_open and v == lo):
-        raise CMError(f"{what}.{key}={str(v)[:40]} is not a number in "
+    try:
+        x = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+    except OverflowError:
+        x = math.nan
+    if not (lo <= x <= hi) or (lo_open and x == lo) or \
+            not (math.isfinite(x) or (inf_ok and x == hi == math.inf)):
+        finite = "" if inf_ok else "finite "
+        raise CMError(f"{what}.{key}={str(v)[:40]} is not a {finite}number in "
                       f"{'(' if lo_open else '['}{lo:g}, {hi:g}]")
-    return float(v)
+    return x
 
 
 def check_precond(p) -> None:
@@ -524,7 +531,7 @@ def precond_constants(name: str, st: dict) -> tuple[dict, float, float]:
     c = {"class": name, "sigma_data": 0.5, "beta_d": 19.9, "beta_min": 0.1, "M": 1000}
     if name == "VEPrecond":
         lo = _num(st, "sigma_min", 0.02, 0.0, 1e6, name, lo_open=True)
-        hi = _num(st, "sigma_max", 100.0, 0.0, inf, name, lo_open=True)
+        hi = _num(st, "sigma_max", 100.0, 0.0, 1e6, name, lo_open=True)
     elif name == "VPPrecond":
         b_d = _num(st, "beta_d", 19.9, 0.0, 100.0, name, lo_open=True)
         b_min = _num(st, "beta_min", 0.1, 0.0, 100.0, name)
@@ -537,7 +544,8 @@ def precond_constants(name: str, st: dict) -> tuple[dict, float, float]:
         c.update(beta_d=b_d, beta_min=b_min, M=M)
     else:
         c["sigma_data"] = _num(st, "sigma_data", 0.5, 0.0, 1e3, name, lo_open=True)
-        lo, hi = _num(st, "sigma_min", 0.0, 0.0, 1e6, name), _num(st, "sigma_max", inf, 0.0, inf, name, True)
+        lo = _num(st, "sigma_min", 0.0, 0.0, 1e6, name)
+        hi = _num(st, "sigma_max", inf, 0.0, inf, name, lo_open=True, inf_ok=True)  # EDM's default: inf
     if not max(0.002, lo) < min(80.0, hi):
         raise CMError(f"{name}'s sigma range {lo:g}..{hi:g} leaves nothing of EDM's sampling range 0.002..80")
     return c, lo, hi
