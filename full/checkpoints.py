@@ -290,7 +290,11 @@ def model_from_state(state: dict, rate: float | None = None, path: str | os.Path
     mode."""
     cfg = config_of(state)
     rates = ema_rates(state)
-    rate = (cfg.ema.eval_rate if cfg.ema.eval_rate in rates else rates[0]) if rate is None else rate
+    if rate is None:  # the rate the run evaluates; else the EMA stored as rate 0.0 (an import's one EMA)
+        rate = cfg.ema.for_eval() if cfg.ema.for_eval() in rates or 0.0 not in rates else 0.0
+        if rate not in rates:
+            raise CMError(f"{path}: no EMA at the rate its config evaluates ({rate}; ema.rates "
+                          f"{cfg.ema.rates}); it has {', '.join(map(str, rates))} (pick one with --ema)")
     key = next((r for r in state["ema"] if abs(float(r) - rate) < 1e-15), None)
     if key is None:
         raise CMError(f"{path}: no EMA at rate {rate}; it has {', '.join(map(str, rates))}")

@@ -423,7 +423,7 @@ def main(argv=None) -> dict:
     elif args.samples is None or args.ref is None:
         parser.error("give SAMPLES --ref REF.npz, or --make-ref SOURCE --out REF.npz")
     try:
-        with interrupts_as_errors():  # Ctrl-C and a path the file system cannot resolve: one line
+        with interrupts_as_errors(note=""):  # Ctrl-C and a path the file system cannot resolve: one line
             pick_device(args.device or "")  # a bad --device fails before any work
             if args.batch_size < 1 or args.splits < 1:
                 raise CMError(f"need --batch-size >= 1 and --splits >= 1 (got {args.batch_size}, "

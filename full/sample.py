@@ -41,6 +41,7 @@ import torch
 
 import cm
 from cm import (
+    MAX_SEED,
     CMError,
     atomic_write,
     check_levels,
@@ -214,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "for CIFAR-10)")
     args = p.parse_args(argv)
     try:
-        with interrupts_as_errors():
+        with interrupts_as_errors(note=""):
             sample(args)
     except CMError as e:
         exit_on(e)
@@ -271,6 +272,8 @@ def check_flags(args) -> None:
             (args.grid_steps is not None and not 2 <= args.grid_steps <= 2 ** 16):
         raise CMError(f"need 1 <= --num-samples <= {MAX_SAMPLES}, 1 <= --batch-size <= 65536 and "
                       "2 <= --grid-steps <= 65536")
+    if not 0 <= args.seed <= MAX_SEED:  # sample i's seed is seed + i, an int64 torch takes
+        raise CMError(f"--seed {args.seed}: need 0 <= --seed <= 2^62")
     if args.steps is not None and not 2 <= args.steps <= 2 ** 16:
         raise CMError(f"--steps {args.steps}: need 2 <= --steps <= 65536, the levels of the Heun grid (EDM's "
                       "sampler needs at least its two ends)")

@@ -35,6 +35,7 @@ def export(tmp_path_factory) -> Path:
     (["--num-samples", str(10 ** 7 + 1)], "--num-samples"),
     (["--batch-size", str(10 ** 9)], "--batch-size"),
     (["--grid-steps", str(10 ** 9)], "--grid-steps"),
+    (["--seed", str(2 ** 70)], "--seed"), (["--seed", "-1"], "--seed"),
     (["--sampler", "onestep", "--ts", "0,8,17"], "--sampler onestep"),
     (["--sampler", "onestep", "--sigmas", "80,1"], "--sampler onestep"),
 ])

@@ -351,3 +351,25 @@ def test_an_edm_pickle_with_an_infinite_ve_sigma_max_is_one_line(tmp_path):
                                          "--out", str(tmp_path / "e")])
     assert code == 0, err
     assert np.load(tmp_path / "e" / "samples.npz")["arr_0"].shape == (2, 8, 8, 1)
+
+
+def test_an_export_without_its_evaluated_ema_is_one_line(tmp_path):
+    """An export whose EMA rates are not its config's ema.rates (the evaluated 0.99 replaced by 0.5, the
+    checksum re-signed) is refused in one line naming the rate, not sampled from the stray EMA."""
+    from full import checkpoints
+    from full.model import make_model
+    from full.presets import resolve
+    cfg = resolve("tiny-ct")
+    torch.manual_seed(0)
+    path = checkpoints.export(tmp_path / "e.pt", {0.99: make_model(cfg), 0.999: make_model(cfg)}, cfg, step=0)
+    state = torch.load(path, weights_only=True)
+    state["ema"] = {0.5: state["ema"][0.99]}
+    state.pop("sha256", None)
+    state["sha256"] = cm.scan_tree(state)
+    torch.save(state, tmp_path / "bad.pt")
+    code, err = run_main("full.sample", ["--checkpoint", str(tmp_path / "bad.pt"), "--device", "cpu",
+                                         "--num-samples", "2", "--out", str(tmp_path / "s")])
+    assert_one_line(code, err, "0.5")
+    code, err = run_main("full.sample", ["--checkpoint", str(path), "--device", "cpu", "--num-samples", "2",
+                                         "--out", str(tmp_path / "ok")])
+    assert code == 0, err
