@@ -286,8 +286,9 @@ def sample(args) -> None:
     """What main does with the parsed flags (so Ctrl-C and SIGTERM end it as one line)."""
     check_flags(args)  # and sets the defaults of --num-samples and --batch-size
     out = out_folder(args.out or Path(args.checkpoint).parent, make=True)  # fails before sampling
-    if not os.access(out, os.W_OK):
-        raise CMError(f"cannot write into {out}: not writable")
+    if not os.access(out, os.W_OK):  # found before sampling, not at the first write
+        why = "a read-only file system" if os.statvfs(out).f_flag & os.ST_RDONLY else "no write permission"
+        raise CMError(f"cannot write into {out}: {why}")
     cm.remove_stale_temporaries(out)  # of samples.npz, edit-*.npz, search.json by a killed full.sample
     dev = dist.init(args.device)
     state = checkpoints.load(args.checkpoint, args.arch, args.kind)
