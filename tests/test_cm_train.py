@@ -143,7 +143,7 @@ def test_import_has_no_side_effects(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--mode", "cd", "--teacher", "no/such/teacher.pt", "--dataset", "toy"], "no checkpoint at"),
     (["--N", "1", "--dataset", "toy"], "N >= 2"),
-    (["--dataset", "mnist"], "unknown dataset"),
+    (["--dataset", "mnist"], "no such dataset or folder"),
     (["--metric", "cosine", "--dataset", "toy"], "unknown metric"),
     (["--sample", "no/such.pt"], "no checkpoint at"),
     (["--dataset", "toy", "--log-every", "0"], "must be >= 1"),

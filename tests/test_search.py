@@ -248,7 +248,7 @@ def test_cm_cli_searches_by_energy_distance(toy_runs, tmp_path):
     (1, [], "edm denoiser"),
     (0, ["--ts", "0,3,17"], "not --ts"),
     (0, ["--grid-steps", "2"], ">= 3 levels"),
-    (0, ["--num-samples", "1"], "--num-samples >= 2"),
+    (0, ["--num-samples", "1"], "2 <= --num-samples"),
     (None, ["--search-sigma"], "go with --checkpoint"),
 ])
 def test_cm_cli_bad_inputs_are_one_line(toy_runs, tmp_path, which, extra, message):
