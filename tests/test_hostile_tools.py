@@ -44,16 +44,20 @@ def no_benchmark(monkeypatch):
         monkeypatch.setattr(bench, name, started)
 
 
-def bench_main(capsys, *argv) -> tuple[int | str, str]:
-    """(exit status or 'started', stderr) of full.bench.main(argv)."""
+def call_main(main, capsys, argv) -> tuple[int | str, str]:
+    """(exit status, or 'started' where the work itself began, stderr) of main(argv)."""
     try:
-        bench.main(list(argv))
+        main([str(a) for a in argv])
         code = 0
     except SystemExit as e:
         code = e.code
     except Started:
         code = "started"
     return code, capsys.readouterr().err
+
+
+def bench_main(capsys, *argv) -> tuple[int | str, str]:
+    return call_main(bench.main, capsys, argv)
 
 
 @pytest.fixture(scope="module")
@@ -215,14 +219,7 @@ def compare_main(capsys, monkeypatch, *argv) -> tuple[int | str, str]:
     def started(*a, **k):
         raise Started
     monkeypatch.setattr(compare.cm, "train", started)
-    try:
-        compare.main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    except Started:
-        code = "started"
-    return code, capsys.readouterr().err
+    return call_main(compare.main, capsys, argv)
 
 
 def test_compare_refuses_a_mode_given_twice(capsys, monkeypatch, tmp_path):
@@ -256,13 +253,8 @@ def test_compare_a_signal_during_a_checkpoint_write_leaves_no_temporary(tmp_path
 # full.convert and full/diffusers_io.py
 
 
-def convert_main(capsys, *argv) -> tuple[int, str]:
-    try:
-        full.convert.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
+def convert_main(capsys, *argv) -> tuple[int | str, str]:
+    return call_main(full.convert.main, capsys, argv)
 
 
 @pytest.mark.parametrize("to, name, needle", [
