@@ -1258,8 +1258,11 @@ def interrupts_as_errors(note: str = "a run keeps its last checkpoint: --resume 
     run: a file being written is abandoned with its temporary file removed, the last complete one stays.
     A path the file system cannot resolve (a name too long, a loop of links) is one line too, wherever the
     command first touches it, and so is a machine with no usable temporary folder (torch asks tempfile for
-    one when it first compiles or caches: a file-size limit of 0, a full disk), found at the start."""
+    one when it first compiles or caches: a file-size limit of 0, a full disk), found at the start.
+    Once stopping, a second Ctrl-C or SIGTERM (a double press, a scheduler's repeat) is ignored: the
+    command is already on its way out with its one line."""
     main = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    stopping = False
     old = signal.signal(signal.SIGTERM, _raise_sigterm) if main else None
     old_int = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None  # Ctrl-C as
     try:                                                                                 # KeyboardInterrupt
@@ -1270,6 +1273,10 @@ def interrupts_as_errors(note: str = "a run keeps its last checkpoint: --resume 
                 from None
         yield
     except KeyboardInterrupt as e:
+        if main:
+            stopping = True
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
         raise CMError(f"stopped by {e.args[0] if e.args else 'Ctrl-C'}; every file written so far is "
                       f"complete{f' ({note})' if note else ''}") from None
     except OSError as e:
@@ -1279,7 +1286,7 @@ def interrupts_as_errors(note: str = "a run keeps its last checkpoint: --resume 
         shown = name if len(name) <= 80 else name[:80] + "..."
         raise CMError(f"cannot use the path {shown}: {e.strerror}") from None
     finally:
-        if old is not None:
+        if old is not None and not stopping:
             signal.signal(signal.SIGTERM, old)
             signal.signal(signal.SIGINT, old_int)
 

@@ -129,3 +129,24 @@ def test_a_signal_while_a_full_tool_starts_is_one_line(sig):
     name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
     line = f"error: stopped by {name} while starting; nothing was written"
     assert p.returncode == 1 and p.stderr.strip() == line and "imported" not in p.stdout, p.stderr
+
+
+@pytest.mark.parametrize("started_as", ["cm.py", "python -m full"])
+def test_a_second_signal_while_stopping_changes_nothing(started_as):
+    """A double Ctrl-C, or a scheduler's SIGTERM right after it, arriving after the first interrupt was
+    turned into the one line (as interrupts_as_errors hands it to exit_on): still that one line and
+    status 1, not a KeyboardInterrupt traceback or the start-up handler's line."""
+    pre = "sys.argv = ['-m']; import full; " if started_as != "cm.py" else ""
+    code = (f"import os, signal, sys, time; {pre}import cm\n"
+            "try:\n"
+            "    with cm.interrupts_as_errors():\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "        time.sleep(5)\n"
+            "except cm.CMError as e:\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    cm.exit_on(e)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("error: stopped by Ctrl-C; every file written so far is complete"), p.stderr
