@@ -1965,6 +1965,9 @@ def check(cfg: TrainConfig) -> TrainConfig:
             and 1e-4 <= cfg.time_scale <= 1e4):
         raise CMError(f"need a finite lr > 0, 0 <= dropout < 1, 0 <= ema < 1 and 1e-4 <= time-scale <= 1e4 "
                       f"(got lr={cfg.lr}, dropout={cfg.dropout}, ema={cfg.ema}, time-scale={cfg.time_scale})")
+    # what a stored config may hold (steps, teacher_steps <= 2^40, ...): a run that could not be resumed
+    settings = {**dataclasses.asdict(cfg.cm), **{k: getattr(cfg, k) for k in TRAIN_FIELDS}}
+    check_stored_sizes(settings, flags=True)
     out_folder(cfg.out)
     try:
         two_step_levels(cfg)  # a bad --ts or --mid-t fails now, not after the first sample_every steps
@@ -2006,12 +2009,14 @@ STORED_BOUNDS = dict(grid_steps=10 ** 5, N=10 ** 5, s0=10 ** 6, s1=10 ** 6, chan
                      stage_steps=1 << 40, tangent_warmup=1 << 40, sample_num=1 << 20, fid_samples=1 << 24)
 
 
-def check_stored_sizes(d: dict, prefix: str = "") -> None:
-    """The integers of STORED_BOUNDS in a stored config section within their bounds (one-line CMError)."""
+def check_stored_sizes(d: dict, prefix: str = "", flags: bool = False) -> None:
+    """The integers of STORED_BOUNDS in a stored config section within their bounds (one-line CMError);
+    flags: d is a new run's settings, named as flags (a run that could not be resumed is not started)."""
     for k, hi in STORED_BOUNDS.items():
         v = d.get(k)
         if isinstance(v, int) and not isinstance(v, bool) and not -hi <= v <= hi:
-            raise CMError(f"its config field {prefix}{k}={v} is out of range (at most {hi})")
+            raise CMError(f"--{k.replace('_', '-')} {v} is out of range (at most {hi})" if flags else
+                          f"its config field {prefix}{k}={v} is out of range (at most {hi})")
 
 
 def config_of(state: dict) -> TrainConfig:

@@ -492,12 +492,13 @@ BAD = {  # flag -> values outside the valid region
     "sigma-data": [0.0, -0.5, math.nan, 1e-300, 5e-5, 2e4, 1e308],  # σd² under- or overflows
     "lr": [-1e-3, math.nan, math.inf],
     "mu0": [0.0, 1.0, 1.5, math.nan], "mu": [1.0, -0.1, math.nan], "ema": [1.0, -0.1, 2.0, math.nan],
-    "dropout": [1.0, 1.5, -0.5, math.nan], "s0": [1, -2], "steps": [-1, -5],
+    "dropout": [1.0, 1.5, -0.5, math.nan], "s0": [1, -2], "steps": [-1, -5, 2 ** 63],
     "P-std": [0.0, -1.0, 50.0, 1e-308, 5e-4],
-    "q": [1.0, 0.5], "stage-steps": [-1], "P-mean": [math.inf, -math.inf, 1e3],
+    "q": [1.0, 0.5], "stage-steps": [-1, 2 ** 63], "P-mean": [math.inf, -math.inf, 1e3],
     # sizes and numbers that pass a sign check and overflow or exhaust memory later
     "rho": [0.0, -2.0, math.nan, math.inf, 1e-300, 1e300], "seed": [-1, 10 ** 20], "batch-size": [10 ** 7],
     "channels": [10 ** 6], "N": [1, -3, 10 ** 13], "s1": [10 ** 13], "grid-steps": [1, 10 ** 12],
+    "teacher-steps": [10 ** 20], "tangent-warmup": [2 ** 63],  # beyond what a stored config may hold
 }
 
 
