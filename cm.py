@@ -2125,6 +2125,48 @@ def train(cfg: TrainConfig) -> dict:
         return Run(cfg, pick_device(cfg.device), folder.out).loop()
 
 
+def files_or_absent(*paths: Path) -> None:
+    """Each of a run folder's own files (log.jsonl, config.json, ...) is a regular file or not there: a
+    folder cannot be appended to, opening a FIFO blocks for ever, a loop of links never resolves."""
+    for p in paths:
+        if (p.is_symlink() or p.exists()) and not p.is_file():
+            raise CMError(f"{p} is not a regular file: move it out of the run folder")
+
+
+def load_for_resume(obj: nn.Module | torch.optim.Optimizer, state: dict, what: str, path) -> None:
+    """obj.load_state_dict(state) for a resume, refusing (one line) what load_state_dict would take without
+    a word: a weight or an optimiser moment of another dtype (it casts them), a moment of another shape
+    than its parameter (Adam would fail at the next step, after the run's files were rewritten), a
+    negative second moment (its square root is NaN), optimiser state of a parameter the optimiser lacks."""
+    def refuse(why: str):
+        raise CMError(f"{path}: the {what} state does not fit this run: {why}")
+    try:
+        if isinstance(obj, nn.Module):
+            own = obj.state_dict()
+            if bad := next((k for k, v in state.items() if k in own and v.dtype != own[k].dtype), None):
+                refuse(f"{bad} is {state[bad].dtype}, the network's {own[bad].dtype}")
+            obj.load_state_dict(state)
+            return
+        params = [p for g in obj.param_groups for p in g["params"]]
+        if extra := sorted(set(state["state"]) - set(range(len(params))), key=str):
+            refuse(f"moments of {len(extra)} parameter(s) it does not have (e.g. {str(extra[0])[:20]})")
+        obj.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
+        refuse(f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
+    for i, p in enumerate(params):
+        for name, v in obj.state.get(p, {}).items():
+            if not isinstance(v, Tensor):
+                continue
+            if name == "step":
+                if v.numel() != 1 or not v.is_floating_point():
+                    refuse(f"the step of parameter {i} is not one number")
+            elif v.shape != p.shape or v.dtype != p.dtype:
+                refuse(f"{name} of parameter {i} is {v.dtype} {tuple(v.shape)}, the parameter "
+                       f"{p.dtype} {tuple(p.shape)}")
+            elif name == "exp_avg_sq" and bool((v < 0).any()):
+                refuse(f"{name} of parameter {i} holds negative values")
+
+
 class Run:
     """One training run: the networks (θ, θ⁻ where kept, evaluation EMA, teacher), optimiser and files."""
 
@@ -2139,6 +2181,7 @@ class Run:
                               f"(got mode {tcfg.cm.mode}, dataset {tcfg.dataset})")
             cfg = dataclasses.replace(cfg, channels=tcfg.channels, time_scale=tcfg.time_scale)
             self.teacher = teacher.to(dev)
+        files_or_absent(out / "log.jsonl", out / "config.json", self.ckpt)
         foreign = sorted(p.name for p in [out / "export.pt", *out.glob("ckpt-*.pt")] if p.exists())
         if foreign and not cfg.overwrite and not self.ckpt.is_file():  # a full.train run, not one of ours
             raise CMError(f"{out} holds a full.train run ({foreign[0]}); use another --out, or --overwrite "
@@ -2183,11 +2226,7 @@ class Run:
         for name in ("model", "target", "ema", "opt"):
             m = getattr(self, name)
             if m is not None:
-                try:
-                    m.load_state_dict(state[name])
-                except (RuntimeError, KeyError, ValueError, TypeError) as e:
-                    raise CMError(f"{self.ckpt}: the {name} state does not fit this run "
-                                  f"({type(e).__name__})") from None
+                load_for_resume(m, state[name], name, self.ckpt)
         check_outputs(self.ema, self.cfg.cm, self.shape, f"{self.ckpt}: its ema weights")
         for g in self.opt.param_groups:  # the lr of this command, also when --allow-config-change changed it
             g["lr"] = self.cfg.lr

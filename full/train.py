@@ -59,10 +59,12 @@ from cm import (
     ema_update,
     ema_warmup_rate,
     exit_on,
+    files_or_absent,
     generate,
     grid_name,
     interrupts_as_errors,
     keeps_target_copy,
+    load_for_resume,
     log_line,
     make_metric,
     recipe_loss,
@@ -243,16 +245,11 @@ class Trainer:
             if rate not in saved:
                 raise CMError(f"{path} has no EMA at rate {rate} (it has {', '.join(map(str, saved))})")
             checkpoints.load_weights(ema, saved[rate], f"EMA {rate}", path, same_dtypes=True)
+        load_for_resume(self.opt, state["opt"], "optimiser", path)  # moments: shapes, dtypes, signs
         try:
-            self.opt.load_state_dict(state["opt"])
             self.scaler.load_state_dict(state["scaler"])
         except (ValueError, KeyError, RuntimeError) as e:
-            raise CMError(f"{path}: the optimiser state does not fit ({e})") from None
-        for i, p in enumerate(q for g in self.opt.param_groups for q in g["params"]):  # load_state_dict
-            for name, v in self.opt.state.get(p, {}).items():  # checks the groups' sizes, not the moments'
-                if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
-                    raise CMError(f"{path}: the optimiser's {name} of parameter {i} has shape "
-                                  f"{tuple(v.shape)}, the parameter {tuple(p.shape)}: another network")
+            raise CMError(f"{path}: the grad scaler state does not fit ({e})") from None
         self.step_k = int(state["step"])
         self.acc = Accounting(self.cfg.opt.batch, self.world, state.get("accounting"))
         rng = state["rng"]
@@ -368,9 +365,7 @@ def claim_folder(cfg: RunConfig, out: Path, overwrite: bool) -> tuple[Path | Non
     ckpt = checkpoints.latest(out) if cfg.run.resume in (True, "auto") and not overwrite else None
     if cfg.run.resume is True and ckpt is None:
         raise CMError(f"run.resume=True but {out} has no ckpt-*.pt")
-    for p in (out / "log.jsonl", out / "config.json", out / "export.pt"):
-        if p.exists() and not p.is_file():  # opening a FIFO blocks; a folder cannot be appended to
-            raise CMError(f"{p} is not a regular file: move it out of the run folder")
+    files_or_absent(out / "log.jsonl", out / "config.json", out / "export.pt")
     ckpts = checkpoints.list_checkpoints(out)
     others = [p for p in (out / "export.pt", out / "log.jsonl") if p.is_file() and p.stat().st_size > 0]
     earlier = ckpts + others
