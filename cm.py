@@ -2150,6 +2150,10 @@ def load_for_resume(obj: nn.Module | torch.optim.Optimizer, state: dict, what: s
         params = [p for g in obj.param_groups for p in g["params"]]
         if extra := sorted(set(state["state"]) - set(range(len(params))), key=str):
             refuse(f"moments of {len(extra)} parameter(s) it does not have (e.g. {str(extra[0])[:20]})")
+        for i, moments in state["state"].items():  # before loading: load_state_dict casts them
+            for name, v in moments.items():
+                if isinstance(v, Tensor) and name != "step" and v.dtype != params[i].dtype:
+                    refuse(f"{name} of parameter {i} is {v.dtype}, the parameter {params[i].dtype}")
         obj.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
         refuse(f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")

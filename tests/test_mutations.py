@@ -226,7 +226,25 @@ def test_files_without_a_checksum_still_load(files, tmp_path, which):
     (cm_consume if which == "cm" else full_consume)(p)
 
 
+def _moment(name: str, f):
+    return lambda s: s["opt"]["state"][0].update({name: f(s["opt"]["state"][0][name])})
+
+
+# The optimiser's state and the weights, as load_state_dict would take them without a word (it casts
+# dtypes, checks only the groups' sizes): refused by both trainers' resume (cm.load_for_resume).
+RESUME_CASES = {
+    "opt-exp-avg-other-shape": _moment("exp_avg", lambda v: torch.zeros(3)),
+    "opt-exp-avg-0d": _moment("exp_avg", lambda v: torch.tensor(0.0)),
+    "opt-exp-avg-int": _moment("exp_avg", lambda v: v.long()),
+    "opt-exp-avg-float64": _moment("exp_avg", lambda v: v.double()),
+    "opt-exp-avg-sq-negative": _moment("exp_avg_sq", lambda v: -1 - v.abs()),
+    "opt-step-a-vector": _moment("step", lambda v: torch.zeros(3)),
+    "opt-moments-of-a-parameter-it-lacks": lambda s: s["opt"]["state"].update({999: s["opt"]["state"][0]}),
+    "model-float16": lambda s: s.update(model={k: v.half() for k, v in s["model"].items()}),
+}
+
 CM_FIELDS = {
+    **RESUME_CASES,
     "step--5": lambda s: s.update(step=-5), "step-past-the-run": lambda s: s.update(step=25),
     "step-abc": lambda s: s.update(step="abc"), "step-a-float": lambda s: s.update(step=1.0),
     "step-missing": lambda s: s.pop("step"), "rng-missing": lambda s: s.pop("rng"),
@@ -307,8 +325,7 @@ FULL_FIELDS = {
     "ema-rates-a-str": lambda s: s["config"]["ema"].update(rates="x"),
     # the optimiser's moments of another network (load_state_dict checks only the groups' sizes), and
     # weights load_state_dict would cast without a word
-    "opt-exp-avg-other-shape": lambda s: s["opt"]["state"][0].update(exp_avg=torch.zeros(3)),
-    "model-float16": lambda s: s.update(model={k: v.half() for k, v in s["model"].items()}),
+    **RESUME_CASES,
     "ema-float64": lambda s: s.update(ema={r: {k: v.double() for k, v in sd.items()}
                                            for r, sd in s["ema"].items()}),
 }
