@@ -1883,6 +1883,11 @@ def config(dataset: str = "digits", mode: str = "cd", **flags) -> TrainConfig:
     if unread:  # --ablate for ct, --teacher for edm: ignored without a word, the run is not the one asked
         raise CMError(f"--mode {mode} does not read " + "; ".join(
             f"--{k.replace('_', '-')} (a setting of {', '.join(readers(k))})" for k in unread))
+    reads_files = {"resolution": dataset not in DATASETS, "data_dir": dataset == "cifar10",  # per dataset
+                   "teacher_steps": not flags.get("teacher")}  # a teacher given is not trained
+    if unused := sorted(k for k, ok in reads_files.items() if k in flags and not ok):
+        raise CMError(f"--{unused[0].replace('_', '-')} does nothing here: --resolution is for an image "
+                      "folder, --data-dir for cifar10, --teacher-steps for a teacher cm.py trains itself")
     if "ts" in flags and "mid_t" in flags:
         raise CMError("--ts sets both two-step levels and --mid-t the second one: pass one of them")
     metric = {"ict": "pseudo_huber", "ect": "l2_norm"}.get(mode, "l2")  # [iCT Sec. 3.3], [ECT Sec. 3]
@@ -2101,8 +2106,9 @@ def train(cfg: TrainConfig) -> dict:
     """Train one mode; returns the final distances (empty with report=False). Resumes if asked."""
     check(cfg)
     if RECIPES[cfg.cm.mode].teacher and not cfg.teacher:  # a teacher first, or reuse a finished one
-        flags = {k: getattr(cfg, k) for k in ("data_dir", "seed", "device", "precision", "log_every",
-                                               "ckpt_every", "grid_minutes", "overwrite")}
+        flags = {k: getattr(cfg, k) for k in ("data_dir", "resolution", "seed", "device", "precision",
+                                               "log_every", "ckpt_every", "grid_minutes", "overwrite")
+                 if k not in ("data_dir", "resolution") or getattr(cfg, k) != FIELD_DEFAULTS[k]}
         flags.update(sigma_min=cfg.cm.sigma_min, sigma_max=cfg.cm.sigma_max, sigma_data=cfg.cm.sigma_data,
                      rho=cfg.cm.rho, channels=cfg.channels, time_scale=cfg.time_scale,
                      out=f"{cfg.out}/teacher", resume=True,

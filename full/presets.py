@@ -244,10 +244,12 @@ def resolve(preset: str, overrides: Sequence[str] = ()) -> RunConfig:
         cfg = apply_override(cfg, item)
     cfg = checked(cfg)
     given = {item.removeprefix("--").partition("=")[0].partition(".")[2] for item in overrides
-             if item.removeprefix("--").startswith("cm.")}
+             if item.removeprefix("--").startswith(("cm.", "run.ts=", "run.grid_steps=", "run.sigmas="))}
+    given = {"ts" if k == "sigmas" else k for k in given}  # two-step levels: not read by edm's Heun grid
     if unread := sorted(k for k in given if cfg.cm.mode not in readers(k)):  # cm.ablate for ct: ignored
         raise CMError(f"cm.mode={cfg.cm.mode} does not read " + "; ".join(
-            f"cm.{k} (a setting of {', '.join(readers(k))})" for k in unread))
+            f"{'run' if k in ('ts', 'grid_steps') else 'cm'}.{k} (a setting of {', '.join(readers(k))})"
+            for k in unread))
     check_buildable(cfg)
     return cfg
 

@@ -181,6 +181,8 @@ def test_a_mode_reads_only_the_settings_it_claims(mode):
     (["--mode", "ct", "--mid-t", "0.5"], "--mid-t"),
     (["--mode", "edm", "--ts", "0,5,17"], "--ts"),
     (["--mode", "ict", "--ts", "0,5,17", "--mid-t", "1.0"], "--mid-t"),
+    (["--resolution", "16"], "--resolution"), (["--data-dir", "elsewhere"], "--data-dir"),
+    (["--mode", "cd", "--teacher", "t.pt", "--teacher-steps", "3"], "--teacher-steps"),
     (["--grid-minutes", "nan"], "--grid-minutes"), (["--grid-minutes", "-1"], "--grid-minutes"),
     (["--dataset", "x" * 300], "too long"), (["--dataset", __file__], "not a folder"),
 ])
@@ -233,6 +235,8 @@ def test_cm_checkpoint_refuses_training_flags_and_unbounded_sizes(cm_ckpt, tmp_p
     ("tiny-edm", "run.teacher='t.pt'", "run.teacher", False),
     ("tiny-ict", "run.teacher='t.pt'", "run.teacher", False),
     ("tiny-ct", "run.teacher_kind='edm'", "run.teacher", False),
+    ("tiny-edm", "run.ts=(0,5,17)", "run.ts", False), ("tiny-edm", "run.sigmas=(80.0,1.0)", "run.ts", False),
+    ("tiny-ct", "run.ts=(0,5,17)", "", True),
 ])
 def test_full_train_refuses_settings_its_mode_does_not_read(preset, override, needle, ok):
     """The same rule as cm.py's for full.train's overrides: a cm.* field outside the mode's recipe, or a
