@@ -2161,6 +2161,8 @@ def load_for_resume(obj: nn.Module | torch.optim.Optimizer, state: dict, what: s
                 if isinstance(v, Tensor) and name != "step" and v.dtype != params[i].dtype:
                     refuse(f"{name} of parameter {i} is {v.dtype}, the parameter {params[i].dtype}")
         obj.load_state_dict(state)
+    except CMError:
+        raise
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
         refuse(f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
     for i, p in enumerate(params):

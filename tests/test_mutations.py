@@ -278,6 +278,15 @@ def deep_list(n: int) -> list:
     return top
 
 
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_refusals_name_the_entry_once(files, tmp_path, case):
+    """The refusal of a resume mutation is one plain line: the file, the entry, why (not wrapped twice)."""
+    s = tree(files["resume"])
+    RESUME_CASES[case](s)
+    msg = refused(full_consume, write(s, tmp_path / f"ckpt-{s['step']:07d}.pt"))
+    assert msg.count(str(tmp_path)) == 1 and "CMError" not in msg, msg
+
+
 @pytest.mark.parametrize("case", sorted(CM_FIELDS))
 def test_tampered_cm_fields_are_one_line(files, tmp_path, case):
     """Each field retyped, out of range or missing, in a file without a checksum (an older version's):
