@@ -401,12 +401,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--make-ref", metavar="SOURCE", help="compute reference statistics of 'cifar10' "
                    "(train split) or of a folder/.npz of images, and write them to --out")
     p.add_argument("--out", help="output .npz for --make-ref")
-    p.add_argument("--data-dir", default="data",
+    p.add_argument("--data-dir", default=None,
                    help="torchvision root holding cifar-10-batches-py (default: data)")
     p.add_argument("--download", action="store_true",
                    help="let torchvision download CIFAR-10 into --data-dir")
     p.add_argument("--batch-size", type=int, default=250, help="images per Inception forward pass")
-    p.add_argument("--splits", type=int, default=10, help="IS splits (default 10)")
+    p.add_argument("--splits", type=int, default=None, help="IS splits (default 10)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--inception-weights", default=None, help="local copy of torch-fidelity's Inception "
                    "weights (default: the torch hub cache, downloading if needed)")
@@ -422,6 +422,14 @@ def main(argv=None) -> dict:
             parser.error("--make-ref SOURCE takes --out REF.npz and no samples/--ref")
     elif args.samples is None or args.ref is None:
         parser.error("give SAMPLES --ref REF.npz, or --make-ref SOURCE --out REF.npz")
+    if args.make_ref != "cifar10" and (args.data_dir is not None or args.download):  # ignored otherwise
+        parser.error("--data-dir and --download belong to --make-ref cifar10")
+    if args.make_ref is None and args.out is not None:
+        parser.error("--out is the file --make-ref writes; FID and IS of samples are printed")
+    if args.make_ref is not None and args.splits is not None:
+        parser.error("--splits is the Inception Score's, of samples; --make-ref computes no score")
+    args.data_dir = "data" if args.data_dir is None else args.data_dir
+    args.splits = 10 if args.splits is None else args.splits
     try:
         with interrupts_as_errors(note=""):  # Ctrl-C and a path the file system cannot resolve: one line
             pick_device(args.device or "")  # a bad --device fails before any work

@@ -246,3 +246,17 @@ def test_full_train_refuses_settings_its_mode_does_not_read(preset, override, ne
         assert code == 0, err
     else:
         assert_one_line(code, err, needle)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["S.npz", "--ref", "R.npz", "--data-dir", "d"], "--data-dir"),
+    (["S.npz", "--ref", "R.npz", "--download"], "--download"),
+    (["S.npz", "--ref", "R.npz", "--out", "o.npz"], "--out"),
+    (["--make-ref", "imgs", "--out", "o.npz", "--download"], "--download"),
+    (["--make-ref", "cifar10", "--out", "o.npz", "--splits", "5"], "--splits"),
+])
+def test_full_evaluate_refuses_flags_its_mode_ignores(argv, needle):
+    """FID of samples reads no --data-dir, --download or --out; --make-ref computes no IS (--splits), and
+    only cifar10 is downloaded: each was accepted and ignored (exit 0 after a FID), now a usage line."""
+    code, err = run_main("full.evaluate", argv)
+    assert code == 2 and err.count("\n") == 1 and needle in err, err
