@@ -2139,6 +2139,14 @@ def files_or_absent(*paths: Path) -> None:
             raise CMError(f"{p} is not a regular file: move it out of the run folder")
 
 
+def dtype_mismatch(module: nn.Module, state: dict) -> str | None:
+    """The first weight of `state` of another dtype than the module's (load_state_dict casts it), or None."""
+    own = module.state_dict()
+    bad = next((k for k, v in state.items()
+                if k in own and isinstance(v, Tensor) and v.dtype != own[k].dtype), None)
+    return None if bad is None else f"{bad} is {state[bad].dtype}, the network's {own[bad].dtype}"
+
+
 def load_for_resume(obj: nn.Module | torch.optim.Optimizer, state: dict, what: str, path) -> None:
     """obj.load_state_dict(state) for a resume, refusing (one line) what load_state_dict would take without
     a word: a weight or an optimiser moment of another dtype (it casts them), a moment of another shape
@@ -2148,9 +2156,8 @@ def load_for_resume(obj: nn.Module | torch.optim.Optimizer, state: dict, what: s
         raise CMError(f"{path}: the {what} state does not fit this run: {why}")
     try:
         if isinstance(obj, nn.Module):
-            own = obj.state_dict()
-            if bad := next((k for k, v in state.items() if k in own and v.dtype != own[k].dtype), None):
-                refuse(f"{bad} is {state[bad].dtype}, the network's {own[bad].dtype}")
+            if why := dtype_mismatch(obj, state):
+                refuse(why)
             obj.load_state_dict(state)
             return
         params = [p for g in obj.param_groups for p in g["params"]]

@@ -43,6 +43,7 @@ from cm import (
     check_state_dict,
     check_stored_sizes,
     checkpoint_kind,
+    dtype_mismatch,
     read_weights_only,
     save_checkpoint,
 )
@@ -158,12 +159,8 @@ def load_weights(module: nn.Module, state_dict: dict, what: str, path: str | os.
     """load_state_dict(strict) with a one-line CMError on a key or shape mismatch (another network), and
     with same_dtypes (a resume: the file is this code's own) on a dtype other than the network's, which
     load_state_dict would cast without a word (float16 weights resumed as float32 lose their low bits)."""
-    if same_dtypes:
-        own = module.state_dict()
-        for k, v in state_dict.items():
-            if k in own and isinstance(v, torch.Tensor) and v.dtype != own[k].dtype:
-                raise CMError(f"{path}: the {what} weight {k} is {v.dtype}, this network's is "
-                              f"{own[k].dtype}: not a checkpoint this code wrote")
+    if same_dtypes and (why := dtype_mismatch(module, state_dict)):
+        raise CMError(f"{path}: the {what} state does not fit this run: {why}")
     try:
         module.load_state_dict(state_dict)
     except (RuntimeError, KeyError, TypeError) as e:
@@ -172,13 +169,9 @@ def load_weights(module: nn.Module, state_dict: dict, what: str, path: str | os.
                       f"(another network or config?): {first}") from None
 
 
-# Structural sizes of a stored network config, bounded before anything is built from it (the largest
-# released networks: 256 channels, 4 levels, 4 blocks; these leave room, and keep a tampered file from
-# building millions of modules or terabytes of weights).
-NET_BOUNDS = dict(img_resolution=(1, 4096), image_size=(1, 4096), in_channels=(1, 64), out_channels=(1, 64),
-                  model_channels=(1, 4096), num_blocks=(1, 64), num_res_blocks=(1, 64),
-                  num_classes=(0, 100_000), num_head_channels=(1, 4096))
-# (lo, hi], dropout [lo, hi): a residual sum scaled up by 1e6 overflows in a few blocks
+# The integer sizes of a stored network config are bounded by the config itself (networks.NET_SIZES, in
+# its __post_init__); its floats and the lengths of its lists here. Floats: (lo, hi], dropout [lo, hi):
+# a residual sum scaled up by 1e6 overflows in a few blocks.
 NET_FLOATS = dict(skip_scale=(0.0, 1.0), fourier_scale=(0.0, 1000.0), dropout=(0.0, 1.0))
 NET_TUPLES = dict(channel_mult=(1, 64, 12), attn_resolutions=(1, 4096, 16),
                   attention_resolutions=(1, 4096, 16), resample_filter=(-1000, 1000, 16))
@@ -186,7 +179,7 @@ NET_TUPLES = dict(channel_mult=(1, 64, 12), attn_resolutions=(1, 4096, 16),
 
 def config_of(state: dict) -> RunConfig:
     """The stored RunConfig, every field of its declared type and in range (config.validate), its
-    network's sizes within NET_BOUNDS; else a one-line CMError."""
+    network's sizes within networks.NET_SIZES; else a one-line CMError."""
     d = state.get("config")
     if not isinstance(d, dict) or not isinstance(d.get("arch"), str) or d["arch"] not in NET_CONFIGS \
             or not isinstance(d.get("net"), dict):
@@ -205,9 +198,6 @@ def config_of(state: dict) -> RunConfig:
         cfg = config_from_dict(d)
     except (ArithmeticError, MemoryError, RecursionError) as e:
         raise CMError(f"the stored config does not form a run config ({type(e).__name__})") from None
-    for k, (lo, hi) in NET_BOUNDS.items():
-        if hasattr(cfg.net, k):
-            check_int(getattr(cfg.net, k), f"config field net.{k}", lo, hi)
     for k, (lo, hi, _) in NET_TUPLES.items():
         for i, x in enumerate(getattr(cfg.net, k, ())):
             check_int(x, f"config field net.{k}[{i}]", lo, hi)

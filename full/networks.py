@@ -80,11 +80,21 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _require_sizes(cfg, res: str, attn: str, **ranges: tuple[int, int]) -> None:
-    """Each named integer field (or each entry of a tuple field) of cfg within its (lo, hi), and every
-    attention resolution one that a level of the network has (res, res/2, ... per channel_mult entry):
-    one at no level would add no attention and silently train another network."""
-    for name, (lo, hi) in ranges.items():
+# Structural sizes of a network config, new or stored, bounded before anything is built from it (the
+# largest released networks: 256 channels, 4 levels, 4 blocks; these leave room, and keep a tampered file
+# from building millions of modules or terabytes of weights). A tuple field: each entry.
+NET_SIZES = dict(img_resolution=(1, 4096), image_size=(1, 4096), in_channels=(1, 64), out_channels=(1, 64),
+                 model_channels=(1, 4096), channel_mult=(1, 64), num_blocks=(1, 64), num_res_blocks=(1, 64),
+                 num_classes=(0, 100_000), num_head_channels=(1, 4096))
+
+
+def _require_sizes(cfg, res: str, attn: str) -> None:
+    """Each NET_SIZES field that cfg has within its range, and every attention resolution one that a level
+    of the network has (res, res/2, ... per channel_mult entry): one at no level would add no attention
+    and silently train another network."""
+    for name, (lo, hi) in NET_SIZES.items():
+        if not hasattr(cfg, name):
+            continue
         v = getattr(cfg, name)
         _require(all(lo <= x <= hi for x in (v if isinstance(v, tuple) else (v,))) and v != (),
                  f"{name}={v} must lie in {lo}..{hi}")
@@ -118,9 +128,7 @@ class NCSNppConfig:
         # Tuples even when the config comes back from a checkpoint's asdict() / JSON as lists.
         self.channel_mult, self.attn_resolutions = tuple(self.channel_mult), tuple(self.attn_resolutions)
         self.resample_filter = tuple(self.resample_filter)
-        _require_sizes(self, "img_resolution", "attn_resolutions", img_resolution=(1, 4096),
-                       in_channels=(1, 64), out_channels=(1, 64), model_channels=(1, 8192),
-                       channel_mult=(1, 64), num_blocks=(1, 64), num_classes=(0, 10 ** 6))
+        _require_sizes(self, "img_resolution", "attn_resolutions")
         _require(self.embedding in ("fourier", "positional"), "embedding is fourier or positional")
         _require(self.encoder in ("residual", "standard"), "encoder is residual or standard")
         _require(len(self.resample_filter) % 2 == 0, "FIR resampling here needs an even number of taps")
@@ -167,9 +175,7 @@ class ADMConfig:
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)                    # lists from asdict() / JSON
         self.attention_resolutions = tuple(self.attention_resolutions)
-        _require_sizes(self, "image_size", "attention_resolutions", image_size=(1, 4096), in_channels=(1, 64),
-                       out_channels=(1, 64), model_channels=(1, 8192), channel_mult=(1, 64),
-                       num_res_blocks=(1, 64), num_head_channels=(1, 8192), num_classes=(0, 10 ** 6))
+        _require_sizes(self, "image_size", "attention_resolutions")
         _require(self.image_size % 2 ** (len(self.channel_mult) - 1) == 0, "resolution must halve cleanly")
         _require(self.model_channels % 2 == 0, "the sinusoidal embedding needs an even width")
         _require(all(m * self.model_channels % 32 == 0 for m in self.channel_mult),
