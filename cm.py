@@ -1245,8 +1245,41 @@ def exit_on(e: CMError):
     raise SystemExit(1) from None
 
 
-def _raise_sigterm(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM as interrupts_as_errors raises it. A subclass on purpose: `python -m` ends a
+    process by re-sending itself SIGINT (status -2) whenever a KeyboardInterrupt itself (this exact type)
+    once left an exec() or eval() of a string (dataclasses, namedtuple and torch make functions that
+    way), even one caught and turned into the one line further up."""
+
+
+_held: list[str] | None = None  # inside signals_held(): the signals that came, not yet raised
+
+
+def _stop(signum, frame):
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    if _held is not None:
+        _held.append(name)
+    else:
+        raise Stopped(name)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait until the block is done, then stop the command as usual. For writes that a
+    signal must not cut: torch.save into a Python file calls back into it from its C++ zip writer, and a
+    signal raised in such a call is turned into a bogus write error, or leaves the writer holding the
+    closed file, which aborts the process when it is collected. Nested blocks hold until the outer ends."""
+    global _held
+    if _held is not None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _held = []
+    try:
+        yield
+    finally:
+        held, _held = _held, None
+    if held:
+        raise Stopped(held[0])
 
 
 PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)  # raised only by a path the user gave, wherever it is used
@@ -1255,7 +1288,7 @@ PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)  # raised only by a path the use
 @contextlib.contextmanager
 def interrupts_as_errors(note: str = "a run keeps its last checkpoint: --resume continues it"):
     """Ctrl-C and SIGTERM (torchrun's, a scheduler's) stop a command as a one-line CMError after the clean-ups
-    run: a file being written is abandoned with its temporary file removed, the last complete one stays.
+    run: a file that atomic_write is writing is finished and put in place first (signals_held).
     A path the file system cannot resolve (a name too long, a loop of links) is one line too, wherever the
     command first touches it, and so is a machine with no usable temporary folder (torch asks tempfile for
     one when it first compiles or caches: a file-size limit of 0, a full disk), found at the start.
@@ -1263,9 +1296,9 @@ def interrupts_as_errors(note: str = "a run keeps its last checkpoint: --resume 
     command is already on its way out with its one line."""
     main = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     stopping = False
-    old = signal.signal(signal.SIGTERM, _raise_sigterm) if main else None
-    old_int = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None  # Ctrl-C as
-    try:                                                                                 # KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, _stop) if main else None
+    old_int = signal.signal(signal.SIGINT, _stop) if main else None
+    try:
         try:
             tempfile.gettempdir()  # cached: torch's later calls get the same answer
         except FileNotFoundError as e:
@@ -1323,31 +1356,33 @@ def remove_stale_temporaries(folder: Path, name: str = "*") -> None:
 
 def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
     """write(fh) into a temporary file, fsync, rename over `path` (and fsync the folder): a crash never
-    leaves a half-written file, a failed write (disk full) leaves nothing behind but a one-line CMError,
-    an interrupt (Ctrl-C, SIGTERM) removes the temporary file on its way out."""
+    leaves a half-written file, a failed write (disk full) leaves nothing behind but a one-line CMError.
+    A Ctrl-C or SIGTERM that comes meanwhile waits until the file is in place (signals_held); any other
+    exception on the way (a KeyboardInterrupt raised by code) removes the temporary file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        if hasattr(os, "O_DIRECTORY"):  # POSIX: the rename itself reaches the disk with its folder
-            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    except BaseException as e:  # also KeyboardInterrupt: no temporary file outlives the write
+    with signals_held():
         try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # a file system that turned read-only: the next run's start removes it
-            pass
-        if not isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as RuntimeError
-            raise
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
-        raise CMError(f"cannot write {path}: {why}") from None
+            with open(tmp, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            if hasattr(os, "O_DIRECTORY"):  # POSIX: the rename itself reaches the disk with its folder
+                fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except BaseException as e:  # also KeyboardInterrupt: no temporary file outlives the write
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # a file system that turned read-only: the next run's start removes it
+                pass
+            if not isinstance(e, (OSError, RuntimeError)):  # torch.save: a failed write is a RuntimeError
+                raise
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
+            raise CMError(f"cannot write {path}: {why}") from None
     return path
 
 

@@ -150,3 +150,70 @@ def test_a_second_signal_while_stopping_changes_nothing(started_as):
                        timeout=120)
     assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
     assert p.stderr.startswith("error: stopped by Ctrl-C; every file written so far is complete"), p.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_inside_exec_of_a_string_still_exits_with_status_1(tmp_path, sig):
+    """`python -m`'s exit checks a flag that CPython sets whenever a plain KeyboardInterrupt leaves an
+    exec() or eval() of a string (dataclasses, namedtuple and torch make functions that way), even one
+    caught further up: the process then killed itself with SIGINT (status -2) after printing its one
+    line. interrupts_as_errors raises a subclass, which the flag ignores."""
+    (tmp_path / "stopped_in_exec.py").write_text(
+        "import os, signal, time, cm\n"
+        "try:\n"
+        "    with cm.interrupts_as_errors(note=''):\n"
+        f"        exec('os.kill(os.getpid(), {int(sig)})\\ntime.sleep(5)')\n"
+        "except cm.CMError as e:\n"
+        "    cm.exit_on(e)\n")
+    p = subprocess.run([sys.executable, "-m", "stopped_in_exec"], cwd=tmp_path, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
+    line = f"error: stopped by {name}; every file written so far is complete\n"
+    assert p.returncode == 1 and p.stderr == line, (p.returncode, p.stderr)
+
+
+WRITES_THEN_SIGNALS = """
+import os, signal, sys, torch, cm
+class SignalsMidWrite:
+    '''A file whose third write sends this process the signal: the handler runs inside torch.save's
+    C++ zip writer, between two of its calls back into Python.'''
+    def __init__(self, fh):
+        self.fh, self.writes = fh, 0
+    def write(self, b):
+        self.writes += 1
+        if self.writes == 3:
+            os.kill(os.getpid(), {sig})
+        return self.fh.write(b)
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *a):
+        return self.fh.__exit__(*a)
+cm.open = lambda *a, **k: SignalsMidWrite(open(*a, **k))
+try:
+    with cm.interrupts_as_errors(note=''):
+        cm.save_checkpoint(sys.argv[1], {{"w": torch.arange(300_000.0), "step": 7}})
+        print("not stopped")
+except cm.CMError as e:
+    cm.exit_on(e)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_checkpoint_write_finishes_the_file_then_stops(tmp_path, sig):
+    """A signal that came while torch.save wrote through the Python file left its C++ zip writer holding a
+    closed file: the process printed its one line, then aborted (status -6, `terminate called after
+    throwing an instance of pybind11::error_already_set`) when the writer was collected. atomic_write
+    holds signals until the file is whole and in place, then stops."""
+    path = tmp_path / "ckpt.pt"
+    (tmp_path / "w.py").write_text(WRITES_THEN_SIGNALS.format(sig=int(sig)))
+    p = subprocess.run([sys.executable, str(tmp_path / "w.py"), str(path)], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
+    line = f"error: stopped by {name}; every file written so far is complete\n"
+    assert p.returncode == 1 and p.stderr == line, (p.returncode, p.stderr)
+    assert "not stopped" not in p.stdout
+    state = cm.read_weights_only(path)
+    assert torch.equal(state["w"], torch.arange(300_000.0)) and state["step"] == 7
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["ckpt.pt", "w.py"]
