@@ -1897,6 +1897,14 @@ def readers(name: str) -> tuple[str, ...]:
     return tuple(RECIPES)
 
 
+def refuse_unread(mode: str, names: Sequence[str]) -> None:
+    """Settings `mode` never reads (--ablate for ct, --teacher for edm) are refused: ignored without a
+    word, the run would not be the one asked for."""
+    if unread := sorted(k for k in names if mode not in readers(k)):
+        raise CMError(f"--mode {mode} does not read " + "; ".join(
+            f"--{k.replace('_', '-')} (a setting of {', '.join(readers(k))})" for k in unread))
+
+
 def config(dataset: str = "digits", mode: str = "cd", **flags) -> TrainConfig:
     """A run's settings: the defaults of `dataset` and `mode` below, then `flags` (any field of
     TrainConfig or CMConfig, by name), checked. The defaults make `python cm.py` end in minutes on a
@@ -1914,10 +1922,8 @@ def config(dataset: str = "digits", mode: str = "cd", **flags) -> TrainConfig:
     unknown = set(flags) - TRAIN_FIELDS - MATH_FIELDS
     if unknown:
         raise CMError(f"unknown setting(s) {', '.join(sorted(unknown))}")
-    unread = sorted(k for k in flags if mode not in readers(k) and flags[k] != FIELD_DEFAULTS[k])
-    if unread:  # --ablate for ct, --teacher for edm: ignored without a word, the run is not the one asked
-        raise CMError(f"--mode {mode} does not read " + "; ".join(
-            f"--{k.replace('_', '-')} (a setting of {', '.join(readers(k))})" for k in unread))
+    # at its default value a setting changes nothing: a script's dict of settings may name it for every mode
+    refuse_unread(mode, [k for k in flags if flags[k] != FIELD_DEFAULTS[k]])
     reads_files = {"resolution": dataset not in DATASETS, "data_dir": dataset == "cifar10",  # per dataset
                    "teacher_steps": not flags.get("teacher")}  # a teacher given is not trained
     if unused := sorted(k for k, ok in reads_files.items() if k in flags and not ok):
@@ -2566,6 +2572,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if "checkpoint" in args:
                 return sample_grids(args.pop("checkpoint"), args)
             cfg = config(**args)
+            refuse_unread(cfg.cm.mode, list(args))  # typed on the command line: even at its default value
             print(json.dumps(dataclasses.asdict(cfg), indent=1)) if show else train(cfg)
     except CMError as e:
         exit_on(e)

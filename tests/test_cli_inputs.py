@@ -183,6 +183,8 @@ def test_a_mode_reads_only_the_settings_it_claims(mode):
     (["--mode", "ict", "--ts", "0,5,17", "--mid-t", "1.0"], "--mid-t"),
     (["--resolution", "16"], "--resolution"), (["--data-dir", "elsewhere"], "--data-dir"),
     (["--mode", "cd", "--teacher", "t.pt", "--teacher-steps", "3"], "--teacher-steps"),
+    (["--mode", "ct", "--N", "18"], "--N"), (["--mode", "sct", "--mu", "0"], "--mu"),  # at their defaults:
+    (["--mode", "cd", "--ablate", ""], "--ablate"),  # still not read, and the command line says otherwise
     (["--grid-minutes", "nan"], "--grid-minutes"), (["--grid-minutes", "-1"], "--grid-minutes"),
     (["--dataset", "x" * 300], "too long"), (["--dataset", __file__], "not a folder"),
 ])
@@ -196,14 +198,22 @@ def test_cm_refuses_flags_its_run_would_ignore(flags, needle, tmp_path):
 
 @pytest.mark.parametrize("flags", [
     ["--mode", "ict", "--ablate", "weight"], ["--mode", "cd", "--mu", "0.5"],
-    ["--mode", "ect", "--mid-t", "0.5"], ["--mode", "ct", "--mu0", "0.5"], ["--mode", "ct", "--ablate", ""],
+    ["--mode", "ect", "--mid-t", "0.5"], ["--mode", "ct", "--mu0", "0.5"], ["--mode", "ict", "--ablate", ""],
     ["--mode", "cd", "--teacher-steps", "5"],
 ])
 def test_cm_accepts_the_same_flags_where_they_are_read(flags, tmp_path):
-    """The counterpart: each flag with a mode that reads it (or at its default value) passes."""
+    """The counterpart: each flag with a mode that reads it passes."""
     argv = ["--dataset", "toy", *flags, "--out", str(tmp_path / "r"), "--print-config"]
     code, err = run_main("cm.py", argv)
     assert code == 0, err
+
+
+def test_a_script_may_name_a_setting_at_its_default_for_any_mode():
+    """cm.config from a script (scripts/compare.py passes teacher='' to every mode): a default changes
+    nothing and passes; another value is refused as on the command line."""
+    assert cm.config("toy", "ct", teacher="", N=cm.FIELD_DEFAULTS["N"]).cm.mode == "ct"
+    with pytest.raises(cm.CMError, match="does not read --N"):
+        cm.config("toy", "ct", N=cm.FIELD_DEFAULTS["N"] + 1)
 
 
 @pytest.fixture(scope="module")
