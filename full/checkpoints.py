@@ -97,7 +97,7 @@ def load(path: str | os.PathLike, arch: str = "", kind: str = "") -> dict:
     """Read a full/ resume or export file, or a released official checkpoint (import_official), as a dict.
 
     Files are read with weights_only (pickles never run); a missing, corrupt or foreign file -> one-line
-    CMError. arch / kind override what import_official infers for an official file (ignored otherwise). A
+    CMError. arch / kind override what import_official infers for an official file (refused for others). A
     released name (`cd_imagenet64_l2`, full/released/hub.py) means its cached file, downloaded if need be."""
     path = Path(hub.resolve(path))
     state = _read(path, arch, kind)
@@ -112,8 +112,17 @@ def load(path: str | os.PathLike, arch: str = "", kind: str = "") -> dict:
     return state
 
 
+def _overrides_unread(path: Path, what: str, arch: str, kind: str = "") -> None:
+    """--arch / --kind name what an official file leaves out; a file that states it refuses them (they
+    would be ignored without a word)."""
+    if flag := ("--arch" if arch else "") or ("--kind" if kind else ""):
+        raise CMError(f"{flag} (run.teacher_{flag[2:]}) applies to a released official file; {path} is "
+                      f"{what}, which names its own {'network' if flag == '--arch' else 'mode'}")
+
+
 def _read(path: Path, arch: str, kind: str) -> dict:
     if diffusers_io.is_folder(path):  # a diffusers pipeline folder (model_index.json)
+        _overrides_unread(path, "a diffusers pipeline folder", arch)  # its kind: --kind, else the folder name
         return diffusers_io.read_folder(path, kind)
     if path.is_dir():  # a Flax run folder (full/released/flax.py): its newest checkpoint_<N>
         path = flax.find_checkpoint(path)
@@ -122,6 +131,7 @@ def _read(path: Path, arch: str, kind: str) -> dict:
     with open(path, "rb") as fh:
         head = fh.read(16)
     if diffusers_io.is_safetensors(head, path.stat().st_size):
+        _overrides_unread(path, "a full/ safetensors export", arch, kind)
         return diffusers_io.read_safetensors(path)
     if not (head.startswith(b"PK") or head.startswith(_TORCH_LEGACY)):  # not torch.save: .pkl, msgpack, ...
         return import_official(path, None, arch, kind)
@@ -129,7 +139,10 @@ def _read(path: Path, arch: str, kind: str) -> dict:
     found = checkpoint_kind(state)
     if found == "cm":
         raise CMError(f"{path} is a cm.py checkpoint, not a full/ one: use python cm.py --checkpoint {path}")
-    return state if found == "full" else import_official(path, state, arch, kind)
+    if found == "full":
+        _overrides_unread(path, "a full/ checkpoint", arch, kind)
+        return state
+    return import_official(path, state, arch, kind)
 
 
 _TORCH_LEGACY = b"\x80\x02\x8a\x0a"  # torch.save's pre-zip format: pickle protocol 2, then a magic number

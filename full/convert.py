@@ -88,9 +88,6 @@ def convert(src: str | Path, out: str | Path, kind: str = "", resolution: int | 
     else:
         state = checkpoints.load(src, kind=kind)
     f, cfg = checkpoints.model_from_state(state, path=src)  # the weights must load before anything is written
-    if kind and cfg.cm.mode != kind:  # a full/ file keeps its own kind: --kind would be ignored
-        raise CMError(f"--kind {kind}: {src} is a cm.mode={cfg.cm.mode} file whose own config fixes its kind "
-                      "(--kind applies to the paper's released checkpoints)")
     export = {k: state[k] for k in ("ema", "config", "step", "format")} | {"kind": "full", "export": True}
     if "official" in state:
         export["official"] = state["official"]

@@ -383,3 +383,17 @@ def test_every_diffusers_tensor_is_mapped():
         assert theirs == set(unet.state_dict())
         assert diffusers_io.adm_config(diffusers_io.unet_config(net), "x") == \
             dataclasses.replace(net, legacy_qkv_order=False)
+
+
+def test_arch_and_kind_are_refused_for_files_that_name_their_own(tmp_path):
+    """--arch and --kind fill in what a released guided-diffusion .pt leaves out; given for a diffusers
+    folder (--arch) or a full/ safetensors export (either), they were ignored without a word."""
+    state = make_state(cond_net())
+    folder = write_folder(state, tmp_path / "cd_x")
+    diffusers_io.write_safetensors(state, tmp_path / "e.safetensors")
+    for path, arch, kind in [(folder, "imagenet64", ""), (tmp_path / "e.safetensors", "imagenet64", ""),
+                             (tmp_path / "e.safetensors", "", "ct")]:
+        flag = "--arch" if arch else "--kind"
+        with pytest.raises(CMError, match=f"^{flag} \\(run.teacher_{flag[2:]}\\) applies to a released"):
+            checkpoints.load(path, arch, kind)
+    assert checkpoints.load(folder, kind="ct")["config"]["cm"]["mode"] == "ct"  # a folder's --kind: read

@@ -20,8 +20,8 @@ from test_released import persistence, write_edm_pickle  # noqa: F401 (persisten
 from test_reliability import assert_one_line, export, run_main
 
 import cm
+from full import checkpoints, files
 from full import evaluate as ev
-from full import files
 from full.sample import load_reference
 
 BOUND = files.MAX_NPY_BYTES
@@ -284,6 +284,9 @@ MODE_CASES = [  # flags outside the mode they belong to -> the flag the one-line
     (["EDM", "--sampler", "heun", "--steps", "-0"], "--steps"),
     (["EDM", "--steps", "1"], "--steps"),
     (["--steps", "4"], "--steps"),  # a consistency model has no Heun grid
+    # a full/ file names its network and mode: both were ignored without a word
+    (["--arch", "imagenet64"], "--arch (run.teacher_arch) applies to a released"),
+    (["--kind", "cd"], "--kind (run.teacher_kind) applies to a released"),
 ]
 
 
@@ -337,6 +340,15 @@ def test_every_sigma_of_an_edm_preconditioning_is_finite_and_positive(precond, d
     with pytest.raises(cm.CMError, match=f"{precond}.{field}=") as e:
         edm_pickle.precond_constants(precond, {field: bad})
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.usefixtures("persistence")
+def test_an_edm_pickle_refuses_arch(tmp_path):
+    """An EDM pickle holds its network's class and arguments: an --arch given with it did nothing."""
+    write_edm_pickle(tmp_path / "edm.pkl", "EDMPrecond", sigma_min=0, sigma_max=math.inf, sigma_data=0.5)
+    with pytest.raises(cm.CMError, match="--arch applies to a guided-diffusion .pt"):
+        checkpoints.load(tmp_path / "edm.pkl", arch="imagenet64")
+    assert checkpoints.load(tmp_path / "edm.pkl")["config"]["cm"]["mode"] == "edm"
 
 
 @pytest.mark.usefixtures("persistence")

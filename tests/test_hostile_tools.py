@@ -276,11 +276,13 @@ def test_convert_writes_each_format_under_its_own_suffix(capsys, ct_export, tmp_
         assert checkpoints.load(tmp_path / name)["step"] == 0
 
 
-def test_convert_refuses_a_kind_that_a_full_file_would_ignore(capsys, ct_export, tmp_path):
-    code, err = convert_main(capsys, ct_export, "--kind", "edm", "--out", tmp_path / "e.pt")
-    assert_one_line(code, err, "--kind edm", "cm.mode=ct")
+@pytest.mark.parametrize("kind", ["edm", "ct"])
+def test_convert_refuses_a_kind_that_a_full_file_would_ignore(capsys, ct_export, tmp_path, kind):
+    """A full/ file's config names its mode: --kind, another one or the same, would change nothing."""
+    code, err = convert_main(capsys, ct_export, "--kind", kind, "--out", tmp_path / "e.pt")
+    assert_one_line(code, err, "--kind (run.teacher_kind) applies to a released", "a full/ checkpoint")
     assert not list(tmp_path.iterdir())
-    assert convert_main(capsys, ct_export, "--kind", "ct", "--out", tmp_path / "e.pt") == (0, "")
+    assert convert_main(capsys, ct_export, "--out", tmp_path / "e.pt") == (0, "")
 
 
 def test_convert_a_diffusers_out_name_too_long_says_so(capsys, ct_export, tmp_path):

@@ -564,6 +564,9 @@ def read_pickle(path: Path, obj, arch: str = "", kind: str = "") -> dict | None:
         return None
     if kind not in ("", "edm"):
         raise CMError(f"{path}: an EDM pickle is a denoiser (kind edm), not {kind}")
+    if arch:  # its network is pickled with it
+        raise CMError(f"--arch applies to a guided-diffusion .pt; {path} is an EDM pickle, which names its "
+                      "own network")
     data = load_pickle(path)
     try:
         return _export(path, data)
