@@ -2188,11 +2188,14 @@ def dtype_mismatch(module: nn.Module, state: dict) -> str | None:
     return None if bad is None else f"{bad} is {state[bad].dtype}, the network's {own[bad].dtype}"
 
 
-def load_for_resume(obj: nn.Module | torch.optim.Optimizer, state: dict, what: str, path) -> None:
+def load_for_resume(obj: nn.Module | torch.optim.Optimizer, state: dict, what: str, path,
+                    steps: int = 0) -> None:
     """obj.load_state_dict(state) for a resume, refusing (one line) what load_state_dict would take without
     a word: a weight or an optimiser moment of another dtype (it casts them), a moment of another shape
     than its parameter (Adam would fail at the next step, after the run's files were rewritten), a
-    negative second moment (its square root is NaN), optimiser state of a parameter the optimiser lacks."""
+    negative second moment (its square root is NaN), optimiser state of a parameter the optimiser lacks,
+    an optimiser step count (Adam's bias correction) that is not a whole number in 0..steps, the
+    checkpoint's training steps (fewer where fp16's grad scaler skipped a step)."""
     def refuse(why: str):
         raise CMError(f"{path}: the {what} state does not fit this run: {why}")
     try:
@@ -2220,6 +2223,9 @@ def load_for_resume(obj: nn.Module | torch.optim.Optimizer, state: dict, what: s
             if name == "step":
                 if v.numel() != 1 or not v.is_floating_point():
                     refuse(f"the step of parameter {i} is not one number")
+                if not (0 <= (t := float(v)) <= steps and t.is_integer()):
+                    refuse(f"the step count of parameter {i} is {t:g}, not a whole number in 0..{steps} (the "
+                           "checkpoint's step)")
             elif v.shape != p.shape or v.dtype != p.dtype:
                 refuse(f"{name} of parameter {i} is {v.dtype} {tuple(v.shape)}, the parameter "
                        f"{p.dtype} {tuple(p.shape)}")
@@ -2286,7 +2292,7 @@ class Run:
         for name in ("model", "target", "ema", "opt"):
             m = getattr(self, name)
             if m is not None:
-                load_for_resume(m, state[name], name, self.ckpt)
+                load_for_resume(m, state[name], name, self.ckpt, state["step"])
         check_outputs(self.ema, self.cfg.cm, self.shape, f"{self.ckpt}: its ema weights")
         for g in self.opt.param_groups:  # the lr of this command, also when --allow-config-change changed it
             g["lr"] = self.cfg.lr

@@ -245,7 +245,7 @@ class Trainer:
             if rate not in saved:
                 raise CMError(f"{path} has no EMA at rate {rate} (it has {', '.join(map(str, saved))})")
             checkpoints.load_weights(ema, saved[rate], f"EMA {rate}", path, same_dtypes=True)
-        load_for_resume(self.opt, state["opt"], "optimiser", path)  # moments: shapes, dtypes, signs
+        load_for_resume(self.opt, state["opt"], "optimiser", path, int(state["step"]))  # moments, steps
         try:
             self.scaler.load_state_dict(state["scaler"])
         except (ValueError, KeyError, RuntimeError) as e:

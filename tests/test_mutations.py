@@ -239,6 +239,10 @@ RESUME_CASES = {
     "opt-exp-avg-float64": _moment("exp_avg", lambda v: v.double()),
     "opt-exp-avg-sq-negative": _moment("exp_avg_sq", lambda v: -1 - v.abs()),
     "opt-step-a-vector": _moment("step", lambda v: torch.zeros(3)),
+    # Adam's bias correction 1 - beta^t: a step count past the run's is a tampered or foreign optimiser
+    "opt-step-past-the-checkpoint": _moment("step", lambda v: v + 10 ** 6),
+    "opt-step-negative": _moment("step", lambda v: -1 - v),
+    "opt-step-a-half": _moment("step", lambda v: v - 0.5),
     "opt-moments-of-a-parameter-it-lacks": lambda s: s["opt"]["state"].update({999: s["opt"]["state"][0]}),
     "model-float16": lambda s: s.update(model={k: v.half() for k, v in s["model"].items()}),
 }
