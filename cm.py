@@ -1338,6 +1338,44 @@ def log_line(fh, rec: dict) -> None:
         raise CMError(f"cannot write {fh.name}: {e.strerror or e}") from None
 
 
+LOG_LINE_BYTES = 2 ** 20  # a log.jsonl record is a few hundred bytes; a longer line is not one of ours
+
+
+def trim_log(path: str | os.PathLike, step: int) -> int:
+    """A resume from the checkpoint of `step`: log.jsonl is cut back to before its first record of a later
+    step, or before a last line that a kill cut short. Those records came after the last checkpoint (the
+    run was then killed, or its next checkpoint write failed); the resume trains and logs those steps
+    again, so the log keeps every step once. Lines that are not records are kept, and a line over
+    LOG_LINE_BYTES ends the scan there. Returns the number of lines removed."""
+    try:
+        fh = open(path, "rb+")
+    except FileNotFoundError:
+        return 0
+    with fh:
+        at = 0
+        while line := fh.readline(LOG_LINE_BYTES + 1):
+            if len(line) > LOG_LINE_BYTES:
+                return 0
+            if not line.endswith(b"\n"):
+                break  # the torn last line of a kill
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = None
+            if isinstance(rec, dict) and type(rec.get("step")) is int and rec["step"] > step:
+                break
+            at += len(line)
+        else:
+            return 0
+        fh.seek(at)
+        removed, last = 0, b""
+        for chunk in iter(lambda: fh.read(2 ** 20), b""):
+            removed, last = removed + chunk.count(b"\n"), chunk
+        fh.truncate(at)
+        os.fsync(fh.fileno())
+    return removed + (not last.endswith(b"\n"))  # a torn last line counts too
+
+
 def remove_stale_temporaries(folder: Path, name: str = "*") -> None:
     """atomic_write's temporary files (and the temporary folders of folder writes), .NAME.PID.tmp, left by
     killed processes (kill -9): the pid in the name is gone. name: only those of the file `name`."""
@@ -2302,6 +2340,8 @@ class Run:
         self.step = state["step"]
         self.saved = self.ckpt
         print(f"resumed from {self.ckpt} at step {self.step}")
+        if dropped := trim_log(self.ckpt.parent / "log.jsonl", self.step):
+            print(f"log.jsonl: removed its last {dropped} line(s), written after this checkpoint")
 
     def save(self) -> None:
         """The resume checkpoint; never of non-finite weights (θ, θ⁻ or the EMA)."""

@@ -75,6 +75,7 @@ from cm import (
     tensorboard_grids,
     tensorboard_scalars,
     tensorboard_writer,
+    trim_log,
 )
 from full import checkpoints, dist, evaluate
 from full.config import CLIParser, RunConfig, to_json, two_step_levels
@@ -425,6 +426,8 @@ def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrit
                         f"{state['data']['batch']}; the data order now differs from an uninterrupted run")
         tr.restore(state, ckpt)
         dist.print0(f"resumed from {ckpt} at step {start}")
+        if main and (dropped := trim_log(out / "log.jsonl", start)):
+            dist.print0(f"log.jsonl: removed its last {dropped} line(s), written after this checkpoint")
     last_ckpt = ckpt
     if main:
         atomic_write(out / "config.json", lambda fh: fh.write(to_json(cfg).encode()))

@@ -5,11 +5,16 @@ earlier checkpoints before failing; a folder holding only a log was overwritten 
 (cm.py --resume); --overwrite alone resumed; cm.py reused an auto-trained teacher of another width.
 """
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_reliability import TOY, assert_one_line, run_main
+
+import cm
 
 FULL = ["--preset", "tiny-ct", "opt.steps=2", "run.ckpt_every=2", "run.sample_every=0", "run.device=cpu"]
 CM = [*TOY, "--steps", "2", "--log-every", "1", "--sample-every", "2", "--no-report"]
@@ -147,3 +152,64 @@ def test_cm_reuses_its_teacher_only_with_the_same_settings(tmp_path):
     code, err = run_main("cm.py", [*cd, "--channels", "32", "--overwrite"])
     assert code == 0 and width() == 32, err
     assert torch.load(out / "ckpt.pt", weights_only=True)["config"]["channels"] == 32
+
+
+def _records(n_steps: list[int]) -> list[bytes]:
+    return [json.dumps({"step": k, "loss": 0.5}).encode() + b"\n" for k in n_steps]
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.integers(0, 40), max_size=30).map(sorted), at=st.integers(0, 40),
+       other=st.lists(st.sampled_from([b"not json\n", b"[1, 2]\n", b'{"step": "7"}\n', b"\n"]), max_size=3),
+       torn=st.sampled_from([b"", b'{"step": 3, "lo']))
+def test_trim_log_keeps_exactly_the_records_up_to_the_checkpoint(tmp_path_factory, steps, at, other, torn):
+    """The log after trim_log(step) is the prefix of its lines before the first record of a later step (or
+    before a torn last line): lines that are not records stay where they were, and the count removed is
+    the number of lines after that prefix."""
+    lines = _records(steps)
+    for i, junk in enumerate(other):  # spread through the log
+        lines.insert(min(len(lines), 3 * i), junk)
+    lines += [torn] if torn else []
+    path = tmp_path_factory.mktemp("log") / "log.jsonl"
+    path.write_bytes(b"".join(lines))
+
+    def later(line):  # the expected cut, from the lines as written
+        if not line.endswith(b"\n"):
+            return True
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(rec, dict) and type(rec.get("step")) is int and rec["step"] > at
+    keep = next((i for i, line in enumerate(lines) if later(line)), len(lines))
+    assert cm.trim_log(path, at) == len(lines) - keep
+    assert path.read_bytes() == b"".join(lines[:keep])
+    assert cm.trim_log(path, at) == 0  # a second trim changes nothing
+
+
+@pytest.mark.parametrize("trainer", ["cm.py", "full.train"])
+def test_a_resume_logs_each_step_once(full_run, tmp_path, trainer):
+    """Records written after the last checkpoint (a kill, or a checkpoint write that failed) and a torn last
+    line: the resume used to append its own records of those steps after them (steps 3, 4 twice) and glue
+    its first line to the torn one (a line that is not JSON). Now the log holds steps 1..6 once each."""
+    import shutil
+    out = tmp_path / "run"
+    if trainer == "cm.py":
+        argv = [*TOY, "--steps", "2", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "100",
+                "--no-report", "--out", str(out)]
+        code, err = run_main("cm.py", argv)
+        assert code == 0, err
+        more = [a if a != "2" or argv[i - 1] != "--steps" else "6" for i, a in enumerate(argv)]
+    else:
+        shutil.copytree(full_run, out)
+        argv = [*FULL, f"run.out={str(out)!r}", "run.log_every=1"]
+        more = [a if a != "opt.steps=2" else "opt.steps=6" for a in argv]
+    log = out / "log.jsonl"
+    kept = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"loss"' in line]
+    assert kept[-1] == 2
+    with open(log, "ab") as fh:
+        fh.write(b"".join(_records([3, 4])) + b'{"step": 5, "lo')
+    code, err = run_main(trainer, [*more, "--resume", "--allow-config-change"])
+    assert code == 0, err
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [*kept, 3, 4, 5, 6]
