@@ -60,6 +60,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+if __name__ == "__main__":  # python cm.py: a Ctrl-C or SIGTERM in the second `import torch` takes is one line
+    def _stopped_while_starting(signum, frame):  # too; main()'s interrupts_as_errors takes over from there
+        sys.exit(f"error: stopped by {'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'} while starting; "
+                 "nothing was written")
+    for _s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_s, _stopped_while_starting)
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -217,3 +217,34 @@ def test_a_signal_mid_checkpoint_write_finishes_the_file_then_stops(tmp_path, si
     state = cm.read_weights_only(path)
     assert torch.equal(state["w"], torch.arange(300_000.0)) and state["step"] == 7
     assert sorted(q.name for q in tmp_path.iterdir()) == ["ckpt.pt", "w.py"]
+
+
+SIGNAL_AT_IMPORT_TORCH = """
+import os, runpy, sys
+class SignalAtTorch:
+    '''Sends the signal the moment `import torch` starts (the second a script spends there), then lets
+    the import go on.'''
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), {sig})
+        return None
+sys.meta_path.insert(0, SignalAtTorch())
+sys.argv = [{script!r}, "--help"]
+runpy.run_path({script!r}, run_name="__main__")
+print("imported")
+"""
+
+
+@pytest.mark.parametrize("script", ["cm.py", "scripts/compare.py"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_a_script_imports_torch_is_one_line(script, sig):
+    """`python cm.py` and `python scripts/compare.py` spend a second in `import torch` before main and its
+    interrupts_as_errors: a SIGTERM there was exit -15 with nothing said, a Ctrl-C a KeyboardInterrupt
+    traceback through torch's import machinery."""
+    code = SIGNAL_AT_IMPORT_TORCH.format(sig=int(sig), script=str(ROOT / script))
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
+    assert (p.returncode, p.stderr) == (1, f"error: stopped by {name} while starting; nothing was written\n")
+    assert "imported" not in p.stdout and "usage" not in p.stdout
