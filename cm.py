@@ -1325,10 +1325,11 @@ def interrupts_as_errors(note: str = "a run keeps its last checkpoint: --resume 
         name = str(e.filename or "")
         shown = name if len(name) <= 80 else name[:80] + "..."
         raise CMError(f"cannot use the path {shown}: {e.strerror}") from None
-    finally:
-        if old is not None and not stopping:
-            signal.signal(signal.SIGTERM, old)
-            signal.signal(signal.SIGINT, old_int)
+    finally:  # the handlers from before, but not a start-up one (`python cm.py`, `python -m full.<tool>`):
+        if old is not None and not stopping:  # its "nothing was written" is no longer true
+            starting = lambda h: getattr(h, "__name__", "") == "_stopped_while_starting"  # noqa: E731
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if starting(old) else old)
+            signal.signal(signal.SIGINT, signal.default_int_handler if starting(old_int) else old_int)
 
 
 def log_line(fh, rec: dict) -> None:

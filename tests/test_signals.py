@@ -248,3 +248,22 @@ def test_a_signal_while_a_script_imports_torch_is_one_line(script, sig):
     name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
     assert (p.returncode, p.stderr) == (1, f"error: stopped by {name} while starting; nothing was written\n")
     assert "imported" not in p.stdout and "usage" not in p.stdout
+
+
+@pytest.mark.parametrize("started_as", ["cm.py", "python -m full"])
+def test_after_the_command_the_start_up_line_is_not_restored(started_as):
+    """interrupts_as_errors puts back the handlers it found, but not a start-up one: its "nothing was
+    written" would be said by a signal after the command had written its files. (cm.py arms its own only
+    as __main__; here a handler of the same name stands in for it.)"""
+    pre = ("sys.argv = ['-m']; import full" if started_as != "cm.py" else
+           "def _stopped_while_starting(n, f): pass\n"
+           "signal.signal(signal.SIGTERM, _stopped_while_starting)\n"
+           "signal.signal(signal.SIGINT, _stopped_while_starting)")
+    code = (f"import signal, sys\n{pre}\nimport cm\n"
+            "with cm.interrupts_as_errors():\n"
+            "    pass\n"
+            "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,\n"
+            "      signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert p.stdout.split() == ["True", "True"], p.stderr
