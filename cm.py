@@ -1359,6 +1359,8 @@ def trim_log(path: str | os.PathLike, step: int) -> int:
         fh = open(path, "rb+")
     except FileNotFoundError:
         return 0
+    except OSError as e:  # read-only: the resume could not append to it either
+        raise CMError(f"cannot continue {path}: {e.strerror or e}") from None
     with fh:
         at = 0
         while line := fh.readline(LOG_LINE_BYTES + 1):
