@@ -1429,7 +1429,10 @@ def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
                 pass
             if not isinstance(e, (OSError, RuntimeError)):  # torch.save: a failed write is a RuntimeError
                 raise
-            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
+            cause = e  # torch.save's RuntimeError ("unexpected pos ...") carries the OSError it met
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__ or cause.__context__
+            why = cause.strerror if cause is not None and cause.strerror else str(e).splitlines()[0][:120]
             raise CMError(f"cannot write {path}: {why}") from None
     return path
 

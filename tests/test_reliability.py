@@ -375,11 +375,23 @@ def _fsize_limit(nbytes: int):
 
 
 def test_a_full_disk_leaves_one_line_and_no_temporary_file(tmp_path):
-    """The checkpoint write fails (file-size limit: EFBIG, as ENOSPC would): one line, no .tmp left."""
+    """The checkpoint write fails inside torch.save (file-size limit: EFBIG, as ENOSPC would): one line
+    that names the system's reason, not torch's "unexpected pos", and no .tmp left; full.train's
+    resume after it logs each step once."""
     p = run_cli("cm.py", *TOY, "--mode", "ct", "--steps", "4", "--ckpt-every", "2", "--sample-every", "4",
                 "--out", str(tmp_path), preexec_fn=_fsize_limit(8192))
-    assert_one_line(p.returncode, p.stderr, f"cannot write {tmp_path / 'ckpt.pt'}")
+    assert_one_line(p.returncode, p.stderr, f"cannot write {tmp_path / 'ckpt.pt'}: File too large")
     assert not list(tmp_path.glob("*tmp")) and not (tmp_path / "ckpt.pt").exists()
+    run = tmp_path / "ft"
+    args = ["-m", "full.train", "--preset", "tiny-ct", f"run.out={str(run)!r}", "run.device='cpu'"]
+    assert run_cli(*args, "opt.steps=2").returncode == 0
+    half = max(q.stat().st_size for q in run.iterdir()) // 2  # per file: the log fits, a checkpoint not
+    p = run_cli(*args, "opt.steps=3", "--allow-config-change", preexec_fn=_fsize_limit(half))
+    assert_one_line(p.returncode, p.stderr, f"cannot write {run / 'ckpt-0000003.pt'}: File too large")
+    assert not list(run.glob(".*tmp"))
+    assert run_cli(*args, "opt.steps=3", "--allow-config-change").returncode == 0
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), steps
 
 
 def _children(pid: int) -> list[int]:
