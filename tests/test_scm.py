@@ -189,7 +189,7 @@ def _grad_theta(mode: str, theta: float, n: int = 4096, r: float = 1.0, seed: in
     loss = cm.scm_step(f, f, x0, t, z, SD, r, 0.1, "exact",
                        teacher=gaussian_teacher if mode == "scd" else None)
     (g,) = torch.autograd.grad(loss, f.net.theta)
-    return float(g), float(loss)
+    return float(g), float(loss.detach())
 
 
 def test_gaussian_data_stays_gaussian_in_trigflow_time():
