@@ -1349,6 +1349,15 @@ def log_line(fh, rec: dict) -> None:
 LOG_LINE_BYTES = 2 ** 20  # a log.jsonl record is a few hundred bytes; a longer line is not one of ours
 
 
+def json_value(text: str | bytes):
+    """json.loads of text read from a file, where every text it cannot take is a ValueError: also one
+    nested deeper than its parser recurses (a line of 10^5 '[' is a RecursionError in json.loads)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def trim_log(path: str | os.PathLike, step: int) -> int:
     """A resume from the checkpoint of `step`: log.jsonl is cut back to before its first record of a later
     step, or before a last line that a kill cut short. Those records came after the last checkpoint (the
@@ -1369,7 +1378,7 @@ def trim_log(path: str | os.PathLike, step: int) -> int:
             if not line.endswith(b"\n"):
                 break  # the torn last line of a kill
             try:
-                rec = json.loads(line)
+                rec = json_value(line)
             except ValueError:
                 rec = None
             if isinstance(rec, dict) and type(rec.get("step")) is int and rec["step"] > step:

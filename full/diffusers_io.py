@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cm import FORMAT, PATH_ERRNOS, RECIPES, CMError, ConsistencyFunction, atomic_write
+from cm import FORMAT, PATH_ERRNOS, RECIPES, CMError, ConsistencyFunction, atomic_write, json_value
 from full import dist
 from full.config import RunConfig, config_from_dict, export_dict
 from full.networks import ADMConfig, build_network
@@ -314,10 +314,10 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def _read_json(path: Path) -> dict:
     try:
-        d = json.loads(path.read_text())
+        d = json_value(path.read_text())
     except FileNotFoundError:
         raise CMError(f"{path.parent}: no {path.name}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError too
         raise CMError(f"{path}: not readable JSON ({type(e).__name__}: {e})") from None
     if not isinstance(d, dict):
         raise CMError(f"{path}: a JSON object was expected")
@@ -514,7 +514,7 @@ def read_safetensors(path: str | os.PathLike) -> dict:
         raise CMError(f"{path}: a safetensors file without a full/ export header (a diffusers UNet's "
                       "weights? give --checkpoint the pipeline folder that holds model_index.json)")
     try:
-        head = json.loads(meta[_META])
+        head = json_value(meta[_META])
         rates = [float(r) for r in head["rates"]]
         ema: dict[float, dict] = {r: {} for r in rates}
         for k, v in tensors.items():
@@ -522,5 +522,5 @@ def read_safetensors(path: str | os.PathLike) -> dict:
             ema[rates[int(i)]][name] = v
         cfg = config_from_dict(head["config"])
         return export_dict(cfg, ema, int(head["step"]), head.get("official"))
-    except (KeyError, ValueError, IndexError, TypeError, json.JSONDecodeError) as e:
+    except (KeyError, ValueError, IndexError, TypeError) as e:  # json_value: a ValueError
         raise CMError(f"{path}: a damaged full/ export header ({type(e).__name__}: {e})") from None

@@ -6,30 +6,34 @@ lines, is a one-line error.
 """
 from __future__ import annotations
 
-import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cm import CMError, atomic_write, exit_on
+from cm import CMError, atomic_write, exit_on, files_or_absent, interrupts_as_errors, json_value
 
 
 def fid_points(log: Path) -> list[tuple[float, float]]:
     """(device_hours, fid) of every FID line of a log.jsonl that carries both, in file order."""
     points = []
+    files_or_absent(log)  # a FIFO would block for ever
     try:
-        lines = log.read_text().splitlines()
+        lines = log.read_bytes().splitlines()
     except OSError as e:
         raise CMError(f"cannot read {log}: {e.strerror or e}") from None
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
+            rec = json_value(line)
+        except ValueError:  # also bytes that are not UTF-8, and nesting too deep for the parser
             raise CMError(f"{log}:{i} is not a JSON line") from None
         if isinstance(rec, dict) and "fid" in rec and "device_hours" in rec:
-            points.append((float(rec["device_hours"]), float(rec["fid"])))
+            xy = rec["device_hours"], rec["fid"]
+            if not all(type(v) in (int, float) and math.isfinite(v) for v in xy):
+                raise CMError(f"{log}:{i}: fid and device_hours are not both finite numbers")
+            points.append((float(xy[0]), float(xy[1])))
     return points
 
 
@@ -55,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if len(argv) != 1:
             raise CMError("usage: python -m full.plot_log RUN_DIR")
-        print(f"wrote {plot_fid(argv[0])}")
+        with interrupts_as_errors(note=""):
+            print(f"wrote {plot_fid(argv[0])}")
     except CMError as e:
         exit_on(e)
 

@@ -232,6 +232,20 @@ def test_safetensors_export_round_trip(tmp_path):
         assert all(torch.equal(back["ema"][r][k], v) for k, v in state["ema"][r].items())
 
 
+@pytest.mark.parametrize("head", ["[" * 100_000, "{", "[1, 2]", '{"rates": "x"}'],
+                         ids=["deep", "torn", "list", "retyped"])
+def test_a_safetensors_export_with_a_hostile_header_is_one_line(tmp_path, head):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    out = diffusers_io.write_safetensors(make_state(uncond_net()), tmp_path / "e.safetensors")
+    with safe_open(out, "pt") as f:
+        meta = f.metadata()
+    save_file(load_file(out), out, metadata=meta | {diffusers_io._META: head})
+    with pytest.raises(CMError) as e:
+        checkpoints.load(out)
+    assert "\n" not in str(e.value) and str(out) in str(e.value)
+
+
 def _write_pt(state: dict, tmp_path) -> str:
     from cm import save_checkpoint
     save_checkpoint(tmp_path / "src.pt", state)
@@ -288,10 +302,14 @@ def _damage(out, what):
                                                           "scheduler": ["diffusers", "DDPMScheduler"]}))
     elif what == "bad json":
         (out / "unet/config.json").write_text("{")
+    elif what == "deep json":  # deeper than json.loads recurses: a RecursionError there
+        (out / "model_index.json").write_text("[" * 100_000)
+    elif what == "not utf-8":
+        (out / "scheduler/scheduler_config.json").write_bytes(b'{"a": "\xff"}')
 
 
 @pytest.mark.parametrize("what", ["bin only", "conv downsampling", "missing tensor", "truncated",
-                                  "other scheduler", "bad json"])
+                                  "other scheduler", "bad json", "deep json", "not utf-8"])
 def test_damaged_folder_one_line(tmp_path, what):
     out = write_folder(make_state(cond_net()), tmp_path / "cd_x")
     _damage(out, what)

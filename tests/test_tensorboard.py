@@ -1,6 +1,9 @@
 """TensorBoard events (--tensorboard, run.tensorboard=True) and the compute accounting of cm.py and
 full.train: images seen, device hours across resumes, the measured FLOPs of one step."""
+import contextlib
+import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -213,6 +216,38 @@ def test_plot_log_without_fid_lines_is_one_line(tmp_path):
     (tmp_path / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5, "device_hours": 0.1}) + "\n")
     with pytest.raises(cm.CMError, match="no FID lines"):
         full.plot_log.plot_fid(tmp_path)
+
+
+def _plot_log(run) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            full.plot_log.main([str(run)])
+        except SystemExit as e:
+            return e.code, err.getvalue()
+    return 0, err.getvalue()
+
+
+@pytest.mark.parametrize("line, needle", [
+    (b"[" * 100_000, "log.jsonl:2 is not a JSON line"),  # deeper than json.loads recurses
+    (b"\xff\xfe{}", "log.jsonl:2 is not a JSON line"),
+    (b'{"step": 2, "fid": "7.5", "device_hours": 0.2}', "log.jsonl:2: fid and device_hours are not"),
+    (b'{"step": 2, "fid": NaN, "device_hours": 0.2}', "log.jsonl:2: fid and device_hours are not"),
+    (b'{"step": 2, "fid": 7.5, "device_hours": [0.2]}', "log.jsonl:2: fid and device_hours are not")],
+    ids=["deep", "not-utf-8", "fid-string", "fid-nan", "hours-list"])
+def test_plot_log_of_a_hostile_log_is_one_line(tmp_path, line, needle):
+    good = json.dumps({"step": 1, "fid": 9.0, "device_hours": 0.1}).encode()
+    (tmp_path / "log.jsonl").write_bytes(good + b"\n" + line + b"\n")
+    code, err = _plot_log(tmp_path)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert needle in err, err
+    assert not (tmp_path / "fid_vs_device_hours.png").exists()
+
+
+def test_plot_log_of_a_fifo_is_one_line(tmp_path):
+    os.mkfifo(tmp_path / "log.jsonl")
+    code, err = _plot_log(tmp_path)
+    assert code == 1 and "is not a regular file" in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("bad", [{"device_hours": -1.0, "flops_per_step": 1}, {"device_hours": "1"},
