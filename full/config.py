@@ -264,11 +264,12 @@ def apply_override(cfg: RunConfig, item: str) -> RunConfig:
         raise CMError(f"unknown field {sec}.{name}; valid fields: {', '.join(hints)}")
     try:
         value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):  # the last two: nested past the parser
         value = text  # a bare word: only valid for str fields
     value = _coerce(value, hints[name])
     if not _type_ok(value, hints[name]):
-        raise CMError(f"{sec}.{name}={text!r} has the wrong type: expected {_type_name(hints[name])}")
+        shown = repr(text) if len(text) <= 200 else f"{text[:200]!r} (and {len(text) - 200} characters more)"
+        raise CMError(f"{sec}.{name}={shown} has the wrong type: expected {_type_name(hints[name])}")
     new, obj = copy.copy(cfg), copy.copy(obj)  # set, not yet checked: fields that go together
     setattr(obj, name, value)                  # (img_resolution, attn_resolutions) may be set in any order
     setattr(new, sec, obj)

@@ -106,6 +106,17 @@ def test_full_train_sizes_and_counts_are_bounded_where_they_are_parsed(override,
     assert_one_line(code, err, needle)
 
 
+@pytest.mark.parametrize("text", ["-" * 100_000 + "1", "(" * 100_000 + ")" * 100_000, "[" * 150 + "]" * 150,
+                                  "9" * 5000, "(" * 5 + "1," + "),)" * 5],
+                         ids=["minus-chain", "parens-1e5", "brackets-150", "digits-5000", "nested-tuples"])
+def test_an_override_nested_or_long_past_the_parser_is_one_short_line(text):
+    """literal_eval of a value nested past Python's parser is a MemoryError or RecursionError, not a
+    ValueError: the override is the wrong type like any other, and the line shows only its start."""
+    code, err = run_main("full.train", ["--preset", "tiny-ct", f"run.ts={text}", "--print-config"])
+    assert_one_line(code, err, "run.ts=", "has the wrong type")
+    assert len(err) < 400, err
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.one_of(st.integers(-2 ** 70, 2 ** 70), st.integers(2 ** 62 - 5, 2 ** 63 + 5)))
 def test_an_accepted_seed_derives_seeds_torch_takes(seed):
