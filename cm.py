@@ -1407,8 +1407,8 @@ def remove_stale_temporaries(folder: Path, name: str = "*") -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink(missing_ok=True)
-        except (ValueError, OSError):  # not ours, or a live process of another user
-            pass
+        except (ValueError, OverflowError, OSError):  # not ours (a pid past C's int), a live process of
+            pass                                          # another user
 
 
 def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
@@ -1674,6 +1674,8 @@ def check_accounting(acc) -> None:
 def out_folder(path: str | os.PathLike, make: bool = False) -> Path:
     """--out as a folder (a file there is a one-line CMError), created with `make`."""
     out = Path(path)
+    if "\0" in str(out):  # os calls raise ValueError on it, not OSError
+        raise CMError(f"the output folder {str(out)!r} holds a NUL character")
     try:
         if out.exists() and not out.is_dir():
             raise CMError(f"the output folder {out} is a file, not a folder")

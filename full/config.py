@@ -262,10 +262,15 @@ def apply_override(cfg: RunConfig, item: str) -> RunConfig:
     hints = typing.get_type_hints(type(obj))
     if name not in hints:
         raise CMError(f"unknown field {sec}.{name}; valid fields: {', '.join(hints)}")
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):  # the last two: nested past the parser
-        value = text  # a bare word: only valid for str fields
+    if any("\udc80" <= c <= "\udcff" for c in text):  # bytes that are not UTF-8 (argv's surrogateescape)
+        if text[:1] in "'\"" and text[-1:] == text[:1]:  # literal_eval cannot take them: strip the quotes
+            text = text[1:-1]
+        value = text  # a string, whose bytes os.fsencode gives back
+    else:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):  # {[]: 1}; nested past
+            value = text  # a bare word: only valid for str fields           # the parser's limits
     value = _coerce(value, hints[name])
     if not _type_ok(value, hints[name]):
         shown = repr(text) if len(text) <= 200 else f"{text[:200]!r} (and {len(text) - 200} characters more)"

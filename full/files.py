@@ -119,7 +119,8 @@ def read_npz_images(path: str | os.PathLike) -> np.ndarray:
 # The one reader of .npy data, whether a file of its own or a member of an .npz: every array's header is
 # read first and its declared size bounded before numpy allocates anything.
 
-_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError)
+_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError,
+                RuntimeError, NotImplementedError)  # zipfile: an encrypted member, an unknown compression
 
 
 def _npy_name(path: Path, key: str | None) -> str:
@@ -164,6 +165,8 @@ def open_npz(path: str | os.PathLike, what: str = "array file"):
         if not zipfile.is_zipfile(path):
             raise CMError(f"cannot read {what} {path}: not an .npz (zip) archive")
         return np.load(path, allow_pickle=False)
+    except CMError:  # a RuntimeError itself: its own line
+        raise
     except _READ_ERRORS as e:
         raise CMError(f"cannot read {what} {path} as .npz ({type(e).__name__}: {str(e)[:100]})") from None
 
@@ -181,6 +184,8 @@ def npz_member(f, key: str, path: Path, kinds: str | None = None, shape: Callabl
         if why:
             raise CMError(f"{_npy_name(path, key)}: shape {declared} {why}")
         return f[key]
+    except CMError:  # a RuntimeError itself: its own line
+        raise
     except _READ_ERRORS as e:
         raise CMError(f"cannot read {_npy_name(path, key)} ({type(e).__name__}: {str(e)[:100]})") from None
 
@@ -195,6 +200,8 @@ def read_npy(path: str | os.PathLike, kinds: str | None = None, limit: int | Non
             check_npy_header(fh, path, None, os.fstat(fh.fileno()).st_size, kinds,
                              limit if not mmap else 2**62)
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except CMError:
+        raise
     except _READ_ERRORS as e:
         raise CMError(f"cannot read {path} as .npy ({type(e).__name__}: {str(e)[:100]})") from None
 

@@ -7,6 +7,7 @@ settings that do not build (net.dropout=1.5, widths the group norms cannot divid
 only after the benchmark had run.
 """
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,36 @@ def test_an_override_nested_or_long_past_the_parser_is_one_short_line(text):
     code, err = run_main("full.train", ["--preset", "tiny-ct", f"run.ts={text}", "--print-config"])
     assert_one_line(code, err, "run.ts=", "has the wrong type")
     assert len(err) < 400, err
+
+
+def test_a_quoted_override_of_bytes_that_are_not_utf8_is_the_path_without_its_quotes(tmp_path):
+    """argv holds bytes that are not UTF-8 as surrogates, which literal_eval cannot take: the quoted value
+    used to be taken whole, quotes and all, so the run went to a folder named "'/tmp/...'" with exit 0."""
+    from full.config import apply_override
+    from full.presets import get_preset
+    want = str(tmp_path / "q") + os.fsdecode(b"\xff")
+    for item in (f"run.out='{want}'", f'run.out="{want}"', f"run.out={want}"):
+        assert apply_override(get_preset("tiny-ct"), item).run.out == want
+    assert os.fsencode(want).endswith(b"q\xff")
+    code, err = run_main("full.train", ["--preset", "tiny-ct", "opt.steps=1", "run.device='cpu'",
+                                        f"run.out='{want}'"])
+    assert code == 0, err
+    assert (tmp_path / os.fsdecode(b"q\xff") / "export.pt").is_file() and sorted(os.listdir(tmp_path)) == [
+        os.fsdecode(b"q\xff")]
+
+
+@pytest.mark.parametrize("override", ["opt.betas={[1]}", "opt.lr={[]: 1}", "run.ts={{1}}"])
+def test_an_override_literal_eval_fails_on_with_a_type_error_is_the_wrong_type(override):
+    code, err = run_main("full.train", ["--preset", "tiny-ct", override, "--print-config"])
+    assert_one_line(code, err, "has the wrong type")
+
+
+def test_a_nul_in_the_run_folder_is_one_line(tmp_path):
+    code, err = run_main("full.train", ["--preset", "tiny-ct", "opt.steps=1", "run.device='cpu'",
+                                        f"run.out='{tmp_path}/a\\x00b'"])
+    assert_one_line(code, err, "NUL")
+    code, err = run_main("cm.py", ["--dataset", "toy", "--steps", "1", "--out", f"{tmp_path}/a\x00b"])
+    assert_one_line(code, err, "NUL")
 
 
 @settings(max_examples=40, deadline=None)

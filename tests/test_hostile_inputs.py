@@ -122,6 +122,35 @@ def test_the_bound_is_on_bytes_not_elements(tmp_path_factory, monkeypatch, descr
         assert got.shape == tuple(shape) and got.dtype == x.dtype
 
 
+def _patch_zip(path: Path, flag: int = 0, method: int | None = None) -> Path:
+    """Set general-purpose `flag` bits (1: encrypted) or the compression `method` (98: PPMd, which
+    zipfile cannot read) in every local and central header of the zip at `path`."""
+    b = bytearray(path.read_bytes())
+    for sig, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # flags, then the method 2 bytes on
+        i = b.find(sig)
+        while i >= 0:
+            b[i + at] |= flag
+            if method is not None:
+                b[i + at + 2:i + at + 4] = method.to_bytes(2, "little")
+            i = b.find(sig, i + 4)
+    path.write_bytes(bytes(b))
+    return path
+
+
+@pytest.mark.parametrize("flag, method", [(1, None), (0, 98)], ids=["encrypted", "ppmd"])
+def test_an_npz_member_zipfile_cannot_open_is_one_line(tmp_path, flag, method):
+    """zipfile raises RuntimeError (encrypted) or NotImplementedError (an unknown compression), not the
+    errors of a corrupt file: each is a one-line refusal naming the file, for images and statistics."""
+    imgs, ref = tmp_path / "imgs.npz", tmp_path / "ref.npz"
+    np.savez(imgs, np.zeros((2, 8, 8, 3), np.uint8))
+    np.savez(ref, mu=np.zeros(4), sigma=np.eye(4), n=np.int64(10))
+    for p in (_patch_zip(imgs, flag, method), _patch_zip(ref, flag, method)):
+        with pytest.raises(cm.CMError, match=str(p)):
+            files.read_npz_images(p) if p == imgs else ev.load_stats(p)
+    code, err = run_main("full.evaluate", [str(imgs), "--ref", str(ref), "--device", "cpu"])
+    assert_one_line(code, err, "cannot read", str(tmp_path))  # the statistics, read first
+
+
 def test_an_object_array_is_refused_unread(tmp_path):
     np.save(tmp_path / "o.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
     np.savez(tmp_path / "o.npz", np.array([1, None], dtype=object))

@@ -39,11 +39,13 @@ def test_a_run_folder_removes_the_temporaries_of_dead_processes_only(tmp_path):
     stale = tmp_path / f".ckpt.pt.{dead.pid}.tmp"
     live = tmp_path / f".samples.npz.{os.getpid()}.tmp"  # a process still writing next to the run
     other = tmp_path / ".notes.tmp"  # not atomic_write's name
-    for p in (stale, live, other):
+    huge = tmp_path / f".ckpt.pt.{10 ** 30}.tmp"  # a "pid" past C's int: os.kill raises OverflowError
+    minus = tmp_path / ".ckpt.pt.-1.tmp"  # os.kill(-1, 0) would ask about every process
+    for p in (stale, live, other, huge, minus):
         p.write_bytes(b"x")
     with cm.RunFolder(tmp_path):
         pass
-    assert not stale.exists() and live.exists() and other.exists()
+    assert not stale.exists() and live.exists() and other.exists() and huge.exists() and minus.exists()
 
 
 @pytest.mark.slow
