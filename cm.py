@@ -2234,6 +2234,18 @@ def train(cfg: TrainConfig) -> dict:
         return Run(cfg, pick_device(cfg.device), folder.out).loop()
 
 
+def not_the_input(out: str | os.PathLike, src: str | os.PathLike, flag: str = "--out") -> None:
+    """A tool's output may not be its input, nor a folder that holds it: the write would replace the very
+    file it read (a resume checkpoint turned into an export, source images into their statistics)."""
+    try:
+        o, i = Path(out).resolve(), Path(src).resolve()
+    except (OSError, RuntimeError):  # a loop of links: the tool's own reads say so
+        return
+    if o == i or o in i.parents:
+        raise CMError(f"{flag} {out} is {'the input' if o == i else 'a folder holding the input'} {src}: "
+                      f"writing it would destroy what is read; give another {flag}")
+
+
 def files_or_absent(*paths: Path) -> None:
     """Each of a run folder's own files (log.jsonl, config.json, ...) is a regular file or not there: a
     folder cannot be appended to, opening a FIFO blocks for ever, a loop of links never resolves."""

@@ -22,7 +22,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from cm import PATH_ERRNOS, CMError, exit_on, interrupts_as_errors, remove_stale_temporaries, save_checkpoint
+from cm import (
+    PATH_ERRNOS,
+    CMError,
+    exit_on,
+    interrupts_as_errors,
+    not_the_input,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from full import checkpoints, diffusers_io
 from full.config import CLIParser
 from full.released import flax
@@ -82,6 +90,7 @@ def convert(src: str | Path, out: str | Path, kind: str = "", resolution: int | 
     src = Path(src)
     check_flax_flags(src, resolution, attn)
     check_out(out, to)
+    not_the_input(out, src)
     if flax.is_flax(src):  # direct, for --resolution / --attn
         state = flax.import_flax(src, kind, 32 if resolution is None else resolution,
                                  (16,) if attn is None else tuple(attn))

@@ -58,6 +58,7 @@ from cm import (
     generate,
     interrupts_as_errors,
     load_cifar10,
+    not_the_input,
     pick_device,
     read_hub_weights,
     read_tensors,
@@ -440,6 +441,8 @@ def main(argv=None) -> dict:
                 raise CMError(f"--out {args.out} is a folder; give a file name such as "
                                       f"{Path(args.out) / 'ref.npz'}")
             if args.make_ref is not None:
+                if args.make_ref != "cifar10":
+                    not_the_input(args.out, args.make_ref)
                 n, batches = iter_reference_images(args.make_ref, args.data_dir, args.download,
                                                    args.batch_size)
                 if n < 2:

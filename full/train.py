@@ -397,6 +397,9 @@ def train(cfg: RunConfig, device: str = "", on_checkpoint: Callable[[int, Path],
 def _train(cfg, dev, out, per_rank, on_checkpoint, allow_config_change, overwrite) -> dict:
     ckpt, earlier = claim_folder(cfg, out, overwrite)
     state = checkpoints.load(ckpt) if ckpt else None
+    if state is not None and (state.get("export") or not all(k in state for k in ("opt", "data", "rng"))):
+        raise CMError(f"{ckpt} is an export (EMA weights only: no optimiser, data or RNG state), not a "
+                      "checkpoint a run continues from; move it out of the run folder")
     if state and (changed := run_changes(state["config"], cfg)):
         if not allow_config_change:
             raise CMError(f"{ckpt} was trained with other {', '.join(changed)}; use another run.out, or "

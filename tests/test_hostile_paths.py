@@ -169,3 +169,29 @@ def test_atomic_write_on_a_file_system_turned_read_only(tmp_path, monkeypatch):
         cm.atomic_write(path, lambda fh: half_write_then_full_disk(fh))
     assert "\n" not in str(e.value)
     assert path.read_bytes() == b"good"
+
+
+def test_an_output_that_is_the_input_is_refused_and_the_input_kept(files, tmp_path, monkeypatch):
+    """full.convert of a resume checkpoint onto itself turned it into an export (the run could not go
+    on), --make-ref of an npz onto itself replaced the images by their statistics; each exited 0. Now one
+    line and the input byte for byte, also through a link to it and for a folder holding it."""
+    import shutil
+
+    from test_evaluate import StandIn
+
+    import full.evaluate
+    monkeypatch.setattr(full.evaluate, "make_extractor", lambda device=None, weights_path=None: StandIn())
+    run = tmp_path / "run"
+    shutil.copytree(files["export"].parent, run)
+    ckpt = sorted(run.glob("ckpt-*.pt"))[-1]
+    imgs = shutil.copy(files["imgs"], tmp_path / "imgs.npz")
+    (tmp_path / "link.pt").symlink_to(ckpt)
+    cases = [("full.convert", [str(ckpt), "--out", str(ckpt)], ckpt),
+             ("full.convert", [str(ckpt), "--out", str(tmp_path / "link.pt")], ckpt),
+             ("full.convert", [str(ckpt), "--to", "diffusers", "--out", str(run)], ckpt),
+             ("full.evaluate", ["--make-ref", str(imgs), "--out", str(imgs), "--device", "cpu"], imgs)]
+    for name, argv, src in cases:
+        before = Path(src).read_bytes()
+        code, err = run_main(name, argv)
+        assert_one_line(code, err, "writing it would destroy what is read")
+        assert Path(src).read_bytes() == before

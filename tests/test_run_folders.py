@@ -214,3 +214,24 @@ def test_a_resume_logs_each_step_once(full_run, tmp_path, trainer):
     assert code == 0, err
     recs = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in recs if "loss" in r] == [*kept, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("kind", ["export.pt", "safetensors"])
+def test_an_export_named_as_a_checkpoint_is_not_resumed(full_run, tmp_path, kind):
+    """An export (EMA weights only) copied to ckpt-N.pt is the newest checkpoint of the folder: the resume
+    read its data section (a KeyError traceback). It is refused in one line, and nothing is written."""
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    fake = out / "ckpt-0000009.pt"
+    if kind == "export.pt":
+        shutil.copy(out / "export.pt", fake)
+    else:
+        pytest.importorskip("safetensors")
+        from full import diffusers_io
+        diffusers_io.write_safetensors(torch.load(out / "export.pt", weights_only=True), fake)
+    before = _digests(out)
+    code, err = run_main("full.train", [*FULL, f"run.out={str(out)!r}", "opt.steps=12", "--resume",
+                                        "--allow-config-change"])
+    assert_one_line(code, err, str(fake), "is an export")
+    assert _digests(out) == before
