@@ -1417,6 +1417,18 @@ def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
     A Ctrl-C or SIGTERM that comes meanwhile waits until the file is in place (signals_held); any other
     exception on the way (a KeyboardInterrupt raised by code) removes the temporary file."""
     path = Path(path)
+    if path.is_symlink():  # the link stays and its target gets the new file (a dangling one: made)
+        try:
+            path = path.resolve()
+        except (OSError, RuntimeError):  # a loop of links: open() below names it
+            pass
+    try:
+        kind = stat.S_IFMT(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        kind = None  # not there yet (or a path the writes below refuse in their own words)
+    if kind not in (None, stat.S_IFREG, stat.S_IFDIR):  # a rename would put a file in a device's place
+        raise CMError(f"cannot write {path}: it is a device, FIFO or socket, not a regular file; give a "
+                      "file name")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with signals_held():
         try:

@@ -7,6 +7,7 @@ Each one is a one-line refusal (status 1) that returns within seconds: nothing b
 earlier file is lost, no temporary file is left."""
 import errno
 import os
+import stat
 import zipfile
 from pathlib import Path
 
@@ -195,3 +196,25 @@ def test_an_output_that_is_the_input_is_refused_and_the_input_kept(files, tmp_pa
         code, err = run_main(name, argv)
         assert_one_line(code, err, "writing it would destroy what is read")
         assert Path(src).read_bytes() == before
+
+
+def test_atomic_write_keeps_a_link_and_refuses_a_fifo_or_device(files, tmp_path):
+    """The rename used to put a regular file in the place of whatever was there: a link lost its link (now
+    its target gets the new file), a FIFO or device node was replaced (as root, --json /dev/null would have
+    replaced the machine's /dev/null; now one line, nothing written)."""
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    (tmp_path / "link.json").symlink_to(target)
+    cm.atomic_write(tmp_path / "link.json", lambda fh: fh.write(b"new"))
+    assert (tmp_path / "link.json").is_symlink() and target.read_text() == "new"
+    (tmp_path / "dangling.json").symlink_to(tmp_path / "made.json")
+    cm.atomic_write(tmp_path / "dangling.json", lambda fh: fh.write(b"x"))
+    assert (tmp_path / "dangling.json").is_symlink() and (tmp_path / "made.json").read_text() == "x"
+    fifo = tmp_path / "f.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(cm.CMError, match="not a regular file"):
+        cm.atomic_write(fifo, lambda fh: fh.write(b"x"))
+    code, err = run_main("full.convert", [str(files["export"]), "--out", str(fifo)])
+    assert_one_line(code, err, "not a regular file")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
