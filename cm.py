@@ -60,12 +60,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-if __name__ == "__main__":  # python cm.py: a Ctrl-C or SIGTERM in the second `import torch` takes is one line
-    def _stopped_while_starting(signum, frame):  # too; main()'s interrupts_as_errors takes over from there
-        sys.exit(f"error: stopped by {'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'} while starting; "
-                 "nothing was written")
-    for _s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(_s, _stopped_while_starting)
+if __name__ == "__main__":  # python cm.py: a Ctrl-C, SIGTERM or SIGHUP in the second `import torch` takes is
+    def _stopped_while_starting(signum, frame):  # one line too; main()'s interrupts_as_errors takes over
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        sys.exit(f"error: stopped by {name} while starting; nothing was written")
+    for _s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if _s is not None and signal.getsignal(_s) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            signal.signal(_s, _stopped_while_starting)
 
 import torch
 import torch.nn as nn
@@ -1294,7 +1295,8 @@ PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)  # raised only by a path the use
 
 @contextlib.contextmanager
 def interrupts_as_errors(note: str = "a run keeps its last checkpoint: --resume continues it"):
-    """Ctrl-C and SIGTERM (torchrun's, a scheduler's) stop a command as a one-line CMError after the clean-ups
+    """Ctrl-C, SIGTERM (torchrun's, a scheduler's) and SIGHUP (a closed terminal; left alone where it is
+    ignored, as under nohup) stop a command as a one-line CMError after the clean-ups
     run: a file that atomic_write is writing is finished and put in place first (signals_held).
     A path the file system cannot resolve (a name too long, a loop of links) is one line too, wherever the
     command first touches it, and so is a machine with no usable temporary folder (torch asks tempfile for
@@ -1305,6 +1307,9 @@ def interrupts_as_errors(note: str = "a run keeps its last checkpoint: --resume 
     stopping = False
     old = signal.signal(signal.SIGTERM, _stop) if main else None
     old_int = signal.signal(signal.SIGINT, _stop) if main else None
+    hup = getattr(signal, "SIGHUP", None)  # a closed terminal, a dropped ssh session; not under nohup
+    old_hup = signal.signal(hup, _stop) if main and hup and signal.getsignal(hup) is not signal.SIG_IGN \
+        else None
     try:
         try:
             tempfile.gettempdir()  # cached: torch's later calls get the same answer
@@ -1315,8 +1320,9 @@ def interrupts_as_errors(note: str = "a run keeps its last checkpoint: --resume 
     except KeyboardInterrupt as e:
         if main:
             stopping = True
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_IGN)
+            for sig in (signal.SIGINT, signal.SIGTERM, hup if old_hup is not None else None):
+                if sig is not None:
+                    signal.signal(sig, signal.SIG_IGN)
         raise CMError(f"stopped by {e.args[0] if e.args else 'Ctrl-C'}; every file written so far is "
                       f"complete{f' ({note})' if note else ''}") from None
     except OSError as e:
@@ -1330,6 +1336,8 @@ def interrupts_as_errors(note: str = "a run keeps its last checkpoint: --resume 
             starting = lambda h: getattr(h, "__name__", "") == "_stopped_while_starting"  # noqa: E731
             signal.signal(signal.SIGTERM, signal.SIG_DFL if starting(old) else old)
             signal.signal(signal.SIGINT, signal.default_int_handler if starting(old_int) else old_int)
+            if old_hup is not None:
+                signal.signal(hup, signal.SIG_DFL if starting(old_hup) else old_hup)
 
 
 def log_line(fh, rec: dict) -> None:

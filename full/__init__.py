@@ -12,8 +12,9 @@ def _stopped_while_starting(signum, frame):
 
 
 if sys.argv[:1] == ["-m"]:  # python -m full.<tool>: a signal during the imports (seconds) is one line too;
-    for _s in (signal.SIGINT, signal.SIGTERM):  # cm.interrupts_as_errors takes over once main() runs
-        signal.signal(_s, _stopped_while_starting)
+    for _s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):  # cm.interrupts_as_errors
+        if _s is not None and signal.getsignal(_s) is not signal.SIG_IGN:     # takes over once main() runs
+            signal.signal(_s, _stopped_while_starting)
 
 
 def die_with_parent() -> None:

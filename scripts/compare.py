@@ -27,10 +27,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any folder without an install
 if __name__ == "__main__":  # a signal while cm imports torch (a second): one line, as cm.py's own start
     def _stopped_while_starting(signum, frame):
-        sys.exit(f"error: stopped by {'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'} while starting; "
-                 "nothing was written")
-    for _s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(_s, _stopped_while_starting)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        sys.exit(f"error: stopped by {name} while starting; nothing was written")
+    for _s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if _s is not None and signal.getsignal(_s) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            signal.signal(_s, _stopped_while_starting)
 import cm  # noqa: E402
 
 ROWS = {"cd": "CD", "ct": "CT", "ict": "iCT", "ect": "ECT", "sct": "sCT", "scd": "sCD"}

@@ -118,7 +118,39 @@ def test_a_failed_log_write_is_one_line_and_leaves_whole_records(tmp_path):
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1, "loss": 0.5}]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def _cm_until_first_checkpoint(out: Path, ignore_hup: bool = False) -> subprocess.Popen:
+    argv = [str(ROOT / "cm.py"), "--mode", "ct", "--dataset", "toy", "--channels", "16", "--batch-size", "32",
+            "--device", "cpu", "--steps", "100000", "--ckpt-every", "5", "--log-every", "5", "--no-report",
+            "--out", str(out)]
+    nohup = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignore_hup else None
+    p = subprocess.Popen([sys.executable, *argv], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=nohup)
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.3)
+    return p
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX")
+def test_sighup_stops_a_run_in_one_line_and_nohup_keeps_it_running(tmp_path):
+    """SIGHUP (a closed terminal, a dropped ssh session) killed a run without a word (status -1) and
+    left its .tmp; it now stops like SIGTERM. Under nohup (SIGHUP ignored) the run goes on."""
+    p = _cm_until_first_checkpoint(tmp_path / "a")
+    p.send_signal(signal.SIGHUP)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and err.strip().splitlines()[-1].startswith("error: stopped by SIGHUP"), err
+    assert not list((tmp_path / "a").glob(".*.tmp")) and "Traceback" not in err
+    p = _cm_until_first_checkpoint(tmp_path / "b", ignore_hup=True)
+    p.send_signal(signal.SIGHUP)
+    time.sleep(1.5)
+    assert p.poll() is None  # still training
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and err.strip().splitlines()[-1].startswith("error: stopped by SIGTERM"), err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", signal.SIGTERM)])
 def test_a_signal_while_a_full_tool_starts_is_one_line(sig):
     """A SIGTERM or Ctrl-C in the seconds `python -m full.<tool>` spends importing torch (before main and
     its interrupts_as_errors run) was an empty stderr and exit -15, or a KeyboardInterrupt traceback. The
@@ -128,7 +160,7 @@ def test_a_signal_while_a_full_tool_starts_is_one_line(sig):
             f"os.kill(os.getpid(), {int(sig)}); import full.train; print('imported')")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=120)
-    name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
+    name = "Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name
     line = f"error: stopped by {name} while starting; nothing was written"
     assert p.returncode == 1 and p.stderr.strip() == line and "imported" not in p.stdout, p.stderr
 
