@@ -36,6 +36,7 @@ trainer's settings · 13 the trainer · 14 command line. Importing this module h
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import copy
 import dataclasses
@@ -1291,6 +1292,35 @@ def signals_held():
 
 
 PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)  # raised only by a path the user gave, wherever it is used
+_at_exit: list = []  # what interrupts_as_errors registered with atexit (once per process)
+WRITE_ERRNOS = (errno.EPIPE, errno.ENOSPC, errno.EFBIG, errno.EIO, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _flush_stdout_at_exit() -> None:
+    """atexit: what a command printed after its interrupts_as_errors block (a score, a 'wrote' line) is
+    flushed here, where a refusal can still be one line and status 1, not Python's 'Exception ignored'."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except OSError as e:
+        _drop_stdout()
+        print(f"error: cannot write to the standard output ({e.strerror})", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+def _drop_stdout() -> None:
+    """Standard output refused a write (a pipe whose reader is gone, `| head`; a full device): point its
+    file descriptor at os.devnull, so that Python's own flush at exit adds no second message to the one
+    line. Every file the project writes has its own errors (atomic_write, log_line): a write error
+    without a file name that gets this far is one of standard output."""
+    if sys.stdout is None or sys.stdout is not sys.__stdout__:  # a caller's redirect (a test's capture)
+        return
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # not a file (a test's capture): nothing to flush at exit
+        pass
 
 
 @contextlib.contextmanager
@@ -1316,7 +1346,14 @@ def interrupts_as_errors(note: str = "a run keeps its last checkpoint: --resume 
         except FileNotFoundError as e:
             raise CMError(f"no usable temporary folder ({e.strerror or e}; set TMPDIR to a writable one)") \
                 from None
-        yield
+        if main and _flush_stdout_at_exit not in _at_exit:
+            _at_exit.append(_flush_stdout_at_exit)
+            atexit.register(_flush_stdout_at_exit)
+        if main and hasattr(sys.stdout, "reconfigure"):  # a path of bytes that are not UTF-8, or not
+            sys.stdout.reconfigure(errors="backslashreplace")  # ASCII under PYTHONIOENCODING=ascii, is
+        yield                                                 # printed escaped, not an error after the work
+        if main and sys.stdout is not None:
+            sys.stdout.flush()  # what is still buffered fails here, not in Python's flush at exit
     except KeyboardInterrupt as e:
         if main:
             stopping = True
@@ -1326,6 +1363,10 @@ def interrupts_as_errors(note: str = "a run keeps its last checkpoint: --resume 
         raise CMError(f"stopped by {e.args[0] if e.args else 'Ctrl-C'}; every file written so far is "
                       f"complete{f' ({note})' if note else ''}") from None
     except OSError as e:
+        if e.errno in WRITE_ERRNOS and e.filename is None:
+            _drop_stdout()
+            raise CMError(f"cannot write to the standard output ({e.strerror}): stopped; every file written "
+                          "so far is complete") from None
         if e.errno not in PATH_ERRNOS:
             raise
         name = str(e.filename or "")

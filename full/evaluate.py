@@ -459,11 +459,11 @@ def main(argv=None) -> dict:
                 raise CMError(f"need at least 2 samples, got {n}")
             result = evaluate(batches, ref_mu, ref_sigma, make_extractor(args.device, args.inception_weights),
                               args.batch_size, args.splits)
+            ref_note = f", reference n={ref_n}" if ref_n is not None else ""
+            print(f"FID: {result['fid']:.4f}")  # inside: a closed pipe or full device on stdout is one line
+            print(f"IS: {result['is_mean']:.4f} ± {result['is_std']:.4f}  (n={result['n']}{ref_note})")
     except CMError as e:
         exit_on(e)
-    ref_note = f", reference n={ref_n}" if ref_n is not None else ""
-    print(f"FID: {result['fid']:.4f}")
-    print(f"IS: {result['is_mean']:.4f} ± {result['is_std']:.4f}  (n={result['n']}{ref_note})")
     if result["n"] < PAPER_NUM_SAMPLES:
         print(f"note: {result['n']} samples; published FIDs use {PAPER_NUM_SAMPLES} "
               "(FID is biased upward with fewer)", file=sys.stderr)

@@ -741,10 +741,15 @@ def count_parameters(cfg: NetworkConfig) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Print our parameter counts next to the paper's figures."""
     argparse.ArgumentParser(description=main.__doc__).parse_args(argv)
-    print(f"{'network':<16} {'ours':>13} {'paper':>13} {'rel. diff':>10}")
-    for name, (make_cfg, paper) in PAPER_CONFIGS.items():
-        n = count_parameters(make_cfg())
-        print(f"{name:<16} {n:>13,} {paper:>13,.0f} {(n - paper) / paper:>+10.2%}")
+    from cm import CMError, exit_on, interrupts_as_errors
+    try:
+        with interrupts_as_errors(note=""):  # Ctrl-C, a closed pipe or a full device on stdout: one line
+            print(f"{'network':<16} {'ours':>13} {'paper':>13} {'rel. diff':>10}")
+            for name, (make_cfg, paper) in PAPER_CONFIGS.items():
+                n = count_parameters(make_cfg())
+                print(f"{name:<16} {n:>13,} {paper:>13,.0f} {(n - paper) / paper:>+10.2%}")
+    except CMError as e:
+        exit_on(e)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
-from cm import CMConfig, CMError, exit_on, readers
+from cm import CMConfig, CMError, exit_on, interrupts_as_errors, readers
 from full.config import (
     CLIParser,
     DataSection,
@@ -260,13 +260,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--preset", default=None)
     args, rest = p.parse_known_args(argv)
     try:
-        if args.preset is None:
-            for name in PRESETS:
-                c = get_preset(name)
-                print(f"{name:20s} {c.arch:7s} {c.cm.mode:4s} batch {c.opt.batch:5d} lr {c.opt.lr:<8g} "
-                      f"steps {c.opt.steps}")
-            return
-        print(to_json(resolve(args.preset, rest)))
+        with interrupts_as_errors(note=""):  # Ctrl-C, a closed pipe or a full device on stdout: one line
+            if args.preset is None:
+                for name in PRESETS:
+                    c = get_preset(name)
+                    print(f"{name:20s} {c.arch:7s} {c.cm.mode:4s} batch {c.opt.batch:5d} lr {c.opt.lr:<8g} "
+                          f"steps {c.opt.steps}")
+                return
+            print(to_json(resolve(args.preset, rest)))
     except CMError as e:
         exit_on(e)
 

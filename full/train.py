@@ -529,12 +529,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         cfg = resolve(args.preset, rest + (["run.resume=True"] if args.resume else []))
         if args.print_config:
-            print(to_json(cfg))
+            with interrupts_as_errors(note=""):  # a closed pipe or full device on stdout: one line
+                print(to_json(cfg))
             return
         full.parent_alive_or_exit()
         with interrupts_as_errors():
             result = train(cfg, allow_config_change=args.allow_config_change, overwrite=args.overwrite)
-        dist.print0(f"done: step {result['step']}, loss {result['loss']}, checkpoint {result['checkpoint']}")
+            dist.print0(f"done: step {result['step']}, loss {result['loss']}, checkpoint "
+                        f"{result['checkpoint']}")
     except CMError as e:
         exit_on(e)
     finally:

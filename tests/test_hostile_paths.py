@@ -218,3 +218,47 @@ def test_atomic_write_keeps_a_link_and_refuses_a_fifo_or_device(files, tmp_path)
     assert_one_line(code, err, "not a regular file")
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+STDOUT_CASES = [["-m", "full.presets"], ["-m", "full.train", "--preset", "tiny-ct", "--print-config"],
+                ["cm.py", "--print-config"], ["-m", "full.networks"]]
+
+
+@pytest.mark.parametrize("sink", ["full device", "closed pipe"])
+@pytest.mark.parametrize("argv", STDOUT_CASES, ids=lambda a: " ".join(a[:2]))
+def test_a_standard_output_that_refuses_writes_is_one_line(argv, sink):
+    """`| head` that has gone (EPIPE) or stdout on a full device (ENOSPC) was a traceback, or Python's
+    'Exception ignored' at exit: now the one line on stderr and status 1."""
+    import subprocess
+    import sys
+
+    from test_reliability import ENV, ROOT
+    if sink == "full device":
+        if not os.path.exists("/dev/full"):
+            pytest.skip("no /dev/full")
+        with open("/dev/full", "w") as out:
+            p = subprocess.run([sys.executable, *argv], cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.PIPE,
+                               text=True, timeout=300)
+        code, err = p.returncode, p.stderr
+    else:
+        p = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        p.stdout.close()  # the reader is gone before the first write
+        err = p.stderr.read()
+        code = p.wait(timeout=300)
+    assert_one_line(code, err, "cannot write to the standard output")
+
+
+def test_a_path_stdout_cannot_encode_is_printed_escaped(files, tmp_path):
+    """PYTHONIOENCODING=ascii and a non-ASCII --out: the file was written, then the 'wrote' line was a
+    UnicodeEncodeError traceback and status 1, so a script would discard good output."""
+    import subprocess
+    import sys
+
+    from test_reliability import ENV, ROOT
+    out = tmp_path / "é.pt"
+    p = subprocess.run([sys.executable, "-m", "full.convert", str(files["export"]), "--out", str(out)],
+                       cwd=ROOT, env=ENV | {"PYTHONIOENCODING": "ascii"}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert out.is_file() and "\\xe9.pt" in p.stdout
