@@ -233,8 +233,9 @@ def _plot_log(run) -> tuple[int, str]:
     (b"\xff\xfe{}", "log.jsonl:2 is not a JSON line"),
     (b'{"step": 2, "fid": "7.5", "device_hours": 0.2}', "log.jsonl:2: fid and device_hours are not"),
     (b'{"step": 2, "fid": NaN, "device_hours": 0.2}', "log.jsonl:2: fid and device_hours are not"),
-    (b'{"step": 2, "fid": 7.5, "device_hours": [0.2]}', "log.jsonl:2: fid and device_hours are not")],
-    ids=["deep", "not-utf-8", "fid-string", "fid-nan", "hours-list"])
+    (b'{"step": 2, "fid": 7.5, "device_hours": [0.2]}', "log.jsonl:2: fid and device_hours are not"),
+    (b'{"step": 2, "fid": 1' + b"0" * 400 + b', "device_hours": 0.2}', "log.jsonl:2: fid and device_hours")],
+    ids=["deep", "not-utf-8", "fid-string", "fid-nan", "hours-list", "fid-400-digits"])
 def test_plot_log_of_a_hostile_log_is_one_line(tmp_path, line, needle):
     good = json.dumps({"step": 1, "fid": 9.0, "device_hours": 0.1}).encode()
     (tmp_path / "log.jsonl").write_bytes(good + b"\n" + line + b"\n")
