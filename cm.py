@@ -1292,7 +1292,6 @@ def signals_held():
 
 
 PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)  # raised only by a path the user gave, wherever it is used
-_at_exit: list = []  # what interrupts_as_errors registered with atexit (once per process)
 WRITE_ERRNOS = (errno.EPIPE, errno.ENOSPC, errno.EFBIG, errno.EIO, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
@@ -1346,8 +1345,8 @@ def interrupts_as_errors(note: str = "a run keeps its last checkpoint: --resume 
         except FileNotFoundError as e:
             raise CMError(f"no usable temporary folder ({e.strerror or e}; set TMPDIR to a writable one)") \
                 from None
-        if main and _flush_stdout_at_exit not in _at_exit:
-            _at_exit.append(_flush_stdout_at_exit)
+        if main:  # once per process, however many commands run in it
+            atexit.unregister(_flush_stdout_at_exit)
             atexit.register(_flush_stdout_at_exit)
         if main and hasattr(sys.stdout, "reconfigure"):  # a path of bytes that are not UTF-8, or not
             sys.stdout.reconfigure(errors="backslashreplace")  # ASCII under PYTHONIOENCODING=ascii, is
