@@ -13,7 +13,8 @@ def _stopped_while_starting(signum, frame):
 
 if sys.argv[:1] == ["-m"]:  # python -m full.<tool>: a signal during the imports (seconds) is one line too;
     for _s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):  # cm.interrupts_as_errors
-        if _s is not None and signal.getsignal(_s) is not signal.SIG_IGN:     # takes over once main() runs
+        if _s is not None and (_s != getattr(signal, "SIGHUP", None) or signal.getsignal(_s) is not
+                               signal.SIG_IGN):  # takes over once main() runs; nohup's SIGHUP stays ignored
             signal.signal(_s, _stopped_while_starting)
 
 

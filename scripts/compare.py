@@ -30,7 +30,8 @@ if __name__ == "__main__":  # a signal while cm imports torch (a second): one li
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         sys.exit(f"error: stopped by {name} while starting; nothing was written")
     for _s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if _s is not None and signal.getsignal(_s) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+        if _s is not None and (_s != getattr(signal, "SIGHUP", None) or signal.getsignal(_s) is not
+                               signal.SIG_IGN):  # nohup's SIGHUP stays ignored
             signal.signal(_s, _stopped_while_starting)
 import cm  # noqa: E402
 

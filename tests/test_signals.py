@@ -118,13 +118,21 @@ def test_a_failed_log_write_is_one_line_and_leaves_whole_records(tmp_path):
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1, "loss": 0.5}]
 
 
+def _as_from_a_terminal() -> None:
+    """The child starts with SIGHUP and SIGINT at their defaults, as from a terminal, even where this
+    test runs under nohup or as a background job (which start it ignored)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cm_until_first_checkpoint(out: Path, ignore_hup: bool = False) -> subprocess.Popen:
     argv = [str(ROOT / "cm.py"), "--mode", "ct", "--dataset", "toy", "--channels", "16", "--batch-size", "32",
             "--device", "cpu", "--steps", "100000", "--ckpt-every", "5", "--log-every", "5", "--no-report",
             "--out", str(out)]
-    nohup = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignore_hup else None
-    p = subprocess.Popen([sys.executable, *argv], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         text=True, preexec_fn=nohup)
+    hup = signal.SIG_IGN if ignore_hup else signal.SIG_DFL  # as nohup leaves it, or a terminal (the test
+    p = subprocess.Popen([sys.executable, *argv], env=ENV, stdout=subprocess.DEVNULL,  # may run under nohup)
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, hup))
     deadline = time.time() + 120
     while not (out / "ckpt.pt").exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.2)
@@ -159,7 +167,7 @@ def test_a_signal_while_a_full_tool_starts_is_one_line(sig):
     code = (f"import sys, os, signal; sys.argv = ['-m']; import full; sys.argv = ['full/train.py']; "
             f"os.kill(os.getpid(), {int(sig)}); import full.train; print('imported')")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, preexec_fn=_as_from_a_terminal)
     name = "Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name
     line = f"error: stopped by {name} while starting; nothing was written"
     assert p.returncode == 1 and p.stderr.strip() == line and "imported" not in p.stdout, p.stderr
