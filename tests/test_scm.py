@@ -252,7 +252,7 @@ def test_loss_of_a_linear_network_equals_the_hand_computed_value(a, b, r, c, see
     want = np.mean(np.sum(g ** 2, axis=1) / d)
     f = cm.TrigFlow(Linear(a, b), SD, "trig").double()
     got = cm.scm_step(f, f, torch.from_numpy(x0), torch.from_numpy(t), torch.from_numpy(z), SD, r, c, "exact")
-    assert float(got) == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert float(got.detach()) == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 
 def test_adaptive_weight_minimum_is_minus_log_of_the_loss():
